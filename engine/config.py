@@ -1,0 +1,186 @@
+"""Settings as frozen dataclasses: one source of truth per default. The CLI is built from these fields."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+SPAN_ARRANGEMENTS = ("nonoverlap", "stride1")
+SPAN_SCORINGS = ("max", "prod")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The language model's shape, read from a checkpoint's `xp.cfg` (audiocraft) or `config.json` (ours)."""
+
+    kind: Literal["magnet", "musicgen"]
+    dim: int
+    num_heads: int
+    num_layers: int
+    ffn_dim: int
+    card: int  # V: vocabulary per codebook; token `card` is MAGNeT's mask token
+    n_q: int  # K: codebooks
+    text_dim: int  # width of the text encoder's states, input of `output_proj`
+    text_encoder: str  # e.g. "t5-base"; a Hugging Face id or a local folder
+    frame_rate: int = 50
+    segment_duration: float = 10.0  # seconds; generation is at most this long
+    subcodes_context: int = 5  # band half-width W for codebooks >= 1 (MAGNeT); -1 = unrestricted
+    span_len: int = 3  # MAGNeT masking span
+    delays: tuple[int, ...] = ()  # MusicGen delay pattern, one per codebook
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}; fix the model config")
+        if self.kind not in ("magnet", "musicgen"):
+            raise ValueError(f"unknown model kind {self.kind!r}: expected 'magnet' or 'musicgen'")
+        if self.kind == "musicgen" and len(self.delays) != self.n_q:
+            raise ValueError(f"a musicgen config needs {self.n_q} delays, got {self.delays}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def max_frames(self) -> int:
+        return int(round(self.segment_duration * self.frame_rate))
+
+    def window(self, stage: int) -> int | None:
+        """Self-attention band for a codebook stage: None = full (stage 0, or unrestricted models)."""
+        if self.kind != "magnet" or stage == 0 or self.subcodes_context < 0:
+            return None
+        return self.subcodes_context
+
+    @classmethod
+    def from_xp_cfg(cls, cfg: dict[str, Any], state: dict[str, Any] | None = None) -> "ModelConfig":
+        """Read the LM settings from an audiocraft training config (the `xp.cfg` YAML, already parsed)."""
+        try:
+            lm_model = cfg["lm_model"]
+            tlm = cfg["transformer_lm"]
+            cond = cfg["conditioners"]["description"]
+            pattern = cfg["codebooks_pattern"]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"xp.cfg lacks {e}: this is not an audiocraft MAGNeT/MusicGen LM checkpoint") from e
+        if lm_model == "transformer_lm_magnet":
+            kind = "magnet"
+        elif lm_model == "transformer_lm":
+            kind = "musicgen"
+        else:
+            raise ValueError(f"unsupported lm_model {lm_model!r}: expected transformer_lm_magnet or transformer_lm")
+        if cond.get("model") != "t5":
+            raise ValueError(f"unsupported text conditioner {cond.get('model')!r}: only T5 descriptions are supported")
+        for key, want in (("norm_first", True), ("bias_ff", False), ("bias_attn", False), ("activation", "gelu"),
+                          ("positional_embedding", "sin"), ("norm", "layer_norm"), ("layer_scale", None)):
+            if tlm.get(key, want) != want:
+                raise ValueError(f"unsupported transformer_lm.{key}={tlm.get(key)!r} (this engine needs {want!r})")
+        if tlm.get("causal", kind == "musicgen") != (kind == "musicgen"):
+            raise ValueError(f"transformer_lm.causal={tlm.get('causal')} does not fit a {kind} model")
+        t5_name = cond["t5"]["name"]
+        dim = int(tlm["dim"])
+        delays: tuple[int, ...] = ()
+        if kind == "musicgen":
+            if pattern.get("modeling") != "delay":
+                raise ValueError(f"unsupported MusicGen codebooks_pattern {pattern.get('modeling')!r}: need 'delay'")
+            delays = tuple(int(d) for d in pattern["delay"]["delays"])
+        text_dim = _T5_WIDTHS.get(t5_name.split("/")[-1])
+        if state is not None:  # the projection's shape is the ground truth
+            w = state.get("condition_provider.conditioners.description.output_proj.weight")
+            if w is not None:
+                text_dim = int(w.shape[1])
+        if text_dim is None:
+            raise ValueError(f"cannot tell the width of text encoder {t5_name!r}")
+        frame_rate = int(tlm.get("compression_model_framerate", 50))
+        segment = float(tlm.get("segment_duration", cfg.get("dataset", {}).get("segment_duration", 10)))
+        return cls(kind=kind, dim=dim, num_heads=int(tlm["num_heads"]), num_layers=int(tlm["num_layers"]),
+                   ffn_dim=int(tlm.get("hidden_scale", 4) * dim), card=int(tlm["card"]), n_q=int(tlm["n_q"]),
+                   text_dim=text_dim, text_encoder=t5_name, frame_rate=frame_rate, segment_duration=segment,
+                   subcodes_context=int(tlm.get("subcodes_context", -1)),
+                   span_len=int(tlm.get("span_len", cfg.get("masking", {}).get("span_len", 1))), delays=delays)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}")
+        d = dict(d)
+        d["delays"] = tuple(d.get("delays", ()))
+        return cls(**d)
+
+
+_T5_WIDTHS = {"t5-small": 512, "t5-base": 768, "t5-large": 1024, "t5-3b": 1024, "t5-11b": 1024}
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings. `None` fields take the model's default (`default_generation`), so a default is written once.
+
+    MAGNeT: per-stage `steps`, mask schedule cos(π/2·τ), guidance annealed from cfg[0] to cfg[1] with the mask rate,
+    temperature annealed linearly to 0 over each stage. MusicGen: constant guidance cfg[0], one step per frame.
+    """
+
+    steps: tuple[int, ...] = (20, 10, 10, 10)  # MAGNeT decoding steps per codebook stage
+    greedy: bool = False  # argmax instead of sampling (deterministic)
+    temperature: float = 3.0
+    anneal_temp: bool = True
+    top_k: int = 0
+    top_p: float = 0.9
+    cfg: tuple[float, ...] = (10.0, 1.0)  # (max, min) annealed, or (constant,)
+    span_arrangement: str = "nonoverlap"
+    span_scoring: str = "max"
+    duration: float | None = None  # seconds; None = the model's segment
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.steps or any(int(s) <= 0 for s in self.steps):
+            raise ValueError(f"steps must be positive integers, got {list(self.steps)}; e.g. --steps 20,10,10,10")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top-p must be in [0, 1], got {self.top_p}; use 0 to turn nucleus sampling off")
+        if self.top_k < 0:
+            raise ValueError(f"top-k must be >= 0, got {self.top_k}; use 0 to turn it off")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if len(self.cfg) not in (1, 2):
+            raise ValueError(f"cfg takes one value (constant) or two (max,min), got {list(self.cfg)}")
+        if self.span_arrangement not in SPAN_ARRANGEMENTS:
+            raise ValueError(f"unknown span arrangement {self.span_arrangement!r}: choose one of {SPAN_ARRANGEMENTS}")
+        if self.span_scoring not in SPAN_SCORINGS:
+            raise ValueError(f"unknown span scoring {self.span_scoring!r}: choose one of {SPAN_SCORINGS}")
+        if self.duration is not None and self.duration <= 0:
+            raise ValueError(f"duration must be > 0 seconds, got {self.duration}")
+
+    @property
+    def cfg_max(self) -> float:
+        return float(self.cfg[0])
+
+    @property
+    def cfg_min(self) -> float:
+        return float(self.cfg[-1])
+
+    def check_for(self, model: ModelConfig) -> None:
+        """Checks that need the model: step list length, top-k range, duration."""
+        if model.kind == "magnet" and len(self.steps) != model.n_q:
+            raise ValueError(f"the model has {model.n_q} codebooks, so --steps needs {model.n_q} values, "
+                             f"got {len(self.steps)}")
+        if self.top_k > model.card:
+            raise ValueError(f"top-k must be in [0, {model.card}] (the vocabulary size), got {self.top_k}")
+        if self.duration is not None and self.frames(model) > model.max_frames:
+            raise ValueError(f"duration {self.duration}s exceeds the model's segment of {model.segment_duration}s; "
+                             f"ask for at most {model.segment_duration}")
+        if self.frames(model) < 1:
+            raise ValueError(f"duration {self.duration}s is shorter than one frame (1/{model.frame_rate}s)")
+
+    def frames(self, model: ModelConfig) -> int:
+        """T = duration × frame rate (the model's segment when no duration is given)."""
+        if self.duration is None:
+            return model.max_frames
+        return int(round(self.duration * model.frame_rate))
+
+
+def default_generation(model: ModelConfig) -> GenerationConfig:
+    """The reference API's defaults for each model kind (audiocraft MAGNeT / MusicGen `set_generation_params`)."""
+    if model.kind == "musicgen":
+        return GenerationConfig(steps=(1,), temperature=1.0, anneal_temp=False, top_k=250, top_p=0.0, cfg=(3.0,))
+    return GenerationConfig()

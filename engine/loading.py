@@ -1,0 +1,73 @@
+"""Finding and reading checkpoints: audiocraft packages (`state_dict.bin` + `compression_state_dict.bin`, released
+MAGNeT/MusicGen format) from a folder, a file or a Hugging Face id. Never unpickles code: weights_only=True."""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+LM_FILE = "state_dict.bin"
+CODEC_FILE = "compression_state_dict.bin"
+
+
+def read_package(path: Path) -> dict[str, Any]:
+    """torch.load an audiocraft package safely; every failure becomes a ValueError naming the file and the fix."""
+    if not path.is_file():
+        raise ValueError(f"checkpoint file {path} does not exist")
+    try:
+        pkg = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} asks to unpickle code, which this engine refuses to run; use a checkpoint that "
+                         "holds only tensors and plain data") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"{path} is truncated or not a torch checkpoint ({str(e).splitlines()[0]}); "
+                         "download it again") from e
+    if not isinstance(pkg, dict) or "best_state" not in pkg or "xp.cfg" not in pkg:
+        raise ValueError(f"{path} is not an audiocraft package (needs 'best_state' and 'xp.cfg')")
+    return pkg
+
+
+def parse_xp_cfg(pkg: dict[str, Any], path: Path) -> dict[str, Any]:
+    cfg = pkg["xp.cfg"]
+    if isinstance(cfg, str):
+        try:
+            cfg = yaml.safe_load(cfg)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: xp.cfg is not valid YAML ({e})") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: xp.cfg is not a mapping")
+    return cfg
+
+
+def resolve_files(model: str | Path) -> tuple[Path, Path]:
+    """-> (LM package, codec package). `model` is a folder, an LM package file (codec beside it), or an HF id.
+
+    Hugging Face ids resolve through the local cache first and only then the network.
+    """
+    path = Path(model)
+    if path.is_dir():
+        return path / LM_FILE, path / CODEC_FILE
+    if path.is_file():
+        return path, path.parent / CODEC_FILE
+    if str(model).count("/") == 1 and not str(model).startswith((".", "/")):
+        return _hub_file(str(model), LM_FILE), _hub_file(str(model), CODEC_FILE)
+    raise ValueError(f"model {str(model)!r} not found: pass a folder holding {LM_FILE} and {CODEC_FILE}, "
+                     "an LM package file, or a Hugging Face id such as facebook/magnet-small-10secs")
+
+
+def _hub_file(repo: str, filename: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename, local_files_only=True))
+    except Exception:  # noqa: BLE001 - huggingface_hub raises several types for "not cached"; go online next
+        pass
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all mean the same to the user
+        raise ValueError(f"cannot fetch {filename} of {repo!r} ({type(e).__name__}); check the id and network, "
+                         "or pass a local folder with --model") from e

@@ -1,0 +1,89 @@
+"""MAGNeT's decoding loop: codebook stages one after another, each filled in parallel over a few mask-predict steps.
+
+One loop serves every backend: it only sees `Step` (codes -> cond/uncond logits of one codebook) and `Sampler`
+(the fused guidance/temperature/sampling op, `engine.sampling.sample_ref` or a Triton kernel). The schedule is
+computed on the host before the loop, so the loop never waits on the device (no .item(), no data-dependent
+Python branches).
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from .config import GenerationConfig, ModelConfig
+from .masking import DONT_REMASK, chunk_mask, chunk_scores, least_probable_spans, stage_schedule
+from .sampling import StepSampling
+
+Progress = Callable[[int, int], None]
+
+
+class Step(Protocol):
+    def __call__(self, codes: torch.Tensor, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """codes [B, K, T] -> (cond, uncond) logits of codebook `stage`, each [B, T, V]."""
+        ...
+
+
+class Sampler(Protocol):
+    def __call__(self, cond: torch.Tensor, uncond: torch.Tensor, current: torch.Tensor, mask_id: int,
+                 params: StepSampling, uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
+
+
+def output_frames(model: ModelConfig, gen: GenerationConfig) -> int:
+    """Frames returned: nonoverlap trims T to a multiple of the span (498 for 10 s), as the reference does."""
+    t = gen.frames(model)
+    if gen.span_arrangement == "nonoverlap" and model.span_len > 1:
+        t -= t % model.span_len
+    return t
+
+
+@torch.no_grad()
+def generate_tokens(step: Step, sample: Sampler, model: ModelConfig, gen: GenerationConfig, batch: int,
+                    device: torch.device, prompt: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None, progress: Progress | None = None) -> torch.Tensor:
+    """-> codes [B, K, T'] int64. `prompt` [B, K, P] fixes the first P frames of every codebook (continuation)."""
+    k, mask_id, span = model.n_q, model.card, model.span_len
+    t = output_frames(model, gen)
+    p = 0 if prompt is None else prompt.shape[-1]
+    if p >= t:
+        raise ValueError(f"the audio prompt ({p} frames) must be shorter than the generation ({t} frames)")
+    codes = torch.full((batch, k, t), mask_id, dtype=torch.long, device=device)
+    if prompt is not None:
+        codes[..., :p] = prompt
+    chunked = gen.span_arrangement == "nonoverlap" or span == 1  # span 1: tokens are their own chunks
+    total, done = sum(gen.steps), 0
+    for stage, n_steps in enumerate(gen.steps):
+        row = torch.full((batch, t), mask_id, dtype=torch.long, device=device)  # codebook `stage`, being filled
+        if chunked:
+            n_prompt = p // span
+            scores = torch.zeros(batch, t // span, device=device)
+            n_gen = t // span - n_prompt
+        else:
+            n_prompt = p
+            scores = torch.zeros(batch, t, device=device)
+            n_gen = t - p
+        scores[:, :n_prompt] = DONT_REMASK
+        for plan in stage_schedule(n_steps, n_gen, gen.cfg_max, gen.cfg_min, gen.temperature, gen.anneal_temp):
+            if chunked:
+                chunks, remask = chunk_mask(scores, plan.n_mask, span)
+            else:
+                remask = least_probable_spans(scores, plan.n_mask, span)
+            row = row.masked_fill(remask, mask_id)
+            if prompt is not None:
+                row[:, :p] = prompt[:, stage]
+            codes[:, stage] = row
+            cond, uncond = step(codes, stage)
+            uniform = None if gen.greedy else torch.rand(batch, t, generator=generator, device=device)
+            params = StepSampling(plan.cfg_coef, plan.temperature, gen.top_k, gen.top_p, gen.greedy)
+            masked = row == mask_id
+            row, probs = sample(cond, uncond, row, mask_id, params, uniform)
+            codes[:, stage] = row
+            if chunked:
+                scores = chunk_scores(probs, span, gen.span_scoring).masked_fill(~chunks, DONT_REMASK)
+            else:
+                scores = (-torch.log(probs)).masked_fill(~masked, DONT_REMASK)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return codes

@@ -1,0 +1,163 @@
+"""The language model shared by MAGNeT and MusicGen: a plain pre-LN transformer over summed codebook embeddings.
+
+Module and parameter names follow audiocraft's `LMModel`, so a released `best_state` loads key for key (the text
+projection `condition_provider.conditioners.description.output_proj` is renamed `text_proj`).
+
+    codes [N, K, T] ─ Σ_k emb[k] ─ + sin positions ─ layers × (self-attn, cross-attn to text, GELU MLP) ─ LN ─ heads
+
+Shapes: N batch rows (2B under guidance: [cond; uncond]), K codebooks, T frames, L text length, H heads, D head dim,
+V vocabulary (`card`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .config import ModelConfig
+
+CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [B, H, L, D]
+
+
+def sin_embedding(t: int, dim: int, device: torch.device, offset: int = 0, max_period: float = 10000.0
+                  ) -> torch.Tensor:
+    """audiocraft's sinusoids: [cos | sin] halves, frequencies max_period^(-i/(half-1)). -> [1, T, dim] fp32."""
+    half = dim // 2
+    pos = torch.arange(offset, offset + t, device=device, dtype=torch.float32).view(1, -1, 1)
+    adim = torch.arange(half, device=device, dtype=torch.float32).view(1, 1, -1)
+    phase = pos / (torch.full([], max_period, device=device, dtype=torch.float32) ** (adim / (half - 1)))
+    return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    """Packed q|k|v projection without bias. `attend` is the attention op, swapped from outside (kernels.apply)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.attend: Callable[..., torch.Tensor] = ops.attention
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[N, T, dim] -> q, k, v [N, H, T, D] (features ordered (q|k|v, head, head_dim) as in audiocraft)."""
+        n, t, dim = x.shape
+        qkv = F.linear(x, self.in_proj_weight).view(n, t, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def merge(self, o: torch.Tensor) -> torch.Tensor:
+        """[N, H, T, D] -> out_proj([N, T, H·D])."""
+        n, h, t, d = o.shape
+        return self.out_proj(o.transpose(1, 2).reshape(n, t, h * d))
+
+    def forward(self, x: torch.Tensor, window: int | None) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        return self.merge(self.attend(q, k, v, window))
+
+
+class CrossAttention(SelfAttention):
+    """Same packed weight, split in thirds: q from the frames, k/v from the text (computed once per request)."""
+
+    def kv(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cond [B, L, dim] -> k, v [B, H, L, D]."""
+        b, l, dim = cond.shape
+        w = self.in_proj_weight
+        k = F.linear(cond, w[dim:2 * dim]).view(b, l, self.num_heads, -1).transpose(1, 2)
+        v = F.linear(cond, w[2 * dim:]).view(b, l, self.num_heads, -1).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        n, t, dim = x.shape
+        q = F.linear(x, self.in_proj_weight[:dim]).view(n, t, self.num_heads, -1).transpose(1, 2)
+        # no key mask: padded text positions are zero keys that still take softmax weight, as in training
+        return self.merge(self.attend(q, k, v, None))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.dim
+        self.self_attn = SelfAttention(d, cfg.num_heads)
+        self.cross_attention = CrossAttention(d, cfg.num_heads)
+        self.linear1 = nn.Linear(d, cfg.ffn_dim, bias=False)
+        self.linear2 = nn.Linear(cfg.ffn_dim, d, bias=False)
+        self.norm1 = nn.LayerNorm(d, eps=1e-5)
+        self.norm_cross = nn.LayerNorm(d, eps=1e-5)
+        self.norm2 = nn.LayerNorm(d, eps=1e-5)
+
+    def forward(self, x: torch.Tensor, window: int | None, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [N, T, dim]; kv for the first B <= N rows (the conditional half). The other rows' text is the null
+        condition, all-zero embeddings and bias-free projections: their cross-attention is exactly 0, so skip it."""
+        x = x + self.self_attn(self.norm1(x), window)
+        x = self.cross(x, kv)
+        return x + self.linear2(F.gelu(self.linear1(self.norm2(x))))
+
+    def cross(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        b = kv[0].shape[0]
+        if b == 0:
+            return x
+        h = x[:b] + self.cross_attention(self.norm_cross(x[:b]), *kv)
+        return h if b == x.shape[0] else torch.cat([h, x[b:]], dim=0)
+
+
+class LM(nn.Module):
+    """MAGNeT / MusicGen language model. Weights in any dtype; embeddings, final norm and heads stay fp32."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.emb = nn.ModuleList([nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q)])
+        self.transformer = nn.Module()
+        self.transformer.layers = nn.ModuleList([Layer(cfg) for _ in range(cfg.num_layers)])
+        self.out_norm = nn.LayerNorm(cfg.dim, eps=1e-5)
+        self.linears = nn.ModuleList([nn.Linear(cfg.dim, cfg.card, bias=False) for _ in range(cfg.n_q)])
+        self.text_proj = nn.Linear(cfg.text_dim, cfg.dim, bias=True)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.transformer.layers
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].linear1.weight.dtype
+
+    def to_dtype(self, dtype: torch.dtype) -> "LM":
+        """Transformer layers in `dtype`; embeddings, text projection, final norm and heads in fp32 (as audiocraft
+        builds them), so guidance and sampling never see fp16 logits."""
+        self.float()
+        self.layers.to(dtype)
+        return self
+
+    def cross_kv(self, cond: torch.Tensor) -> CrossKV:
+        """Text embeddings [B, L, dim] (after `text_proj`, padding zeroed) -> per-layer k, v. Once per request."""
+        cond = cond.to(self.dtype)
+        return [layer.cross_attention.kv(cond) for layer in self.layers]
+
+    def embed(self, codes: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """codes [N, K, T] -> [N, T, dim] fp32: Σ_k emb[k] (in codebook order, as the reference sums) + positions."""
+        x = self.emb[0](codes[:, 0])
+        for k in range(1, self.cfg.n_q):
+            x = x + self.emb[k](codes[:, k])
+        return x + sin_embedding(codes.shape[-1], self.cfg.dim, codes.device, offset)
+
+    def head(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        """[N, T, dim] -> logits [N, T, V] fp32 of one codebook: generation never needs the others."""
+        return self.linears[stage](self.out_norm(x.float()))
+
+    def forward(self, codes: torch.Tensor, stage: int, cross: CrossKV) -> torch.Tensor:
+        """MAGNeT pass: codes [N, K, T] (mask token = card), stage s -> logits of codebook s [N, T, V] fp32.
+
+        Self-attention is full for s = 0 and banded |Δt| <= subcodes_context for s >= 1. `cross` holds k/v for
+        the first B rows; rows past B are the unconditional half.
+        """
+        window = self.cfg.window(stage)
+        x = self.embed(codes).to(self.dtype)
+        for layer, kv in zip(self.layers, cross):
+            x = layer(x, window, kv)
+        return self.head(x, stage)
+

@@ -1,0 +1,52 @@
+"""Attention in plain PyTorch: the reference for `kernels.attention` and the CPU/torch path of the model.
+
+Shapes: N rows of the batch (2B under guidance), H heads, Tq queries, Tk keys, D head dim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Queries per block of the banded path. A block attends to its own span plus `window` keys either side, so the
+# work is ~T·(16+2W) instead of T²; 16 was fastest on a 2-core AVX2 CPU for T = 500, W = 5 (bench/RESULTS.md).
+BAND_BLOCK = 16
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Softmax attention with scale 1/sqrt(D); full when `window` is None, else only keys with |q-k| <= window.
+
+    q [N, H, Tq, D], k/v [N, H, Tk, D] -> [N, H, Tq, D]. The band needs Tq == Tk (self-attention).
+    """
+    if window is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    return band_attention(q, k, v, window)
+
+
+def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """|q - k| <= window attention without a [T, T] mask: queries in blocks of BAND_BLOCK, each against the
+    BAND_BLOCK + 2·window keys around it (key blocks outside the band are never touched).
+
+        keys    ....[ W | block | W ]....
+        queries      [  block  ]
+    """
+    N, H, T, D = q.shape
+    assert k.shape[2] == T, "band attention is self-attention: Tq must equal Tk"
+    bq, w = BAND_BLOCK, window
+    nb = -(-T // bq)
+    tp = nb * bq
+    qb = F.pad(q, (0, 0, 0, tp - T)).view(N, H, nb, bq, D)
+    # unfold gives views [N, H, nb, D, bq+2w] -> [N, H, nb, bq+2w, D]
+    kb = F.pad(k, (0, 0, w, tp - T + w)).unfold(2, bq + 2 * w, bq).transpose(-1, -2)
+    vb = F.pad(v, (0, 0, w, tp - T + w)).unfold(2, bq + 2 * w, bq).transpose(-1, -2)
+    qi = torch.arange(tp, device=q.device).view(nb, bq, 1)
+    kj = (torch.arange(nb, device=q.device) * bq - w).view(nb, 1, 1) + torch.arange(bq + 2 * w, device=q.device)
+    # padded query rows (>= T) keep one valid key so that no row is all -inf (they are cut off below)
+    allowed = (((qi - kj).abs() <= w) & (kj >= 0) & (kj < T)) | ((qi >= T) & (kj == T - 1))
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed)  # [N, H, nb, bq, D]
+    return out.reshape(N, H, tp, D)[:, :, :T]
+
+
+def band_mask(t: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Dense boolean [T, T] band (True = attend); for tests and the ONNX graph only."""
+    i = torch.arange(t, device=device)
+    return (i[:, None] - i[None, :]).abs() <= window

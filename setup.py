@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="magnet-engine",
+    version="0.1.0",
+    description="Inference engine for MAGNeT (masked non-autoregressive audio generation): CPU, GPU, Triton, ONNX",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "export", "export.*",
+                                    "bench", "bench.*", "train", "train.*"]),
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.40",
+        "sentencepiece",
+        "safetensors",
+        "huggingface_hub",
+        "numpy",
+        "pyyaml",
+        "soundfile",
+        "tqdm",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "onnx": ["onnx", "onnxruntime", "onnxscript"],
+        "bench": ["matplotlib", "pytest-benchmark"],
+        "test": ["pytest", "ruff", "triton>=3.0", "onnx", "onnxruntime", "onnxscript", "matplotlib",
+                 "pytest-benchmark"],
+    },
+    entry_points={"console_scripts": ["magnet=engine.cli:main"]},
+)
