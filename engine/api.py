@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
-from . import magnet
+from . import magnet, musicgen
 from .config import GenerationConfig, ModelConfig, default_generation
 from .loading import parse_xp_cfg, read_package, resolve_files
 from .model import LM
@@ -16,6 +17,22 @@ from .sampling import sample_ref
 from .text import TextConditioner, load_text_encoder
 
 TEXT_PROJ_KEY = "condition_provider.conditioners.description.output_proj."
+
+
+class TorchStep:
+    """Text embeddings [B, L, dim] -> a step function, with the text's cross-attention k/v computed once."""
+
+    def __init__(self, lm: LM) -> None:
+        self.lm = lm
+
+    def __call__(self, cond: torch.Tensor) -> magnet.Step:
+        cross = self.lm.cross_kv(cond)
+
+        def step(codes: torch.Tensor, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = self.lm(torch.cat([codes, codes]), stage, cross)  # [2B, T, V]: [cond; uncond]
+            return logits.chunk(2)
+
+        return step
 
 
 @dataclass
@@ -26,14 +43,19 @@ class Generation:
 
 
 class Engine:
-    """A loaded model: LM + text conditioner + codec on one device. Backends swap `sample` and the LM's attention
-    (see `kernels.apply`) or `step` (onnxruntime); the decoding loop stays the same."""
+    """A loaded model on one device: text conditioner, a step factory, a sampler and a codec around one decoding
+    loop. Backends swap parts from outside: `kernels.apply` replaces `sample` and the LM's attention op, the
+    onnxruntime backend replaces `text`, `make_step` and `codec`; `generate` is the same for all."""
 
-    def __init__(self, lm: LM, text: TextConditioner, codec: torch.nn.Module, device: torch.device) -> None:
-        self.lm, self.text, self.codec, self.device = lm, text, codec, device
-        self.config: ModelConfig = lm.cfg
+    def __init__(self, config: ModelConfig, text: Callable[[Sequence[str | None]], torch.Tensor],
+                 codec: Any, device: torch.device, lm: LM | None = None,
+                 make_step: Callable[[torch.Tensor], magnet.Step] | None = None) -> None:
+        self.config, self.text, self.codec, self.device, self.lm = config, text, codec, device, lm
         self.sample: magnet.Sampler = sample_ref
-        self.make_step: Callable[[torch.Tensor], magnet.Step] = self._torch_step
+        if make_step is None:
+            assert lm is not None, "an Engine needs an LM or a step factory"
+            make_step = TorchStep(lm)
+        self.make_step = make_step
 
     @property
     def sample_rate(self) -> int:
@@ -41,16 +63,6 @@ class Engine:
 
     def default_generation(self) -> GenerationConfig:
         return default_generation(self.config)
-
-    def _torch_step(self, cond: torch.Tensor) -> magnet.Step:
-        """Text embeddings [B, L, dim] -> a step function with the cross-attention k/v computed once."""
-        cross = self.lm.cross_kv(cond)
-
-        def step(codes: torch.Tensor, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
-            logits = self.lm(torch.cat([codes, codes]), stage, cross)  # [2B, T, V]: [cond; uncond]
-            return logits.chunk(2)
-
-        return step
 
     def settings(self, config: GenerationConfig | None = None, **overrides: Any) -> GenerationConfig:
         """The model's defaults, then `config`, then keyword overrides (GenerationConfig field names)."""
@@ -75,11 +87,16 @@ class Engine:
         if gen.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(gen.seed)
         cond = self.text(list(prompts))
-        if self.config.kind != "magnet":
-            raise ValueError(f"generation for {self.config.kind} models is not available in this build")
-        step = self.make_step(cond)
-        codes = magnet.generate_tokens(step, self.sample, self.config, gen, len(prompts), self.device, prompt,
-                                       generator, progress)
+        if self.config.kind == "musicgen":
+            if self.lm is None:
+                raise ValueError("MusicGen generation needs the torch LM (its KV-cached AR loop); this backend "
+                                 "has only a step function")
+            codes = musicgen.generate_tokens_ar(self.lm, cond, gen, len(prompts), self.device, prompt, generator,
+                                                progress, sample=self.sample)
+        else:
+            step = self.make_step(cond)
+            codes = magnet.generate_tokens(step, self.sample, self.config, gen, len(prompts), self.device, prompt,
+                                           generator, progress)
         audio = self.decode(codes) if decode else torch.empty(len(prompts), 1, 0)
         return Generation(audio=audio, codes=codes, sample_rate=self.sample_rate)
 
@@ -140,7 +157,7 @@ def load(model: str | Path | None = None, text_encoder: str | Path | None = None
     beside the checkpoint, else the one the checkpoint names (t5-base / t5-large via the Hugging Face cache)."""
     from transformers.utils import logging as hf_logging
 
-    from .codec import Encodec
+    from .codec import load_codec
 
     hf_logging.disable_progress_bar()
     if model is None:
@@ -151,7 +168,7 @@ def load(model: str | Path | None = None, text_encoder: str | Path | None = None
         raise ValueError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
     dt = parse_dtype(dtype, dev)
     lm_path, codec_path = resolve_files(model)
-    pkg = read_package(lm_path)
+    pkg = read_package(lm_path, "LM checkpoint")
     state = pkg["best_state"]
     cfg = ModelConfig.from_xp_cfg(parse_xp_cfg(pkg, lm_path), state)
     lm = LM(cfg)
@@ -162,9 +179,9 @@ def load(model: str | Path | None = None, text_encoder: str | Path | None = None
         raise ValueError(f"{lm_path} does not fit a {cfg.kind} model of its own config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     lm = lm.to(dev).to_dtype(dt).eval()
-    codec = Encodec.from_package(read_package(codec_path)).to(dev).eval()
+    codec = load_codec(codec_path).to(dev).eval()
     if text_encoder is None:
         beside = lm_path.parent / "t5"
         text_encoder = beside if beside.is_dir() else cfg.text_encoder
     tokenizer, encoder = load_text_encoder(text_encoder, dev)
-    return Engine(lm, TextConditioner(tokenizer, encoder, lm.text_proj), codec, dev)
+    return Engine(cfg, TextConditioner(tokenizer, encoder, lm.text_proj), codec, dev, lm=lm)

@@ -14,7 +14,6 @@ Numerics follow audiocraft 1.3.0 exactly where it matters for bit-compatibility:
 from __future__ import annotations
 
 import math
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,9 +59,9 @@ def _resolve(cfg: dict[str, Any], value: Any, depth: int = 0) -> Any:
 
 def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     sec = cfg.get(name)
-    if not isinstance(sec, dict):
-        raise ValueError(f"xp.cfg has no `{name}` section; is this an audiocraft EnCodec package?")
-    return sec
+    if isinstance(sec, dict):
+        return sec
+    raise ValueError(f"xp.cfg has no `{name}` section; is this an audiocraft EnCodec package?")
 
 
 @dataclass(frozen=True)
@@ -129,7 +128,7 @@ class CodecConfig:
 
         Raises ValueError naming the setting for anything this engine does not implement."""
         if not isinstance(cfg, dict):
-            raise ValueError(f"xp.cfg must be a mapping, got {type(cfg).__name__}")
+            raise TypeError(f"xp.cfg must be a mapping (yaml.safe_load of the string), got {type(cfg).__name__}")
         model = cfg.get("compression_model", "encodec")
         if model != "encodec":
             raise ValueError(f"xp.cfg: compression_model={model!r}; only 'encodec' packages are supported")
@@ -272,7 +271,8 @@ class ResidualUnit(nn.Module):
         alpha, pad = cfg.activation_alpha, cfg.pad_mode
         self.block = nn.Sequential(
             nn.ELU(alpha),
-            PaddedConv1d(dim, hidden, cfg.residual_kernel_size, dilation=dilation, pad_mode=pad, weight_norm=weight_norm),
+            PaddedConv1d(dim, hidden, cfg.residual_kernel_size, dilation=dilation, pad_mode=pad,
+                         weight_norm=weight_norm),
             nn.ELU(alpha),
             PaddedConv1d(hidden, dim, 1, pad_mode=pad, weight_norm=weight_norm),
         )
@@ -391,22 +391,22 @@ class Encodec(nn.Module):
 
     def __init__(self, cfg: CodecConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.encoder = SEANetEncoder(cfg)
         self.decoder = SEANetDecoder(cfg)
         self.quantizer = ResidualVQ(cfg.n_q, cfg.bins, cfg.dimension)
 
     @property
     def sample_rate(self) -> int:
-        return self.cfg.sample_rate
+        return self.config.sample_rate
 
     @property
     def hop_length(self) -> int:
-        return self.cfg.hop_length
+        return self.config.hop_length
 
     @property
     def frame_rate(self) -> int:
-        return self.cfg.frame_rate
+        return self.config.frame_rate
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -416,12 +416,12 @@ class Encodec(nn.Module):
 
     @torch.no_grad()
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
-        """waveform [B, 1, S] float at `sample_rate` -> codes [B, K, T] int64, T = ceil(S / hop) (nested ceil per
-        stride; exactly S / hop when hop divides S)."""
+        """waveform [B, 1, S] float at `sample_rate` -> codes [B, K, T] int64 with T = ceil(S / hop): the last
+        partial frame is zero-padded, as in audiocraft."""
         if not isinstance(wav, torch.Tensor) or not wav.is_floating_point():
             raise TypeError("encode expects a floating-point torch.Tensor [B, 1, samples]")
-        if wav.dim() != 3 or wav.shape[1] != self.cfg.channels or wav.shape[-1] == 0:
-            raise ValueError(f"encode expects wav [B, {self.cfg.channels}, samples>0], got {tuple(wav.shape)}; "
+        if wav.dim() != 3 or wav.shape[1] != self.config.channels or wav.shape[-1] == 0:
+            raise ValueError(f"encode expects wav [B, {self.config.channels}, samples>0], got {tuple(wav.shape)}; "
                              "add batch/channel dims with wav.view(1, 1, -1) and downmix to mono first")
         p = self.quantizer.embed
         return self.quantizer.encode(self.encoder(wav.to(device=p.device, dtype=p.dtype)))
@@ -433,14 +433,15 @@ class Encodec(nn.Module):
         if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
             raise TypeError(f"decode expects integer codes, got dtype {codes.dtype}; convert with codes.long() "
                             "(codes are codebook indices, not audio)")
-        if codes.dim() != 3 or codes.shape[1] != self.cfg.n_q or codes.shape[2] == 0:
-            raise ValueError(f"decode expects codes [B, {self.cfg.n_q}, T>0] (K = n_q = {self.cfg.n_q} codebooks), "
+        if codes.dim() != 3 or codes.shape[1] != self.config.n_q or codes.shape[2] == 0:
+            raise ValueError(f"decode expects codes [B, {self.config.n_q}, T>0] "
+                             f"(K = n_q = {self.config.n_q} codebooks), "
                              f"got {tuple(codes.shape)}")
         lo, hi = int(codes.min()), int(codes.max())
-        if lo < 0 or hi >= self.cfg.bins:
-            bad = hi if hi >= self.cfg.bins else lo
-            hint = " (the MAGNeT mask token: generation left masked positions)" if bad == self.cfg.bins else ""
-            raise ValueError(f"codes must lie in [0, {self.cfg.bins}); found {bad}{hint}; "
+        if lo < 0 or hi >= self.config.bins:
+            bad = hi if hi >= self.config.bins else lo
+            hint = " (the MAGNeT mask token: generation left masked positions)" if bad == self.config.bins else ""
+            raise ValueError(f"codes must lie in [0, {self.config.bins}); found {bad}{hint}; "
                              "decode only finished token sequences")
         return codes.to(device=self.quantizer.embed.device, dtype=torch.long)
 
@@ -449,7 +450,7 @@ class Encodec(nn.Module):
         """Build from an audiocraft codec package `{'best_state', 'xp.cfg', ...}` and load its weights strictly
         (ValueError naming missing/unexpected keys or shape mismatches)."""
         if not isinstance(package, dict):
-            raise ValueError(f"codec package must be a dict, got {type(package).__name__}")
+            raise TypeError(f"codec package must be a dict, got {type(package).__name__}")
         if "pretrained" in package and "best_state" not in package:
             raise ValueError(f"this codec package only points at {package['pretrained']!r} (a transformers-format "
                              "codec); use a package with 'best_state' and 'xp.cfg' (audiocraft export format)")
@@ -463,6 +464,8 @@ class Encodec(nn.Module):
                 xp_cfg = yaml.safe_load(xp_cfg)
             except yaml.YAMLError as e:
                 raise ValueError(f"codec package: xp.cfg is not valid YAML ({e})") from e
+        if not isinstance(xp_cfg, dict):
+            xp_cfg = {}  # an empty/odd xp.cfg: from_xp_cfg then names the first missing section
         model = cls(CodecConfig.from_xp_cfg(xp_cfg))
         model.load_audiocraft_state(package["best_state"])
         return model.eval()
@@ -481,7 +484,10 @@ class Encodec(nn.Module):
                 missing.append(key)
                 return None
             used.add(key)
-            return state[key].float()
+            t = state[key]
+            if isinstance(t, torch.Tensor):
+                return t.float()
+            raise ValueError(f"codec state entry {key} is a {type(t).__name__}, not a tensor; corrupt package")
 
         for name, mod in self.named_modules():
             if isinstance(mod, (PaddedConv1d, PaddedConvTranspose1d)):
@@ -506,10 +512,12 @@ class Encodec(nn.Module):
                     if t is not None:
                         out[f"{name}.lstm.{pname}"] = t
             elif isinstance(mod, ResidualVQ):
-                embeds = [take(f"{name}.vq.layers.{k}._codebook.embed") for k in range(self.cfg.n_q)]
-                if all(e is not None for e in embeds) and len({tuple(e.shape) for e in embeds}) == 1:
-                    out[f"{name}.embed"] = torch.stack(embeds)
-                for k in range(self.cfg.n_q):
+                embeds = [take(f"{name}.vq.layers.{k}._codebook.embed") for k in range(self.config.n_q)]
+                if all(e is not None for e in embeds):
+                    if len({tuple(e.shape) for e in embeds}) != 1:
+                        raise ValueError(f"codebooks differ in shape: {[tuple(e.shape) for e in embeds]}")
+                    out[f"{name}.embed"] = torch.stack(embeds)  # [K, bins, D]
+                for k in range(self.config.n_q):
                     used.update(f"{name}.vq.layers.{k}._codebook.{b}" for b in _VQ_TRAINING_BUFFERS)
         unexpected = sorted(set(state) - used)
         if missing or unexpected:
@@ -529,19 +537,10 @@ def _preview(items: list[str], n: int = 6) -> str:
 
 def load_codec(path: str | Path) -> Encodec:
     """Load an audiocraft `compression_state_dict.bin` with `weights_only=True` (no code is ever unpickled)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"codec checkpoint {path} does not exist (expected compression_state_dict.bin)")
-    try:
-        package = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # weights_only refuses any global outside torch's allow-list (e.g. os.system) with this error type;
-        # other UnpicklingErrors are plain corruption.
-        if "global" in str(e).lower():
-            raise ValueError(f"{path} asks to unpickle code; refusing (only tensors/containers are loaded). "
-                             "Re-export the codec as a plain state-dict package") from None
-        raise ValueError(f"{path} is truncated or not a torch checkpoint ({e}); re-download it") from None
-    except Exception as e:  # noqa: BLE001 - torch.load raises RuntimeError/EOFError/KeyError/UnicodeDecodeError...
-        raise ValueError(f"{path} is truncated or not a torch checkpoint ({type(e).__name__}: {e}); "
-                         "re-download it") from None
-    return Encodec.from_package(package)
+    from .loading import load_weights_only
+
+    package = load_weights_only(Path(path), "codec checkpoint")
+    if isinstance(package, dict):
+        return Encodec.from_package(package)
+    raise ValueError(f"{path} holds a {type(package).__name__}, not a codec package dict; "
+                     "expected audiocraft's compression_state_dict.bin")

@@ -51,7 +51,7 @@ class ModelConfig:
         return self.subcodes_context
 
     @classmethod
-    def from_xp_cfg(cls, cfg: dict[str, Any], state: dict[str, Any] | None = None) -> "ModelConfig":
+    def from_xp_cfg(cls, cfg: dict[str, Any], state: dict[str, Any] | None = None) -> ModelConfig:
         """Read the LM settings from an audiocraft training config (the `xp.cfg` YAML, already parsed)."""
         try:
             lm_model = cfg["lm_model"]
@@ -100,7 +100,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:

@@ -3,7 +3,6 @@ MAGNeT/MusicGen format) from a folder, a file or a Hugging Face id. Never unpick
 from __future__ import annotations
 
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +13,29 @@ LM_FILE = "state_dict.bin"
 CODEC_FILE = "compression_state_dict.bin"
 
 
-def read_package(path: Path) -> dict[str, Any]:
-    """torch.load an audiocraft package safely; every failure becomes a ValueError naming the file and the fix."""
+def load_weights_only(path: Path, what: str = "checkpoint") -> Any:
+    """torch.load with weights_only=True; every failure becomes a ValueError naming the file and the fix."""
     if not path.is_file():
-        raise ValueError(f"checkpoint file {path} does not exist")
+        raise ValueError(f"{what} file {path} does not exist")
     try:
-        pkg = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} asks to unpickle code, which this engine refuses to run; use a checkpoint that "
-                         "holds only tensors and plain data") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f"{path} is truncated or not a torch checkpoint ({str(e).splitlines()[0]}); "
-                         "download it again") from e
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # the weights-only unpickler met a global (os.system, ...) or an opcode it does not allow; garbage bytes
+        # fail the same way, so the message names both. Either way nothing was executed.
+        raise ValueError(f"{path} is truncated or not a torch checkpoint, or holds objects whose unpickling could "
+                         "run code; refusing to load it (only plain weights are read)") from None
+    except Exception as e:  # noqa: BLE001 - torch.load raises RuntimeError/EOFError/KeyError/UnicodeDecodeError...
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{path} is truncated or not a torch checkpoint ({type(e).__name__}: {first}); "
+                         "download it again") from None
+
+
+def read_package(path: Path, what: str = "checkpoint") -> dict[str, Any]:
+    """An audiocraft package: a dict with 'best_state' (flat state dict) and 'xp.cfg' (YAML text)."""
+    pkg = load_weights_only(path, what)
     if not isinstance(pkg, dict) or "best_state" not in pkg or "xp.cfg" not in pkg:
-        raise ValueError(f"{path} is not an audiocraft package (needs 'best_state' and 'xp.cfg')")
+        raise ValueError(f"{path} is not an audiocraft package (needs 'best_state' and 'xp.cfg'); "
+                         f"expected a released {what} such as state_dict.bin / compression_state_dict.bin")
     return pkg
 
 

@@ -10,8 +10,7 @@ V vocabulary (`card`).
 """
 from __future__ import annotations
 
-import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +27,17 @@ def sin_embedding(t: int, dim: int, device: torch.device, offset: int = 0, max_p
     """audiocraft's sinusoids: [cos | sin] halves, frequencies max_period^(-i/(half-1)). -> [1, T, dim] fp32."""
     half = dim // 2
     pos = torch.arange(offset, offset + t, device=device, dtype=torch.float32).view(1, -1, 1)
+    adim = torch.arange(half, device=device, dtype=torch.float32).view(1, 1, -1)
+    phase = pos / (torch.full([], max_period, device=device, dtype=torch.float32) ** (adim / (half - 1)))
+    return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
+
+
+def sin_embedding_at(positions: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """`sin_embedding` at positions held in a tensor [T] (the AR decoder's step counter lives on the device, so a
+    captured CUDA graph can replay with a new position). Same ops, same numbers. -> [1, T, dim] fp32."""
+    half = dim // 2
+    device = positions.device
+    pos = positions.to(torch.float32).view(1, -1, 1)
     adim = torch.arange(half, device=device, dtype=torch.float32).view(1, 1, -1)
     phase = pos / (torch.full([], max_period, device=device, dtype=torch.float32) ** (adim / (half - 1)))
     return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
@@ -59,16 +69,29 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x)
         return self.merge(self.attend(q, k, v, window))
 
+    def forward_cached(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, index: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+        """Causal attention against a static KV cache (MusicGen's AR path; MAGNeT never calls this).
+
+        x [N, n, dim] holds the frames at positions `index` [n] (int64, on the device); their k/v are written into
+        cache_k / cache_v [N, H, T_max, D] in place, then the queries attend to the whole cache under `mask`
+        [n, T_max] bool (key position <= query position), so shapes never depend on the step.
+        """
+        q, k, v = self.qkv(x)
+        cache_k.index_copy_(2, index, k.to(cache_k.dtype))
+        cache_v.index_copy_(2, index, v.to(cache_v.dtype))
+        return self.merge(F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask))
+
 
 class CrossAttention(SelfAttention):
     """Same packed weight, split in thirds: q from the frames, k/v from the text (computed once per request)."""
 
     def kv(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cond [B, L, dim] -> k, v [B, H, L, D]."""
-        b, l, dim = cond.shape
+        b, length, dim = cond.shape
         w = self.in_proj_weight
-        k = F.linear(cond, w[dim:2 * dim]).view(b, l, self.num_heads, -1).transpose(1, 2)
-        v = F.linear(cond, w[2 * dim:]).view(b, l, self.num_heads, -1).transpose(1, 2)
+        k = F.linear(cond, w[dim:2 * dim]).view(b, length, self.num_heads, -1).transpose(1, 2)
+        v = F.linear(cond, w[2 * dim:]).view(b, length, self.num_heads, -1).transpose(1, 2)
         return k, v
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -94,6 +117,13 @@ class Layer(nn.Module):
         """x [N, T, dim]; kv for the first B <= N rows (the conditional half). The other rows' text is the null
         condition, all-zero embeddings and bias-free projections: their cross-attention is exactly 0, so skip it."""
         x = x + self.self_attn(self.norm1(x), window)
+        x = self.cross(x, kv)
+        return x + self.linear2(F.gelu(self.linear1(self.norm2(x))))
+
+    def forward_cached(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], cache_k: torch.Tensor,
+                       cache_v: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`forward` with causal self-attention over a static KV cache (see `SelfAttention.forward_cached`)."""
+        x = x + self.self_attn.forward_cached(self.norm1(x), cache_k, cache_v, index, mask)
         x = self.cross(x, kv)
         return x + self.linear2(F.gelu(self.linear1(self.norm2(x))))
 
@@ -126,7 +156,7 @@ class LM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.layers[0].linear1.weight.dtype
 
-    def to_dtype(self, dtype: torch.dtype) -> "LM":
+    def to_dtype(self, dtype: torch.dtype) -> LM:
         """Transformer layers in `dtype`; embeddings, text projection, final norm and heads in fp32 (as audiocraft
         builds them), so guidance and sampling never see fp16 logits."""
         self.float()
@@ -144,6 +174,13 @@ class LM(nn.Module):
         for k in range(1, self.cfg.n_q):
             x = x + self.emb[k](codes[:, k])
         return x + sin_embedding(codes.shape[-1], self.cfg.dim, codes.device, offset)
+
+    def embed_at(self, codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`embed` with positions as a device tensor [T] (the AR decoder's streaming offset). -> [N, T, dim] fp32."""
+        x = self.emb[0](codes[:, 0])
+        for k in range(1, self.cfg.n_q):
+            x = x + self.emb[k](codes[:, k])
+        return x + sin_embedding_at(positions, self.cfg.dim)
 
     def head(self, x: torch.Tensor, stage: int) -> torch.Tensor:
         """[N, T, dim] -> logits [N, T, V] fp32 of one codebook: generation never needs the others."""

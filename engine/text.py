@@ -8,8 +8,8 @@ cross-attention, so the padded length changes results and must be reproduced.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn

@@ -1,0 +1,126 @@
+"""Writing and reading WAV files (soundfile; no torchaudio), with peak or loudness normalisation."""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+NORMALIZE = ("peak", "loudness", "none")
+SUBTYPES = {"pcm16": "PCM_16", "float32": "FLOAT"}
+TARGET_LUFS = -14.0  # audiocraft's `audio_write(strategy="loudness")` default, as in the MAGNeT docs
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """How generated audio is written."""
+
+    normalize: str = "peak"  # audiocraft `audio_write`'s default strategy
+    wav_subtype: str = "pcm16"
+
+    def __post_init__(self) -> None:
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"unknown normalisation {self.normalize!r}: choose one of {NORMALIZE}")
+        if self.wav_subtype not in SUBTYPES:
+            raise ValueError(f"unknown WAV subtype {self.wav_subtype!r}: choose one of {sorted(SUBTYPES)}")
+
+
+def k_weighted_loudness(wav: np.ndarray, sample_rate: int) -> float:
+    """Integrated loudness (ITU-R BS.1770, mono) in LUFS. wav [samples]. The K-weighting filter is applied in the
+    frequency domain (its two biquads' response on the rFFT grid), gating as the standard: 400 ms blocks, 75%
+    overlap, −70 LUFS absolute and −10 LU relative gates."""
+    n = len(wav)
+    if n == 0:
+        return -math.inf
+    freqs = np.fft.rfftfreq(2 * n, 1 / sample_rate)
+    z = np.exp(-2j * np.pi * freqs / sample_rate)
+    # BS.1770 stage 1 (high shelf) and stage 2 (high pass), coefficients for 48 kHz re-derived for `sample_rate`
+    # through the analogue prototypes (pyloudnorm's formulation).
+    def biquad(b: tuple[float, float, float], a: tuple[float, float, float]) -> np.ndarray:
+        return (b[0] + b[1] * z + b[2] * z**2) / (a[0] + a[1] * z + a[2] * z**2)
+
+    g, q, fc = 3.99984385397, 0.7071752369554193, 1681.9744509555319
+    k = math.tan(math.pi * fc / sample_rate)
+    vh = 10 ** (g / 20)
+    vb = vh**0.4996667741545416
+    a0 = 1 + k / q + k * k
+    shelf = biquad(((vh + vb * k / q + k * k) / a0, 2 * (k * k - vh) / a0, (vh - vb * k / q + k * k) / a0),
+                   (1.0, 2 * (k * k - 1) / a0, (1 - k / q + k * k) / a0))
+    q2, fc2 = 0.5003270373253953, 38.13547087613982
+    k2 = math.tan(math.pi * fc2 / sample_rate)
+    a02 = 1 + k2 / q2 + k2 * k2
+    highpass = biquad((1.0, -2.0, 1.0), (1.0, 2 * (k2 * k2 - 1) / a02, (1 - k2 / q2 + k2 * k2) / a02))
+    y = np.fft.irfft(np.fft.rfft(wav, 2 * n) * shelf * highpass)[:n]
+    block, hop = int(0.4 * sample_rate), int(0.1 * sample_rate)
+    if n < block:
+        powers = np.array([np.mean(y**2)])
+    else:
+        starts = range(0, n - block + 1, hop)
+        powers = np.array([np.mean(y[s:s + block] ** 2) for s in starts])
+    lufs = -0.691 + 10 * np.log10(np.maximum(powers, 1e-12))
+    gated = powers[lufs > -70]
+    if gated.size == 0:
+        return -math.inf
+    rel = -0.691 + 10 * np.log10(np.mean(gated)) - 10
+    gated = powers[(lufs > -70) & (lufs > rel)]
+    return float(-0.691 + 10 * np.log10(np.mean(gated))) if gated.size else -math.inf
+
+
+def normalize(wav: torch.Tensor, sample_rate: int, mode: str) -> torch.Tensor:
+    """wav [C, samples] -> scaled copy: 'peak' to 0.99 max, 'loudness' to −14 LUFS (never clipping), 'none'."""
+    if mode not in NORMALIZE:
+        raise ValueError(f"unknown normalisation {mode!r}: choose one of {NORMALIZE}")
+    peak = float(wav.abs().max()) if wav.numel() else 0.0
+    if mode == "none" or peak == 0.0:
+        return wav
+    if mode == "peak":
+        return wav * (0.99 / peak)
+    lufs = k_weighted_loudness(wav.mean(0).double().numpy(), sample_rate)
+    gain = 10 ** ((TARGET_LUFS - lufs) / 20) if math.isfinite(lufs) else 1.0
+    return wav * min(gain, 0.99 / peak)
+
+
+def check_writable(path: Path) -> None:
+    """Fail before generating when `path`'s folder cannot take a file."""
+    folder = path.parent if path.parent != Path("") else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"cannot write {path}: folder {folder} does not exist; create it or choose another -o")
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a folder; give a .wav file name")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write {path}: folder {folder} is not writable; choose another -o")
+
+
+def write_wav(path: Path, wav: torch.Tensor, sample_rate: int, subtype: str = "pcm16") -> None:
+    """wav [C, samples] float -> WAV at `path`, written to a temporary name first so no half file is left."""
+    import soundfile as sf
+
+    if subtype not in SUBTYPES:
+        raise ValueError(f"unknown WAV subtype {subtype!r}: choose one of {sorted(SUBTYPES)}")
+    data = wav.detach().cpu().float().clamp(-1, 1).numpy().T  # [samples, C]
+    fd, tmp = tempfile.mkstemp(suffix=".wav.part", dir=path.parent if str(path.parent) else ".")
+    os.close(fd)
+    try:
+        sf.write(tmp, data, sample_rate, subtype=SUBTYPES[subtype], format="WAV")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_wav(path: Path, sample_rate: int) -> torch.Tensor:
+    """A WAV at the codec's rate -> [1, 1, samples] fp32 mono (channels averaged)."""
+    import soundfile as sf
+
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, OSError) as e:  # soundfile raises LibsndfileError (a RuntimeError) for bad files
+        raise ValueError(f"cannot read audio prompt {path}: {e}") from e
+    if sr != sample_rate:
+        raise ValueError(f"audio prompt {path} is {sr} Hz; the model's codec needs {sample_rate} Hz, resample it "
+                         "first (e.g. sox in.wav -r 32000 out.wav)")
+    return torch.from_numpy(data.mean(axis=1)).view(1, 1, -1)

@@ -1,0 +1,209 @@
+"""MusicGen's autoregressive decoding loop: one frame of all K codebooks per step under the delay pattern, causal
+self-attention over a preallocated KV cache (audiocraft `LMModel.generate` in streaming mode, reproduced).
+
+Delay pattern (audiocraft `DelayedPatternProvider`, `empty_initial=0`), delays (0, 1, 2, 3), T frames:
+
+    step s      0   1   2   3   4  ...  T+3        S = T + max_delay + 1 steps
+    codebook 0  ·   t0  t1  t2  t3 ...  ·          codebook k at step s holds frame s - 1 - delay[k]
+    codebook 1  ·   ·   t0  t1  t2 ...  ·          · = special token `card` (step 0 is all special)
+    codebook 3  ·   ·   ·   ·   t0 ...  t(T-1)
+
+Step s feeds the column at s - 1 (position s - 1, the streaming offset) and samples column s from the last
+position's logits, guided `uncond + (cond - uncond) * cfg` over the 2B rows [cond; uncond]. Cells outside the
+frame range stay special, prompt cells stay as given; only unknown cells take the sampled token.
+
+The step function (`ARDecoder.step`) has static shapes: the caches are [2B, H, T_max, D] with T_max = S - 1 fixed,
+k/v are written in place at a position held in a device tensor, and attention always spans the whole cache under a
+`key <= position` mask. So the loop never synchronises with the host, and on CUDA the step can be captured once
+as a CUDA graph (`GraphedStep`) or handed to `torch.compile(mode="reduce-overhead")` and replayed every frame.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .config import GenerationConfig, ModelConfig
+from .magnet import Progress, Sampler
+from .model import LM, CrossKV
+from .sampling import StepSampling, sample_ref
+
+UNKNOWN = -1  # a pattern cell not generated yet (audiocraft's `unknown_token`)
+
+StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class DelayPattern:
+    """The delay interleaving for T frames, as index maps computed on the host once per request."""
+
+    delays: tuple[int, ...]
+    frames: int  # T
+
+    @property
+    def steps(self) -> int:
+        """S: sequence columns, including the leading all-special one."""
+        return self.frames + max(self.delays) + 1
+
+    def first_step(self, frame: int) -> int:
+        """The first column holding `frame` in some codebook (audiocraft `get_first_step_with_timesteps`)."""
+        return frame + 1 + min(self.delays)
+
+    def _frame_index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (frame [K, S] of each cell, clamped into [0, T); valid [K, S] bool: the cell holds a real frame)."""
+        s = torch.arange(self.steps, device=device)
+        t = s[None, :] - 1 - torch.tensor(self.delays, device=device)[:, None]  # [K, S]
+        valid = (t >= 0) & (t < self.frames)
+        return t.clamp(0, self.frames - 1), valid
+
+    def build(self, codes: torch.Tensor, special: int) -> torch.Tensor:
+        """codes [B, K, T] -> sequence [B, K, S]; cells outside the frame range hold `special`."""
+        t, valid = self._frame_index(codes.device)
+        seq = codes.gather(2, t.expand(codes.shape[0], -1, -1))
+        return torch.where(valid, seq, torch.full_like(seq, special))
+
+    def revert(self, seq: torch.Tensor) -> torch.Tensor:
+        """sequence [B, K, S] -> codes [B, K, T]: frame t of codebook k sits at column t + 1 + delay[k]."""
+        cols = torch.arange(self.frames, device=seq.device)[None, :] + 1
+        cols = cols + torch.tensor(self.delays, device=seq.device)[:, None]  # [K, T]
+        return seq.gather(2, cols.expand(seq.shape[0], -1, -1))
+
+
+class ARDecoder:
+    """One request's decoding state: a static KV cache per layer and the text's cross-attention k/v.
+
+    Rows are [cond; uncond] (N = 2B); the unconditional half's text is the null condition, whose cross-attention
+    is exactly zero, so `cross` holds k/v for the first B rows only (`Layer.cross` skips the rest).
+    """
+
+    def __init__(self, lm: LM, cross: CrossKV, batch: int, max_len: int) -> None:
+        cfg = lm.cfg
+        device = lm.linears[0].weight.device
+        self.lm, self.cross, self.batch, self.max_len = lm, cross, batch, max_len
+        shape = (2 * batch, cfg.num_heads, max_len, cfg.head_dim)
+        # [2B, H, T_max, D] per layer, zero-filled: masked keys must hold finite values (0·inf would give NaN)
+        self.caches = [(torch.zeros(shape, dtype=lm.dtype, device=device),
+                        torch.zeros(shape, dtype=lm.dtype, device=device)) for _ in lm.layers]
+        self.key_pos = torch.arange(max_len, device=device)  # [T_max]
+
+    def step(self, tokens: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, K, n] at positions pos .. pos + n - 1 (pos: int64 tensor, 0-d or [1], on the device)
+        -> (cond, uncond) logits [B, K, V] fp32 of the last position. Writes k/v of those positions into the cache.
+
+        n = 1 is the per-frame step (static shapes, graph-capturable); n > 1 is the prefill of an audio prompt.
+        """
+        lm = self.lm
+        n = tokens.shape[-1]
+        index = pos.reshape(1) + torch.arange(n, device=tokens.device)  # [n]
+        mask = self.key_pos[None, :] <= index[:, None]  # [n, T_max]: causal over the cache
+        x = lm.embed_at(tokens, index).to(lm.dtype)  # [B, n, dim]
+        x = torch.cat([x, x])  # [2B, n, dim]: the same tokens under both conditions
+        for layer, kv, (ck, cv) in zip(lm.layers, self.cross, self.caches):
+            x = layer.forward_cached(x, kv, ck, cv, index, mask)
+        h = lm.out_norm(x[:, -1].float())  # [2B, dim]
+        logits = torch.stack([lin(h) for lin in lm.linears], dim=1)  # [2B, K, V]
+        return logits[: self.batch], logits[self.batch:]
+
+
+class GraphedStep:
+    """`ARDecoder.step` for n = 1 captured once as a CUDA graph and replayed per frame.
+
+    Capture happens before the prefill: the warm-up runs write k/v at position 0, which the prefill overwrites.
+    The returned logits live in the graph's static output buffers, valid until the next call.
+    """
+
+    def __init__(self, decoder: ARDecoder, n_q: int) -> None:
+        device = decoder.key_pos.device
+        self.tokens = torch.zeros(decoder.batch, n_q, 1, dtype=torch.long, device=device)  # static inputs
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs requires
+            for _ in range(2):
+                decoder.step(self.tokens, self.pos)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = decoder.step(self.tokens, self.pos)
+
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.tokens.copy_(tokens)
+        self.pos.copy_(pos)
+        self.graph.replay()
+        return self.out
+
+
+def make_step(decoder: ARDecoder, mode: Literal["eager", "graph", "compile"], n_q: int) -> StepFn:
+    """The per-frame step: eager; a manual CUDA graph; or `torch.compile(mode="reduce-overhead")` (CUDA graphs
+    through Inductor on CUDA; the caches are marked static so their in-place writes do not break the graphs)."""
+    if mode == "eager":
+        return decoder.step
+    if mode == "graph":
+        if decoder.key_pos.device.type != "cuda":
+            raise ValueError(f"step mode 'graph' needs a CUDA device; use 'eager' on {decoder.key_pos.device}")
+        return GraphedStep(decoder, n_q)
+    if mode == "compile":  # on CPU this is plain Inductor (no CUDA graphs); one graph for every position
+        for ck, cv in decoder.caches:
+            torch._dynamo.mark_static_address(ck)
+            torch._dynamo.mark_static_address(cv)
+        return torch.compile(decoder.step, mode="reduce-overhead", fullgraph=True)
+    raise ValueError(f"unknown step mode {mode!r}: choose 'eager', 'graph' or 'compile'")
+
+
+def sampling_params(gen: GenerationConfig) -> StepSampling:
+    """Constant guidance cfg[0]; temperature 0 means argmax, as in the reference (`use_sampling and temp > 0`)."""
+    greedy = gen.greedy or gen.temperature <= 0.0
+    temperature = gen.temperature if gen.temperature > 0.0 else 1.0  # unused by argmax, kept finite
+    return StepSampling(cfg_coef=gen.cfg_max, temperature=temperature, top_k=gen.top_k, top_p=gen.top_p,
+                        greedy=greedy)
+
+
+@torch.no_grad()
+def generate_tokens_ar(lm: LM, cond: torch.Tensor, gen: GenerationConfig, batch: int, device: torch.device,
+                       prompt: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                       progress: Progress | None = None, sample: Sampler = sample_ref,
+                       mode: Literal["eager", "graph", "compile"] = "eager") -> torch.Tensor:
+    """MusicGen generation -> codes [B, K, T] int64, T = gen.frames(model) including the prompt.
+
+    cond: text embeddings [B, L, dim] (after `text_proj`, padding zeroed); prompt [B, K, P] fixes the first P
+    frames (continuation, P < T). Random draws: one uniform per (step, row, codebook) from `generator`, drawn
+    up front. `sample` is the engine's sampler (`sample_ref` semantics). `mode` picks the step (`make_step`).
+    """
+    model: ModelConfig = lm.cfg
+    if model.kind != "musicgen" or len(model.delays) != model.n_q:
+        raise ValueError(f"the AR loop needs a musicgen model with {model.n_q} delays, got kind {model.kind!r}")
+    k, special = model.n_q, model.card
+    t = gen.frames(model)
+    p = 0 if prompt is None else prompt.shape[-1]
+    if p >= t:
+        raise ValueError(f"the audio prompt ({p} frames) must be shorter than the generation ({t} frames)")
+    pattern = DelayPattern(model.delays, t)
+    codes = torch.full((batch, k, t), UNKNOWN, dtype=torch.long, device=device)
+    if prompt is not None:
+        codes[..., :p] = prompt
+    seq = pattern.build(codes, special)  # [B, K, S]: special / prompt / UNKNOWN
+    n_cols = pattern.steps
+    start = pattern.first_step(p)  # first column to sample; columns before it are all known
+
+    decoder = ARDecoder(lm, lm.cross_kv(cond), batch, n_cols - 1)
+    step = make_step(decoder, mode, k)  # capture (if any) before the prefill writes the cache
+    params = sampling_params(gen)
+    n_steps = n_cols - start
+    uniforms = None if params.greedy else torch.rand(n_steps, batch, k, generator=generator, device=device)
+    all_mask = torch.full((batch, k), special, dtype=torch.long, device=device)  # sampler fills every cell
+    positions = torch.arange(n_cols, device=device)  # on-device step counters: no host→device copy per step
+
+    # prefill: columns 0 .. start-1 (just the special column without a prompt) at positions 0 .. start-1
+    cond_logits, uncond_logits = decoder.step(seq[..., :start], positions[0])
+    for i, col in enumerate(range(start, n_cols)):
+        if i > 0:
+            cond_logits, uncond_logits = step(seq[..., col - 1:col], positions[col - 1])
+        uniform = None if uniforms is None else uniforms[i]
+        sampled, _ = sample(cond_logits, uncond_logits, all_mask, special, params, uniform)  # [B, K]
+        known = seq[..., col]
+        seq[..., col] = torch.where(known == UNKNOWN, sampled, known)  # keep special and prompt cells
+        if progress is not None:
+            progress(i + 1, n_steps)
+    return pattern.revert(seq)
