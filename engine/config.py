@@ -151,6 +151,16 @@ class GenerationConfig:
         if self.duration is not None and self.duration <= 0:
             raise ValueError(f"duration must be > 0 seconds, got {self.duration}")
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], base: GenerationConfig | None = None) -> GenerationConfig:
+        """Fields from JSON (lists -> tuples) on top of `base` (default: the dataclass defaults)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown generation settings {sorted(unknown)}; known: {sorted(names)}")
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return dataclasses.replace(base if base is not None else cls(), **d)
+
     @property
     def cfg_max(self) -> float:
         return float(self.cfg[0])

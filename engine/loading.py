@@ -79,3 +79,55 @@ def _hub_file(repo: str, filename: str) -> Path:
     except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all mean the same to the user
         raise ValueError(f"cannot fetch {filename} of {repo!r} ({type(e).__name__}); check the id and network, "
                          "or pass a local folder with --model") from e
+
+
+# ---------------------------------------------------------------------------------------------- our own format
+# A folder: config.json {"format": FORMAT, "version": 1, "model": ModelConfig, "codec": CodecConfig} beside
+# lm.safetensors (the LM with our module names) and codec.safetensors. No pickle anywhere.
+FORMAT = "magnet-engine"
+OWN_CONFIG, OWN_LM, OWN_CODEC = "config.json", "lm.safetensors", "codec.safetensors"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "magnet-default"
+
+
+def is_own_format(folder: Path) -> bool:
+    return folder.is_dir() and (folder / OWN_CONFIG).is_file() and (folder / OWN_LM).is_file()
+
+
+def save_pretrained(folder: Path, lm: torch.nn.Module, codec: torch.nn.Module, dtype: torch.dtype = torch.float16,
+                    generation: dict[str, Any] | None = None) -> None:
+    """Write a model in our format. LM weights in `dtype` (fp16 halves the size; the released models ship fp16).
+    `generation`: the model's own default GenerationConfig fields (e.g. {"steps": [10, 3, 3, 3]})."""
+    import dataclasses
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"format": FORMAT, "version": 1, "model": lm.cfg.to_dict(),
+              "codec": dataclasses.asdict(codec.config), "generation": generation or {}}
+    (folder / OWN_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.detach().to(dtype).contiguous().cpu() if v.is_floating_point() else v.contiguous().cpu()
+               for k, v in lm.state_dict().items()}, folder / OWN_LM)
+    save_file({k: v.detach().contiguous().cpu() for k, v in codec.state_dict().items()}, folder / OWN_CODEC)
+
+
+def read_own_format(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """-> (config dict, LM state, codec state), with clear errors for a damaged folder."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((folder / OWN_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{folder / OWN_CONFIG} is unreadable ({e}); restore the model folder") from e
+    if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("version") != 1:
+        raise ValueError(f"{folder / OWN_CONFIG} is not a {FORMAT} v1 config; save it with engine.save_pretrained")
+    states = []
+    for name in (OWN_LM, OWN_CODEC):
+        try:
+            states.append(load_file(folder / name))
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{folder / name} is missing, truncated or not safetensors ({e}); restore it") from e
+    return config, states[0], states[1]

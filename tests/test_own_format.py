@@ -1,0 +1,42 @@
+"""Our own model format (config.json + safetensors, no pickle) round-trips the released format exactly."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import run_settings
+
+import engine
+from engine.loading import save_pretrained
+
+
+@pytest.fixture(scope="module")
+def saved(tiny, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("own")
+    save_pretrained(folder, tiny.lm, tiny.codec, generation={"steps": [4, 2, 2, 2], "greedy": True})
+    return folder
+
+
+def test_round_trip_token_exact(saved, fixture_dir, settings, expected):
+    eng = engine.load(saved, text_encoder=fixture_dir / "t5", device="cpu")
+    kw = run_settings(settings, "gen_stride1")
+    np.testing.assert_array_equal(eng.generate(settings["prompts"], **kw).codes.numpy(), expected["gen_stride1"])
+    assert eng.default_generation().steps == (4, 2, 2, 2) and eng.default_generation().greedy
+
+
+def test_no_pickle_in_own_format(saved):
+    assert sorted(p.name for p in saved.iterdir()) == ["codec.safetensors", "config.json", "lm.safetensors"]
+
+
+def test_damaged_own_format(saved, tmp_path, fixture_dir):
+    for name in ("config.json", "lm.safetensors", "codec.safetensors"):
+        (tmp_path / name).write_bytes((saved / name).read_bytes())
+    (tmp_path / "lm.safetensors").write_bytes((saved / "lm.safetensors").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="truncated"):
+        engine.load(tmp_path, text_encoder=fixture_dir / "t5", device="cpu")
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["version"] = 99
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="v1 config"):
+        engine.load(tmp_path, text_encoder=fixture_dir / "t5", device="cpu")
