@@ -20,10 +20,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "triton": ["triton>=3.0"],
+        "triton": ["triton>=3.7.1"],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "bench": ["matplotlib", "pytest-benchmark"],
-        "test": ["pytest", "ruff", "triton>=3.0", "onnx", "onnxruntime", "onnxscript", "matplotlib",
+        "test": ["pytest", "ruff", "triton>=3.7.1", "onnx", "onnxruntime", "onnxscript", "matplotlib",
                  "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["magnet=engine.cli:main"]},

@@ -1,0 +1,31 @@
+"""Triton kernels for the GPU path: `kernels.attention.attention` (drop-in for `engine.ops.attention`) and
+`kernels.sampling.sample` (drop-in for `engine.sampling.sample_ref`), swapped into a built engine by `apply`.
+
+Kept light on purpose: nothing here imports triton at import time, so `import kernels` works without it. The
+functions are not re-exported under the package: `kernels.attention` is the submodule, and a same-named function
+would be shadowed by it as soon as the submodule is imported.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+def apply(engine: Any) -> Any:
+    """Turn an engine's torch path into the Triton path, in place (gpt-fast style: a transform on a built model).
+
+    Swaps the attention op of every self/cross-attention module of the LM (MAGNeT's full and banded passes; the AR
+    model's KV-cached causal path keeps PyTorch) and the per-step sampler. Returns the engine. On CPU tensors the
+    kernels need `TRITON_INTERPRET=1` (slow; for tests).
+    """
+    from engine.model import SelfAttention
+
+    from .attention import attention
+    from .sampling import sample
+
+    if engine.lm is None:
+        raise ValueError("kernels.apply needs an engine with a torch LM (not an onnxruntime engine)")
+    for module in engine.lm.modules():
+        if isinstance(module, SelfAttention):
+            module.attend = attention
+    engine.sample = sample
+    return engine

@@ -1,0 +1,217 @@
+"""One decoding step's token choice as a single Triton kernel, a drop-in for `engine.sampling.sample_ref`.
+
+Each program takes ROWS positions and holds their whole vocabulary row ([ROWS, BLOCK_V], BLOCK_V = next power of
+two >= V, tail masked) in registers, so the cond/uncond logits are read from memory exactly once:
+
+    guidance (fp32, reference order) -> /temperature -> softmax (max, exp, sum) -> greedy argmax
+    | top-k threshold | top-p threshold -> inverse-CDF choice (tl.cumsum) -> chosen prob -> write-back if masked
+
+Thresholds without a sort: probabilities are >= 0, so their fp32 bit patterns, read as int32, order like the
+values. A bisection over the 2**31 bit patterns (31 halvings, each one masked reduction over the row) therefore
+lands *exactly* on the k-th largest probability (top-k, ties kept like `probs >= kth`) or on the smallest
+probability whose strictly-more-probable mass is <= top_p (the `top_p_keep` rule).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+from engine.sampling import StepSampling, sample_ref
+
+__all__ = ["INTERPRETED", "MAX_VOCAB", "sample", "sample_ref"]
+
+MAX_VOCAB = 16384  # a row lives in registers; past this use sample_ref
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_GREEDY, _MULTINOMIAL, _TOP_K, _TOP_P = 0, 1, 2, 3
+_BISECT_STEPS = tl.constexpr(31)  # an interval of < 2**31 bit patterns halves to width 1 in 31 steps
+_F32_INF_BITS = tl.constexpr(0x7F800000)
+
+
+@triton.jit
+def _sample_step(
+    COND, UNCOND,  # [B, T, V] logits, any float dtype and strides
+    CURRENT,  # [B, T] int64
+    UNIFORM,  # [B, T] fp32 in [0, 1); not read when greedy
+    TOKENS,  # [B, T] int64 out, contiguous
+    PROBS,  # [B, T] fp32 out, contiguous
+    scb, sct, scv,  # cond strides
+    sub, sut, suv,  # uncond strides
+    smb, smt,  # current strides
+    srb, srt,  # uniform strides
+    R, T, V,  # R = B * T positions
+    mask_id,
+    cfg_coef, temperature, top_p,
+    top_k,
+    MODE: tl.constexpr,  # 0 greedy, 1 multinomial, 2 top-k, 3 top-p
+    ROWS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [ROWS] flat position b * T + t
+    row_ok = rows < R
+    b = (rows // T).to(tl.int64)
+    t = (rows % T).to(tl.int64)
+    cols = tl.arange(0, BLOCK_V)  # [BLOCK_V] vocabulary index
+    col_ok = cols < V
+    ok = row_ok[:, None] & col_ok[None, :]  # [ROWS, BLOCK_V]
+
+    c = tl.load(COND + b[:, None] * scb + t[:, None] * sct + cols[None, :] * scv, mask=ok, other=0.0)
+    u = tl.load(UNCOND + b[:, None] * sub + t[:, None] * sut + cols[None, :] * suv, mask=ok, other=0.0)
+    c = c.to(tl.float32)
+    u = u.to(tl.float32)
+    logits = u + (c - u) * cfg_coef  # [ROWS, BLOCK_V] fp32, same operation order as engine.sampling.guide
+    logits = tl.where(col_ok[None, :], logits, float("-inf"))
+
+    # tempered softmax; division (not a reciprocal multiply) as in the reference; the tail gets exp(-inf) = 0
+    x = logits / temperature
+    x_max = tl.max(x, axis=1)  # [ROWS]
+    e = tl.exp(x - x_max[:, None])
+    probs = e / tl.sum(e, axis=1)[:, None]  # [ROWS, BLOCK_V]
+
+    if MODE == 0:
+        sampled = tl.argmax(logits, axis=1)  # first maximum, like torch.argmax
+        weights = probs  # unused
+        chosen_from = probs
+    else:
+        # >= 0 floats order like their int32 bit patterns; the masked tail gets -1, below every real probability
+        bits = tl.where(col_ok[None, :], probs.to(tl.int32, bitcast=True), -1)  # [ROWS, BLOCK_V]
+        if MODE == 2:
+            # largest bit pattern `lo` with count(p >= lo) >= k: exactly the k-th largest probability
+            lo = tl.zeros([ROWS], dtype=tl.int32)
+            hi = tl.full([ROWS], _F32_INF_BITS + 1, dtype=tl.int32)
+            for _ in range(_BISECT_STEPS):
+                mid = lo + (hi - lo) // 2
+                count = tl.sum((bits >= mid[:, None]).to(tl.int32), axis=1)
+                enough = count >= top_k
+                lo = tl.where(enough, mid, lo)
+                hi = tl.where(enough, hi, mid)
+            kept = tl.where(bits >= lo[:, None], probs, 0.0)
+            # the reference renormalises in place: the renormalised probability is drawn from and returned
+            weights = kept / tl.sum(kept, axis=1)[:, None]
+            chosen_from = weights
+        elif MODE == 3:
+            # smallest bit pattern `hi` whose strictly-greater mass is <= top_p; keep p >= hi (top_p_keep's rule)
+            lo = tl.full([ROWS], -1, dtype=tl.int32)
+            hi = tl.full([ROWS], _F32_INF_BITS, dtype=tl.int32)
+            for _ in range(_BISECT_STEPS):
+                mid = lo + (hi - lo) // 2
+                mass = tl.sum(tl.where(bits > mid[:, None], probs, 0.0), axis=1)
+                small = mass <= top_p
+                hi = tl.where(small, mid, hi)
+                lo = tl.where(small, lo, mid)
+            weights = tl.where(bits >= hi[:, None], probs, 0.0)  # not renormalised, like the reference
+            chosen_from = probs
+        else:
+            weights = probs
+            chosen_from = probs
+        # inverse CDF in index order: the first index whose cdf exceeds uniform * total (searchsorted right=True)
+        uni = tl.load(UNIFORM + b * srb + t * srt, mask=row_ok, other=0.0)  # [ROWS]
+        cdf = tl.cumsum(weights, axis=1)  # [ROWS, BLOCK_V]
+        total = tl.max(cdf, axis=1)  # = cdf[V - 1]: weights are >= 0 and the tail adds 0
+        target = uni * total
+        below = (cdf <= target[:, None]) & col_ok[None, :]
+        sampled = tl.minimum(tl.sum(below.to(tl.int32), axis=1), V - 1)
+
+    chosen = tl.sum(tl.where(cols[None, :] == sampled[:, None], chosen_from, 0.0), axis=1)  # [ROWS]
+    current = tl.load(CURRENT + b * smb + t * smt, mask=row_ok, other=0)
+    tokens = tl.where(current == mask_id, sampled.to(tl.int64), current)
+    tl.store(TOKENS + rows, tokens, mask=row_ok)
+    tl.store(PROBS + rows, chosen, mask=row_ok)
+
+
+# decided by triton when this module was imported (TRITON_INTERPRET=1: numpy interpreter, any device)
+INTERPRETED = not isinstance(_sample_step, JITFunction)
+
+
+def _check(cond: torch.Tensor, uncond: torch.Tensor, current: torch.Tensor, mask_id: int, params: StepSampling,
+           uniform: torch.Tensor | None) -> None:
+    """Raise TypeError/ValueError saying what to change; the kernel itself trusts its inputs."""
+    for name, x in (("cond", cond), ("uncond", uncond), ("current", current)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"sample: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if cond.dim() != 3:
+        raise ValueError(f"sample: cond must be [B, T, V] logits, got shape {tuple(cond.shape)}")
+    if uncond.shape != cond.shape:
+        raise ValueError(f"sample: uncond {tuple(uncond.shape)} must have cond's shape {tuple(cond.shape)}")
+    for name, x in (("cond", cond), ("uncond", uncond)):
+        if x.dtype not in _LOGIT_DTYPES:
+            raise TypeError(f"sample: {name} has dtype {x.dtype}; cast logits to float32, float16 or bfloat16")
+    B, T, V = cond.shape
+    if current.shape != (B, T):
+        raise ValueError(f"sample: current must be [B, T] = {(B, T)}, got {tuple(current.shape)}")
+    if current.dtype != torch.int64:
+        raise TypeError(f"sample: current must be int64 tokens, got {current.dtype}; call .long()")
+    if not isinstance(params, StepSampling):
+        raise TypeError(f"sample: params must be an engine.sampling.StepSampling, got {type(params).__name__}")
+    if isinstance(mask_id, bool) or not isinstance(mask_id, int):
+        raise TypeError(f"sample: mask_id must be an int, got {type(mask_id).__name__}")
+    if V < 1 or V > MAX_VOCAB:
+        raise ValueError(f"sample: vocabulary V = {V} must be in 1..{MAX_VOCAB} (a row is held on chip); "
+                         "use engine.sampling.sample_ref for larger V")
+    if not params.temperature > 0.0:
+        raise ValueError(f"sample: temperature must be > 0, got {params.temperature}")
+    devices = {cond.device, uncond.device, current.device}
+    if not params.greedy:
+        if uniform is None:
+            raise ValueError("sample: uniform noise [B, T] is required unless params.greedy")
+        if not isinstance(uniform, torch.Tensor):
+            raise TypeError(f"sample: uniform must be a torch.Tensor, got {type(uniform).__name__}")
+        if uniform.shape != (B, T):
+            raise ValueError(f"sample: uniform must be [B, T] = {(B, T)}, got {tuple(uniform.shape)}")
+        if uniform.dtype != torch.float32:
+            raise TypeError(f"sample: uniform must be float32, got {uniform.dtype}; call .float()")
+        devices.add(uniform.device)
+        if params.top_p <= 0.0 and params.top_k > V:
+            raise ValueError(f"sample: top_k = {params.top_k} exceeds the vocabulary V = {V}")
+    if len(devices) > 1:
+        raise ValueError(f"sample: inputs are on different devices {sorted(map(str, devices))}; move them to one")
+    if cond.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"sample: Triton kernels need CUDA tensors, got {cond.device}; use "
+                         "engine.sampling.sample_ref on CPU or set TRITON_INTERPRET=1 before importing triton")
+
+
+def sample(cond: torch.Tensor, uncond: torch.Tensor, current: torch.Tensor, mask_id: int, params: StepSampling,
+           uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose tokens for one step; same contract as `engine.sampling.sample_ref` (= `sample_ref`).
+
+    cond, uncond [B, T, V] logits (fp32/fp16/bf16, any strides); current [B, T] int64 (mask_id where masked);
+    uniform [B, T] fp32 in [0, 1) (None when greedy). Returns (tokens [B, T] int64: sampled where
+    current == mask_id, current elsewhere; probs [B, T] fp32: the sampled token's (tempered, for top-k
+    renormalised) probability).
+    """
+    _check(cond, uncond, current, mask_id, params, uniform)
+    B, T, V = cond.shape
+    tokens = torch.empty((B, T), dtype=torch.int64, device=cond.device)
+    probs = torch.empty((B, T), dtype=torch.float32, device=cond.device)
+    R = B * T
+    if R == 0:
+        return tokens, probs
+    if params.greedy:
+        mode = _GREEDY
+    elif params.top_p > 0.0:
+        mode = _TOP_P
+    elif params.top_k > 0:
+        mode = _TOP_K
+    else:
+        mode = _MULTINOMIAL
+    block_v = triton.next_power_of_2(V)
+    # Registers bound a GPU program to ~4k row elements; the interpreter pays per program, so it takes more rows.
+    budget = 65536 if INTERPRETED else 4096
+    rows = max(1, min(triton.next_power_of_2(R), budget // block_v))
+    noise = uniform if uniform is not None else probs  # a placeholder pointer: greedy never reads it
+    _sample_step[(triton.cdiv(R, rows),)](
+        cond, uncond, current, noise, tokens, probs,
+        cond.stride(0), cond.stride(1), cond.stride(2),
+        uncond.stride(0), uncond.stride(1), uncond.stride(2),
+        current.stride(0), current.stride(1),
+        noise.stride(0), noise.stride(1),
+        R, T, V, mask_id,
+        float(params.cfg_coef), float(params.temperature), float(params.top_p), int(params.top_k),
+        MODE=mode, ROWS=rows, BLOCK_V=block_v,
+        num_warps=4 if rows * block_v <= 2048 else 8,
+        # no FMA contraction: u + (c - u) * cfg must round like the reference's separate multiply and add, or a
+        # near-tie could resolve differently from sample_ref given the same noise
+        enable_fp_fusion=False,
+    )
+    return tokens, probs

@@ -1,0 +1,44 @@
+"""`--backend triton` (kernels.apply) reproduces the reference tokens through the Triton interpreter on CPU."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import run_settings
+from test_cli import cli_args
+
+import engine
+import kernels
+from engine.cli import main
+from engine.model import SelfAttention
+
+
+@pytest.fixture(scope="module")
+def tiny_triton(fixture_dir):
+    return kernels.apply(engine.load(fixture_dir, device="cpu"))
+
+
+def test_apply_swaps_ops(tiny_triton):
+    from kernels.attention import attention
+    from kernels.sampling import sample
+
+    attends = [m.attend for m in tiny_triton.lm.modules() if isinstance(m, SelfAttention)]
+    assert attends and all(a is attention for a in attends)
+    assert tiny_triton.sample is sample
+
+
+@pytest.mark.parametrize("run", ["gen_stride1", "gen_continuation"])
+def test_triton_engine_token_exact(tiny_triton, settings, expected, run):
+    import torch
+
+    prompt = torch.from_numpy(expected["prompt_codes"]) if run == "gen_continuation" else None
+    out = tiny_triton.generate(settings["prompts"], prompt_codes=prompt, **run_settings(settings, run))
+    np.testing.assert_array_equal(out.codes.numpy(), expected[run])
+
+
+def test_cli_backend_triton(fixture_dir, settings, expected, tmp_path):
+    tokens = tmp_path / "t.npy"
+    rc = main(["generate", *settings["prompts"], "--backend", "triton", "--device", "cpu", "--model",
+               str(fixture_dir), "-o", str(tmp_path / "o"), "--tokens-out", str(tokens), "--quiet",
+               *cli_args(run_settings(settings, "gen_nonoverlap_prod"))])
+    assert rc == 0
+    np.testing.assert_array_equal(np.load(tokens), expected["gen_nonoverlap_prod"])
