@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import magnet, musicgen
+from . import hybrid, magnet, musicgen
 from .config import GenerationConfig, ModelConfig, default_generation
 from .loading import DEFAULT_MODEL, is_own_format, parse_xp_cfg, read_own_format, read_package, resolve_files
 from .model import LM
+from .rescore import build_rescorer
 from .sampling import sample_ref
 from .text import TextConditioner, load_text_encoder
 
@@ -40,6 +41,9 @@ class Generation:
     audio: torch.Tensor  # [B, 1, samples] fp32
     codes: torch.Tensor  # [B, K, T] int64
     sample_rate: int
+    # costs of the quality levers: rescore_calls, rescore_s, rescore_s_per_step (AR forwards inside the MAGNeT
+    # loop); hybrid_prefix_frames, hybrid_prefix_s (the AR prefix, text encoding included). Empty for plain runs.
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 class Engine:
@@ -77,10 +81,16 @@ class Engine:
     @torch.no_grad()
     def generate(self, prompts: Sequence[str | None], config: GenerationConfig | None = None, *,
                  prompt_codes: torch.Tensor | None = None, prompt_audio: torch.Tensor | None = None,
-                 progress: magnet.Progress | None = None, decode: bool = True, **overrides: Any) -> Generation:
+                 progress: magnet.Progress | None = None, decode: bool = True, rescorer: Engine | None = None,
+                 ar_model: Engine | None = None, **overrides: Any) -> Generation:
         """prompts: B texts (None = unconditional). prompt_codes [B, K, P] int64 or prompt_audio [B, 1, samples]
-        at the codec's rate continue that audio. Settings: GenerationConfig fields as keywords."""
+        at the codec's rate continue that audio. Settings: GenerationConfig fields as keywords.
+
+        MAGNeT only: `rescorer` (a MusicGen Engine) rescores every step's tokens (`rescore_weight`, engine.rescore);
+        `ar_model` (a MusicGen Engine) writes the first `hybrid_prefix` seconds (engine.hybrid). `ar_cfg` sets
+        their guidance. Both share this model's codec, device and codebooks."""
         gen = self.settings(config, **overrides)
+        hybrid.check_request(self, gen, rescorer, ar_model, set(overrides))
         if isinstance(prompts, str):
             prompts = [prompts]
         if len(prompts) == 0:
@@ -90,6 +100,7 @@ class Engine:
         if gen.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(gen.seed)
         cond = self.text(list(prompts))
+        stats: dict[str, float] = {}
         if self.config.kind == "musicgen":
             if self.lm is None:
                 raise ValueError("MusicGen generation needs the torch LM (its KV-cached AR loop); this backend "
@@ -97,11 +108,23 @@ class Engine:
             codes = musicgen.generate_tokens_ar(self.lm, cond, gen, len(prompts), self.device, prompt, generator,
                                                 progress, sample=self.sample)
         else:
+            rescore = None if rescorer is None else build_rescorer(self, rescorer, list(prompts), gen)
+            prefix_timer = None
+            if ar_model is not None:  # hybrid: the AR prefix becomes MAGNeT's audio prompt
+                n_prefix = hybrid.prefix_frames(self, gen)
+                n_ar = hybrid.ar_steps(ar_model, n_prefix, 0 if prompt is None else prompt.shape[-1])
+                ar_progress, progress = hybrid.split_progress(progress, n_ar, sum(gen.steps))
+                prompt, prefix_timer = hybrid.generate_prefix(self, ar_model, list(prompts), gen, prompt,
+                                                              generator, ar_progress)
             step = self.make_step(cond)
             codes = magnet.generate_tokens(step, self.sample, self.config, gen, len(prompts), self.device, prompt,
-                                           generator, progress)
+                                           generator, progress, rescore=rescore)
+            if rescore is not None:
+                stats.update(rescore.stats())
+            if prefix_timer is not None:
+                stats.update(hybrid_prefix_frames=float(n_prefix), hybrid_prefix_s=prefix_timer.seconds()[0])
         audio = self.decode(codes) if decode else torch.empty(len(prompts), 1, 0)
-        return Generation(audio=audio, codes=codes, sample_rate=self.sample_rate)
+        return Generation(audio=audio, codes=codes, sample_rate=self.sample_rate, stats=stats)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,12 @@ _GEN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "span_arrangement": ("--span-arrangement", {"choices": SPAN_ARRANGEMENTS}),
     "span_scoring": ("--span-scoring", {"choices": SPAN_SCORINGS}),
     "seed": ("--seed", {"type": int, "help": "seed of the sampling noise"}),
+    "rescore_weight": ("--rescore-weight", {"type": float, "metavar": "W",
+                                            "help": "span scores use W·p_magnet + (1-W)·p_rescorer; needs --rescorer"}),
+    "ar_cfg": ("--ar-cfg", {"type": float, "help": "constant guidance of --rescorer / --ar-model "
+                                                   "(default: that model's own, 3.0 for MusicGen)"}),
+    "hybrid_prefix": ("--hybrid-prefix", {"type": float, "metavar": "SECONDS",
+                                          "help": "first SECONDS by --ar-model, the rest by MAGNeT; 0 = off"}),
 }
 
 
@@ -67,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="transformer dtype")
     p.add_argument("--backend", choices=BACKENDS, default=BACKENDS[0])
+    p.add_argument("--rescorer", metavar="MODEL", help="an autoregressive (MusicGen) model that rescores MAGNeT's "
+                   "tokens every step (paper §3.3); same codec as --model")
+    p.add_argument("--ar-model", metavar="MODEL", help="the autoregressive (MusicGen) model that writes the "
+                   "--hybrid-prefix; same codec as --model")
     defaults = GenerationConfig()
     for name, (flag, kw) in _GEN_FLAGS.items():
         default = getattr(defaults, name)
@@ -150,6 +160,7 @@ def generate_main(argv: Sequence[str]) -> int:
         dataclasses.replace(GenerationConfig(), **overrides)  # range checks before the (slow) model load
     except ValueError as e:
         raise UsageError(str(e)) from e
+    _check_levers(args, overrides)
     paths = _outputs(args, len(prompts))
     if args.tokens_out is not None:
         _outputs_check(args.tokens_out)
@@ -161,8 +172,12 @@ def generate_main(argv: Sequence[str]) -> int:
             raise UsageError(f"cannot read --prompt-codes {args.prompt_codes}: {e}") from e
 
     eng = _load_engine(args)
+    companions = _load_companions(args)
     try:
         gen = eng.settings(**overrides)
+        from .hybrid import check_request
+
+        check_request(eng, gen, companions.get("rescorer"), companions.get("ar_model"), set(overrides))
     except ValueError as e:
         raise UsageError(str(e)) from e
     prompt_audio = read_wav(args.prompt_audio, eng.sample_rate) if args.prompt_audio is not None else None
@@ -170,7 +185,7 @@ def generate_main(argv: Sequence[str]) -> int:
         prompt_audio = prompt_audio.expand(len(prompts), -1, -1)
 
     bs = args.batch_size or len(prompts)
-    bar = _progress(-(-len(prompts) // bs) * _n_steps(eng, gen), args.quiet)
+    bar = _progress(-(-len(prompts) // bs) * _n_steps(eng, gen, companions.get("ar_model")), args.quiet)
     audios, codes = [], []
     for start in range(0, len(prompts), bs):
         part = slice(start, start + bs)
@@ -183,7 +198,7 @@ def generate_main(argv: Sequence[str]) -> int:
             out = eng.generate(prompts[part], gen,
                                prompt_codes=None if prompt_codes is None else _slice_batch(prompt_codes, part),
                                prompt_audio=None if prompt_audio is None else prompt_audio[part],
-                               progress=progress)
+                               progress=progress, **companions)
         except (ValueError, TypeError) as e:
             raise UsageError(str(e)) from e
         audios.append(out.audio.cpu())
@@ -200,6 +215,30 @@ def generate_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _check_levers(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    """Flag combinations that need a second model, checked before any model loads."""
+    if "rescore_weight" in overrides and args.rescorer is None:
+        raise UsageError("--rescore-weight needs --rescorer MODEL (an autoregressive MusicGen checkpoint)")
+    if overrides.get("hybrid_prefix", 0.0) > 0 and args.ar_model is None:
+        raise UsageError("--hybrid-prefix needs --ar-model MODEL (an autoregressive MusicGen checkpoint)")
+    if args.ar_model is not None and not overrides.get("hybrid_prefix", 0.0) > 0:
+        raise UsageError("--ar-model is used only by the hybrid: add --hybrid-prefix SECONDS")
+    if "ar_cfg" in overrides and args.rescorer is None and args.ar_model is None:
+        raise UsageError("--ar-cfg is the guidance of --rescorer / --ar-model: give one of them")
+
+
+def _load_companions(args: argparse.Namespace) -> dict[str, Any]:
+    """--rescorer / --ar-model engines (torch, same device and dtype; their own text encoders), loaded once."""
+    from .api import load
+
+    out: dict[str, Any] = {}
+    for key, model in (("rescorer", args.rescorer), ("ar_model", args.ar_model)):
+        if model is not None:
+            same = next((e for k, e in out.items() if getattr(args, k) == model), None)
+            out[key] = same if same is not None else load(model, device=args.device, dtype=args.dtype)
+    return out
+
+
 def _outputs_check(path: Path) -> None:
     from .audio import check_writable
 
@@ -213,8 +252,14 @@ def _slice_batch(codes, part: slice):  # noqa: ANN001, ANN202 - [B, K, P] tensor
     return codes if codes.dim() == 3 and codes.shape[0] == 1 else codes[part]
 
 
-def _n_steps(eng, gen: GenerationConfig) -> int:  # noqa: ANN001
-    return sum(gen.steps) if eng.config.kind == "magnet" else gen.frames(eng.config) + max(eng.config.delays)
+def _n_steps(eng, gen: GenerationConfig, ar_model=None) -> int:  # noqa: ANN001
+    if eng.config.kind != "magnet":
+        return gen.frames(eng.config) + max(eng.config.delays)
+    if ar_model is not None:  # hybrid: the AR prefix's steps come first (as without an audio prompt)
+        from .hybrid import ar_steps, prefix_frames
+
+        return ar_steps(ar_model, prefix_frames(eng, gen), 0) + sum(gen.steps)
+    return sum(gen.steps)
 
 
 def _progress(total: int, quiet: bool):  # noqa: ANN202 - tqdm bar or None

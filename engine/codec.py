@@ -13,9 +13,9 @@ Numerics follow audiocraft 1.3.0 exactly where it matters for bit-compatibility:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

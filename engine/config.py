@@ -7,6 +7,9 @@ from typing import Any, Literal
 
 SPAN_ARRANGEMENTS = ("nonoverlap", "stride1")
 SPAN_SCORINGS = ("max", "prod")
+# The paper's rescoring weight could not be retrieved (only its abstract and summaries were readable); 0.5 mixes
+# MAGNeT's and the AR model's probabilities equally. See engine.rescore.
+DEFAULT_RESCORE_WEIGHT = 0.5
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,10 @@ class GenerationConfig:
     span_scoring: str = "max"
     duration: float | None = None  # seconds; None = the model's segment
     seed: int | None = None
+    # Quality levers of the paper (§3.3, engine.rescore / engine.hybrid); both need a second, autoregressive model.
+    rescore_weight: float = DEFAULT_RESCORE_WEIGHT  # W in W·p_magnet + (1−W)·p_ar (span scores); used with a rescorer
+    ar_cfg: float | None = None  # constant guidance of the rescorer / hybrid AR model; None = that model's default
+    hybrid_prefix: float = 0.0  # seconds generated first by the AR model, then continued by MAGNeT; 0 = off
 
     def __post_init__(self) -> None:
         if not self.steps or any(int(s) <= 0 for s in self.steps):
@@ -150,6 +157,16 @@ class GenerationConfig:
             raise ValueError(f"unknown span scoring {self.span_scoring!r}: choose one of {SPAN_SCORINGS}")
         if self.duration is not None and self.duration <= 0:
             raise ValueError(f"duration must be > 0 seconds, got {self.duration}")
+        if not 0.0 <= self.rescore_weight <= 1.0:
+            raise ValueError(f"rescore weight must be in [0, 1] (1 = MAGNeT's probabilities only, 0 = the "
+                             f"rescorer's only), got {self.rescore_weight}")
+        if self.ar_cfg is not None and not self.ar_cfg >= 0.0:
+            raise ValueError(f"AR guidance (ar_cfg) must be >= 0, got {self.ar_cfg}; omit it for the model's default")
+        if not self.hybrid_prefix >= 0.0:
+            raise ValueError(f"hybrid prefix must be >= 0 seconds (0 = off), got {self.hybrid_prefix}")
+        if self.duration is not None and self.hybrid_prefix >= self.duration:
+            raise ValueError(f"hybrid prefix ({self.hybrid_prefix}s) must be shorter than the duration "
+                             f"({self.duration}s); MAGNeT has to decode the rest")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], base: GenerationConfig | None = None) -> GenerationConfig:

@@ -31,6 +31,13 @@ class Sampler(Protocol):
         ...
 
 
+class Rescore(Protocol):
+    def __call__(self, codes: torch.Tensor, stage: int) -> torch.Tensor:
+        """codes [B, K, T] after a step's sampling -> p_ar [B, T] fp32: each token of codebook `stage` under an
+        external (autoregressive) model. Must not synchronise with the host (see engine.rescore.ARRescorer)."""
+        ...
+
+
 def output_frames(model: ModelConfig, gen: GenerationConfig) -> int:
     """Frames returned: nonoverlap trims T to a multiple of the span (498 for 10 s), as the reference does."""
     t = gen.frames(model)
@@ -42,8 +49,14 @@ def output_frames(model: ModelConfig, gen: GenerationConfig) -> int:
 @torch.no_grad()
 def generate_tokens(step: Step, sample: Sampler, model: ModelConfig, gen: GenerationConfig, batch: int,
                     device: torch.device, prompt: torch.Tensor | None = None,
-                    generator: torch.Generator | None = None, progress: Progress | None = None) -> torch.Tensor:
-    """-> codes [B, K, T'] int64. `prompt` [B, K, P] fixes the first P frames of every codebook (continuation)."""
+                    generator: torch.Generator | None = None, progress: Progress | None = None,
+                    rescore: Rescore | None = None) -> torch.Tensor:
+    """-> codes [B, K, T'] int64. `prompt` [B, K, P] fixes the first P frames of every codebook (continuation).
+
+    `rescore` (paper §3.3): after each step's sampling, span scores use W·p_magnet + (1−W)·p_ar with
+    W = gen.rescore_weight. Skipped at a stage's last step, whose scores nothing reads. W = 1 gives plain MAGNeT
+    token for token (1·p + 0·p_ar == p exactly).
+    """
     k, mask_id, span = model.n_q, model.card, model.span_len
     t = output_frames(model, gen)
     p = 0 if prompt is None else prompt.shape[-1]
@@ -65,7 +78,8 @@ def generate_tokens(step: Step, sample: Sampler, model: ModelConfig, gen: Genera
             scores = torch.zeros(batch, t, device=device)
             n_gen = t - p
         scores[:, :n_prompt] = DONT_REMASK
-        for plan in stage_schedule(n_steps, n_gen, gen.cfg_max, gen.cfg_min, gen.temperature, gen.anneal_temp):
+        plans = stage_schedule(n_steps, n_gen, gen.cfg_max, gen.cfg_min, gen.temperature, gen.anneal_temp)
+        for i, plan in enumerate(plans):
             if chunked:
                 chunks, remask = chunk_mask(scores, plan.n_mask, span)
             else:
@@ -80,6 +94,9 @@ def generate_tokens(step: Step, sample: Sampler, model: ModelConfig, gen: Genera
             masked = row == mask_id
             row, probs = sample(cond, uncond, row, mask_id, params, uniform)
             codes[:, stage] = row
+            if rescore is not None and i < len(plans) - 1:  # host-side test: no sync
+                w = gen.rescore_weight
+                probs = w * probs + (1.0 - w) * rescore(codes, stage)  # [B, T]
             if chunked:
                 scores = chunk_scores(probs, span, gen.span_scoring).masked_fill(~chunks, DONT_REMASK)
             else:
