@@ -1,0 +1,80 @@
+"""`magnet export --model DIR|ID [--text-encoder DIR] --out DIR [--dtype float32|float16] [--opset N]`.
+
+Exit codes: 0 done, 1 the export or a check failed, 2 bad usage. Errors are one line on stderr, never a traceback;
+progress goes to stderr, the summary line to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+
+PROG = "magnet export"
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(message)  # argparse would print the usage block and exit; we want one line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Export a MAGNeT model to ONNX graphs (text encoder, cross k/v, one "
+                "decoding step, codec) for the onnxruntime backend. Each graph is checked against PyTorch.")
+    p.add_argument("--model", required=True, help="model folder (state_dict.bin + compression_state_dict.bin), "
+                   "LM package file, or Hugging Face id (facebook/magnet-small-10secs)")
+    p.add_argument("--text-encoder", default=None, help="text encoder folder or id (default: a t5/ folder beside "
+                   "the checkpoint, else the one the checkpoint names)")
+    p.add_argument("--out", required=True, help="output folder (created; an existing export there is replaced)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                   help="transformer layer precision (text encoder and codec stay float32); default float32")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's; >= 18)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `magnet export`; returns the exit code."""
+    try:
+        args = build_parser().parse_args(list(argv) if argv is not None else None)
+    except _UsageError as e:
+        print(f"{PROG}: error: {e} (see {PROG} --help)", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+
+    def log(msg: str) -> None:
+        print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+
+    try:
+        from .onnx_export import export_model
+
+        manifest = export_model(args.model, args.out, text_encoder=args.text_encoder, dtype=args.dtype,
+                                opset=args.opset, log=log)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except ImportError as e:
+        print(f"{PROG}: error: {_one_line(e)}; install the ONNX extras: pip install onnx onnxruntime onnxscript",
+              file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the exporter's own failures: one line, no traceback, exit 1
+        print(f"{PROG}: error: export failed ({type(e).__name__}: {_one_line(e)})", file=sys.stderr)
+        return 1
+    worst = max(g["check"].get("max_abs_err", 0.0) for g in manifest["graphs"].values())
+    print(f"exported {args.model} to {args.out}: {len(manifest['graphs'])} graphs, opset {manifest['opset']}, "
+          f"{manifest['dtype']}, all checks passed (max abs err {worst:.2e})")
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # the exporter colours its messages
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:500]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

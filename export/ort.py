@@ -1,0 +1,264 @@
+"""The onnxruntime backend: an `engine.api.Engine` whose text conditioner, step function and codec run exported
+graphs, around the engine's own decoding loop (`Engine.generate` -> `magnet.generate_tokens`).
+
+    eng = load_engine("out/magnet-small-onnx")           # CPU execution provider
+    eng = load_engine("out/magnet-small-onnx", "cuda")   # CUDA EP + IO binding (needs onnxruntime-gpu)
+    codes = eng.generate(["80s synth pop"], greedy=True).codes
+
+Per request: the text graph once per *new* prompt (LRU-cached, as `engine.text.TextConditioner`, which is reused),
+`cross_kv` once, then one `lm_step` call per decoding step. Nothing here needs the torch model or its weights.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.api import Engine
+from engine.config import ModelConfig
+from engine.magnet import Step
+from engine.text import CACHE_SIZE, TextConditioner
+
+from .manifest import GRAPHS, read_manifest, reexport_hint
+
+_NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    """onnxruntime's pybind exceptions derive from Exception directly; name them so nothing else is swallowed."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as s
+
+    names = ("Fail", "InvalidProtobuf", "InvalidGraph", "NoSuchFile", "RuntimeException", "InvalidArgument",
+             "NotImplemented", "NoModel", "ModelLoaded", "EPFail")
+    return tuple(getattr(s, n) for n in names if hasattr(s, n)) + (RuntimeError, OSError)
+
+
+@dataclass(frozen=True)
+class CodecInfo:
+    """What the engine and callers read from a codec's `.config` (from the manifest)."""
+
+    sample_rate: int
+    hop_length: int
+    frame_rate: int
+    n_q: int
+    bins: int
+    channels: int = 1
+
+
+class OrtCodec:
+    """EnCodec through `codec_decode.onnx` / `codec_encode.onnx`; same interface as `engine.codec.Encodec`.
+
+    Runs through host memory even on CUDA: once per request, and the audio goes to the host anyway."""
+
+    def __init__(self, decode: Any, encode: Any, info: CodecInfo, device: torch.device) -> None:
+        self._decode, self._encode, self.config, self.device = decode, encode, info, device
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    @property
+    def hop_length(self) -> int:
+        return self.config.hop_length
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, K, T] integer in [0, bins) -> audio [B, 1, T·hop] fp32 on the engine's device."""
+        if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dtype == torch.bool:
+            raise TypeError(f"decode expects integer codes as a torch tensor [B, {self.config.n_q}, T], got "
+                            f"{getattr(codes, 'dtype', type(codes).__name__)}; convert with codes.long()")
+        if codes.dim() != 3 or codes.shape[1] != self.config.n_q or codes.shape[2] == 0:
+            raise ValueError(f"decode expects codes [B, {self.config.n_q}, T>0], got {tuple(codes.shape)}")
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= self.config.bins:
+            raise ValueError(f"codes must lie in [0, {self.config.bins}), found values in [{lo}, {hi}]; decode only "
+                             "finished token sequences (the value bins is MAGNeT's mask token)")
+        audio = self._decode.run(["audio"], {"codes": codes.detach().cpu().long().numpy()})[0]
+        return torch.from_numpy(audio).to(self.device)
+
+    def encode(self, audio: torch.Tensor) -> torch.Tensor:
+        """audio [B, 1, S] at `sample_rate` -> codes [B, K, ceil(S / hop)] int64 on the engine's device."""
+        if not isinstance(audio, torch.Tensor) or not audio.is_floating_point():
+            raise TypeError("encode expects a floating-point torch tensor [B, 1, samples]")
+        if audio.dim() != 3 or audio.shape[1] != self.config.channels or audio.shape[-1] == 0:
+            raise ValueError(f"encode expects audio [B, {self.config.channels}, samples>0], got "
+                             f"{tuple(audio.shape)}; add dims with audio.view(1, 1, -1) and downmix to mono first")
+        codes = self._encode.run(["codes"], {"audio": audio.detach().cpu().float().numpy()})[0]
+        return torch.from_numpy(codes).to(self.device)
+
+
+class _OrtTextEncoder:
+    """Stands in for the Hugging Face encoder inside `TextConditioner`: runs text_encoder.onnx, which already
+    applies the LM's text projection (hence `_Projected` as the conditioner's projection)."""
+
+    def __init__(self, session: Any, device: torch.device) -> None:
+        self.session, self.device = session, device
+
+    def eval(self) -> _OrtTextEncoder:
+        return self
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        """[1, l] int64 x2 -> .last_hidden_state [1, l, dim] fp32."""
+        emb = self.session.run(["text_embeds"], {"input_ids": input_ids.cpu().long().numpy(),
+                                                 "attention_mask": attention_mask.cpu().long().numpy()})[0]
+        return SimpleNamespace(last_hidden_state=torch.from_numpy(emb).to(self.device))
+
+
+class _Projected(nn.Module):
+    """Identity in the projection's place: the graph's output is already projected. Carries the width and device
+    that `TextConditioner` reads from its projection."""
+
+    def __init__(self, dim: int, device: torch.device) -> None:
+        super().__init__()
+        self.out_features = dim
+        self.register_buffer("weight", torch.empty(0, device=device), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class OrtStep:
+    """Text embeddings [B, L, dim] -> step(codes [B, K, T], stage) -> (cond, uncond) logits [B, T, V] each, like
+    `engine.api.TorchStep`: `cross_kv` runs once per request, each step is one `lm_step` run on [codes; codes].
+
+    CPU: numpy in/out without copies. CUDA: IO binding; the cross k/v stay on the GPU between steps, the codes are
+    bound from the torch tensor and the logits written into a torch tensor, on torch's current stream."""
+
+    def __init__(self, cross_kv: Any, lm_step: Any, kv_names: Sequence[str], device: torch.device) -> None:
+        self.cross_kv, self.lm_step, self.kv_names, self.device = cross_kv, lm_step, list(kv_names), device
+        kv_type = {i.name: i.type for i in lm_step.get_inputs()}[self.kv_names[0]]
+        self.kv_dtype = _NP_DTYPES[kv_type]
+        self.vocab = int(lm_step.get_outputs()[0].shape[-1])
+
+    def __call__(self, cond: torch.Tensor) -> Step:
+        if self.device.type == "cuda":
+            return self._cuda_step(cond)
+        kv = self.cross_kv.run(self.kv_names, {"text_embeds": cond.detach().cpu().float().numpy()})
+        feeds: dict[str, np.ndarray] = dict(zip(self.kv_names, kv))
+
+        def step(codes: torch.Tensor, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+            feeds["codes"] = torch.cat([codes, codes]).numpy()  # [2B, K, T]: [cond; uncond]
+            feeds["stage"] = np.array(stage, dtype=np.int64)
+            logits = self.lm_step.run(["logits"], feeds)[0]  # [2B, T, V] fp32
+            return torch.from_numpy(logits).chunk(2)
+
+        return step
+
+    def _cuda_step(self, cond: torch.Tensor) -> Step:
+        """IO-bound variant (written for onnxruntime-gpu; not exercised by the CPU test-suite)."""
+        import onnxruntime as ort
+
+        dev_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        cond = cond.detach().to(self.device, torch.float32).contiguous()
+        kv_bind = self.cross_kv.io_binding()
+        kv_bind.bind_input("text_embeds", "cuda", dev_id, np.float32, tuple(cond.shape), cond.data_ptr())
+        for name in self.kv_names:
+            kv_bind.bind_output(name, "cuda", dev_id)  # onnxruntime allocates; the values stay on the GPU
+        kv_bind.synchronize_inputs()
+        self.cross_kv.run_with_iobinding(kv_bind)
+        kv_values = kv_bind.get_outputs()  # OrtValues, kept alive by the closure below
+        bind = self.lm_step.io_binding()
+        for name, value in zip(self.kv_names, kv_values):
+            bind.bind_ortvalue_input(name, value)
+
+        def step(codes: torch.Tensor, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+            both = torch.cat([codes, codes]).contiguous()  # [2B, K, T] int64 on the GPU
+            logits = torch.empty(both.shape[0], both.shape[-1], self.vocab, device=self.device)
+            bind.bind_input("codes", "cuda", dev_id, np.int64, tuple(both.shape), both.data_ptr())
+            stage_value = ort.OrtValue.ortvalue_from_numpy(np.array(stage, dtype=np.int64))  # host scalar
+            bind.bind_ortvalue_input("stage", stage_value)  # onnxruntime copies it to where the graph needs it
+            bind.bind_output("logits", "cuda", dev_id, np.float32, tuple(logits.shape), logits.data_ptr())
+            bind.synchronize_inputs()
+            self.lm_step.run_with_iobinding(bind)
+            bind.synchronize_outputs()
+            return logits.chunk(2)
+
+        return step
+
+
+def _providers(device: torch.device, providers: Sequence[Any] | None) -> list[Any]:
+    import onnxruntime as ort
+
+    if providers is not None:
+        return list(providers)
+    if device.type == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.type != "cuda":
+        raise ValueError(f"the onnx backend runs on cpu or cuda, not {device.type}; use --device cpu or cuda")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ValueError("--device cuda needs onnxruntime's CUDA execution provider: `pip install onnxruntime-gpu` "
+                         f"(this onnxruntime has {ort.get_available_providers()}), or use --device cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    # one stream for torch and onnxruntime, so the loop's torch ops and the graph runs are ordered without syncs
+    stream = torch.cuda.current_stream(index).cuda_stream
+    return [("CUDAExecutionProvider", {"device_id": index, "user_compute_stream": str(stream)}),
+            "CPUExecutionProvider"]
+
+
+def _check_io(name: str, session: Any, spec: dict[str, Any], export_dir: Path, manifest: dict[str, Any]) -> None:
+    """The graph's inputs and outputs must be those the manifest recorded at export: names, types and ranks."""
+    for kind, values in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        got = [(v.name, v.type, len(v.shape)) for v in values]
+        want = [(v["name"], v["type"], len(v["shape"])) for v in spec[kind]]
+        if got != want:
+            raise ValueError(f"{export_dir / spec['file']}: graph {kind} {got} do not match the manifest's {want}; "
+                             "the export dir mixes files from different exports. "
+                             f"{reexport_hint(export_dir, manifest)}")
+
+
+def load_engine(export_dir: str | Path, device: str | torch.device = "cpu", providers: Sequence[Any] | None = None,
+                *, session_options: Any = None, verify: bool = True, cache_size: int = CACHE_SIZE) -> Engine:
+    """An Engine over the graphs in `export_dir` (written by `magnet export`).
+
+    device: "cpu" (CPU execution provider) or "cuda[:i]" (CUDA EP with IO binding; needs onnxruntime-gpu).
+    providers: onnxruntime providers to use instead of the device's default. session_options: an
+    `onnxruntime.SessionOptions` for every graph (threads, graph optimisation level). verify: check the files'
+    sha256 against the manifest (reads every byte once). Raises ValueError, saying how to fix it, when the export
+    dir is incomplete, from another format version, corrupted, or its graphs do not match the manifest.
+    """
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir, verify=verify)
+    dev = torch.device(device)
+    chosen = _providers(dev, providers)
+    sessions: dict[str, Any] = {}
+    for name in GRAPHS:
+        spec = manifest["graphs"][name]
+        path = export_dir / spec["file"]
+        try:
+            sessions[name] = ort.InferenceSession(str(path), session_options, providers=chosen)
+        except _ort_errors() as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"onnxruntime cannot load {path} ({msg[:300]}); the file may be corrupted. "
+                             f"{reexport_hint(export_dir, manifest)}") from e
+        _check_io(name, sessions[name], spec, export_dir, manifest)
+    kv_names = manifest.get("cross_kv_names", [])
+    step_inputs = [i.name for i in sessions["lm_step"].get_inputs()]
+    if step_inputs != ["codes", "stage", *kv_names] or [o.name for o in sessions["cross_kv"].get_outputs()] != kv_names:
+        raise ValueError(f"lm_step inputs {step_inputs} and cross_kv outputs do not line up with {kv_names}; "
+                         f"{reexport_hint(export_dir, manifest)}")
+    try:
+        cfg = ModelConfig.from_dict(manifest["model_config"])
+        info = CodecInfo(**manifest["codec"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{export_dir}: the manifest's model or codec settings are invalid ({e}); "
+                         f"{reexport_hint(export_dir, manifest)}") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(export_dir / manifest["tokenizer"]))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load the tokenizer saved in {export_dir / manifest['tokenizer']} ({e}); "
+                         f"{reexport_hint(export_dir, manifest)}") from e
+    text = TextConditioner(tokenizer, _OrtTextEncoder(sessions["text_encoder"], dev), _Projected(cfg.dim, dev),
+                           cache_size=cache_size)
+    codec = OrtCodec(sessions["codec_decode"], sessions["codec_encode"], info, dev)
+    step = OrtStep(sessions["cross_kv"], sessions["lm_step"], kv_names, dev)
+    return Engine(cfg, text, codec, dev, make_step=step)
