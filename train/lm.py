@@ -1,0 +1,335 @@
+"""Stages 3 (`magnet`) and 4 (`ar`): the engine's `LM` trained on the cached tokens, and `export`.
+
+Both models are `engine.model.LM` (same modules, same names), so `engine.load` reads them without changes.
+Text: frozen MiniLM token states (cached by the `tokens` stage) -> `lm.text_proj` (trained) -> cross-attention;
+30 % of the rows get the null condition (all-zero embeddings, whose cross-attention is exactly 0; those rows are
+put last and skip it, as the engine's unconditional half does).
+
+MAGNeT objective (spec §3.6), per row: stage s ~ U{0..K-1}, u ~ U(0, 1), mask rate r = cos(π/2·u). Masking picks n
+span starts uniformly without replacement among the T frames and masks L = 3 frames from each (overlaps allowed,
+spans clipped at the end). A frame is left unmasked iff none of the L starts that would cover it is drawn, so
+E[masked fraction] = 1 − C(T−L, n)/C(T, n); n is the table entry closest to r (the reference's lookup-table
+inversion, with the edge effect ignored). Codebooks < s keep their tokens, codebooks > s are all mask tokens
+(id = card); cross-entropy on the masked frames of codebook s only. Self-attention: full for s = 0, banded
+|Δt| <= subcodes_context for s >= 1, per row (an attention mask built from the rows' stages).
+
+MusicGen objective: the clip's delay-pattern sequence (delays 0,1,2,3; column 0 all special), teacher forcing with
+causal self-attention; logits at column c predict column c+1 for every codebook; special cells are not scored.
+
+Training windows: `crop` frames (MAGNeT) / columns (AR) at a random offset inside the 10 s clip, with the true
+positions (sinusoids at the offset), so every position of the 500-frame segment is trained at a fraction of the
+cost of full 10 s sequences (a CPU budget choice).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.config import ModelConfig
+from engine.model import LM, CrossKV
+from engine.musicgen import DelayPattern
+
+from . import common
+
+
+@dataclass
+class LMTrainConfig:
+    kind: str = "magnet"  # "magnet" | "musicgen"
+    steps: int = 2000
+    batch: int = 8
+    crop: int = 150  # frames (MAGNeT) or pattern columns (AR) per training window
+    lr: float = 1e-3
+    warmup: int = 50
+    dim: int = 256
+    num_heads: int = 4
+    num_layers: int = 4
+    ffn_dim: int = 1024
+    text_dropout: float = 0.3
+    segment_duration: float = 10.0
+    text_encoder: str = common.TEXT_ENCODER  # recorded in the exported config (the engine loads it by this name)
+    seed: int = 0
+    save_every: int = 50
+    log_every: int = 10
+    eval_every: int = 200
+    max_minutes: float = 30.0  # > 0: stop (and save) after this much wall time; a later run resumes
+
+
+def model_config(cfg: LMTrainConfig, n_q: int, card: int, frame_rate: int, text_dim: int = common.TEXT_DIM,
+                 text_encoder: str = common.TEXT_ENCODER) -> ModelConfig:
+    return ModelConfig(kind=cfg.kind, dim=cfg.dim, num_heads=cfg.num_heads, num_layers=cfg.num_layers,  # type: ignore[arg-type]
+                       ffn_dim=cfg.ffn_dim, card=card, n_q=n_q, text_dim=text_dim, text_encoder=text_encoder,
+                       frame_rate=frame_rate, segment_duration=cfg.segment_duration, subcodes_context=5, span_len=3,
+                       delays=tuple(range(n_q)) if cfg.kind == "musicgen" else ())
+
+
+def init_lm(lm: LM, seed: int) -> None:
+    """Small-normal init (std 0.02, output projections scaled by depth); LayerNorms at identity."""
+    g = torch.Generator().manual_seed(seed)
+    depth = len(lm.layers)
+    for name, p in lm.named_parameters():
+        if p.dim() >= 2:
+            std = 0.02 / math.sqrt(2 * depth) if name.endswith(("out_proj.weight", "linear2.weight")) else 0.02
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        elif "norm" in name:
+            torch.nn.init.ones_(p) if name.endswith("weight") else torch.nn.init.zeros_(p)
+        else:
+            torch.nn.init.zeros_(p)
+
+
+# ---------------------------------------------------------------------------------------------------- masking
+
+
+def span_count_table(t: int, span: int) -> torch.Tensor:
+    """E[masked fraction] for n = 0..T random span starts: 1 − C(T−L, n)/C(T, n) (0 for n = 0, 1 for n > T−L)."""
+    n = torch.arange(t + 1, dtype=torch.float64)
+    ok = n <= t - span
+    nn_ = n.clamp(max=t - span)
+    log_ratio = (torch.lgamma(torch.tensor(t - span + 1.0)) - torch.lgamma(t - span - nn_ + 1)
+                 - torch.lgamma(torch.tensor(t + 1.0)) + torch.lgamma(t - nn_ + 1))  # log C(T−L,n)/C(T,n)
+    return torch.where(ok, 1 - log_ratio.exp(), torch.ones_like(n)).float()
+
+
+def span_mask(rates: torch.Tensor, t: int, span: int, g: torch.Generator) -> torch.Tensor:
+    """rates [B] in (0, 1] -> mask [B, T] bool: n(rate) random span starts (table inversion), each masking `span`
+    frames; at least one frame masked per row."""
+    table = span_count_table(t, span)  # [T+1]
+    n = (table[None, 1:] - rates[:, None]).abs().argmin(dim=1) + 1  # [B] in 1..T
+    rank = torch.rand(rates.shape[0], t, generator=g).argsort(dim=1).argsort(dim=1)  # random permutation ranks
+    starts = rank < n[:, None]
+    mask = starts.clone()
+    for shift in range(1, span):
+        mask[:, shift:] |= starts[:, :-shift]
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------- forward
+
+
+class AttendSwitch:
+    """Replaces every layer's *self*-attention op (cross-attention keeps the engine's) with SDPA under a mask set
+    per batch: the band/full mask of MAGNeT's per-row stages, or causal for the AR model."""
+
+    def __init__(self, lm: LM) -> None:
+        self.mask: torch.Tensor | None = None
+        self.causal = False
+        for layer in lm.layers:
+            layer.self_attn.attend = self
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.causal)
+
+
+def text_cross(lm: LM, bank: common.TextBank, ids: torch.Tensor) -> CrossKV:
+    """Caption ids [Bc] of the conditioned rows -> per-layer cross k/v (projection trained, padding zeroed)."""
+    if ids.numel() == 0:
+        empty = torch.zeros(0, 1, lm.cfg.dim)
+        return lm.cross_kv(empty)
+    states, valid = bank.batch(ids)  # [Bc, L, text_dim], [Bc, L]
+    cond = lm.text_proj(states) * valid[..., None]
+    return lm.cross_kv(cond)
+
+
+def run_layers(lm: LM, codes: torch.Tensor, offset: int, cross: CrossKV) -> torch.Tensor:
+    """codes [N, K, T] at positions offset.. -> final hidden states after out_norm [N, T, dim]."""
+    x = lm.embed(codes, offset)
+    for layer, kv in zip(lm.layers, cross):
+        x = layer(x, None, kv)
+    return lm.out_norm(x)
+
+
+def magnet_loss(lm: LM, switch: AttendSwitch, codes: torch.Tensor, offset: int, cross: CrossKV,
+                g: torch.Generator) -> torch.Tensor:
+    """codes [B, K, T] (ground truth window) -> MAGNeT masked cross-entropy (mean over scored tokens)."""
+    b, k, t = codes.shape
+    card, w = lm.cfg.card, lm.cfg.subcodes_context
+    stages = torch.randint(k, (b,), generator=g)
+    rates = torch.cos(math.pi / 2 * torch.rand(b, generator=g))
+    mask = span_mask(rates, t, lm.cfg.span_len, g)  # [B, T]
+    inp = codes.clone()
+    rows = torch.arange(b)
+    stage_row = inp[rows, stages]  # [B, T]
+    inp[rows, stages] = stage_row.masked_fill(mask, card)
+    inp = inp.masked_fill(torch.arange(k)[None, :, None] > stages[:, None, None], card)  # codebooks > s
+    i = torch.arange(t)
+    band = (i[:, None] - i[None, :]).abs() <= w  # [T, T]
+    switch.mask = (stages == 0)[:, None, None, None] | band[None, None] if w >= 0 else None  # [B, 1, T, T]
+    switch.causal = False
+    h = run_layers(lm, inp, offset, cross)  # [B, T, dim]
+    bi, ti = mask.nonzero(as_tuple=True)
+    total, count = h.new_zeros(()), 0
+    for s in range(k):  # each codebook's head on the masked frames of the rows at that stage
+        sel = stages[bi] == s
+        if sel.any():
+            logits = lm.linears[s](h[bi[sel], ti[sel]])  # [M_s, V]
+            total = total + F.cross_entropy(logits, codes[bi[sel], s, ti[sel]], reduction="sum")
+            count += int(sel.sum())
+    return total / max(count, 1)
+
+
+def ar_loss(lm: LM, switch: AttendSwitch, seq: torch.Tensor, offset: int, cross: CrossKV) -> torch.Tensor:
+    """seq [B, K, C+1] delay-pattern columns offset..offset+C -> next-column cross-entropy over non-special cells."""
+    inp, tgt = seq[..., :-1], seq[..., 1:]
+    switch.mask, switch.causal = None, True
+    h = run_layers(lm, inp, offset, cross)  # [B, C, dim]
+    logits = torch.stack([lin(h) for lin in lm.linears], dim=1)  # [B, K, C, V]
+    return F.cross_entropy(logits.flatten(0, 2), tgt.flatten(), ignore_index=lm.cfg.card)
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+class TokenData:
+    """Cached codes [N, K, T] + caption ids [N, variants] of one split."""
+
+    def __init__(self, work: Path, split: str, bank: common.TextBank) -> None:
+        folder = work / "tokens"
+        self.codes = torch.from_numpy(np.load(folder / f"{split}.npy").astype(np.int64))
+        meta = json.loads((folder / f"{split}.json").read_text())
+        self.caption_ids = torch.tensor([[bank.index[c] for c in caps] for caps in meta["captions"]])
+
+    def batch(self, kind: str, n: int, crop: int, delays: tuple[int, ...], card: int, g: torch.Generator
+              ) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """-> (window [B, K, crop] frames (MAGNeT) or [B, K, crop + 1] pattern columns (AR), offset, caption ids)."""
+        rows = torch.randint(self.codes.shape[0], (n,), generator=g)
+        caps = self.caption_ids[rows, torch.randint(self.caption_ids.shape[1], (n,), generator=g)]
+        codes = self.codes[rows]  # [B, K, T]
+        t = codes.shape[-1]
+        if kind == "magnet":
+            crop = min(crop, t)
+            off = int(torch.randint(t - crop + 1, (1,), generator=g))
+            return codes[..., off:off + crop], off, caps
+        seq = DelayPattern(delays, t).build(codes, card)  # [B, K, S]
+        crop = min(crop, seq.shape[-1] - 1)
+        # a quarter of the windows start at column 0, where generation starts (all-special column, first frames)
+        off = 0 if float(torch.rand(1, generator=g)) < 0.25 else int(
+            torch.randint(seq.shape[-1] - crop, (1,), generator=g))
+        return seq[..., off:off + crop + 1], off, caps
+
+
+def step_loss(lm: LM, switch: AttendSwitch, data: TokenData, bank: common.TextBank, cfg: LMTrainConfig,
+              g: torch.Generator, dropout: float) -> torch.Tensor:
+    window, off, caps = data.batch(cfg.kind, cfg.batch, cfg.crop, lm.cfg.delays, lm.cfg.card, g)
+    keep = torch.rand(window.shape[0], generator=g) >= dropout  # False = null condition (CFG dropout)
+    order = torch.cat([keep.nonzero()[:, 0], (~keep).nonzero()[:, 0]])  # conditioned rows first
+    window, caps = window[order], caps[order]
+    cross = text_cross(lm, bank, caps[: int(keep.sum())])
+    if cfg.kind == "magnet":
+        return magnet_loss(lm, switch, window, off, cross, g)
+    return ar_loss(lm, switch, window, off, cross)
+
+
+@torch.no_grad()
+def valid_loss(lm: LM, switch: AttendSwitch, data: TokenData, bank: common.TextBank, cfg: LMTrainConfig,
+               n_batches: int = 4) -> float:
+    """Mean loss on held-out clips with fixed batches/masks (seeded), all rows conditioned."""
+    lm.eval()
+    losses = [step_loss(lm, switch, data, bank, cfg, common.step_generator(12345, i), 0.0).item()
+              for i in range(n_batches)]
+    lm.train()
+    return float(np.mean(losses))
+
+
+# ---------------------------------------------------------------------------------------------------- train
+
+
+def stage_folder(work: Path, kind: str) -> Path:
+    return work / ("magnet" if kind == "magnet" else "ar")
+
+
+def train_lm(work: Path, cfg: LMTrainConfig) -> LM:
+    """Train (or resume) one LM in `work/magnet` or `work/ar` on `work/tokens`."""
+    folder = stage_folder(work, cfg.kind)
+    common.seed_all(cfg.seed)
+    from .codec import load_trained_codec
+
+    codec_cfg = load_trained_codec(work).config
+    bank = common.TextBank.load(work / "tokens" / "text.safetensors")
+    train, valid = TokenData(work, "train", bank), TokenData(work, "valid", bank)
+    mcfg = model_config(cfg, codec_cfg.n_q, codec_cfg.bins, codec_cfg.frame_rate, int(bank.states.shape[-1]),
+                        cfg.text_encoder)
+    lm = LM(mcfg)
+    init_lm(lm, cfg.seed)
+    decay = [p for n, p in lm.named_parameters() if p.dim() >= 2 and not n.startswith("emb")]
+    other = [p for n, p in lm.named_parameters() if not (p.dim() >= 2 and not n.startswith("emb"))]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.95))
+    start = 0
+    got = common.load_checkpoint(folder, "ckpt", opt)
+    if got is not None:
+        tensors, meta = got
+        lm.load_state_dict(tensors)
+        start = int(meta["step"])
+    switch = AttendSwitch(lm)
+    lm.train()
+    bar = common.progress(cfg.steps, start, cfg.kind)
+    timer = common.Timer()
+    for step in range(start, cfg.steps):
+        g = common.step_generator(cfg.seed, step)
+        for group in opt.param_groups:
+            group["lr"] = common.cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
+        loss = step_loss(lm, switch, train, bank, cfg, g, cfg.text_dropout)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        bar.update(1)
+        last = step == cfg.steps - 1
+        out_of_time = cfg.max_minutes > 0 and timer.minutes > cfg.max_minutes
+        evaluate = (step + 1) % cfg.eval_every == 0 or last or out_of_time
+        if step % cfg.log_every == 0 or evaluate:
+            rec: dict[str, Any] = {"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
+                                   "min": round(timer.minutes, 2)}
+            if evaluate:
+                rec["valid"] = valid_loss(lm, switch, valid, bank, cfg)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            common.append_log(folder, rec)
+        if (step + 1) % cfg.save_every == 0 or last or out_of_time:
+            common.save_checkpoint(folder, "ckpt", lm.state_dict(), opt,
+                                   {"step": step + 1, "config": asdict(cfg), "model": mcfg.to_dict()})
+        if out_of_time:
+            break
+    bar.close()
+    return lm.eval()
+
+
+def load_trained_lm(work: Path, kind: str) -> LM:
+    got = common.load_checkpoint(stage_folder(work, kind), "ckpt")
+    if got is None:
+        raise ValueError(f"no {kind} checkpoint in {stage_folder(work, kind)}: train it first")
+    tensors, meta = got
+    lm = LM(ModelConfig.from_dict(meta["model"]))
+    lm.load_state_dict(tensors)
+    return lm.eval()
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+# The models' own decoding defaults (config.json "generation", read by engine.load). MAGNeT: fewer steps than the
+# released models' (20, 10, 10, 10), to meet the CPU time budget.
+MAGNET_GENERATION = {"steps": [10, 4, 4, 4]}
+AR_GENERATION: dict[str, Any] = {}
+
+
+def export(work: Path, assets: Path, kinds: tuple[str, ...] = ("magnet", "musicgen")) -> dict[str, Path]:
+    """Engine-format folders `assets/magnet-default` and `assets/musicgen-default` (LM fp16, codec fp32)."""
+    from engine.loading import save_pretrained
+
+    from .codec import load_trained_codec
+
+    codec = load_trained_codec(work)
+    out = {}
+    for kind in kinds:
+        lm = load_trained_lm(work, kind)
+        folder = assets / f"{kind}-default"
+        save_pretrained(folder, lm, codec, dtype=torch.float16,
+                        generation=MAGNET_GENERATION if kind == "magnet" else AR_GENERATION)
+        out[kind] = folder
+    return out
