@@ -11,7 +11,15 @@ import torch
 
 from . import hybrid, magnet, musicgen
 from .config import GenerationConfig, ModelConfig, default_generation
-from .loading import DEFAULT_MODEL, is_own_format, parse_xp_cfg, read_own_format, read_package, resolve_files
+from .loading import (
+    DEFAULT_MODEL,
+    is_own_format,
+    parse_xp_cfg,
+    read_own_format,
+    read_package,
+    resolve_files,
+    resolve_named,
+)
 from .model import LM
 from .rescore import build_rescorer
 from .sampling import sample_ref
@@ -192,11 +200,10 @@ def load(model: str | Path | None = None, text_encoder: str | Path | None = None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
     dt = parse_dtype(dtype, dev)
-    if model is None:
-        if not is_own_format(DEFAULT_MODEL):
-            raise ValueError(f"no model given and the default model is missing from {DEFAULT_MODEL}: pass --model "
-                             "DIR|ID (e.g. facebook/magnet-small-10secs) or reinstall the package")
-        model = DEFAULT_MODEL
+    if model is None and not is_own_format(DEFAULT_MODEL):
+        raise ValueError(f"no model given and the default model is missing from {DEFAULT_MODEL}: pass --model "
+                         "DIR|ID (e.g. facebook/magnet-small-10secs) or reinstall the package")
+    model = resolve_named(model)
     if is_own_format(Path(model)):
         config, lm_state, codec_state = read_own_format(Path(model))
         cfg = ModelConfig.from_dict(config["model"])

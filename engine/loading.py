@@ -87,6 +87,23 @@ def _hub_file(repo: str, filename: str) -> Path:
 FORMAT = "magnet-engine"
 OWN_CONFIG, OWN_LM, OWN_CODEC = "config.json", "lm.safetensors", "codec.safetensors"
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "magnet-default"
+# names for the models shipped in the package: `--model default-ar` (our MusicGen-style model, e.g. a rescorer)
+SHIPPED = {"default": DEFAULT_MODEL, "default-ar": DEFAULT_MODEL.parent / "musicgen-default"}
+
+
+def resolve_named(model: str | Path | None) -> str | Path:
+    """None -> the shipped default; "default" / "default-ar" -> the shipped folders; anything else unchanged."""
+    if model is None:
+        return DEFAULT_MODEL
+    return SHIPPED.get(model, model) if isinstance(model, str) else model
+
+
+def checkpoint_files(model: str | Path | None) -> list[Path]:
+    """The files a model is read from (for hashes in export manifests): our format's three, or the two packages."""
+    model = resolve_named(model)
+    if is_own_format(Path(model)):
+        return [Path(model) / name for name in (OWN_CONFIG, OWN_LM, OWN_CODEC)]
+    return list(resolve_files(model))
 
 
 def is_own_format(folder: Path) -> bool:

@@ -335,12 +335,12 @@ def _random_codes(g: torch.Generator, shape: tuple[int, ...], card: int, mask_id
 
 def _source_info(model: str | Path, text_encoder: str | Path | None, cfg: ModelConfig) -> dict[str, Any]:
     """sha256 of the checkpoint files, and where the text encoder came from (as `engine.load` picks it)."""
-    from engine.loading import resolve_files
+    from engine.loading import checkpoint_files
 
-    lm_path, codec_path = resolve_files(model)
-    files = {p.name: {"path": str(p.resolve()), "sha256": sha256_file(p)} for p in (lm_path, codec_path)}
+    paths = checkpoint_files(model)
+    files = {p.name: {"path": str(p.resolve()), "sha256": sha256_file(p)} for p in paths}
     if text_encoder is None:
-        beside = lm_path.parent / "t5"
+        beside = paths[0].parent / "t5"  # audiocraft format: a t5/ folder beside the LM, as engine.load picks it
         text_encoder = beside if beside.is_dir() else cfg.text_encoder
     te: dict[str, Any] = {"source": str(text_encoder)}
     if Path(text_encoder).is_dir():
