@@ -185,15 +185,18 @@ def generate_main(argv: Sequence[str]) -> int:
         prompt_audio = prompt_audio.expand(len(prompts), -1, -1)
 
     bs = args.batch_size or len(prompts)
-    bar = _progress(-(-len(prompts) // bs) * _n_steps(eng, gen, companions.get("ar_model")), args.quiet)
+    n_chunks = -(-len(prompts) // bs)
+    bar = _progress(args.quiet)
     audios, codes = [], []
-    for start in range(0, len(prompts), bs):
+    for chunk, start in enumerate(range(0, len(prompts), bs)):
         part = slice(start, start + bs)
-        offset = bar.n if bar is not None else 0
         progress: Callable[[int, int], None] | None = None
         if bar is not None:
-            def progress(done: int, total: int, offset: int = offset) -> None:
-                bar.update(offset + done - bar.n)
+            def progress(done: int, total: int, chunk: int = chunk) -> None:
+                # the loop reports its own total (MAGNeT steps, AR frames, hybrid prefix + steps)
+                if bar.total != n_chunks * total:
+                    bar.total = n_chunks * total
+                bar.update(chunk * total + done - bar.n)
         try:
             out = eng.generate(prompts[part], gen,
                                prompt_codes=None if prompt_codes is None else _slice_batch(prompt_codes, part),
@@ -252,22 +255,12 @@ def _slice_batch(codes, part: slice):  # noqa: ANN001, ANN202 - [B, K, P] tensor
     return codes if codes.dim() == 3 and codes.shape[0] == 1 else codes[part]
 
 
-def _n_steps(eng, gen: GenerationConfig, ar_model=None) -> int:  # noqa: ANN001
-    if eng.config.kind != "magnet":
-        return gen.frames(eng.config) + max(eng.config.delays)
-    if ar_model is not None:  # hybrid: the AR prefix's steps come first (as without an audio prompt)
-        from .hybrid import ar_steps, prefix_frames
-
-        return ar_steps(ar_model, prefix_frames(eng, gen), 0) + sum(gen.steps)
-    return sum(gen.steps)
-
-
-def _progress(total: int, quiet: bool):  # noqa: ANN202 - tqdm bar or None
+def _progress(quiet: bool):  # noqa: ANN202 - tqdm bar or None
     if quiet or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, delay=1.0, file=sys.stderr, unit="step", leave=False)
+    return tqdm(total=None, delay=1.0, file=sys.stderr, unit="step", leave=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

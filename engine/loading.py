@@ -3,6 +3,7 @@ MAGNeT/MusicGen format) from a folder, a file or a Hugging Face id. Never unpick
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ def load_weights_only(path: Path, what: str = "checkpoint") -> Any:
     if not path.is_file():
         raise ValueError(f"{what} file {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing: one message
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # the weights-only unpickler met a global (os.system, ...) or an opcode it does not allow; garbage bytes
         # fail the same way, so the message names both. Either way nothing was executed.
