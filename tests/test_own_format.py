@@ -40,3 +40,26 @@ def test_damaged_own_format(saved, tmp_path, fixture_dir):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="v1 config"):
         engine.load(tmp_path, text_encoder=fixture_dir / "t5", device="cpu")
+
+
+def test_hub_id_resolves_offline_from_the_cache(tmp_path, monkeypatch, fixture_dir, settings, expected):
+    """`org/name` ids go through the Hugging Face cache first: a cached repo loads with no network at all."""
+    import shutil
+
+    import huggingface_hub.constants as hf_constants
+
+    repo = tmp_path / "hub" / "models--facebook--magnet-tiny"
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for name in ("state_dict.bin", "compression_state_dict.bin"):
+        shutil.copy(fixture_dir / name, snap / name)
+    shutil.copytree(fixture_dir / "t5", snap / "t5")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)  # read at import: patch the constant, not the env
+    eng = engine.load("facebook/magnet-tiny", device="cpu")
+    kw = run_settings(settings, "gen_nonoverlap_max")
+    np.testing.assert_array_equal(eng.generate(settings["prompts"], **kw).codes.numpy(), expected["gen_nonoverlap_max"])
+    with pytest.raises(ValueError, match="cannot fetch"):
+        engine.load("facebook/not-cached-here", device="cpu")
