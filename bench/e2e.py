@@ -59,6 +59,7 @@ class Settings:
     greedy: bool
     seed: int
     onnx_dir: str | None
+    ar_mode: str = "eager"  # MusicGen step: eager | graph (CUDA graph) | compile (torch.compile)
 
 
 @dataclass
@@ -205,6 +206,7 @@ def run_engine(s: Settings) -> list[dict[str, Any]]:
     else:
         built = build(s.model, s.kind, s.device, s.dtype, s.seed)
         engine = apply_backend(built.engine, s.backend)
+        engine.ar_mode = s.ar_mode
         kind, model, weights, text_enc, params = built.kind, built.model, built.weights, built.text_encoder, \
             built.params_m
     overrides = generation_overrides(kind, s)
@@ -259,6 +261,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed-in-latency warm-up requests per batch size")
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling (hf: do_sample=False)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ar-mode", choices=("eager", "graph", "compile"), default=Settings.ar_mode,
+                   help="AR (MusicGen) step: eager, a CUDA graph, or torch.compile (graph needs CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", default=None, help="append rows as JSON lines to FILE ('-' = stdout)")
     return p
@@ -278,7 +282,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(model=args.model, kind=args.kind, backend=args.backend, device=device,
                     dtype=parse_dtype(args.dtype, device), batches=parse_ints(args.batch, "--batch"),
                     duration=args.duration, steps=steps, repeats=args.repeats, warmup=args.warmup,
-                    greedy=args.greedy, seed=args.seed, onnx_dir=args.onnx_dir)
+                    greedy=args.greedy, seed=args.seed, onnx_dir=args.onnx_dir, ar_mode=args.ar_mode)
 
 
 def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:

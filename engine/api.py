@@ -66,6 +66,9 @@ class Engine:
         self.config, self.text, self.codec, self.device, self.lm = config, text, codec, device, lm
         self.defaults = defaults if defaults is not None else default_generation(config)
         self.sample: magnet.Sampler = sample_ref
+        # MusicGen's per-frame step: "eager", "graph" (manual CUDA graph) or "compile" (torch.compile); see
+        # engine.musicgen.make_step. A switch on the built engine, like the kernels transform.
+        self.ar_mode: str = "eager"
         if make_step is None:
             assert lm is not None, "an Engine needs an LM or a step factory"
             make_step = TorchStep(lm)
@@ -114,7 +117,7 @@ class Engine:
                 raise ValueError("MusicGen generation needs the torch LM (its KV-cached AR loop); this backend "
                                  "has only a step function")
             codes = musicgen.generate_tokens_ar(self.lm, cond, gen, len(prompts), self.device, prompt, generator,
-                                                progress, sample=self.sample)
+                                                progress, sample=self.sample, mode=self.ar_mode)
         else:
             rescore = None if rescorer is None else build_rescorer(self, rescorer, list(prompts), gen)
             prefix_timer = None
