@@ -427,31 +427,12 @@ class Encodec(nn.Module):
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
         """waveform [B, 1, S] float at `sample_rate` -> codes [B, K, T] int64 with T = ceil(S / hop): the last
         partial frame is zero-padded, as in audiocraft."""
-        if not isinstance(wav, torch.Tensor) or not wav.is_floating_point():
-            raise TypeError("encode expects a floating-point torch.Tensor [B, 1, samples]")
-        if wav.dim() != 3 or wav.shape[1] != self.config.channels or wav.shape[-1] == 0:
-            raise ValueError(f"encode expects wav [B, {self.config.channels}, samples>0], got {tuple(wav.shape)}; "
-                             "add batch/channel dims with wav.view(1, 1, -1) and downmix to mono first")
+        check_wav(wav, self.config.channels)
         p = self.quantizer.embed
         return self.quantizer.encode(self.encoder(wav.to(device=p.device, dtype=p.dtype)))
 
     def _check_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        if not isinstance(codes, torch.Tensor):
-            raise TypeError(f"decode expects a torch.LongTensor [B, K, T], got {type(codes).__name__}; "
-                            "wrap it with torch.as_tensor(codes, dtype=torch.long)")
-        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-            raise TypeError(f"decode expects integer codes, got dtype {codes.dtype}; convert with codes.long() "
-                            "(codes are codebook indices, not audio)")
-        if codes.dim() != 3 or codes.shape[1] != self.config.n_q or codes.shape[2] == 0:
-            raise ValueError(f"decode expects codes [B, {self.config.n_q}, T>0] "
-                             f"(K = n_q = {self.config.n_q} codebooks), "
-                             f"got {tuple(codes.shape)}")
-        lo, hi = int(codes.min()), int(codes.max())
-        if lo < 0 or hi >= self.config.bins:
-            bad = hi if hi >= self.config.bins else lo
-            hint = " (the MAGNeT mask token: generation left masked positions)" if bad == self.config.bins else ""
-            raise ValueError(f"codes must lie in [0, {self.config.bins}); found {bad}{hint}; "
-                             "decode only finished token sequences")
+        check_codes(codes, self.config.n_q, self.config.bins)
         return codes.to(device=self.quantizer.embed.device, dtype=torch.long)
 
     @classmethod
@@ -538,6 +519,33 @@ class Encodec(nn.Module):
         if wrong:
             raise ValueError(f"codec tensor shapes do not match xp.cfg: {_preview(wrong)}")
         self.load_state_dict(out, strict=True)
+
+
+def check_codes(codes: torch.Tensor, n_q: int, bins: int) -> None:
+    """Validate codes [B, K, T] for decoding (shared by every codec backend); TypeError/ValueError say the fix."""
+    if not isinstance(codes, torch.Tensor):
+        raise TypeError(f"decode expects a torch.LongTensor [B, K, T], got {type(codes).__name__}; "
+                        "wrap it with torch.as_tensor(codes, dtype=torch.long)")
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise TypeError(f"decode expects integer codes, got dtype {codes.dtype}; convert with codes.long() "
+                        "(codes are codebook indices, not audio)")
+    if codes.dim() != 3 or codes.shape[1] != n_q or codes.shape[2] == 0:
+        raise ValueError(f"decode expects codes [B, {n_q}, T>0] (K = n_q = {n_q} codebooks), "
+                         f"got {tuple(codes.shape)}")
+    lo, hi = int(codes.min()), int(codes.max())
+    if lo < 0 or hi >= bins:
+        bad = hi if hi >= bins else lo
+        hint = " (the MAGNeT mask token: generation left masked positions)" if bad == bins else ""
+        raise ValueError(f"codes must lie in [0, {bins}); found {bad}{hint}; decode only finished token sequences")
+
+
+def check_wav(wav: torch.Tensor, channels: int) -> None:
+    """Validate a waveform [B, C, samples] for encoding (shared by every codec backend)."""
+    if not isinstance(wav, torch.Tensor) or not wav.is_floating_point():
+        raise TypeError("encode expects a floating-point torch.Tensor [B, 1, samples]")
+    if wav.dim() != 3 or wav.shape[1] != channels or wav.shape[-1] == 0:
+        raise ValueError(f"encode expects wav [B, {channels}, samples>0], got {tuple(wav.shape)}; "
+                         "add batch/channel dims with wav.view(1, 1, -1) and downmix to mono first")
 
 
 def _preview(items: list[str], n: int = 6) -> str:

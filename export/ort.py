@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from engine.api import Engine
+from engine.codec import check_codes, check_wav
 from engine.config import ModelConfig
 from engine.magnet import Step
 from engine.text import CACHE_SIZE, TextConditioner
@@ -69,25 +70,13 @@ class OrtCodec:
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, K, T] integer in [0, bins) -> audio [B, 1, T·hop] fp32 on the engine's device."""
-        if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dtype == torch.bool:
-            raise TypeError(f"decode expects integer codes as a torch tensor [B, {self.config.n_q}, T], got "
-                            f"{getattr(codes, 'dtype', type(codes).__name__)}; convert with codes.long()")
-        if codes.dim() != 3 or codes.shape[1] != self.config.n_q or codes.shape[2] == 0:
-            raise ValueError(f"decode expects codes [B, {self.config.n_q}, T>0], got {tuple(codes.shape)}")
-        lo, hi = int(codes.min()), int(codes.max())
-        if lo < 0 or hi >= self.config.bins:
-            raise ValueError(f"codes must lie in [0, {self.config.bins}), found values in [{lo}, {hi}]; decode only "
-                             "finished token sequences (the value bins is MAGNeT's mask token)")
+        check_codes(codes, self.config.n_q, self.config.bins)
         audio = self._decode.run(["audio"], {"codes": codes.detach().cpu().long().numpy()})[0]
         return torch.from_numpy(audio).to(self.device)
 
     def encode(self, audio: torch.Tensor) -> torch.Tensor:
         """audio [B, 1, S] at `sample_rate` -> codes [B, K, ceil(S / hop)] int64 on the engine's device."""
-        if not isinstance(audio, torch.Tensor) or not audio.is_floating_point():
-            raise TypeError("encode expects a floating-point torch tensor [B, 1, samples]")
-        if audio.dim() != 3 or audio.shape[1] != self.config.channels or audio.shape[-1] == 0:
-            raise ValueError(f"encode expects audio [B, {self.config.channels}, samples>0], got "
-                             f"{tuple(audio.shape)}; add dims with audio.view(1, 1, -1) and downmix to mono first")
+        check_wav(audio, self.config.channels)
         codes = self._encode.run(["codes"], {"audio": audio.detach().cpu().float().numpy()})[0]
         return torch.from_numpy(codes).to(self.device)
 
