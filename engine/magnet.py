@@ -91,7 +91,7 @@ def generate_tokens(step: Step, sample: Sampler, model: ModelConfig, gen: Genera
             cond, uncond = step(codes, stage)
             uniform = None if gen.greedy else torch.rand(batch, t, generator=generator, device=device)
             params = StepSampling(plan.cfg_coef, plan.temperature, gen.top_k, gen.top_p, gen.greedy)
-            masked = row == mask_id
+            masked = None if chunked else row == mask_id  # stride1 scores only the positions sampled now
             row, probs = sample(cond, uncond, row, mask_id, params, uniform)
             codes[:, stage] = row
             if rescore is not None and i < len(plans) - 1:  # host-side test: no sync

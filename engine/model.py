@@ -22,19 +22,10 @@ from .config import ModelConfig
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [B, H, L, D]
 
 
-def sin_embedding(t: int, dim: int, device: torch.device, offset: int = 0, max_period: float = 10000.0
-                  ) -> torch.Tensor:
-    """audiocraft's sinusoids: [cos | sin] halves, frequencies max_period^(-i/(half-1)). -> [1, T, dim] fp32."""
-    half = dim // 2
-    pos = torch.arange(offset, offset + t, device=device, dtype=torch.float32).view(1, -1, 1)
-    adim = torch.arange(half, device=device, dtype=torch.float32).view(1, 1, -1)
-    phase = pos / (torch.full([], max_period, device=device, dtype=torch.float32) ** (adim / (half - 1)))
-    return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
-
-
 def sin_embedding_at(positions: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """`sin_embedding` at positions held in a tensor [T] (the AR decoder's step counter lives on the device, so a
-    captured CUDA graph can replay with a new position). Same ops, same numbers. -> [1, T, dim] fp32."""
+    """audiocraft's sinusoids at positions held in a tensor [T]: [cos | sin] halves, frequencies
+    max_period^(-i/(half-1)). A tensor (not an int offset) lets the AR decoder's step counter live on the device,
+    so a captured CUDA graph can replay with a new position. -> [1, T, dim] fp32."""
     half = dim // 2
     device = positions.device
     pos = positions.to(torch.float32).view(1, -1, 1)
@@ -170,10 +161,7 @@ class LM(nn.Module):
 
     def embed(self, codes: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """codes [N, K, T] -> [N, T, dim] fp32: Σ_k emb[k] (in codebook order, as the reference sums) + positions."""
-        x = self.emb[0](codes[:, 0])
-        for k in range(1, self.cfg.n_q):
-            x = x + self.emb[k](codes[:, k])
-        return x + sin_embedding(codes.shape[-1], self.cfg.dim, codes.device, offset)
+        return self.embed_at(codes, torch.arange(offset, offset + codes.shape[-1], device=codes.device))
 
     def embed_at(self, codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """`embed` with positions as a device tensor [T] (the AR decoder's streaming offset). -> [N, T, dim] fp32."""

@@ -148,7 +148,7 @@ class ARRescorer:
         """codes [B, K, T] -> guided AR distribution of codebook `stage` at each frame, [B, T, V] fp32."""
         d = self.delays[stage]
         h = self.hidden(codes)[:, d:d + self.frames]  # [2B, T, dim]: position t + delay[s] predicts frame t
-        logits = self.lm.linears[stage](self.lm.out_norm(h.float()))  # [2B, T, V]
+        logits = self.lm.head(h, stage)  # [2B, T, V] fp32
         cond, uncond = logits.chunk(2)
         return torch.softmax(guide(cond, uncond, self.cfg_coef), dim=-1)
 
