@@ -9,6 +9,10 @@ and compared with what the caption asked for:
     magnet       MAGNeT with the model's default decoding steps
     magnet-fast  MAGNeT with fewer steps (--steps, default 4,2,2,... one value per codebook)
     ar           the autoregressive model given by --ar-model (skipped without it)
+    rescore      MAGNeT (default steps) rescored by the --ar-model at the default weight (paper's lever 1)
+    hybrid-Ns    Hybrid-MAGNeT: the first N s by the --ar-model, the rest by MAGNeT (--prefixes, paper's lever 2)
+
+The lever conditions (rescore, hybrid-*) run only when named in --conditions (they need --ar-model).
 
 Each attribute is scored on the clips whose caption states it ("asked"): tempo needs the bpm number in the caption,
 key/mode the key, the instrument is always named. Tempo: strict = within ±4%; octave = within ±4% of ×{1/3, 1/2,
@@ -31,6 +35,7 @@ import numpy as np
 import torch
 
 CONDITIONS = ("real", "resynth", "magnet", "magnet-fast", "ar")
+LEVERS = ("rescore", "hybrid")  # opt-in conditions; "hybrid" expands to hybrid-<s>s for each of --prefixes
 METRICS = ("tempo_strict", "tempo_octave", "key", "key_mirex", "mode", "instrument")
 # which caption mention each metric needs
 ASKED_BY = {"tempo_strict": "tempo_bpm", "tempo_octave": "tempo_bpm", "key": "key", "key_mirex": "key",
@@ -48,6 +53,23 @@ def parse_steps(text: str | None, n_q: int) -> tuple[int, ...]:
     if len(steps) != n_q or any(s < 1 for s in steps):
         raise ValueError(f"--steps needs {n_q} positive integers (one per codebook), got {text!r}")
     return steps
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """['temperature=1.5', 'cfg=[3,1]'] -> generation overrides, checked against GenerationConfig."""
+    from engine.config import GenerationConfig
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    GenerationConfig.from_dict(out)  # unknown keys and bad values fail here, with the dataclass's message
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
 
 
 def analyse(audio: torch.Tensor | np.ndarray, sr: int, classifier: Any) -> dict[str, Any]:
@@ -120,7 +142,8 @@ def load_classifier(path: str | None, n_clips: int, duration: float, log: Callab
 def markdown(report: dict[str, Any]) -> str:
     """The report's summary as a Markdown table (accuracy on captions that ask for the attribute)."""
     meta = report["settings"]
-    lines = [f"Text adherence on {meta['n']} held-out captions (corpus split \"test\"), {meta['duration']:g} s clips, "
+    lines = [f"Text adherence on {meta['n']} held-out captions (corpus split \"{meta['split']}\"), "
+             f"{meta['duration']:g} s clips, "
              f"model `{meta['model']}`" + (f", AR model `{meta['ar_model']}`" if meta.get("ar_model") else "") + ".",
              "Accuracy over the captions that state the attribute (n in the header); tempo strict ±4% / "
              "octave-tolerant ×{1/3,1/2,2,3}; key = tonic+mode exact, mirex = weighted key score.", ""]
@@ -145,7 +168,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", default=None, help="decoding steps of 'magnet-fast', e.g. 4,2,2,2 (default 4,2,2,...)")
     p.add_argument("--batch", type=int, default=8, help="clips per generate / encode call")
     p.add_argument("--seed", type=int, default=0, help="generation seed (batch b uses seed + b)")
-    p.add_argument("--conditions", default=",".join(CONDITIONS), help=f"subset of {','.join(CONDITIONS)}")
+    p.add_argument("--conditions", default=",".join(CONDITIONS),
+                   help=f"subset of {','.join(CONDITIONS + LEVERS)} (the levers need --ar-model)")
+    p.add_argument("--prefixes", default="1,3", help="hybrid prefix seconds of the 'hybrid' condition")
+    p.add_argument("--split", default="test", choices=("test", "valid"),
+                   help="corpus split of the captions: 'test' for reports, 'valid' for tuning decoding settings")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="GenerationConfig field for the MAGNeT conditions, JSON value (e.g. temperature=1.5, "
+                        "cfg=[3,1]); repeatable")
     p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda when available)")
     p.add_argument("--classifier", default=None,
                    help="instrument classifier .safetensors: loaded if it exists, else trained and saved there")
@@ -166,9 +196,16 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     args = parser().parse_args(argv)
     conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
-    unknown = sorted(set(conditions) - set(CONDITIONS))
+    unknown = sorted(set(conditions) - set(CONDITIONS + LEVERS))
     if unknown:
-        raise ValueError(f"unknown condition(s) {', '.join(unknown)}: choose from {', '.join(CONDITIONS)}")
+        raise ValueError(f"unknown condition(s) {', '.join(unknown)}: choose from {', '.join(CONDITIONS + LEVERS)}")
+    if set(conditions) & set(LEVERS) and not args.ar_model:
+        raise ValueError("the rescore and hybrid conditions need an AR model: pass --ar-model (e.g. default-ar)")
+    try:
+        prefixes = [float(x) for x in args.prefixes.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--prefixes takes comma-separated seconds, got {args.prefixes!r}") from None
+    conditions = [n for c in conditions for n in ([f"hybrid-{p:g}s" for p in prefixes] if c == "hybrid" else [c])]
     if args.n < 1 or args.batch < 1:
         raise ValueError("--n and --batch must be >= 1")
 
@@ -183,9 +220,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if duration <= 0:
         raise ValueError(f"--duration must be > 0 seconds, got {duration}")
     fast = parse_steps(args.steps, eng.config.n_q)
+    overrides = parse_sets(args.sets)
     sr = eng.sample_rate
     items = []
-    for s in split_seeds("test", args.n):
+    for s in split_seeds(args.split, args.n):
         spec = sample_spec(s)
         text, mentions = caption_and_mentions(spec, s)
         items.append({"seed": s, "spec": spec, "caption": text, "mentions": mentions, "labels": labels(spec)})
@@ -210,13 +248,16 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     resynth_seconds: list[float] = []
     producers: dict[str, Callable[[list[int]], tuple[torch.Tensor, int]]] = {
-        "real": real, "resynth": resynth, "magnet": generator(eng, duration),
-        "magnet-fast": generator(eng, duration, steps=fast)}
-    if "ar" in conditions and args.ar_model:
+        "real": real, "resynth": resynth, "magnet": generator(eng, duration, **overrides),
+        "magnet-fast": generator(eng, duration, **{**overrides, "steps": fast})}
+    if args.ar_model and any(c == "ar" or c == "rescore" or c.startswith("hybrid-") for c in conditions):
         ar = engine.load(args.ar_model, device=args.device)
         if ar.config.kind != "musicgen":
             raise ValueError(f"--ar-model must be an autoregressive (musicgen) model, got {ar.config.kind}")
         producers["ar"] = generator(ar, min(duration, float(ar.config.segment_duration)))
+        producers["rescore"] = generator(eng, duration, rescorer=ar, **overrides)
+        for p in prefixes:
+            producers[f"hybrid-{p:g}s"] = generator(eng, duration, ar_model=ar, hybrid_prefix=p, **overrides)
     elif "ar" in conditions:
         log("ar: skipped (no --ar-model)")
     results = []
@@ -235,7 +276,11 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "settings": {"model": str(args.model) if args.model else "default", "ar_model": args.ar_model, "n": args.n,
                      "duration": duration, "sample_rate": sr, "batch": args.batch, "seed": args.seed,
                      "default_steps": list(eng.default_generation().steps), "fast_steps": list(fast),
-                     "split": "test", "tempo_tolerance": 0.04},
+                     "rescore_weight": overrides.get("rescore_weight", eng.default_generation().rescore_weight),
+                     "prefixes": prefixes,
+                     "split": args.split, "overrides": {k: list(v) if isinstance(v, tuple) else v
+                                                         for k, v in overrides.items()},
+                     "tempo_tolerance": 0.04},
         "conditions": results,
     }
     table = markdown(report)

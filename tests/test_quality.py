@@ -124,6 +124,32 @@ def test_quality_bench_end_to_end(fixture_dir: Path, tmp_path: Path, capsys: pyt
     assert quality.main(["--model", str(fixture_dir), "--conditions", "real,nope", "--quiet"]) == 2
 
 
+def test_quality_bench_levers(fixture_dir: Path, tmp_path: Path, one_thread: None) -> None:
+    """The lever conditions expand per prefix, run through the rescorer / hybrid paths, and need an AR model."""
+    from bench import quality
+
+    js, clf = tmp_path / "q.json", tmp_path / "clf.safetensors"
+    base = ["--model", str(fixture_dir), "--n", "2", "--batch", "2", "--duration", "0.5", "--device", "cpu",
+            "--classifier", str(clf), "--classifier-clips", "10", "--classifier-duration", "1", "--quiet"]
+    argv = base + ["--ar-model", str(fixture_dir / "musicgen_state_dict.bin"), "--conditions", "rescore,hybrid",
+                   "--prefixes", "0.1,0.2", "--split", "valid", "--set", "temperature=1.5", "--set", "cfg=[3,1]",
+                   "--json", str(js)]
+    assert quality.main(argv) == 0
+    report = json.loads(js.read_text())
+    assert [c["condition"] for c in report["conditions"]] == ["rescore", "hybrid-0.1s", "hybrid-0.2s"]
+    assert report["settings"]["prefixes"] == [0.1, 0.2] and 0 < report["settings"]["rescore_weight"] < 1
+    assert report["settings"]["split"] == "valid"
+    assert report["settings"]["overrides"] == {"temperature": 1.5, "cfg": [3, 1]}
+    from train.corpus import split_seeds
+
+    assert [c["seed"] for c in report["conditions"][0]["clips"]] == split_seeds("valid", 2)
+    assert all(c["n"] == 2 and len(c["clips"]) == 2 for c in report["conditions"])
+    assert quality.main(base + ["--conditions", "rescore"]) == 2  # no --ar-model: refused with a message
+    assert quality.main(base + ["--ar-model", "x", "--conditions", "hybrid", "--prefixes", "a"]) == 2
+    assert quality.main(base + ["--conditions", "magnet", "--set", "nope=1"]) == 2  # unknown generation field
+    assert quality.main(base + ["--conditions", "magnet", "--set", "top_p=2"]) == 2  # a value the config refuses
+
+
 def test_quality_steps_parsing() -> None:
     from bench.quality import parse_steps
 

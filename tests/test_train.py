@@ -112,6 +112,24 @@ def test_span_mask_rate() -> None:
         assert mask.any(dim=1).all()
 
 
+def test_magnet_inputs_hybrid_rows() -> None:
+    """Plain rows: codebooks < s intact, > s all mask, only masked cells of s scored. Hybrid rows additionally keep
+    a prefix of P frames intact in every codebook and never score it."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(16, (600, 4, 30), generator=g)
+    for prob in (0.0, 0.5):
+        inp, stages, mask = lm_stage.magnet_inputs(codes, 16, 3, g, prob)
+        kept = inp == codes  # [B, K, T]
+        # the last codebook is masked everywhere but in a hybrid prefix (rows at stage < K-1)
+        prefix = kept[:, -1].long().cumprod(1).sum(1)  # [B]
+        low = stages < 3
+        assert ((prefix[low] > 0).float().mean() - prob).abs() < 0.1 and (prefix[low] <= 15).all()
+        for row in low.nonzero()[:, 0].tolist():
+            s, p = int(stages[row]), int(prefix[row])
+            assert kept[row, :s].all() and kept[row, :, :p].all() and (inp[row, s + 1:, p:] == 16).all()
+            assert torch.equal(mask[row], inp[row, s] == 16) and not mask[row, :p].any()
+
+
 def test_export_roundtrip(work: Path, tmp_path: Path, text_encoder: str) -> None:
     """Exported folders load with engine.load and generate (the tiny BERT stands in when MiniLM is absent)."""
     import engine

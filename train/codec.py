@@ -3,7 +3,7 @@ tokenised once with it for both LMs.
 
 Codec: 16 kHz mono, hop 320 = 8·5·4·2 -> 50 frames/s, 4 codebooks × 1024 bins, n_filters 16, latent 64, no LSTM.
 Objective (no adversary, to fit the CPU budget):
-    L = L1(wav) + multi-res STFT (spectral convergence + log-magnitude L1, n_fft 64..2048) + log-mel L1 + commitment
+    L = 100·L1(wav) + multi-res STFT (spectral convergence + log-magnitude L1, n_fft 64..2048) + log-mel L1 + commitment
 with a straight-through estimator through the residual VQ. Codebooks: k-means initialised from encoder outputs after
 `vq_start` steps of plain autoencoding, then EMA updates (decay 0.99), dead codes re-seeded from the batch.
 """
@@ -37,7 +37,7 @@ def codec_config(n_filters: int = 16, dimension: int = 64, bins: int = 1024, n_q
 
 @dataclass
 class CodecTrainConfig:
-    steps: int = 3000
+    steps: int = 3600
     batch: int = 8
     crop: float = 0.5  # seconds per training example
     lr: float = 1e-3
@@ -50,6 +50,12 @@ class CodecTrainConfig:
     dimension: int = 64
     bins: int = 1024
     commit: float = 1.0
+    # loss weights: waveform L1, multi-resolution STFT, log-mel (the commitment weight is `commit`). The waveform term
+    # is what teaches the phase: at weight 1 (spectral terms dominate) the decoder learned only a 50 Hz frame buzz
+    # (SI-SNR -50 dB, no pitch), at 20/50/100 it reached +2.8/+4.4/+5.4 dB with the key kept (500-step trials).
+    w_l1: float = 100.0
+    w_mrstft: float = 1.0
+    w_mel: float = 1.0
     ema_decay: float = 0.99
     seed: int = 0
     save_every: int = 100
@@ -264,7 +270,7 @@ def train_codec(work: Path, cfg: CodecTrainConfig) -> Encodec:
         l1 = (y - x).abs().mean()
         mr = losses.mrstft(y, x)
         mel = losses.mel_l1(y, x)
-        loss = l1 + mr + mel + cfg.commit * commit
+        loss = cfg.w_l1 * l1 + cfg.w_mrstft * mr + cfg.w_mel * mel + cfg.commit * commit
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -338,7 +344,7 @@ def evaluate_codec(work: Path, codec: Encodec, n_valid: int = 16, duration: floa
 
 @dataclass
 class TokensConfig:
-    n_train: int = 800
+    n_train: int = 1200
     n_valid: int = 64
     duration: float = 10.0
     captions: int = 3  # caption variants per clip (the corpus draws wording at random)

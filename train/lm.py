@@ -10,8 +10,9 @@ span starts uniformly without replacement among the T frames and masks L = 3 fra
 spans clipped at the end). A frame is left unmasked iff none of the L starts that would cover it is drawn, so
 E[masked fraction] = 1 − C(T−L, n)/C(T, n); n is the table entry closest to r (the reference's lookup-table
 inversion, with the edge effect ignored). Codebooks < s keep their tokens, codebooks > s are all mask tokens
-(id = card); cross-entropy on the masked frames of codebook s only. Self-attention: full for s = 0, banded
-|Δt| <= subcodes_context for s >= 1, per row (an attention mask built from the rows' stages).
+(id = card); cross-entropy on the masked frames of codebook s only. Hybrid rows (`prefix_prob` of them) also keep a
+known prefix in all codebooks, as Hybrid-MAGNeT's continuation decodes (`magnet_inputs`). Self-attention: full for
+s = 0, banded |Δt| <= subcodes_context for s >= 1, per row (an attention mask built from the rows' stages).
 
 MusicGen objective: the clip's delay-pattern sequence (delays 0,1,2,3; column 0 all special), teacher forcing with
 causal self-attention; logits at column c predict column c+1 for every codebook; special cells are not scored.
@@ -42,7 +43,7 @@ from . import common
 @dataclass
 class LMTrainConfig:
     kind: str = "magnet"  # "magnet" | "musicgen"
-    steps: int = 2000
+    steps: int = 4000
     batch: int = 8
     crop: int = 150  # frames (MAGNeT) or pattern columns (AR) per training window
     lr: float = 1e-3
@@ -52,13 +53,14 @@ class LMTrainConfig:
     num_layers: int = 4
     ffn_dim: int = 1024
     text_dropout: float = 0.3
+    prefix_prob: float = 0.15  # MAGNeT rows trained with a known prefix in all codebooks (Hybrid-MAGNeT)
     segment_duration: float = 10.0
     text_encoder: str = common.TEXT_ENCODER  # recorded in the exported config (the engine loads it by this name)
     seed: int = 0
     save_every: int = 50
     log_every: int = 10
     eval_every: int = 200
-    max_minutes: float = 30.0  # > 0: stop (and save) after this much wall time; a later run resumes
+    max_minutes: float = 50.0  # > 0: stop (and save) after this much wall time; a later run resumes
 
 
 def model_config(cfg: LMTrainConfig, n_q: int, card: int, frame_rate: int, text_dim: int = common.TEXT_DIM,
@@ -145,19 +147,40 @@ def run_layers(lm: LM, codes: torch.Tensor, offset: int, cross: CrossKV) -> torc
     return lm.out_norm(x)
 
 
-def magnet_loss(lm: LM, switch: AttendSwitch, codes: torch.Tensor, offset: int, cross: CrossKV,
-                g: torch.Generator) -> torch.Tensor:
-    """codes [B, K, T] (ground truth window) -> MAGNeT masked cross-entropy (mean over scored tokens)."""
+def magnet_inputs(codes: torch.Tensor, card: int, span_len: int, g: torch.Generator, prefix_prob: float = 0.0
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """codes [B, K, T] ground truth -> (inputs [B, K, T] with mask tokens = card, stages [B], scored mask [B, T]).
+
+    Per row: stage s ~ U{0..K-1}, cosine mask rate, span mask on codebook s; codebooks > s all masked. A fraction
+    `prefix_prob` of the rows are hybrid rows: a known prefix of P ~ U{1..T/2} frames in *all* codebooks, as the
+    hybrid / continuation path decodes (the AR prefix fixed in every codebook); plain masking never shows
+    codebooks > s unmasked, so these rows teach it:
+        codebook < s  ##########################      # = ground truth, _ = mask token, ? = masked and scored
+        codebook s    ######??#?##???#??##??#??
+        codebook > s  ######___________________
+                      |-P--|
+    """
     b, k, t = codes.shape
-    card, w = lm.cfg.card, lm.cfg.subcodes_context
     stages = torch.randint(k, (b,), generator=g)
     rates = torch.cos(math.pi / 2 * torch.rand(b, generator=g))
-    mask = span_mask(rates, t, lm.cfg.span_len, g)  # [B, T]
+    mask = span_mask(rates, t, span_len, g)  # [B, T]
+    hybrid = torch.rand(b, generator=g) < prefix_prob
+    plen = torch.randint(1, max(2, t // 2 + 1), (b,), generator=g)
+    known = torch.arange(t)[None, :] < torch.where(hybrid, plen, 0)[:, None]  # [B, T]
+    mask = mask & ~known
     inp = codes.clone()
     rows = torch.arange(b)
-    stage_row = inp[rows, stages]  # [B, T]
-    inp[rows, stages] = stage_row.masked_fill(mask, card)
-    inp = inp.masked_fill(torch.arange(k)[None, :, None] > stages[:, None, None], card)  # codebooks > s
+    inp[rows, stages] = inp[rows, stages].masked_fill(mask, card)
+    above = torch.arange(k)[None, :, None] > stages[:, None, None]  # [B, K, 1]: codebooks > s
+    return inp.masked_fill(above & ~known[:, None, :], card), stages, mask
+
+
+def magnet_loss(lm: LM, switch: AttendSwitch, codes: torch.Tensor, offset: int, cross: CrossKV,
+                g: torch.Generator, prefix_prob: float = 0.0) -> torch.Tensor:
+    """codes [B, K, T] (ground truth window) -> MAGNeT masked cross-entropy (mean over scored tokens)."""
+    b, k, t = codes.shape
+    w = lm.cfg.subcodes_context
+    inp, stages, mask = magnet_inputs(codes, lm.cfg.card, lm.cfg.span_len, g, prefix_prob)
     i = torch.arange(t)
     band = (i[:, None] - i[None, :]).abs() <= w  # [T, T]
     switch.mask = (stages == 0)[:, None, None, None] | band[None, None] if w >= 0 else None  # [B, 1, T, T]
@@ -222,7 +245,7 @@ def step_loss(lm: LM, switch: AttendSwitch, data: TokenData, bank: common.TextBa
     window, caps = window[order], caps[order]
     cross = text_cross(lm, bank, caps[: int(keep.sum())])
     if cfg.kind == "magnet":
-        return magnet_loss(lm, switch, window, off, cross, g)
+        return magnet_loss(lm, switch, window, off, cross, g, cfg.prefix_prob)
     return ar_loss(lm, switch, window, off, cross)
 
 
