@@ -56,20 +56,13 @@ def parse_steps(text: str | None, n_q: int) -> tuple[int, ...]:
 
 
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
-    """['temperature=1.5', 'cfg=[3,1]'] -> generation overrides, checked against GenerationConfig."""
+    """['temperature=1.5', 'cfg=[3,1]'] -> generation overrides, checked (and typed) by GenerationConfig."""
     from engine.config import GenerationConfig
+    from train.common import parse_sets as key_values
 
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    GenerationConfig.from_dict(out)  # unknown keys and bad values fail here, with the dataclass's message
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
+    pairs = key_values(items)
+    cfg = GenerationConfig.from_dict(pairs)  # unknown keys and bad values fail here, with the dataclass's message
+    return {k: getattr(cfg, k) for k in pairs}
 
 
 def analyse(audio: torch.Tensor | np.ndarray, sr: int, classifier: Any) -> dict[str, Any]:
@@ -278,8 +271,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      "default_steps": list(eng.default_generation().steps), "fast_steps": list(fast),
                      "rescore_weight": overrides.get("rescore_weight", eng.default_generation().rescore_weight),
                      "prefixes": prefixes,
-                     "split": args.split, "overrides": {k: list(v) if isinstance(v, tuple) else v
-                                                         for k, v in overrides.items()},
+                     "split": args.split, "overrides": overrides,
                      "tempo_tolerance": 0.04},
         "conditions": results,
     }

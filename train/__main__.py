@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from . import codec as codec_stage
+from . import common
 from . import lm as lm_stage
 
 STAGES = ("codec", "tokens", "magnet", "ar", "export", "all")
@@ -24,18 +25,12 @@ ASSETS = Path(__file__).resolve().parents[1] / "engine" / "assets"
 def _override(cfg: Any, sets: list[str]) -> Any:
     """Apply `key=value` pairs (JSON values, else strings) to the dataclass fields that exist."""
     fields = {f.name for f in dataclasses.fields(cfg)}
-    changes: dict[str, Any] = {}
-    for item in sets:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        if key not in fields:
-            continue  # `all` passes one list to every stage; each takes the keys it knows
-        try:
-            changes[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            changes[key] = raw
-    return dataclasses.replace(cfg, **changes)
+    try:
+        pairs = common.parse_sets(sets)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    # `all` passes one list to every stage; each takes the keys it knows
+    return dataclasses.replace(cfg, **{k: v for k, v in pairs.items() if k in fields})
 
 
 def _check_keys(sets: list[str], stages: list[str]) -> None:

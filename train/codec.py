@@ -3,7 +3,8 @@ tokenised once with it for both LMs.
 
 Codec: 16 kHz mono, hop 320 = 8·5·4·2 -> 50 frames/s, 4 codebooks × 1024 bins, n_filters 16, latent 64, no LSTM.
 Objective (no adversary, to fit the CPU budget):
-    L = 100·L1(wav) + multi-res STFT (spectral convergence + log-magnitude L1, n_fft 64..2048) + log-mel L1 + commitment
+    L = w_l1·L1(wav) + multi-res STFT (spectral convergence + log-magnitude L1, n_fft 64..2048) + log-mel L1
+        + commitment, with the waveform term weighted far above the rest (CodecTrainConfig.w_l1)
 with a straight-through estimator through the residual VQ. Codebooks: k-means initialised from encoder outputs after
 `vq_start` steps of plain autoencoding, then EMA updates (decay 0.99), dead codes re-seeded from the batch.
 """

@@ -42,6 +42,20 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
 
 
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """`--set` pairs ['steps=400', 'cfg=[3,1]', 'name=x'] -> {key: JSON value, else the string}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
 def set_threads(n: int | None) -> None:
     if n:
         torch.set_num_threads(n)
