@@ -81,8 +81,9 @@ class CrossAttention(SelfAttention):
         """cond [B, L, dim] -> k, v [B, H, L, D]."""
         b, length, dim = cond.shape
         w = self.in_proj_weight
-        k = F.linear(cond, w[dim:2 * dim]).view(b, length, self.num_heads, -1).transpose(1, 2)
-        v = F.linear(cond, w[2 * dim:]).view(b, length, self.num_heads, -1).transpose(1, 2)
+        shape = (b, length, self.num_heads, dim // self.num_heads)  # explicit D: B may be 0 (all rows null in training)
+        k = F.linear(cond, w[dim:2 * dim]).view(shape).transpose(1, 2)
+        v = F.linear(cond, w[2 * dim:]).view(shape).transpose(1, 2)
         return k, v
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
