@@ -54,6 +54,7 @@ def _log(folder: Path) -> list[dict]:
 
 CODEC = dict(batch=2, crop=0.2, lr=3e-3, warmup=1, vq_start=2, n_clips=2, n_valid=1, clip_duration=0.5,
              n_filters=4, dimension=8, bins=16, save_every=2, log_every=1)
+TINY_LM = dict(dim=32, num_heads=2, num_layers=2, ffn_dim=64, segment_duration=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +93,8 @@ def test_tokens(work: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["magnet", "musicgen"])
 def test_lm_smoke_and_resume(work: Path, kind: str, text_encoder: str) -> None:
-    cfg = lm_stage.LMTrainConfig(kind=kind, steps=8, batch=4, crop=12, lr=3e-3, warmup=1, dim=32, num_heads=2,
-                                 num_layers=2, ffn_dim=64, segment_duration=0.5, save_every=4, log_every=1,
-                                 eval_every=4, text_encoder=text_encoder)
+    cfg = lm_stage.LMTrainConfig(kind=kind, steps=8, batch=4, crop=12, lr=3e-3, warmup=1, **TINY_LM, save_every=4,
+                                 log_every=1, eval_every=4, text_encoder=text_encoder)
     lm_stage.train_lm(work, cfg)
     folder = lm_stage.stage_folder(work, kind)
     log = _log(folder)
@@ -106,16 +106,21 @@ def test_lm_smoke_and_resume(work: Path, kind: str, text_encoder: str) -> None:
     assert json.loads((folder / "ckpt.json").read_text())["step"] == 10
 
 
+def _tiny_lm(work: Path, cfg: lm_stage.LMTrainConfig) -> tuple[LM, lm_stage.TokenData, common.TextBank]:
+    """An initialised (untrained) LM over the work folder's tokens, with its train split and caption bank."""
+    bank = common.TextBank.load(work / "tokens" / "text.safetensors")
+    data = lm_stage.TokenData(work, "train", bank)
+    lm = LM(lm_stage.model_config(cfg, int(data.codes.shape[1]), CODEC["bins"], 50, int(bank.states.shape[-1])))
+    lm_stage.init_lm(lm, 0)
+    return lm, data, bank
+
+
 @pytest.mark.parametrize("kind", ["magnet", "musicgen"])
 def test_step_with_every_row_null(work: Path, kind: str, text_encoder: str) -> None:
     """A batch whose rows all drew the null condition (0.3**8 per step at the default batch: about once in 15k
     steps) gives a finite loss and gradients instead of failing on the empty cross-attention."""
-    bank = common.TextBank.load(work / "tokens" / "text.safetensors")
-    data = lm_stage.TokenData(work, "train", bank)
-    cfg = lm_stage.LMTrainConfig(kind=kind, batch=4, crop=12, dim=32, num_heads=2, num_layers=2, ffn_dim=64,
-                                 segment_duration=0.5, text_encoder=text_encoder)
-    lm = LM(lm_stage.model_config(cfg, int(data.codes.shape[1]), 16, 50, int(bank.states.shape[-1])))
-    lm_stage.init_lm(lm, 0)
+    cfg = lm_stage.LMTrainConfig(kind=kind, batch=4, crop=12, **TINY_LM, text_encoder=text_encoder)
+    lm, data, bank = _tiny_lm(work, cfg)
     switch = lm_stage.AttendSwitch(lm)
     loss = lm_stage.step_loss(lm, switch, data, bank, cfg, torch.Generator().manual_seed(0), dropout=1.0)
     loss.backward()
@@ -125,11 +130,7 @@ def test_step_with_every_row_null(work: Path, kind: str, text_encoder: str) -> N
 def test_text_sensitivity(work: Path, text_encoder: str) -> None:
     """Three conditions on the same windows and masks: with the text projection zeroed, every caption is the null
     condition (zero keys and values attend to 0), so all three losses are equal; with it, own and other differ."""
-    bank = common.TextBank.load(work / "tokens" / "text.safetensors")
-    data = lm_stage.TokenData(work, "train", bank)
-    cfg = lm_stage.LMTrainConfig(dim=32, num_heads=2, num_layers=2, ffn_dim=64, segment_duration=0.5)
-    lm = LM(lm_stage.model_config(cfg, int(data.codes.shape[1]), 16, 50, int(bank.states.shape[-1])))
-    lm_stage.init_lm(lm, 0)
+    lm, data, bank = _tiny_lm(work, lm_stage.LMTrainConfig(**TINY_LM, text_encoder=text_encoder))
     torch.nn.init.normal_(lm.text_proj.weight)
     got = lm_stage.text_sensitivity(lm, data, bank, crop=12, batch=4, n_batches=2)
     assert got["own"] != got["other"] and got["own"] != got["none"]

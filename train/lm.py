@@ -273,15 +273,16 @@ def text_sensitivity(lm: LM, data: TokenData, bank: common.TextBank, crop: int =
     was_training = lm.training
     lm.eval()
     out: dict[str, list[float]] = {"own": [], "other": [], "none": []}
-    for i in range(n_batches):
-        window, off, caps = data.batch("magnet", batch, crop, (), lm.cfg.card, common.step_generator(seed, i))
-        for name in out:
-            ids = {"own": caps, "other": caps.roll(1), "none": caps[:0]}[name]
-            g = common.step_generator(seed + 1, i)  # same masks for the three conditions
-            out[name].append(magnet_loss(lm, switch, window, off, text_cross(lm, bank, ids), g).item())
-    lm.train(was_training)
-    for layer, attend in zip(lm.layers, attends):
-        layer.self_attn.attend = attend
+    try:
+        for i in range(n_batches):
+            window, off, caps = data.batch("magnet", batch, crop, (), lm.cfg.card, common.step_generator(seed, i))
+            for name, ids in (("own", caps), ("other", caps.roll(1)), ("none", caps[:0])):
+                g = common.step_generator(seed + 1, i)  # same masks for the three conditions
+                out[name].append(magnet_loss(lm, switch, window, off, text_cross(lm, bank, ids), g).item())
+    finally:  # hand the model back as it came: the engine's attention, the caller's train/eval mode
+        lm.train(was_training)
+        for layer, attend in zip(lm.layers, attends):
+            layer.self_attn.attend = attend
     return {name: float(np.mean(v)) for name, v in out.items()}
 
 
