@@ -111,7 +111,7 @@ def _tiny_lm(work: Path, cfg: lm_stage.LMTrainConfig) -> tuple[LM, lm_stage.Toke
     bank = common.TextBank.load(work / "tokens" / "text.safetensors")
     data = lm_stage.TokenData(work, "train", bank)
     lm = LM(lm_stage.model_config(cfg, int(data.codes.shape[1]), CODEC["bins"], 50, int(bank.states.shape[-1])))
-    lm_stage.init_lm(lm, 0)
+    lm_stage.init_lm(lm, 0, cfg.emb_std)
     return lm, data, bank
 
 
@@ -138,6 +138,34 @@ def test_text_sensitivity(work: Path, text_encoder: str) -> None:
     torch.nn.init.zeros_(lm.text_proj.weight)
     got = lm_stage.text_sensitivity(lm, data, bank, crop=12, batch=4, n_batches=2)
     assert got["own"] == got["other"] == got["none"]
+
+
+def test_context_gain(work: Path, text_encoder: str) -> None:
+    """Same scored spans with and without the rest of codebook 0: with every self-attention output zeroed, a
+    position sees only itself and the text, so the two losses are equal; with attention, they differ."""
+    lm, data, bank = _tiny_lm(work, lm_stage.LMTrainConfig(**TINY_LM, text_encoder=text_encoder))
+    got = lm_stage.context_gain(lm, data, bank, rate=0.3, crop=12, batch=4, n_batches=2)
+    assert got["context"] != got["text_only"]
+    assert lm.layers[0].self_attn.attend is ops.attention
+    for layer in lm.layers:
+        torch.nn.init.zeros_(layer.self_attn.out_proj.weight)
+    got = lm_stage.context_gain(lm, data, bank, rate=0.3, crop=12, batch=4, n_batches=2)
+    assert got["context"] == got["text_only"]
+
+
+def test_init_embedding_scale() -> None:
+    """Token embeddings get `emb_std`, the other matrices 0.02: at the default, an embedding row's norm is of the
+    order of the sinusoidal position's (sqrt(dim / 2)), not 35x below it as at 0.02."""
+    cfg = lm_stage.LMTrainConfig(**TINY_LM)
+    lm = LM(lm_stage.model_config(cfg, 4, 64, 50))
+    lm_stage.init_lm(lm, 0, cfg.emb_std)
+    n = lm.emb[0].weight.numel()  # std of n normal draws: relative standard error 1/sqrt(2n); allow 5 of them
+    for emb in lm.emb:
+        assert abs(emb.weight.std().item() / cfg.emb_std - 1) < 5 / math.sqrt(2 * n)
+    w = lm.layers[0].linear1.weight
+    assert abs(w.std().item() / 0.02 - 1) < 5 / math.sqrt(2 * w.numel())
+    pos_norm = math.sqrt(cfg.dim / 2)
+    assert 0.5 < lm.emb[0].weight.norm(dim=1).median().item() / pos_norm < 2
 
 
 def test_span_mask_rate() -> None:

@@ -23,8 +23,10 @@ cost of full 10 s sequences (a CPU budget choice).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,9 @@ class LMTrainConfig:
     num_heads: int = 4
     num_layers: int = 4
     ffn_dim: int = 1024
+    # token-embedding init std: 1 gives each codebook's embedding row a norm near the sinusoids' (sqrt(dim/2)); at
+    # 0.02 the positions drown the tokens and MAGNeT learns to ignore its audio context (train/README.md)
+    emb_std: float = 1.0
     text_dropout: float = 0.3
     prefix_prob: float = 0.15  # MAGNeT rows trained with a known prefix in all codebooks (Hybrid-MAGNeT)
     segment_duration: float = 10.0
@@ -71,13 +76,15 @@ def model_config(cfg: LMTrainConfig, n_q: int, card: int, frame_rate: int, text_
                        delays=tuple(range(n_q)) if cfg.kind == "musicgen" else ())
 
 
-def init_lm(lm: LM, seed: int) -> None:
-    """Small-normal init (std 0.02, output projections scaled by depth); LayerNorms at identity."""
+def init_lm(lm: LM, seed: int, emb_std: float) -> None:
+    """Normal init: token embeddings std `emb_std`, other matrices 0.02 (output projections scaled by depth);
+    LayerNorms at identity, biases 0."""
     g = torch.Generator().manual_seed(seed)
     depth = len(lm.layers)
     for name, p in lm.named_parameters():
         if p.dim() >= 2:
             std = 0.02 / math.sqrt(2 * depth) if name.endswith(("out_proj.weight", "linear2.weight")) else 0.02
+            std = emb_std if name.startswith("emb.") else std
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=g) * std)
         elif "norm" in name:
@@ -260,6 +267,21 @@ def valid_loss(lm: LM, switch: AttendSwitch, data: TokenData, bank: common.TextB
     return float(np.mean(losses))
 
 
+@contextlib.contextmanager
+def probing(lm: LM) -> Iterator[AttendSwitch]:
+    """An evaluation of a trained model with the training attention (`AttendSwitch`) in eval mode; the model is
+    handed back as it came: the engine's attention op, the caller's train/eval mode."""
+    attends = [layer.self_attn.attend for layer in lm.layers]
+    was_training = lm.training
+    lm.eval()
+    try:
+        yield AttendSwitch(lm)
+    finally:
+        lm.train(was_training)
+        for layer, attend in zip(lm.layers, attends):
+            layer.self_attn.attend = attend
+
+
 @torch.no_grad()
 def text_sensitivity(lm: LM, data: TokenData, bank: common.TextBank, crop: int = 150, batch: int = 16,
                      n_batches: int = 24, seed: int = 999) -> dict[str, float]:
@@ -268,21 +290,41 @@ def text_sensitivity(lm: LM, data: TokenData, bank: common.TextBank, crop: int =
     masks. own < none: the text helps; other > none: the model acts on what the text says, not just on its
     presence. Seconds, where `bench quality` takes many minutes (and says which attribute is followed).
     """
-    attends = [layer.self_attn.attend for layer in lm.layers]
-    switch = AttendSwitch(lm)
-    was_training = lm.training
-    lm.eval()
     out: dict[str, list[float]] = {"own": [], "other": [], "none": []}
-    try:
+    with probing(lm) as switch:
         for i in range(n_batches):
             window, off, caps = data.batch("magnet", batch, crop, (), lm.cfg.card, common.step_generator(seed, i))
             for name, ids in (("own", caps), ("other", caps.roll(1)), ("none", caps[:0])):
                 g = common.step_generator(seed + 1, i)  # same masks for the three conditions
                 out[name].append(magnet_loss(lm, switch, window, off, text_cross(lm, bank, ids), g).item())
-    finally:  # hand the model back as it came: the engine's attention, the caller's train/eval mode
-        lm.train(was_training)
-        for layer, attend in zip(lm.layers, attends):
-            layer.self_attn.attend = attend
+    return {name: float(np.mean(v)) for name, v in out.items()}
+
+
+@torch.no_grad()
+def context_gain(lm: LM, data: TokenData, bank: common.TextBank, rate: float = 0.1, crop: int = 150,
+                 batch: int = 16, n_batches: int = 8, seed: int = 998) -> dict[str, float]:
+    """How much a MAGNeT model reads the *audio* context of codebook 0: held-out stage-0 CE on the same spans
+    (mask rate `rate`) with the rest of codebook 0 given ("context") and with it masked too ("text_only"), own
+    captions in both. Real codes are far from i.i.d. (neighbouring frames share about a nat), so a model that
+    decodes coherent audio has context << text_only; a model near text_only samples each frame nearly on its
+    own, and a clip-level attribute (key, tempo) does not survive that.
+        context    ####??#####???###?####      # = ground truth, ? = scored span
+        text_only  ____??_____???___?____      _ = mask token (codebooks 1.. are mask tokens in both)
+    """
+    out: dict[str, list[float]] = {"context": [], "text_only": []}
+    with probing(lm) as switch:
+        for i in range(n_batches):
+            g = common.step_generator(seed, i)
+            window, off, caps = data.batch("magnet", batch, crop, (), lm.cfg.card, g)
+            b, _, t = window.shape
+            scored = span_mask(torch.full((b,), rate), t, lm.cfg.span_len, g)  # [B, T]
+            cross = text_cross(lm, bank, caps)
+            switch.mask, switch.causal = None, False  # stage 0: full self-attention
+            for name, hidden in (("context", scored), ("text_only", torch.ones_like(scored))):
+                inp = torch.full_like(window, lm.cfg.card)
+                inp[:, 0] = window[:, 0].masked_fill(hidden, lm.cfg.card)
+                logits = lm.linears[0](run_layers(lm, inp, off, cross))  # [B, T, V]
+                out[name].append(F.cross_entropy(logits[scored], window[:, 0][scored]).item())
     return {name: float(np.mean(v)) for name, v in out.items()}
 
 
@@ -305,7 +347,7 @@ def train_lm(work: Path, cfg: LMTrainConfig) -> LM:
     mcfg = model_config(cfg, codec_cfg.n_q, codec_cfg.bins, codec_cfg.frame_rate, int(bank.states.shape[-1]),
                         cfg.text_encoder)
     lm = LM(mcfg)
-    init_lm(lm, cfg.seed)
+    init_lm(lm, cfg.seed, cfg.emb_std)
     decay = [p for n, p in lm.named_parameters() if p.dim() >= 2 and not n.startswith("emb")]
     other = [p for n, p in lm.named_parameters() if not (p.dim() >= 2 and not n.startswith("emb"))]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
