@@ -153,6 +153,55 @@ def test_context_gain(work: Path, text_encoder: str) -> None:
     assert got["context"] == got["text_only"]
 
 
+def test_caption_swap(work: Path, text_encoder: str) -> None:
+    """Own vs edited caption on the same codes: equal when the text projection is zeroed (every caption is then the
+    null condition), different when it is not; a swap that applies to no caption is an error, not a 0."""
+    lm, data, bank = _tiny_lm(work, lm_stage.LMTrainConfig(**TINY_LM, text_encoder=text_encoder))
+    tok, enc = common.load_frozen_text_encoder(text_encoder)
+    torch.nn.init.normal_(lm.text_proj.weight)
+    got = lm_stage.caption_swap(lm, data, bank, lambda t: t + " x", tok, enc, batch=3)
+    assert got["n"] == data.caption_ids.numel() and got["own"] != got["swapped"]
+    assert lm.layers[0].self_attn.attend is ops.attention
+    torch.nn.init.zeros_(lm.text_proj.weight)
+    got = lm_stage.caption_swap(lm, data, bank, lambda t: t + " x", tok, enc, batch=3)
+    assert got["own"] == got["swapped"] and got["prefer_own"] == 0.0
+    with pytest.raises(ValueError, match="states the swapped attribute"):
+        lm_stage.caption_swap(lm, data, bank, lambda t: None, tok, enc)
+
+
+def test_swap_attribute() -> None:
+    """Each edit changes only its attribute, in every phrasing the captions use."""
+    from train import corpus
+
+    found = dict.fromkeys(corpus.SWAPS, 0)
+    for seed in range(200):
+        spec = corpus.sample_spec(seed)
+        text, said = corpus.caption_and_mentions(spec, seed)
+        for attr, stated in (("key", said["key"]), ("mode", said["key"]), ("bpm", said["tempo_bpm"])):
+            edited = corpus.swap_attribute(text, attr)
+            assert (edited is not None) == stated, (text, attr)
+            if edited is None:
+                continue
+            found[attr] += 1
+            assert edited != text
+            words, new = text.split(), edited.split()
+            changed = [(a, b) for a, b in zip(words, new) if a != b]
+            if attr == "bpm":
+                assert len(words) == len(new) and len(changed) == 1
+                assert abs(int(changed[0][1]) - spec.tempo_bpm) == 60
+                assert corpus.TEMPO_RANGE[0] <= int(changed[0][1]) <= corpus.TEMPO_RANGE[1]
+            elif attr == "mode":
+                assert len(changed) == 1 and corpus.swap_attribute(edited, "mode") == text
+            else:  # the tonic moved a tritone, the mode kept
+                m = corpus._KEY_PHRASE.search(edited)
+                assert m is not None and m.group(3).startswith(spec.mode[:3])
+                tonic = corpus.normalize_key(m.group(1) + (m.group(2) or ""))
+                assert (corpus.PITCH_CLASSES.index(tonic) - corpus.PITCH_CLASSES.index(spec.key)) % 12 == 6
+    assert all(n > 10 for n in found.values())
+    with pytest.raises(ValueError, match="unknown attribute"):
+        corpus.swap_attribute("a piano", "tempo")
+
+
 def test_init_embedding_scale() -> None:
     """Token embeddings get `emb_std`, the other matrices 0.02: at the default, an embedding row's norm is of the
     order of the sinusoidal position's (sqrt(dim / 2)), not 35x below it as at 0.02."""

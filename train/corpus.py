@@ -15,6 +15,7 @@ shorter clip is the start of a longer one (the score always spans 30 s and is cu
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -580,3 +581,30 @@ def caption_and_mentions(spec: ClipSpec, rng: np.random.Generator | int) -> tupl
     mentions = {"instrument": True, "tempo_bpm": use["bpm"], "tempo_word": use["tempo_adj"], "key": use["key"],
                 "drums": use["drums"], "mood": use["mood"], "dynamics": use["dyn"]}
     return text, mentions
+
+
+# ------------------------------------------------------------------------------------------ caption edits (probes)
+
+_KEY_PHRASE = re.compile(r"\b([A-G])( sharp| flat|#|b)? (major|minor|maj|min)\b")  # as `_key_text` writes it
+_BPM_PHRASE = re.compile(r"\b(\d{2,3})( bpm| BPM| beats per minute)\b")  # as `_tempo_text` writes it
+_FLIP_MODE = {"major": "minor", "minor": "major", "maj": "min", "min": "maj"}
+SWAPS = ("key", "mode", "bpm")
+
+
+def swap_attribute(text: str, attribute: str) -> str | None:
+    """The caption with one stated attribute changed and every other word kept, or None when the caption does not
+    state it: "key" moves the tonic a tritone (same mode), "mode" flips major <-> minor, "bpm" moves the number by
+    60 within TEMPO_RANGE. For probes of what an LM reads in its caption (`train.lm.caption_swap`)."""
+    if attribute not in SWAPS:
+        raise ValueError(f"unknown attribute {attribute!r}: choose one of {', '.join(SWAPS)}")
+    m = (_BPM_PHRASE if attribute == "bpm" else _KEY_PHRASE).search(text)
+    if m is None:
+        return None
+    if attribute == "bpm":
+        n = int(m.group(1))
+        return text[:m.start(1)] + str(n + 60 if n + 60 <= TEMPO_RANGE[1] else n - 60) + text[m.end(1):]
+    if attribute == "mode":
+        return text[:m.start(3)] + _FLIP_MODE[m.group(3)] + text[m.end(3):]
+    accidental = {" sharp": "#", " flat": "b", "#": "#", "b": "b"}.get(m.group(2) or "", "")
+    tonic = PITCH_CLASSES.index(normalize_key(m.group(1) + accidental))
+    return text[:m.start()] + f"{PITCH_CLASSES[(tonic + 6) % 12]} {m.group(3)}" + text[m.end():]

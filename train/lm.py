@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -326,6 +326,37 @@ def context_gain(lm: LM, data: TokenData, bank: common.TextBank, rate: float = 0
                 logits = lm.linears[0](run_layers(lm, inp, off, cross))  # [B, T, V]
                 out[name].append(F.cross_entropy(logits[scored], window[:, 0][scored]).item())
     return {name: float(np.mean(v)) for name, v in out.items()}
+
+
+@torch.no_grad()
+def caption_swap(lm: LM, data: TokenData, bank: common.TextBank, swap: Callable[[str], str | None],
+                 tokenizer: Any, encoder: torch.nn.Module, batch: int = 16) -> dict[str, float]:
+    """Does a MAGNeT model act on one attribute of its caption? Text-only stage-0 CE (all of codebook 0 masked) of
+    each clip's codebook 0 under each of its captions and under the same caption edited by `swap` (e.g.
+    `corpus.swap_attribute(text, "key")`; None = the caption does not state it, skipped). Returns the mean CE per
+    token for "own" and "swapped", "prefer_own" (the fraction of pairs where the own caption scores lower) and the
+    pair count "n". swapped − own is what the model knows of that attribute from the text alone, before it fixes any
+    code; text_sensitivity changes every attribute at once."""
+    texts = sorted(bank.index, key=bank.index.get)  # type: ignore[arg-type]
+    pairs = [(row, texts[int(i)], edited) for row, ids in enumerate(data.caption_ids.tolist()) for i in ids
+             if (edited := swap(texts[int(i)])) is not None]
+    if not pairs:
+        raise ValueError("no caption of this split states the swapped attribute: nothing to compare")
+    swapped_bank = common.TextBank.build(tokenizer, encoder, [p[2] for p in pairs])
+    own, swapped = [], []
+    with probing(lm) as switch:
+        switch.mask, switch.causal = None, False  # stage 0: full self-attention
+        for sl in common.batches(len(pairs), batch):
+            rows = torch.tensor([p[0] for p in pairs[sl]])
+            target = data.codes[rows, 0]  # [b, T]
+            inp = torch.full_like(data.codes[rows], lm.cfg.card)  # every codebook masked
+            for out, b, ids in ((own, bank, [bank.index[p[1]] for p in pairs[sl]]),
+                                (swapped, swapped_bank, [swapped_bank.index[p[2]] for p in pairs[sl]])):
+                logits = lm.linears[0](run_layers(lm, inp, 0, text_cross(lm, b, torch.tensor(ids))))  # [b, T, V]
+                out.append(F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(1))  # [b]
+    o, s = torch.cat(own), torch.cat(swapped)
+    return {"own": float(o.mean()), "swapped": float(s.mean()), "prefer_own": float((o < s).float().mean()),
+            "n": float(len(pairs))}
 
 
 # ---------------------------------------------------------------------------------------------------- train
