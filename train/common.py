@@ -222,9 +222,13 @@ class TextBank:
         lengths = torch.tensor([e.shape[0] for e in embs], dtype=torch.int32)
         return cls(states, lengths, {t: i for i, t in enumerate(uniq)})
 
+    @property
+    def texts(self) -> list[str]:
+        """The captions in id order (texts[i] has states[i])."""
+        return sorted(self.index, key=self.index.get)  # type: ignore[arg-type]
+
     def save(self, path: Path) -> None:
-        texts = sorted(self.index, key=self.index.get)  # type: ignore[arg-type]
-        save_file({"states": self.states, "lengths": self.lengths}, path, metadata={"texts": json.dumps(texts)})
+        save_file({"states": self.states, "lengths": self.lengths}, path, metadata={"texts": json.dumps(self.texts)})
 
     @classmethod
     def load(cls, path: Path) -> TextBank:

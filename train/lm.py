@@ -83,8 +83,12 @@ def init_lm(lm: LM, seed: int, emb_std: float) -> None:
     depth = len(lm.layers)
     for name, p in lm.named_parameters():
         if p.dim() >= 2:
-            std = 0.02 / math.sqrt(2 * depth) if name.endswith(("out_proj.weight", "linear2.weight")) else 0.02
-            std = emb_std if name.startswith("emb.") else std
+            if name.startswith("emb."):
+                std = emb_std
+            elif name.endswith(("out_proj.weight", "linear2.weight")):
+                std = 0.02 / math.sqrt(2 * depth)
+            else:
+                std = 0.02
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=g) * std)
         elif "norm" in name:
@@ -282,6 +286,14 @@ def probing(lm: LM) -> Iterator[AttendSwitch]:
             layer.self_attn.attend = attend
 
 
+def stage0_logits(lm: LM, cb0: torch.Tensor, offset: int, cross: CrossKV) -> torch.Tensor:
+    """Codebook-0 input [B, T] (mask tokens where hidden), codebooks 1.. all mask tokens -> codebook-0 logits
+    [B, T, V]. Under `probing` with its switch untouched, i.e. full self-attention, as stage 0 decodes."""
+    inp = cb0.new_full((cb0.shape[0], lm.cfg.n_q, cb0.shape[1]), lm.cfg.card)
+    inp[:, 0] = cb0
+    return lm.linears[0](run_layers(lm, inp, offset, cross))
+
+
 @torch.no_grad()
 def text_sensitivity(lm: LM, data: TokenData, bank: common.TextBank, crop: int = 150, batch: int = 16,
                      n_batches: int = 24, seed: int = 999) -> dict[str, float]:
@@ -312,19 +324,16 @@ def context_gain(lm: LM, data: TokenData, bank: common.TextBank, rate: float = 0
         text_only  ____??_____???___?____      _ = mask token (codebooks 1.. are mask tokens in both)
     """
     out: dict[str, list[float]] = {"context": [], "text_only": []}
-    with probing(lm) as switch:
+    with probing(lm):
         for i in range(n_batches):
             g = common.step_generator(seed, i)
             window, off, caps = data.batch("magnet", batch, crop, (), lm.cfg.card, g)
-            b, _, t = window.shape
-            scored = span_mask(torch.full((b,), rate), t, lm.cfg.span_len, g)  # [B, T]
+            cb0 = window[:, 0]  # [B, T]
+            scored = span_mask(torch.full((cb0.shape[0],), rate), cb0.shape[1], lm.cfg.span_len, g)  # [B, T]
             cross = text_cross(lm, bank, caps)
-            switch.mask, switch.causal = None, False  # stage 0: full self-attention
             for name, hidden in (("context", scored), ("text_only", torch.ones_like(scored))):
-                inp = torch.full_like(window, lm.cfg.card)
-                inp[:, 0] = window[:, 0].masked_fill(hidden, lm.cfg.card)
-                logits = lm.linears[0](run_layers(lm, inp, off, cross))  # [B, T, V]
-                out[name].append(F.cross_entropy(logits[scored], window[:, 0][scored]).item())
+                logits = stage0_logits(lm, cb0.masked_fill(hidden, lm.cfg.card), off, cross)  # [B, T, V]
+                out[name].append(F.cross_entropy(logits[scored], cb0[scored]).item())
     return {name: float(np.mean(v)) for name, v in out.items()}
 
 
@@ -337,22 +346,20 @@ def caption_swap(lm: LM, data: TokenData, bank: common.TextBank, swap: Callable[
     token for "own" and "swapped", "prefer_own" (the fraction of pairs where the own caption scores lower) and the
     pair count "n". swapped − own is what the model knows of that attribute from the text alone, before it fixes any
     code; text_sensitivity changes every attribute at once."""
-    texts = sorted(bank.index, key=bank.index.get)  # type: ignore[arg-type]
-    pairs = [(row, texts[int(i)], edited) for row, ids in enumerate(data.caption_ids.tolist()) for i in ids
-             if (edited := swap(texts[int(i)])) is not None]
+    texts = bank.texts
+    pairs = [(row, texts[i], edited) for row, ids in enumerate(data.caption_ids.tolist()) for i in ids
+             if (edited := swap(texts[i])) is not None]
     if not pairs:
         raise ValueError("no caption of this split states the swapped attribute: nothing to compare")
     swapped_bank = common.TextBank.build(tokenizer, encoder, [p[2] for p in pairs])
     own, swapped = [], []
-    with probing(lm) as switch:
-        switch.mask, switch.causal = None, False  # stage 0: full self-attention
+    with probing(lm):
         for sl in common.batches(len(pairs), batch):
-            rows = torch.tensor([p[0] for p in pairs[sl]])
-            target = data.codes[rows, 0]  # [b, T]
-            inp = torch.full_like(data.codes[rows], lm.cfg.card)  # every codebook masked
+            target = data.codes[[p[0] for p in pairs[sl]], 0]  # [b, T]
+            hidden = torch.full_like(target, lm.cfg.card)  # all of codebook 0 masked: the text alone
             for out, b, ids in ((own, bank, [bank.index[p[1]] for p in pairs[sl]]),
                                 (swapped, swapped_bank, [swapped_bank.index[p[2]] for p in pairs[sl]])):
-                logits = lm.linears[0](run_layers(lm, inp, 0, text_cross(lm, b, torch.tensor(ids))))  # [b, T, V]
+                logits = stage0_logits(lm, hidden, 0, text_cross(lm, b, torch.tensor(ids)))  # [b, T, V]
                 out.append(F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(1))  # [b]
     o, s = torch.cat(own), torch.cat(swapped)
     return {"own": float(o.mean()), "swapped": float(s.mean()), "prefer_own": float((o < s).float().mean()),
