@@ -11,8 +11,13 @@ and compared with what the caption asked for:
     ar           the autoregressive model given by --ar-model (skipped without it)
     rescore      MAGNeT (default steps) rescored by the --ar-model at the default weight (paper's lever 1)
     hybrid-Ns    Hybrid-MAGNeT: the first N s by the --ar-model, the rest by MAGNeT (--prefixes, paper's lever 2)
+    continue-Ns  MAGNeT continues the codec codes of the real clip's first N s (--prefixes); scored on the rest only
+    resynth-after-Ns   the codec resynthesis of that same rest: the ceiling of continue-Ns
 
-The lever conditions (rescore, hybrid-*) run only when named in --conditions (they need --ar-model).
+The lever conditions run only when named in --conditions: "rescore" and "hybrid" (hybrid-Ns per prefix) need
+--ar-model; "continue" (resynth-after-Ns and continue-Ns per prefix) does not. A model that follows its context
+keeps the clip's tempo and key in continue-Ns whatever it does from the text alone: the pair separates coherence
+(does the model keep what the audio it was given already has?) from text-following.
 
 Each attribute is scored on the clips whose caption states it ("asked"): tempo needs the bpm number in the caption,
 key/mode the key, the instrument is always named. Tempo: strict = within ±4%; octave = within ±4% of ×{1/3, 1/2,
@@ -35,7 +40,10 @@ import numpy as np
 import torch
 
 CONDITIONS = ("real", "resynth", "magnet", "magnet-fast", "ar")
-LEVERS = ("rescore", "hybrid")  # opt-in conditions; "hybrid" expands to hybrid-<s>s for each of --prefixes
+# opt-in conditions; "hybrid" expands to hybrid-<s>s for each of --prefixes, "continue" to resynth-after-<s>s and
+# continue-<s>s
+LEVERS = ("rescore", "hybrid", "continue")
+NEED_AR = ("rescore", "hybrid")
 METRICS = ("tempo_strict", "tempo_octave", "key", "key_mirex", "mode", "instrument")
 # which caption mention each metric needs
 ASKED_BY = {"tempo_strict": "tempo_bpm", "tempo_octave": "tempo_bpm", "key": "key", "key_mirex": "key",
@@ -192,13 +200,15 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(conditions) - set(CONDITIONS + LEVERS))
     if unknown:
         raise ValueError(f"unknown condition(s) {', '.join(unknown)}: choose from {', '.join(CONDITIONS + LEVERS)}")
-    if set(conditions) & set(LEVERS) and not args.ar_model:
+    if set(conditions) & set(NEED_AR) and not args.ar_model:
         raise ValueError("the rescore and hybrid conditions need an AR model: pass --ar-model (e.g. default-ar)")
     try:
         prefixes = [float(x) for x in args.prefixes.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--prefixes takes comma-separated seconds, got {args.prefixes!r}") from None
-    conditions = [n for c in conditions for n in ([f"hybrid-{p:g}s" for p in prefixes] if c == "hybrid" else [c])]
+    expand = {"hybrid": [f"hybrid-{p:g}s" for p in prefixes],
+              "continue": [n for p in prefixes for n in (f"resynth-after-{p:g}s", f"continue-{p:g}s")]}
+    conditions = [n for c in conditions for n in expand.get(c, [c])]
     if args.n < 1 or args.batch < 1:
         raise ValueError("--n and --batch must be >= 1")
 
@@ -212,6 +222,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     duration = args.duration if args.duration is not None else min(10.0, float(eng.config.segment_duration))
     if duration <= 0:
         raise ValueError(f"--duration must be > 0 seconds, got {duration}")
+    if any(c.startswith("continue-") for c in conditions) and any(not 0 < p < duration for p in prefixes):
+        raise ValueError(f"--prefixes must be between 0 and the clip's {duration:g} s for the continue condition")
     fast = parse_steps(args.steps, eng.config.n_q)
     overrides = parse_sets(args.sets)
     sr = eng.sample_rate
@@ -239,10 +251,28 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             return out.audio, out.sample_rate
         return produce
 
+    def after(prefix: float, continue_: bool) -> Callable[[list[int]], tuple[torch.Tensor, int]]:
+        """The real clip's codes for the first `prefix` s, then MAGNeT (continue_) or the codes themselves; only the
+        audio after the prefix is returned, so only that part is scored."""
+        frames = round(prefix * eng.config.frame_rate)
+        hop = sr // eng.config.frame_rate  # samples per frame
+
+        def produce(idx: list[int]) -> tuple[torch.Tensor, int]:
+            audio = torch.stack([torch.from_numpy(render(items[i]["spec"], duration, sr))[None] for i in idx])
+            codes = eng.encode(audio)  # [b, K, T]
+            if not continue_:
+                return eng.decode(codes)[..., frames * hop:], sr
+            out = eng.generate([items[i]["caption"] for i in idx], seed=args.seed + idx[0] // args.batch,
+                               duration=duration, prompt_codes=codes[..., :frames], **overrides)
+            return out.audio[..., frames * hop:], sr
+        return produce
+
     resynth_seconds: list[float] = []
     producers: dict[str, Callable[[list[int]], tuple[torch.Tensor, int]]] = {
         "real": real, "resynth": resynth, "magnet": generator(eng, duration, **overrides),
         "magnet-fast": generator(eng, duration, **{**overrides, "steps": fast})}
+    for p in prefixes:
+        producers[f"resynth-after-{p:g}s"], producers[f"continue-{p:g}s"] = after(p, False), after(p, True)
     if args.ar_model and any(c == "ar" or c == "rescore" or c.startswith("hybrid-") for c in conditions):
         ar = engine.load(args.ar_model, device=args.device)
         if ar.config.kind != "musicgen":

@@ -150,6 +150,30 @@ def test_quality_bench_levers(fixture_dir: Path, tmp_path: Path, one_thread: Non
     assert quality.main(base + ["--conditions", "magnet", "--set", "top_p=2"]) == 2  # a value the config refuses
 
 
+def test_quality_bench_continuation(fixture_dir: Path, tmp_path: Path, one_thread: None,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """"continue" expands to the resynthesised rest and MAGNeT's continuation per prefix, needs no AR model, scores
+    only the audio after the prefix, and refuses a prefix that leaves nothing to generate."""
+    from bench import quality
+
+    scored: list[int] = []
+    analyse = quality.analyse
+    monkeypatch.setattr(quality, "analyse", lambda audio, sr, clf: scored.append(audio.shape[-1]) or analyse(
+        audio, sr, clf))
+    js, clf = tmp_path / "q.json", tmp_path / "clf.safetensors"
+    base = ["--model", str(fixture_dir), "--n", "2", "--batch", "2", "--duration", "0.5", "--device", "cpu",
+            "--classifier", str(clf), "--classifier-clips", "10", "--classifier-duration", "1", "--quiet"]
+    assert quality.main(base + ["--conditions", "continue", "--prefixes", "0.1,0.2", "--json", str(js)]) == 0
+    report = json.loads(js.read_text())
+    assert [c["condition"] for c in report["conditions"]] == ["resynth-after-0.1s", "continue-0.1s",
+                                                               "resynth-after-0.2s", "continue-0.2s"]
+    assert all(c["n"] == 2 for c in report["conditions"])
+    # the fixture: 32 kHz, 640 samples a frame; 0.5 s = 25 frames, 24 generated (spans of 3); a prefix of 0.1 s = 5
+    hop = 640
+    assert scored == [(25 - 5) * hop] * 2 + [(24 - 5) * hop] * 2 + [(25 - 10) * hop] * 2 + [(24 - 10) * hop] * 2
+    assert quality.main(base + ["--conditions", "continue", "--prefixes", "0.5"]) == 2
+
+
 def test_quality_steps_parsing() -> None:
     from bench.quality import parse_steps
 

@@ -202,6 +202,84 @@ def test_swap_attribute() -> None:
         corpus.swap_attribute("a piano", "tempo")
 
 
+def test_random_foils() -> None:
+    """With an rng, each foil changes one stated attribute to another value: any other tonic, the other mode, or a
+    bpm in range more than FOIL_BPM_GAP away; every other word is kept."""
+    from train import corpus
+
+    rng = np.random.default_rng(0)
+    shifts, gaps = set(), []
+    for seed in range(200):
+        spec = corpus.sample_spec(seed)
+        text, said = corpus.caption_and_mentions(spec, seed)
+        assert set(corpus.stated_swaps(text)) == ({"key", "mode"} if said["key"] else set()) | (
+            {"bpm"} if said["tempo_bpm"] else set())
+        for attr in corpus.stated_swaps(text):
+            foil = corpus.swap_attribute(text, attr, rng)
+            assert foil is not None and foil != text
+            if attr == "bpm":
+                new = int(corpus._BPM_PHRASE.search(foil).group(1))
+                assert corpus.TEMPO_RANGE[0] <= new <= corpus.TEMPO_RANGE[1]
+                gaps.append(abs(new / spec.tempo_bpm - 1))
+            elif attr == "key":
+                m = corpus._KEY_PHRASE.search(foil)
+                assert m is not None and m.group(3).startswith(spec.mode[:3])
+                tonic = corpus.normalize_key(m.group(1) + (m.group(2) or ""))
+                shifts.add((corpus.PITCH_CLASSES.index(tonic) - corpus.PITCH_CLASSES.index(spec.key)) % 12)
+                own = corpus._KEY_PHRASE.search(text).group(2)
+                if own and m.group(2):  # an accidental is spelled as the caption spelled its own
+                    assert own == m.group(2)
+    assert shifts == set(range(1, 12)) and min(gaps) > corpus.FOIL_BPM_GAP
+
+
+def test_foil_captions() -> None:
+    """A caption that states key or bpm gets a one-attribute foil; one that states neither gets another clip's."""
+    texts = ["calm piano in A minor", "a fast drum loop", "organ, 90 bpm"]
+    foils = lm_stage.foil_captions(texts, np.random.default_rng(0))
+    assert foils[1] == texts[2]
+    for text, foil in zip(texts[::2], foils[::2]):
+        assert foil != text and len(foil.split()) == len(text.split())
+        assert sum(a != b for a, b in zip(text.split(), foil.split())) == 1
+
+
+def test_contrast_loss(work: Path, text_encoder: str) -> None:
+    """Own caption and foil on the same codes and masks: with the text projection zeroed both are the null
+    condition, d = 0 and the loss is exactly softplus(0) = ln 2 with no gradient into the projection; with it, the
+    loss moves and its gradient reaches the text projection."""
+    cfg = lm_stage.LMTrainConfig(**TINY_LM, crop=12, contrast_rows=3, text_encoder=text_encoder)
+    lm, data, bank = _tiny_lm(work, cfg)
+    tok, enc = common.load_frozen_text_encoder(text_encoder)
+    switch = lm_stage.AttendSwitch(lm)
+    torch.nn.init.zeros_(lm.text_proj.weight)
+    loss = lm_stage.contrast_loss(lm, switch, data, bank, tok, enc, cfg, torch.Generator().manual_seed(0))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    torch.nn.init.normal_(lm.text_proj.weight)
+    loss = lm_stage.contrast_loss(lm, switch, data, bank, tok, enc, cfg, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert loss.item() != pytest.approx(math.log(2), abs=1e-6) and lm.text_proj.weight.grad.abs().sum() > 0
+
+
+def test_contrast_finetune_from_export(work: Path, tmp_path: Path, text_encoder: str) -> None:
+    """`init` starts a run from an exported model's weights (step 0 of its own schedule), and `contrast_weight`
+    adds the caption contrast to the logged steps; the AR model refuses it."""
+    if not (lm_stage.stage_folder(work, "magnet") / "ckpt.json").is_file():
+        test_lm_smoke_and_resume(work, "magnet", text_encoder)
+    base = lm_stage.export(work, tmp_path / "assets", kinds=("magnet",))["magnet"]
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    for name in ("codec", "tokens"):
+        (ft / name).symlink_to(work / name)
+    cfg = lm_stage.LMTrainConfig(steps=3, batch=4, crop=12, lr=1e-9, warmup=1, **TINY_LM, log_every=1, eval_every=3,
+                                 contrast_weight=1.0, contrast_rows=2, init=str(base), text_encoder=text_encoder)
+    got = lm_stage.train_lm(ft, cfg)
+    start = lm_stage.load_trained_lm(work, "magnet")
+    assert all(torch.allclose(got.state_dict()[k], v.half().float(), atol=1e-5) for k, v in start.state_dict().items())
+    log = _log(ft / "magnet")
+    assert [r["step"] for r in log] == [0, 1, 2] and all(math.isfinite(r["contrast"]) for r in log)
+    with pytest.raises(ValueError, match="MAGNeT objective"):
+        lm_stage.train_lm(ft, lm_stage.LMTrainConfig(**{**cfg.__dict__, "kind": "musicgen"}))
+
+
 def test_init_embedding_scale() -> None:
     """Token embeddings get `emb_std`, the other matrices 0.02: at the default, an embedding row's norm is of the
     order of the sinusoidal position's (sqrt(dim / 2)), not 35x below it as at 0.02."""

@@ -112,11 +112,11 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def progress(total: int, initial: int, desc: str) -> Any:
+def progress(total: int, initial: int, desc: str, disable: bool = False) -> Any:
     """A tqdm bar (to stderr; logs keep it readable with mininterval)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, mininterval=5.0, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, mininterval=5.0, dynamic_ncols=True, disable=disable)
 
 
 class Timer:
@@ -207,10 +207,10 @@ class TextBank:
         self.states, self.lengths, self.index = states, lengths, index
 
     @classmethod
-    def build(cls, tokenizer: Any, encoder: nn.Module, texts: Sequence[str]) -> TextBank:
+    def build(cls, tokenizer: Any, encoder: nn.Module, texts: Sequence[str], show_progress: bool = True) -> TextBank:
         uniq = sorted(set(texts))
         embs = []
-        bar = progress(len(uniq), 0, "text states")
+        bar = progress(len(uniq), 0, "text states", disable=not show_progress)
         for i in range(0, len(uniq), 64):
             embs += encode_texts(tokenizer, encoder, uniq[i:i + 64])
             bar.update(len(uniq[i:i + 64]))

@@ -490,12 +490,17 @@ def _a(phrase: str) -> str:
     return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
 
 
-def _key_text(spec: ClipSpec, rng: np.random.Generator) -> str:
-    name = spec.key
+def _spell_tonic(name: str, rng: np.random.Generator) -> str:
+    """'A#' -> 'A#', 'Bb', 'A sharp' or 'B flat' as the captions write it; naturals stay as they are."""
     if name in _FLAT_SPELLING and rng.random() < 0.5:
         name = _FLAT_SPELLING[name]
     if len(name) == 2 and rng.random() < 0.3:
         name = name[0] + (" sharp" if name[1] == "#" else " flat")
+    return name
+
+
+def _key_text(spec: ClipSpec, rng: np.random.Generator) -> str:
+    name = _spell_tonic(spec.key, rng)
     mode = spec.mode if rng.random() < 0.85 else ("maj" if spec.mode == "major" else "min")
     return f"{name} {mode}"
 
@@ -589,12 +594,15 @@ _KEY_PHRASE = re.compile(r"\b([A-G])( sharp| flat|#|b)? (major|minor|maj|min)\b"
 _BPM_PHRASE = re.compile(r"\b(\d{2,3})( bpm| BPM| beats per minute)\b")  # as `_tempo_text` writes it
 _FLIP_MODE = {"major": "minor", "minor": "major", "maj": "min", "min": "maj"}
 SWAPS = ("key", "mode", "bpm")
+FOIL_BPM_GAP = 0.08  # a random bpm foil differs by more than this ratio (twice the evaluator's tolerance)
 
 
-def swap_attribute(text: str, attribute: str) -> str | None:
+def swap_attribute(text: str, attribute: str, rng: np.random.Generator | None = None) -> str | None:
     """The caption with one stated attribute changed and every other word kept, or None when the caption does not
-    state it: "key" moves the tonic a tritone (same mode), "mode" flips major <-> minor, "bpm" moves the number by
-    60 within TEMPO_RANGE. For probes of what an LM reads in its caption (`train.lm.caption_swap`)."""
+    state it. Without `rng` (the probes, `train.lm.caption_swap`): "key" moves the tonic a tritone (same mode),
+    "mode" flips major <-> minor, "bpm" moves the number by 60 within TEMPO_RANGE. With `rng` (the foils of the
+    contrastive training term, `train.lm.contrast_loss`): "key" moves the tonic by 1..11 semitones, "bpm" draws
+    another tempo in TEMPO_RANGE more than `FOIL_BPM_GAP` away in ratio, "mode" flips as before."""
     if attribute not in SWAPS:
         raise ValueError(f"unknown attribute {attribute!r}: choose one of {', '.join(SWAPS)}")
     m = (_BPM_PHRASE if attribute == "bpm" else _KEY_PHRASE).search(text)
@@ -602,9 +610,29 @@ def swap_attribute(text: str, attribute: str) -> str | None:
         return None
     if attribute == "bpm":
         n = int(m.group(1))
-        return text[:m.start(1)] + str(n + 60 if n + 60 <= TEMPO_RANGE[1] else n - 60) + text[m.end(1):]
+        if rng is None:
+            new = n + 60 if n + 60 <= TEMPO_RANGE[1] else n - 60
+        else:  # far enough that the evaluator's ±4% never accepts the foil's tempo for the caption's
+            far = [b for b in range(TEMPO_RANGE[0], TEMPO_RANGE[1] + 1) if abs(b / n - 1) > FOIL_BPM_GAP]
+            new = far[int(rng.integers(len(far)))]
+        return text[:m.start(1)] + str(new) + text[m.end(1):]
     if attribute == "mode":
         return text[:m.start(3)] + _FLIP_MODE[m.group(3)] + text[m.end(3):]
     accidental = {" sharp": "#", " flat": "b", "#": "#", "b": "b"}.get(m.group(2) or "", "")
     tonic = PITCH_CLASSES.index(normalize_key(m.group(1) + accidental))
-    return text[:m.start()] + f"{PITCH_CLASSES[(tonic + 6) % 12]} {m.group(3)}" + text[m.end():]
+    if rng is None:
+        return text[:m.start()] + f"{PITCH_CLASSES[(tonic + 6) % 12]} {m.group(3)}" + text[m.end():]
+    # a foil is spelled as the captions spell keys (`_key_text`), so the spelling never tells it from a real caption
+    name = PITCH_CLASSES[(tonic + int(rng.integers(1, 12))) % 12]
+    style = m.group(2)  # the caption's own spelling of an accidental: '#', 'b', ' sharp' or ' flat'
+    if len(name) == 1 or not style:
+        name = _spell_tonic(name, rng)
+    else:
+        name = _FLAT_SPELLING[name] if style in ("b", " flat") else name
+        name = name[0] + (" sharp" if name[1] == "#" else " flat") if style.startswith(" ") else name
+    return text[:m.start()] + f"{name} {m.group(3)}" + text[m.end():]
+
+
+def stated_swaps(text: str) -> tuple[str, ...]:
+    """The attributes of SWAPS that a caption states (those `swap_attribute` can change)."""
+    return tuple(a for a in SWAPS if (_BPM_PHRASE if a == "bpm" else _KEY_PHRASE).search(text))
