@@ -238,7 +238,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return torch.stack([torch.from_numpy(render(items[i]["spec"], duration, sr))[None] for i in idx]), sr
 
     def resynth(idx: list[int]) -> tuple[torch.Tensor, int]:
-        audio = torch.stack([torch.from_numpy(render(items[i]["spec"], duration, sr))[None] for i in idx])
+        audio, _ = real(idx)
         t0 = time.perf_counter()
         out = eng.decode(eng.encode(audio))
         resynth_seconds.append(time.perf_counter() - t0)
@@ -258,8 +258,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         hop = sr // eng.config.frame_rate  # samples per frame
 
         def produce(idx: list[int]) -> tuple[torch.Tensor, int]:
-            audio = torch.stack([torch.from_numpy(render(items[i]["spec"], duration, sr))[None] for i in idx])
-            codes = eng.encode(audio)  # [b, K, T]
+            codes = eng.encode(real(idx)[0])  # [b, K, T]
             if not continue_:
                 return eng.decode(codes)[..., frames * hop:], sr
             out = eng.generate([items[i]["caption"] for i in idx], seed=args.seed + idx[0] // args.batch,

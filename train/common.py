@@ -11,6 +11,7 @@ Work folder layout (`--work runs/default`):
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -222,9 +223,9 @@ class TextBank:
         lengths = torch.tensor([e.shape[0] for e in embs], dtype=torch.int32)
         return cls(states, lengths, {t: i for i, t in enumerate(uniq)})
 
-    @property
+    @functools.cached_property
     def texts(self) -> list[str]:
-        """The captions in id order (texts[i] has states[i])."""
+        """The captions in id order (texts[i] has states[i]); a bank is not edited after it is built."""
         return sorted(self.index, key=self.index.get)  # type: ignore[arg-type]
 
     def save(self, path: Path) -> None:

@@ -248,20 +248,16 @@ def contrast_loss(lm: LM, switch: AttendSwitch, data: TokenData, bank: common.Te
     """
     n = cfg.contrast_rows
     window, off, caps = data.batch("magnet", n, cfg.crop, (), lm.cfg.card, g)  # [n, K, T]
-    names = bank.texts
-    texts = [names[i] for i in caps.tolist()]
+    texts = [bank.texts[i] for i in caps.tolist()]
     foils = foil_captions(texts, np.random.default_rng(int(torch.randint(2**31, (1,), generator=g))))
     # own captions and foils encoded together, so both halves see the same text padding (as one engine batch would)
     pair_bank = common.TextBank.build(tokenizer, encoder, texts + foils, show_progress=False)
     cross = text_cross(lm, pair_bank, torch.tensor([pair_bank.index[t] for t in texts + foils]))  # 2n rows
     rates = cfg.contrast_rate + (1 - cfg.contrast_rate) * torch.rand(n, generator=g)  # [n]
     mask = span_mask(rates, window.shape[-1], lm.cfg.span_len, g)  # [n, T] scored codebook-0 frames
-    inp = window.clone()
-    inp[:, 0] = inp[:, 0].masked_fill(mask, lm.cfg.card)
-    inp[:, 1:] = lm.cfg.card  # stage 0: codebooks above are all mask tokens
+    cb0 = window[:, 0].masked_fill(mask, lm.cfg.card)  # [n, T]
     switch.mask, switch.causal = None, False  # stage 0 attends to every frame
-    h = run_layers(lm, torch.cat([inp, inp]), off, cross)  # [2n, T, dim]
-    logits = lm.linears[0](h)  # [2n, T, V]
+    logits = stage0_logits(lm, torch.cat([cb0, cb0]), off, cross)  # [2n, T, V]
     target = torch.cat([window[:, 0], window[:, 0]])  # [2n, T]
     nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [2n, T]
     m = torch.cat([mask, mask]).float()
@@ -350,7 +346,8 @@ def probing(lm: LM) -> Iterator[AttendSwitch]:
 
 def stage0_logits(lm: LM, cb0: torch.Tensor, offset: int, cross: CrossKV) -> torch.Tensor:
     """Codebook-0 input [B, T] (mask tokens where hidden), codebooks 1.. all mask tokens -> codebook-0 logits
-    [B, T, V]. Under `probing` with its switch untouched, i.e. full self-attention, as stage 0 decodes."""
+    [B, T, V]. With full self-attention, as stage 0 decodes: under `probing` with its switch untouched, or in
+    training with the switch's mask cleared."""
     inp = cb0.new_full((cb0.shape[0], lm.cfg.n_q, cb0.shape[1]), lm.cfg.card)
     inp[:, 0] = cb0
     return lm.linears[0](run_layers(lm, inp, offset, cross))
