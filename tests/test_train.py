@@ -259,9 +259,30 @@ def test_contrast_loss(work: Path, text_encoder: str) -> None:
     assert loss.item() != pytest.approx(math.log(2), abs=1e-6) and lm.text_proj.weight.grad.abs().sum() > 0
 
 
+def test_marginal_loss_is_the_first_step_distribution(work: Path, text_encoder: str) -> None:
+    """The text-only rows' loss is the cross-entropy of the engine's own stage-0 pass (every codebook masked, the
+    clip's caption, the engine's attention op) on every frame: what MAGNeT's first decoding step samples from. Its
+    gradient reaches the text projection."""
+    cfg = lm_stage.LMTrainConfig(**TINY_LM, crop=10_000, marginal_rows=3, text_encoder=text_encoder)
+    lm, data, bank = _tiny_lm(work, cfg)
+    torch.nn.init.normal_(lm.text_proj.weight)
+    window, off, caps = data.batch("magnet", 3, cfg.crop, (), lm.cfg.card, torch.Generator().manual_seed(0))
+    assert off == 0 and window.shape[-1] == data.codes.shape[-1]  # whole clips: the engine's positions from 0
+    states, valid = bank.batch(caps)
+    with torch.no_grad():
+        logits = lm(torch.full_like(window, lm.cfg.card), 0, lm.cross_kv(lm.text_proj(states) * valid[..., None]))
+    ref = torch.nn.functional.cross_entropy(logits.transpose(1, 2), window[:, 0])
+    switch = lm_stage.AttendSwitch(lm)
+    loss = lm_stage.marginal_loss(lm, switch, data, bank, cfg, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    assert lm.text_proj.weight.grad.abs().sum() > 0
+
+
 def test_contrast_finetune_from_export(work: Path, tmp_path: Path, text_encoder: str) -> None:
     """`init` starts a run from an exported model's weights (step 0 of its own schedule), and `contrast_weight`
-    adds the caption contrast to the logged steps; the AR model refuses it."""
+    and `marginal_weight` add the caption contrast and the text-only rows to the logged steps; the AR model refuses
+    them, and `export` writes the fine-tuned MAGNeT alone."""
     if not (lm_stage.stage_folder(work, "magnet") / "ckpt.json").is_file():
         test_lm_smoke_and_resume(work, "magnet", text_encoder)
     base = lm_stage.export(work, tmp_path / "assets", kinds=("magnet",))["magnet"]
@@ -270,14 +291,16 @@ def test_contrast_finetune_from_export(work: Path, tmp_path: Path, text_encoder:
     for name in ("codec", "tokens"):
         (ft / name).symlink_to(work / name)
     cfg = lm_stage.LMTrainConfig(steps=3, batch=4, crop=12, lr=1e-9, warmup=1, **TINY_LM, log_every=1, eval_every=3,
-                                 contrast_weight=1.0, contrast_rows=2, init=str(base), text_encoder=text_encoder)
+                                 contrast_weight=1.0, contrast_rows=2, marginal_weight=1.0, marginal_rows=2,
+                                 init=str(base), text_encoder=text_encoder)
     got = lm_stage.train_lm(ft, cfg)
     start = lm_stage.load_trained_lm(work, "magnet")
     assert all(torch.allclose(got.state_dict()[k], v.half().float(), atol=1e-5) for k, v in start.state_dict().items())
     log = _log(ft / "magnet")
-    assert [r["step"] for r in log] == [0, 1, 2] and all(math.isfinite(r["contrast"]) for r in log)
+    assert [r["step"] for r in log] == [0, 1, 2] and all(math.isfinite(r["contrast"] + r["marginal"]) for r in log)
     with pytest.raises(ValueError, match="MAGNeT objective"):
         lm_stage.train_lm(ft, lm_stage.LMTrainConfig(**{**cfg.__dict__, "kind": "musicgen"}))
+    assert list(lm_stage.export(ft, tmp_path / "ft-assets")) == ["magnet"]  # exports what the folder trained
 
 
 def test_init_embedding_scale() -> None:
