@@ -86,12 +86,17 @@ def save_checkpoint(folder: Path, name: str, tensors: dict[str, torch.Tensor], o
     os.replace(tmp_js, folder / f"{name}.json")
 
 
+def has_checkpoint(folder: Path, name: str) -> bool:
+    """Whether `save_checkpoint(folder, name, ...)` has completed at least once."""
+    return (folder / f"{name}.safetensors").is_file() and (folder / f"{name}.json").is_file()
+
+
 def load_checkpoint(folder: Path, name: str, opt: torch.optim.Optimizer | None = None
                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """-> (model tensors, meta) and restores `opt` in place; None when there is no checkpoint yet."""
-    st, js = folder / f"{name}.safetensors", folder / f"{name}.json"
-    if not (st.is_file() and js.is_file()):
+    if not has_checkpoint(folder, name):
         return None
+    st, js = folder / f"{name}.safetensors", folder / f"{name}.json"
     flat = load_file(st)
     meta = json.loads(js.read_text())
     tensors = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}

@@ -556,7 +556,7 @@ def export(work: Path, assets: Path, kinds: tuple[str, ...] | None = None) -> di
     from .codec import load_trained_codec
 
     if kinds is None:
-        kinds = tuple(k for k in ("magnet", "musicgen") if (stage_folder(work, k) / "ckpt.json").is_file())
+        kinds = tuple(k for k in ("magnet", "musicgen") if common.has_checkpoint(stage_folder(work, k), "ckpt"))
         if not kinds:
             raise ValueError(f"no trained LM in {work}: run `python -m train magnet` (or `ar`) there first")
     codec = load_trained_codec(work)
