@@ -12,10 +12,21 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_generation_sets(items: Sequence[str]) -> dict[str, Any]:
+    """['temperature=1.5', 'cfg=[3,1]'] -> generation overrides, checked (and typed) by GenerationConfig."""
+    from engine.config import GenerationConfig
+    from train.common import parse_sets as key_values
+
+    pairs = key_values(items)
+    cfg = GenerationConfig.from_dict(pairs)  # unknown keys and bad values fail here, with the dataclass's message
+    return {k: getattr(cfg, k) for k in pairs}
 
 
 def git_sha() -> str:

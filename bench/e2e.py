@@ -12,14 +12,23 @@ import inspect
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import torch
 
 from . import schema
-from .common import StageClock, git_sha, host, peak_memory_mb, reset_peak_memory, summary, versions
+from .common import (
+    StageClock,
+    git_sha,
+    host,
+    parse_generation_sets,
+    peak_memory_mb,
+    reset_peak_memory,
+    summary,
+    versions,
+)
 
 BACKENDS = ("torch", "triton", "onnx")
 ALL_KINDS = ("magnet", "ar", "hf-musicgen")
@@ -60,6 +69,7 @@ class Settings:
     seed: int
     onnx_dir: str | None
     ar_mode: str = "eager"  # MusicGen step: eager | graph (CUDA graph) | compile (torch.compile)
+    sets: dict[str, Any] = field(default_factory=dict)  # further GenerationConfig fields (--set KEY=VALUE)
 
 
 @dataclass
@@ -154,7 +164,7 @@ def generation_overrides(kind: str, s: Settings) -> dict[str, Any]:
         if kind != "magnet":
             raise ValueError("--steps applies to MAGNeT only (AR models take one step per frame)")
         over["steps"] = s.steps
-    return over
+    return {**over, **s.sets}
 
 
 def lm_steps(engine: Any, kind: str, overrides: dict[str, Any], frames: int) -> tuple[list[int], int]:
@@ -177,7 +187,8 @@ def make_row(s: Settings, *, model: str, kind: str, backend: str, batch: int, ti
     row = {
         "schema": schema.SCHEMA_VERSION,
         "scenario": f"e2e/{model}/{kind}/{backend}/{s.device.type}/{dtype}/b{batch}/{s.duration:g}s"
-                    + ("" if s.steps is None else "/steps" + "-".join(map(str, s.steps))),
+                    + ("" if s.steps is None else "/steps" + "-".join(map(str, s.steps)))
+                    + "".join(f"/{k}={v}" for k, v in s.sets.items()),
         "model": model, "kind": kind, "backend": backend, "device": str(s.device), "dtype": dtype,
         "batch": batch, "duration_s": s.duration, "audio_s": round(audio_s, 4), "frames": timed.frames,
         "steps": timed.steps, "passes": timed.passes, "repeats": len(timed.latencies), "warmup": len(timed.warmups),
@@ -263,6 +274,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ar-mode", choices=("eager", "graph", "compile"), default=Settings.ar_mode,
                    help="AR (MusicGen) step: eager, a CUDA graph, or torch.compile (graph needs CUDA)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="GenerationConfig field, JSON value (e.g. cfg=[3,1], temperature=1.5); repeatable")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", default=None, help="append rows as JSON lines to FILE ('-' = stdout)")
     return p
@@ -282,7 +295,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(model=args.model, kind=args.kind, backend=args.backend, device=device,
                     dtype=parse_dtype(args.dtype, device), batches=parse_ints(args.batch, "--batch"),
                     duration=args.duration, steps=steps, repeats=args.repeats, warmup=args.warmup,
-                    greedy=args.greedy, seed=args.seed, onnx_dir=args.onnx_dir, ar_mode=args.ar_mode)
+                    greedy=args.greedy, seed=args.seed, onnx_dir=args.onnx_dir, ar_mode=args.ar_mode,
+                    sets=parse_generation_sets(args.sets))
 
 
 def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:

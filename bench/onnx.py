@@ -109,11 +109,11 @@ def _step_ms(eng: Any, prompts: list[str], settings: Any, calls: int = 20) -> fl
     cfg = eng.config
     step = eng.make_step(eng.text(prompts))
     codes = torch.full((len(prompts), cfg.n_q, output_frames(cfg, settings)), cfg.card, dtype=torch.long)
-    step(codes, 1)
+    step(codes, 1, settings.guided)
     times = []
     for _ in range(calls):
         t0 = time.perf_counter()
-        step(codes, 1)
+        step(codes, 1, settings.guided)
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
 

@@ -101,6 +101,8 @@ def run_peer(s: Any) -> list[dict[str, Any]]:
     preset = get_preset(s.model)
     if s.steps is not None:
         raise ValueError("--steps applies to MAGNeT only; hf-musicgen takes one step per frame")
+    if s.sets:
+        raise ValueError("--set applies to our engine's kinds (magnet, ar); hf-musicgen keeps transformers' settings")
     segment = 30.0 if preset.kind != "magnet" else preset.segment
     if s.duration > segment:
         raise ValueError(f"--duration {s.duration} exceeds the {segment}s segment of {preset.name}")

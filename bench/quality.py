@@ -63,16 +63,6 @@ def parse_steps(text: str | None, n_q: int) -> tuple[int, ...]:
     return steps
 
 
-def parse_sets(items: Sequence[str]) -> dict[str, Any]:
-    """['temperature=1.5', 'cfg=[3,1]'] -> generation overrides, checked (and typed) by GenerationConfig."""
-    from engine.config import GenerationConfig
-    from train.common import parse_sets as key_values
-
-    pairs = key_values(items)
-    cfg = GenerationConfig.from_dict(pairs)  # unknown keys and bad values fail here, with the dataclass's message
-    return {k: getattr(cfg, k) for k in pairs}
-
-
 def analyse(audio: torch.Tensor | np.ndarray, sr: int, classifier: Any) -> dict[str, Any]:
     """One clip [samples] -> {"tempo": bpm, "key": tonic, "mode": ..., "instrument": ...}."""
     from train.features import estimate_key, estimate_tempo
@@ -193,7 +183,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import engine
     from train.corpus import caption_and_mentions, labels, render, sample_spec, split_seeds
 
-    from .common import git_sha, host, versions
+    from .common import git_sha, host, parse_generation_sets, versions
 
     args = parser().parse_args(argv)
     conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
@@ -225,7 +215,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if any(c.startswith("continue-") for c in conditions) and any(not 0 < p < duration for p in prefixes):
         raise ValueError(f"--prefixes must be between 0 and the clip's {duration:g} s for the continue condition")
     fast = parse_steps(args.steps, eng.config.n_q)
-    overrides = parse_sets(args.sets)
+    overrides = parse_generation_sets(args.sets)
     sr = eng.sample_rate
     items = []
     for s in split_seeds(args.split, args.n):

@@ -37,7 +37,10 @@ class TorchStep:
     def __call__(self, cond: torch.Tensor) -> magnet.Step:
         cross = self.lm.cross_kv(cond)
 
-        def step(codes: torch.Tensor, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def step(codes: torch.Tensor, stage: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            if not guided:
+                logits = self.lm(codes, stage, cross)  # [B, T, V]: every row cross-attends
+                return logits, logits
             logits = self.lm(torch.cat([codes, codes]), stage, cross)  # [2B, T, V]: [cond; uncond]
             return logits.chunk(2)
 

@@ -186,6 +186,12 @@ class GenerationConfig:
     def cfg_min(self) -> float:
         return float(self.cfg[-1])
 
+    @property
+    def guided(self) -> bool:
+        """False when guidance is 1 at every step: uncond + 1·(cond − uncond) is cond, so MAGNeT's loop skips the
+        unconditional half of each LM pass (B rows instead of 2B)."""
+        return not (self.cfg_max == 1.0 and self.cfg_min == 1.0)
+
     def check_for(self, model: ModelConfig) -> None:
         """Checks that need the model: step list length, top-k range, duration."""
         if model.kind == "magnet" and len(self.steps) != model.n_q:

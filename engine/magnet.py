@@ -20,8 +20,9 @@ Progress = Callable[[int, int], None]
 
 
 class Step(Protocol):
-    def __call__(self, codes: torch.Tensor, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """codes [B, K, T] -> (cond, uncond) logits of codebook `stage`, each [B, T, V]."""
+    def __call__(self, codes: torch.Tensor, stage: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """codes [B, K, T] -> (cond, uncond) logits of codebook `stage`, each [B, T, V]. guided=False: only the
+        conditional rows run and cond is returned twice (the sampler's guidance then gives cond exactly)."""
         ...
 
 
@@ -67,6 +68,7 @@ def generate_tokens(step: Step, sample: Sampler, model: ModelConfig, gen: Genera
         codes[..., :p] = prompt
     chunked = gen.span_arrangement == "nonoverlap" or span == 1  # span 1: tokens are their own chunks
     total, done = sum(gen.steps), 0
+    guided = gen.guided  # a setting, not data: fixed for the whole request
     for stage, n_steps in enumerate(gen.steps):
         row = torch.full((batch, t), mask_id, dtype=torch.long, device=device)  # codebook `stage`, being filled
         if chunked:
@@ -88,7 +90,7 @@ def generate_tokens(step: Step, sample: Sampler, model: ModelConfig, gen: Genera
             if prompt is not None:
                 row[:, :p] = prompt[:, stage]
             codes[:, stage] = row
-            cond, uncond = step(codes, stage)
+            cond, uncond = step(codes, stage, guided)
             uniform = None if gen.greedy else torch.rand(batch, t, generator=generator, device=device)
             params = StepSampling(plan.cfg_coef, plan.temperature, gen.top_k, gen.top_p, gen.greedy)
             masked = None if chunked else row == mask_id  # stride1 scores only the positions sampled now

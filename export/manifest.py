@@ -6,7 +6,8 @@ Pure Python (json, hashlib): imported by both the exporter and the onnxruntime b
         manifest.json        what is there, how it was made, how well it matched PyTorch
         text_encoder.onnx    input_ids, attention_mask [B, L] int64 -> text_embeds [B, L, dim] fp32
         cross_kv.onnx        text_embeds [B, L, dim] -> cross_k_i, cross_v_i [B, H, L, D] per layer i
-        lm_step.onnx         codes [2B, K, T] int64, stage [] int64, cross_k_i/cross_v_i -> logits [2B, T, V] fp32
+        lm_step.onnx         codes [N, K, T] int64, stage [] int64, cross_k_i/cross_v_i -> logits [N, T, V] fp32;
+                             N = 2B ([cond; uncond], rows past B unconditional) or B (guidance 1: no uncond)
         codec_decode.onnx    codes [B, K, T] int64 -> audio [B, 1, T*hop] fp32
         codec_encode.onnx    audio [B, 1, S] fp32 -> codes [B, K, ceil(S/hop)] int64
         tokenizer/           the text tokenizer (save_pretrained), so no torch model is needed at run time

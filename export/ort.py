@@ -112,8 +112,9 @@ class _Projected(nn.Module):
 
 
 class OrtStep:
-    """Text embeddings [B, L, dim] -> step(codes [B, K, T], stage) -> (cond, uncond) logits [B, T, V] each, like
-    `engine.api.TorchStep`: `cross_kv` runs once per request, each step is one `lm_step` run on [codes; codes].
+    """Text embeddings [B, L, dim] -> step(codes [B, K, T], stage, guided) -> (cond, uncond) logits [B, T, V] each,
+    like `engine.api.TorchStep`: `cross_kv` runs once per request, each step is one `lm_step` run on [codes; codes]
+    (on codes alone when unguided: the graph's rows past the text's B are the unconditional ones, here none).
 
     CPU: numpy in/out without copies. CUDA: IO binding; the cross k/v stay on the GPU between steps, the codes are
     bound from the torch tensor and the logits written into a torch tensor, on torch's current stream."""
@@ -130,11 +131,11 @@ class OrtStep:
         kv = self.cross_kv.run(self.kv_names, {"text_embeds": cond.detach().cpu().float().numpy()})
         feeds: dict[str, np.ndarray] = dict(zip(self.kv_names, kv))
 
-        def step(codes: torch.Tensor, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
-            feeds["codes"] = torch.cat([codes, codes]).numpy()  # [2B, K, T]: [cond; uncond]
+        def step(codes: torch.Tensor, stage: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            feeds["codes"] = (torch.cat([codes, codes]) if guided else codes).numpy()  # [2B or B, K, T]
             feeds["stage"] = np.array(stage, dtype=np.int64)
-            logits = self.lm_step.run(["logits"], feeds)[0]  # [2B, T, V] fp32
-            return torch.from_numpy(logits).chunk(2)
+            logits = torch.from_numpy(self.lm_step.run(["logits"], feeds)[0])  # [2B or B, T, V] fp32
+            return logits.chunk(2) if guided else (logits, logits)
 
         return step
 
@@ -155,8 +156,8 @@ class OrtStep:
         for name, value in zip(self.kv_names, kv_values):
             bind.bind_ortvalue_input(name, value)
 
-        def step(codes: torch.Tensor, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
-            both = torch.cat([codes, codes]).contiguous()  # [2B, K, T] int64 on the GPU
+        def step(codes: torch.Tensor, stage: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            both = (torch.cat([codes, codes]) if guided else codes).contiguous()  # [2B or B, K, T] int64, GPU
             logits = torch.empty(both.shape[0], both.shape[-1], self.vocab, device=self.device)
             bind.bind_input("codes", "cuda", dev_id, np.int64, tuple(both.shape), both.data_ptr())
             stage_value = ort.OrtValue.ortvalue_from_numpy(np.array(stage, dtype=np.int64))  # host scalar
@@ -165,7 +166,7 @@ class OrtStep:
             bind.synchronize_inputs()
             self.lm_step.run_with_iobinding(bind)
             bind.synchronize_outputs()
-            return logits.chunk(2)
+            return logits.chunk(2) if guided else (logits, logits)
 
         return step
 

@@ -23,7 +23,8 @@ def rows_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     threads = torch.get_num_threads()
     path = tmp_path_factory.mktemp("bench") / "rows.jsonl"
     try:
-        assert e2e.main([*FAST, "--kind", "magnet", "--batch", "1,2", "--steps", "2,1,1,1", "--json", str(path)]) == 0
+        assert e2e.main([*FAST, "--kind", "magnet", "--batch", "1,2", "--steps", "2,1,1,1", "--set", "top_k=5",
+                         "--json", str(path)]) == 0
         assert e2e.main([*FAST, "--kind", "ar", "--batch", "1,2", "--json", str(path)]) == 0
     finally:
         torch.set_num_threads(threads)  # --threads is process-wide; leave other tests as they were
@@ -44,6 +45,7 @@ def test_rows_validate(rows_file: Path) -> None:
         assert r["peak_mem_mb"] > 0 and r["weights"] == "random"
     magnet, ar = rows[0], rows[2]
     assert magnet["frames"] == 15 and magnet["steps"] == [2, 1, 1, 1] and magnet["passes"] == 5
+    assert magnet["scenario"].endswith("/steps2-1-1-1/top_k=5")
     assert ar["frames"] == 15 and ar["passes"] == 15 + 3  # one step per frame plus the 3-step delay tail
 
 
@@ -91,6 +93,7 @@ def test_hf_peer_row(tmp_path: Path) -> None:
     (["--model", "tiny", "--batch", "0"], "--batch takes positive integers"),
     (["--model", "tiny", "--kind", "ar", "--steps", "1,1,1,1"], "--steps applies to MAGNeT only"),
     (["--model", "tiny", "--kind", "magnet", "--backend", "onnx"], "--onnx-dir"),
+    (["--model", "tiny", "--set", "no_such=1"], "unknown generation settings"),
 ])
 def test_cli_errors_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert e2e.main([*argv, "--duration", "0.3", "--repeats", "1", "--warmup", "0"]) == 2

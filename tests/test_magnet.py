@@ -33,6 +33,33 @@ def test_generation_token_exact(tiny, settings, expected, run):
         np.testing.assert_array_equal(out.codes[..., :prompt.shape[-1]].numpy(), expected["prompt_codes"])
 
 
+def test_guidance_one_runs_the_conditional_rows_only(tiny, settings, monkeypatch):
+    """Guidance 1 at every step: uncond + 1·(cond − uncond) is cond, so each pass runs B rows, not [cond; uncond],
+    and the tokens are those of the full guided computation."""
+    kw = {**run_settings(settings, "gen_nonoverlap_max"), "cfg": (1.0,)}
+    batch, rows = len(settings["prompts"]), []
+    forward = tiny.lm.forward
+
+    def counted(codes, stage, cross):
+        rows.append(codes.shape[0])
+        return forward(codes, stage, cross)
+
+    monkeypatch.setattr(tiny.lm, "forward", counted)
+    fast = tiny.generate(settings["prompts"], **kw).codes
+    assert rows and set(rows) == {batch}
+    make_step = tiny.make_step
+
+    def always_guided(cond):
+        step = make_step(cond)
+        return lambda codes, stage, guided: step(codes, stage, True)
+
+    monkeypatch.setattr(tiny, "make_step", always_guided)
+    rows.clear()
+    full = tiny.generate(settings["prompts"], **kw).codes
+    assert set(rows) == {2 * batch}
+    np.testing.assert_array_equal(fast.numpy(), full.numpy())
+
+
 def test_decoded_audio_matches(tiny, expected):
     audio = tiny.decode(torch.from_numpy(expected["gen_nonoverlap_max"]))
     np.testing.assert_allclose(audio.numpy(), expected["decoded_wav"], atol=1e-4, rtol=0)

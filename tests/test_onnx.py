@@ -226,8 +226,9 @@ def test_default_model_exports_and_runs(tmp_path: Path) -> None:
     codes[:, 1:, ::2] = ref.config.card  # partly masked, as mid-decoding
     step_ort, step_ref = ort.make_step(cond_ort), ref.make_step(cond_ref)
     for stage in range(ref.config.n_q):
-        for a, b in zip(step_ort(codes, stage), step_ref(codes, stage)):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+        for guided in (True, False):  # unguided: B rows instead of [cond; uncond]
+            for a, b in zip(step_ort(codes, stage, guided), step_ref(codes, stage, guided)):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     gen = ort.generate(prompts, duration=1.0, seed=0)
     assert gen.codes.shape == (1, ref.config.n_q, 48) and int(gen.codes.max()) < ref.config.card
     assert gen.audio.shape[-1] == 48 * ref.codec.config.hop_length and torch.isfinite(gen.audio).all()

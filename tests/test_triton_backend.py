@@ -35,6 +35,13 @@ def test_triton_engine_token_exact(tiny_triton, settings, expected, run):
     np.testing.assert_array_equal(out.codes.numpy(), expected[run])
 
 
+def test_triton_engine_unguided_matches_torch(tiny_triton, tiny, settings):
+    """Guidance 1: the loop runs B rows (cond passed as uncond too); the kernels must agree with torch on that path."""
+    kw = {**run_settings(settings, "gen_stride1"), "cfg": (1.0,)}
+    want = tiny.generate(settings["prompts"], **kw).codes
+    np.testing.assert_array_equal(tiny_triton.generate(settings["prompts"], **kw).codes.numpy(), want.numpy())
+
+
 def test_cli_backend_triton(fixture_dir, settings, expected, tmp_path):
     tokens = tmp_path / "t.npy"
     rc = main(["generate", *settings["prompts"], "--backend", "triton", "--device", "cpu", "--model",
