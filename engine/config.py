@@ -178,6 +178,11 @@ class GenerationConfig:
         d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return dataclasses.replace(base if base is not None else cls(), **d)
 
+    def overrides(self, base: GenerationConfig) -> dict[str, Any]:
+        """The fields that differ from `base`, JSON-ready (tuples -> lists): `from_dict(x.overrides(b), b) == x`."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+                if v != getattr(base, k)}
+
     @property
     def cfg_max(self) -> float:
         return float(self.cfg[0])

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import ModelConfig
+from engine.config import ModelConfig, default_generation
 from engine.model import LM
 from engine.ops import band_mask
 
@@ -401,6 +401,8 @@ def export_model(model: str | Path, out: str | Path, text_encoder: str | Path | 
         "created_with": _versions(),
         "source": _source_info(model, text_encoder, cfg),
         "model_config": cfg.to_dict(),
+        # the model's own decoding defaults (as config.json's "generation"), so the ORT engine decodes like the source
+        "generation": eng.default_generation().overrides(default_generation(cfg)),
         "codec": {"sample_rate": int(codec_cfg.sample_rate), "hop_length": int(codec_cfg.hop_length),
                   "frame_rate": int(codec_cfg.frame_rate), "n_q": int(codec_cfg.n_q), "bins": int(codec_cfg.bins),
                   "channels": int(getattr(codec_cfg, "channels", 1))},

@@ -22,7 +22,7 @@ from torch import nn
 
 from engine.api import Engine
 from engine.codec import check_codes, check_wav
-from engine.config import ModelConfig
+from engine.config import GenerationConfig, ModelConfig, default_generation
 from engine.magnet import Step
 from engine.text import CACHE_SIZE, TextConditioner
 
@@ -209,15 +209,21 @@ def load_engine(export_dir: str | Path, device: str | torch.device = "cpu", prov
 
     device: "cpu" (CPU execution provider) or "cuda[:i]" (CUDA EP with IO binding; needs onnxruntime-gpu).
     providers: onnxruntime providers to use instead of the device's default. session_options: an
-    `onnxruntime.SessionOptions` for every graph (threads, graph optimisation level). verify: check the files'
-    sha256 against the manifest (reads every byte once). Raises ValueError, saying how to fix it, when the export
-    dir is incomplete, from another format version, corrupted, or its graphs do not match the manifest.
+    `onnxruntime.SessionOptions` for every graph (threads, graph optimisation level; default: onnxruntime's, without
+    spin-waiting). verify: check the files' sha256 against the manifest (reads every byte once). Raises ValueError,
+    saying how to fix it, when the export dir is incomplete, from another format version, corrupted, or its graphs
+    do not match the manifest. The engine decodes with the source model's defaults (the manifest's "generation").
     """
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir, verify=verify)
+    if session_options is None:
+        session_options = ort.SessionOptions()
+        # each step alternates an onnxruntime call with torch's sampling: threads left spinning after the call
+        # would take the cores the sampling needs (10 s from the default model: 1.5 s spinning, 0.9 s not)
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     dev = torch.device(device)
     chosen = _providers(dev, providers)
     sessions: dict[str, Any] = {}
@@ -251,4 +257,9 @@ def load_engine(export_dir: str | Path, device: str | torch.device = "cpu", prov
                            cache_size=cache_size)
     codec = OrtCodec(sessions["codec_decode"], sessions["codec_encode"], info, dev)
     step = OrtStep(sessions["cross_kv"], sessions["lm_step"], kv_names, dev)
-    return Engine(cfg, text, codec, dev, make_step=step)
+    try:  # exports before the manifest carried "generation" decode with the reference defaults, as they did
+        defaults = GenerationConfig.from_dict(manifest.get("generation", {}), default_generation(cfg))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{export_dir}: the manifest's generation settings are invalid ({e}); "
+                         f"{reexport_hint(export_dir, manifest)}") from e
+    return Engine(cfg, text, codec, dev, make_step=step, defaults=defaults)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import run_settings
 
-from engine.config import ModelConfig
+from engine.config import ModelConfig, default_generation
 from engine.model import LM
 from engine.ops import attention
 from export import onnx_export
@@ -66,6 +66,7 @@ def test_every_graph_checked_and_recorded(exported: tuple[Path, dict], fixture_d
     for name, f in manifest["source"]["files"].items():
         assert f["sha256"] == sha256_file(fixture_dir / name)
     assert ModelConfig.from_dict(manifest["model_config"]).n_q == 4
+    assert manifest["generation"] == {}  # a released checkpoint decodes with the reference defaults
     assert manifest["codec"]["sample_rate"] == 32000 and manifest["codec"]["hop_length"] == 640
     assert (out / manifest["tokenizer"] / "tokenizer_config.json").is_file()
     assert manifest["tokenizer_check"]["passed"]
@@ -219,6 +220,8 @@ def test_default_model_exports_and_runs(tmp_path: Path) -> None:
     for name in FLOAT_GRAPHS:
         assert manifest["graphs"][name]["check"]["passed"], name
     ort, ref = load_engine(out), engine.load("default", device="cpu")
+    # the model's own decoding (config.json "generation") travels in the manifest, not the reference defaults
+    assert ort.default_generation() == ref.default_generation() != default_generation(ref.config)
     prompts = ["a fast techno beat with a deep bass"]
     cond_ort, cond_ref = ort.text(prompts), ref.text(prompts)
     torch.testing.assert_close(cond_ort, cond_ref, atol=1e-4, rtol=0)
