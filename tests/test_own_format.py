@@ -63,3 +63,15 @@ def test_hub_id_resolves_offline_from_the_cache(tmp_path, monkeypatch, fixture_d
     np.testing.assert_array_equal(eng.generate(settings["prompts"], **kw).codes.numpy(), expected["gen_nonoverlap_max"])
     with pytest.raises(ValueError, match="cannot fetch"):
         engine.load("facebook/not-cached-here", device="cpu")
+
+
+def test_generation_overrides_round_trip():
+    """A model's `generation` section (config.json, ONNX manifest) is its defaults' difference from the reference's."""
+    from engine.config import GenerationConfig
+
+    base = GenerationConfig()
+    ours = GenerationConfig(steps=(1, 4, 4, 4), temperature=1.0, anneal_temp=False, cfg=(1.0,))
+    section = ours.overrides(base)
+    assert section == {"steps": [1, 4, 4, 4], "temperature": 1.0, "anneal_temp": False, "cfg": [1.0]}
+    assert GenerationConfig.from_dict(json.loads(json.dumps(section)), base) == ours
+    assert base.overrides(base) == {}
