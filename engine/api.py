@@ -38,11 +38,8 @@ class TorchStep:
         cross = self.lm.cross_kv(cond)
 
         def step(codes: torch.Tensor, stage: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
-            if not guided:
-                logits = self.lm(codes, stage, cross)  # [B, T, V]: every row cross-attends
-                return logits, logits
-            logits = self.lm(torch.cat([codes, codes]), stage, cross)  # [2B, T, V]: [cond; uncond]
-            return logits.chunk(2)
+            # rows past the text's B are unconditional (LM.forward): none when unguided
+            return magnet.split_rows(self.lm(magnet.step_rows(codes, guided), stage, cross), guided)
 
         return step
 

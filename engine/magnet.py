@@ -26,6 +26,16 @@ class Step(Protocol):
         ...
 
 
+def step_rows(codes: torch.Tensor, guided: bool) -> torch.Tensor:
+    """codes [B, K, T] -> the rows a step's LM pass runs: [cond; uncond] = [2B, K, T] when guided, else [B, K, T]."""
+    return torch.cat([codes, codes]) if guided else codes
+
+
+def split_rows(logits: torch.Tensor, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pass's logits [2B or B, T, V] -> (cond, uncond) [B, T, V] each; unguided: cond twice (see `Step`)."""
+    return logits.chunk(2) if guided else (logits, logits)
+
+
 class Sampler(Protocol):
     def __call__(self, cond: torch.Tensor, uncond: torch.Tensor, current: torch.Tensor, mask_id: int,
                  params: StepSampling, uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

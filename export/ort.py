@@ -23,7 +23,7 @@ from torch import nn
 from engine.api import Engine
 from engine.codec import check_codes, check_wav
 from engine.config import GenerationConfig, ModelConfig, default_generation
-from engine.magnet import Step
+from engine.magnet import Step, split_rows, step_rows
 from engine.text import CACHE_SIZE, TextConditioner
 
 from .manifest import GRAPHS, read_manifest, reexport_hint
@@ -132,10 +132,9 @@ class OrtStep:
         feeds: dict[str, np.ndarray] = dict(zip(self.kv_names, kv))
 
         def step(codes: torch.Tensor, stage: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
-            feeds["codes"] = (torch.cat([codes, codes]) if guided else codes).numpy()  # [2B or B, K, T]
+            feeds["codes"] = step_rows(codes, guided).numpy()  # [2B or B, K, T]
             feeds["stage"] = np.array(stage, dtype=np.int64)
-            logits = torch.from_numpy(self.lm_step.run(["logits"], feeds)[0])  # [2B or B, T, V] fp32
-            return logits.chunk(2) if guided else (logits, logits)
+            return split_rows(torch.from_numpy(self.lm_step.run(["logits"], feeds)[0]), guided)  # [2B or B, T, V]
 
         return step
 
@@ -157,7 +156,7 @@ class OrtStep:
             bind.bind_ortvalue_input(name, value)
 
         def step(codes: torch.Tensor, stage: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
-            both = (torch.cat([codes, codes]) if guided else codes).contiguous()  # [2B or B, K, T] int64, GPU
+            both = step_rows(codes, guided).contiguous()  # [2B or B, K, T] int64 on the GPU
             logits = torch.empty(both.shape[0], both.shape[-1], self.vocab, device=self.device)
             bind.bind_input("codes", "cuda", dev_id, np.int64, tuple(both.shape), both.data_ptr())
             stage_value = ort.OrtValue.ortvalue_from_numpy(np.array(stage, dtype=np.int64))  # host scalar
@@ -166,7 +165,7 @@ class OrtStep:
             bind.synchronize_inputs()
             self.lm_step.run_with_iobinding(bind)
             bind.synchronize_outputs()
-            return logits.chunk(2) if guided else (logits, logits)
+            return split_rows(logits, guided)
 
         return step
 
