@@ -5,6 +5,7 @@ the MiniLM package when installed, else a tiny random BERT built from a config.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -277,6 +278,59 @@ def test_marginal_loss_is_the_first_step_distribution(work: Path, text_encoder: 
     torch.testing.assert_close(loss, ref)
     loss.backward()
     assert lm.text_proj.weight.grad.abs().sum() > 0
+
+
+def test_code_histograms_are_smoothed_cell_frequencies(work: Path, text_encoder: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each label cell's row is its train clips' codebook-0 frequencies smoothed towards the pooled ones,
+    (counts + prior * pooled) / (n + prior), computed here by hand; a clip is mapped to its own cell; unknown labels
+    are refused with the names that exist."""
+    monkeypatch.setenv("TRAIN_STANDIN_CORPUS", "1")  # the work folder's clips are the stand-in corpus's
+    bank = common.TextBank.load(work / "tokens" / "text.safetensors")
+    train = lm_stage.TokenData(work, "train", bank)
+    card, prior = CODEC["bins"], 3.0
+    got = lm_stage.code_histograms(train, "bright", card, prior)
+    codes = train.codes[:, 0].numpy()  # [N, T]
+    bright = [common.corpus().sample_spec(s).bright for s in train.seeds]
+    pooled = np.bincount(codes.ravel(), minlength=card) / codes.size
+    for i, b in enumerate(bright):
+        mine = codes[[j for j, o in enumerate(bright) if o == b]].ravel()
+        want = (np.bincount(mine, minlength=card) + prior * pooled) / (mine.size + prior)
+        np.testing.assert_allclose(got.table[got.cells[i]].numpy(), want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got.table.sum(1), torch.ones(got.table.shape[0]))
+    with pytest.raises(ValueError, match="not corpus labels.*bpm"):
+        lm_stage.code_histograms(train, "instrument", card)
+
+
+def test_marginal_soft_mixes_the_clip_and_its_cell(work: Path, text_encoder: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """marginal_soft = s scores the text-only rows against (1 - s) * the clip's own codes + s * its cell's histogram:
+    0 is the plain loss, 1 the cross-entropy to the histogram, and values between are the linear mix (same rows,
+    same draws). Out of [0, 1] it is refused before training."""
+    monkeypatch.setenv("TRAIN_STANDIN_CORPUS", "1")
+    cfg = lm_stage.LMTrainConfig(**TINY_LM, crop=10_000, marginal_rows=3, soft_labels="bright",
+                                 text_encoder=text_encoder)
+    lm, data, bank = _tiny_lm(work, cfg)
+    switch = lm_stage.AttendSwitch(lm)
+    soft = lm_stage.code_histograms(data, cfg.soft_labels, lm.cfg.card)
+    rows, caps = data.draw(3, torch.Generator().manual_seed(0))
+    states, valid = bank.batch(caps)
+    with torch.no_grad():
+        logits = lm(torch.full_like(data.codes[rows], lm.cfg.card), 0,
+                    lm.cross_kv(lm.text_proj(states) * valid[..., None]))  # [n, T, V]: whole clips, offset 0
+    want_soft = -(soft.table[soft.cells[rows]][:, None] * logits.log_softmax(-1)).sum(-1).mean()
+
+    def loss(s: float) -> torch.Tensor:
+        c = dataclasses.replace(cfg, marginal_soft=s)
+        return lm_stage.marginal_loss(lm, switch, data, bank, c, torch.Generator().manual_seed(0), soft).detach()
+
+    plain = lm_stage.marginal_loss(lm, switch, data, bank, cfg, torch.Generator().manual_seed(0)).detach()
+    torch.testing.assert_close(loss(0.0), plain)
+    torch.testing.assert_close(loss(1.0), want_soft)
+    torch.testing.assert_close(loss(0.25), 0.75 * plain + 0.25 * want_soft)
+    assert not torch.isclose(plain, want_soft)  # the two targets differ, so the mix is tested
+    with pytest.raises(ValueError, match=r"marginal_soft .*\[0, 1\]"):
+        lm_stage.train_lm(work, dataclasses.replace(cfg, marginal_weight=1.0, marginal_soft=1.5, steps=1))
 
 
 def test_contrast_finetune_from_export(work: Path, tmp_path: Path, text_encoder: str) -> None:
