@@ -313,8 +313,8 @@ def code_histograms(train: TokenData, attributes: str, card: int, prior: float =
 
     As the text-only rows' target it is the clip's own codes averaged over every clip that sounds alike in those
     labels: what a caption stating them predicts of a frame, without each clip's own notes (train/README.md,
-    "Soft targets"). Per-key histograms name the key of 73% of valid clips when drawn frame by frame; the shipped
-    LM's own text-only draw, 52%."""
+    "Soft targets"). Drawn frame by frame, per-key histograms name the key of 73% of valid clips, the text-only
+    draw of an LM trained on the clips' own codes (ft2) 52%."""
     names = [a.strip() for a in attributes.split(",") if a.strip()]
     if not names:
         raise ValueError("soft_labels names no corpus label: give ClipSpec fields, e.g. 'instrument,key,mode'")
