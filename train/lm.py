@@ -289,12 +289,13 @@ def marginal_loss(lm: LM, switch: AttendSwitch, data: TokenData, bank: common.Te
     window, off = data.magnet_window(rows, cfg.crop, g)  # [n, K, T]
     switch.mask, switch.causal = None, False  # stage 0 attends to every frame
     hidden = torch.full_like(window[:, 0], lm.cfg.card)  # [n, T]
-    logits = stage0_logits(lm, hidden, off, text_cross(lm, bank, caps))  # [n, T, V]
-    hard = F.cross_entropy(logits.transpose(1, 2), window[:, 0])
-    if soft is None or cfg.marginal_soft == 0:
+    logp = stage0_logits(lm, hidden, off, text_cross(lm, bank, caps)).log_softmax(-1)  # [n, T, V]
+    hard = F.nll_loss(logp.transpose(1, 2), window[:, 0])
+    if cfg.marginal_soft == 0:
         return hard
+    assert soft is not None, "marginal_soft > 0 needs the label histograms (code_histograms)"
     q = soft.table[soft.cells[rows]]  # [n, V]: the same target for every frame of a row
-    soft_ce = -(q[:, None, :] * logits.log_softmax(-1)).sum(-1).mean()
+    soft_ce = -(q[:, None, :] * logp).sum(-1).mean()
     return (1 - cfg.marginal_soft) * hard + cfg.marginal_soft * soft_ce
 
 
