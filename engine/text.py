@@ -81,14 +81,24 @@ def resolve_text_encoder(name: str | Path) -> str | Path:
 def load_text_encoder(name_or_path: str | Path, device: torch.device) -> tuple[object, nn.Module]:
     """A tokenizer and encoder from a local folder or a Hugging Face id (cache first, then the network).
 
-    T5 checkpoints load as `T5EncoderModel` (the decoder is never needed); other encoders via `AutoModel`.
-    Runs in fp32, as the reference does.
+    A local BERT folder (the default model's MiniLM) loads as `engine.bert` in plain PyTorch, without importing
+    transformers (seconds of start-up); T5 checkpoints load as `T5EncoderModel` (the decoder is never needed);
+    other encoders via `AutoModel`. Runs in fp32, as the reference does.
     """
+    from .bert import BertEncoder, BertTokenizer, is_bert
+
+    local = Path(resolve_text_encoder(name_or_path))
+    if is_bert(local):
+        try:
+            return BertTokenizer(local), BertEncoder.load(local).to(device)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load text encoder {local}: {e}; reinstall its package or pass --text-encoder "
+                             "DIR") from e
     from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    src = str(resolve_text_encoder(name_or_path))
+    src = str(local)
     for local_only in (True, False):
         try:
             config = AutoConfig.from_pretrained(src, local_files_only=local_only)

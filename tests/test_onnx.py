@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_settings
+from test_cli import cli_args
 
 from engine.config import ModelConfig, default_generation
 from engine.model import LM
@@ -235,3 +236,19 @@ def test_default_model_exports_and_runs(tmp_path: Path) -> None:
     gen = ort.generate(prompts, duration=1.0, seed=0)
     assert gen.codes.shape == (1, ref.config.n_q, 48) and int(gen.codes.max()) < ref.config.card
     assert gen.audio.shape[-1] == 48 * ref.codec.config.hop_length and torch.isfinite(gen.audio).all()
+
+
+def test_export_folder_is_a_model(exported: tuple[Path, dict], settings: dict, expected: dict, tmp_path: Path) -> None:
+    """`--model EXPORT_DIR` alone runs onnxruntime (engine.backends: the export folder claims its backend)."""
+    import engine
+    from engine.cli import main
+
+    eng = engine.load(exported[0])
+    assert eng.backend == "onnx" and eng.lm is None
+    tokens = tmp_path / "t.npy"
+    argv = ["generate", *settings["prompts"], "--model", str(exported[0]), "-o", str(tmp_path / "out"), "--quiet",
+            "--tokens-out", str(tokens), *cli_args(run_settings(settings, "gen_nonoverlap_max"))]
+    assert main(argv) == 0
+    np.testing.assert_array_equal(np.load(tokens), expected["gen_nonoverlap_max"])
+    with pytest.raises(ValueError, match="runs the dtype the export was made in"):
+        engine.load(exported[0], dtype="float16")

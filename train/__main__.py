@@ -1,7 +1,9 @@
-"""`python -m train codec|tokens|magnet|ar|export|all --work runs/default [--set key=value ...]`.
+"""`python -m train codec|tokens|magnet|ar|export|all --work runs/default [--set key=value ...] [--assets DIR]`.
 
 Every stage resumes from its checkpoint in the work folder; `--set` overrides a field of the stage's config
 dataclass (CodecTrainConfig, TokensConfig, LMTrainConfig), e.g. `--set steps=400 --set max_minutes=20`.
+`export` writes the engine-format folders into WORK/export, or into `--assets DIR`: the shipped default models in
+engine/assets are replaced only when that folder is named (`--assets engine/assets`).
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ from . import common
 from . import lm as lm_stage
 
 STAGES = ("codec", "tokens", "magnet", "ar", "export", "all")
-ASSETS = Path(__file__).resolve().parents[1] / "engine" / "assets"
 
 
 def _override(cfg: Any, sets: list[str]) -> Any:
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=STAGES)
     p.add_argument("--work", type=Path, default=Path("runs/default"), help="work folder (checkpoints, tokens)")
-    p.add_argument("--assets", type=Path, default=ASSETS, help="where `export` writes the engine-format folders")
+    p.add_argument("--assets", type=Path, default=None, help="where `export` writes the engine-format folders "
+                   "(default WORK/export; name engine/assets to replace the shipped default models)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a stage config field (repeatable)")
     # 1 thread by default: on a shared 2-core machine, 2 OpenMP threads were ~10x slower than 1 under load
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     stages = ["codec", "tokens", "magnet", "ar", "export"] if args.stage == "all" else [args.stage]
     _check_keys(args.sets, stages)
     for stage in stages:
-        run_stage(stage, args.work, args.sets, args.assets)
+        run_stage(stage, args.work, args.sets, args.assets if args.assets is not None else args.work / "export")
 
 
 if __name__ == "__main__":
