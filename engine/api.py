@@ -107,9 +107,8 @@ class Engine:
         if len(prompts) == 0:
             raise ValueError("no prompt given: pass at least one text (or None for an unconditional sample)")
         prompt = self._prompt_codes(len(prompts), prompt_codes, prompt_audio)
-        generator = None
-        if gen.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(gen.seed)
+        generators = magnet.row_generators(gen.seed, len(prompts), self.device)  # prompt b draws from seed + b
+        generator = None if generators is None else generators[0]  # the AR paths' one stream (as before)
         cond = self.text(list(prompts))
         stats: dict[str, float] = {}
         if self.config.kind == "musicgen":
@@ -129,7 +128,7 @@ class Engine:
                                                               generator, ar_progress)
             step = self.make_step(cond)
             codes = magnet.generate_tokens(step, self.sample, self.config, gen, len(prompts), self.device, prompt,
-                                           generator, progress, rescore=rescore)
+                                           generators, progress, rescore=rescore)
             if rescore is not None:
                 stats.update(rescore.stats())
             if prefix_timer is not None:
