@@ -1,0 +1,269 @@
+"""Many requests at once: iteration-level batching of MAGNeT decoding, each request decoded as if alone.
+
+    submit() ─► queue (FIFO, ≤ max_queue) ─► loop thread: admit up to max_batch ─► per iteration:
+        every active request's `magnet.Decoding.prepare()` ─► ONE packed LM pass (`LM.forward_packed`) ─►
+        ONE sampler call with per-row parameters ─► each request's `advance()` ─► finished ones decode and leave
+
+A request joins at the next iteration after it is submitted and leaves the iteration it finishes, whatever stage and
+step the others are at (vLLM-style continuous batching; MAGNeT's fixed step count makes every iteration one step of
+every active request).
+
+Bit-equality with `engine.generate([prompt], **same settings)`: the pass packs the requests' rows without padding
+(linears see only a row's own elements; attention runs per request over its own frames and own text length: see
+`LM.forward_packed`), and the sampler only reduces over V within a position (its T padding to the longest request is
+never read back). Each request draws its noise from its own generator (`magnet.row_generators(seed, 1)`), in the
+solo run's order. tests/test_scheduler.py holds the equality on the fixture and the shipped model.
+
+Threads: the loop thread does all torch work (text encoding, LM, sampling, codec). With libgomp (Linux CPU builds)
+each OS thread that has run a parallel torch op keeps its own OpenMP pool; once a second thread runs parallel ops
+beside the pool of the thread that loaded the model, libgomp sees more threads than cores and stops spinning at its
+barriers, and every op runs ~1.6x slower (measured: 8 one-second requests 0.73 s -> 1.17 s on 2 cores). The
+scheduler therefore shrinks the creating thread's pool to one thread when it starts (`_release_omp_pool`): the
+loop then runs at full speed. Torch work done later on other threads while a scheduler runs slows both again.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .magnet import Decoding, row_generators, split_rows, step_rows
+from .model import CrossKV, Rows
+from .sampling import StepSampling
+
+if TYPE_CHECKING:
+    from .api import Engine, Generation
+    from .config import GenerationConfig
+
+
+class QueueFull(RuntimeError):
+    """`Scheduler.submit` past `max_queue` waiting requests: retry later or raise max_queue."""
+
+
+class RequestTimeout(TimeoutError):
+    """A request's `timeout` (seconds from submit) passed before it finished; it left its batch."""
+
+
+@dataclass(eq=False)
+class _Request:
+    prompt: str | None
+    gen: GenerationConfig
+    future: Future
+    submitted: float  # time.monotonic()
+    deadline: float | None
+    started: float = 0.0
+    dec: Decoding | None = None
+    cross: CrossKV = field(default_factory=list)
+
+
+class Scheduler:
+    """Serve `submit(prompt, **settings)` requests on one engine with iteration-level batching.
+
+    `max_batch`: requests decoded together (each is 2 LM rows when guided, 1 when not). `max_queue`: requests
+    waiting to start; `submit` raises QueueFull past it. Use as a context manager; leaving it (or `close()`)
+    finishes what is queued and in flight and joins the loop thread.
+    """
+
+    def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64) -> None:
+        if engine.lm is None:
+            raise ValueError("the scheduler needs a torch LM: its pass packs rows of requests at different stages, "
+                             "lengths and text lengths (LM.forward_packed), which this engine's step (onnxruntime: "
+                             "one fixed [2B or B, K, T] batch, one stage, one text length per call) cannot take; "
+                             "load the model with engine.load(...) instead")
+        if engine.config.kind != "magnet":
+            raise ValueError(f"the scheduler batches MAGNeT decoding; this is a {engine.config.kind} model")
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._active: list[_Request] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._cancel_pending = False
+        # iteration -> how many requests it decoded (for benchmarks); written by the loop thread only
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        _release_omp_pool()
+        self._thread = threading.Thread(target=self._loop, name="magnet-scheduler", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> Scheduler:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.close(cancel_pending=exc_type is not None)
+
+    def settings(self, fields: dict[str, Any]) -> GenerationConfig:
+        """A request's settings, validated (the one place; the engine's defaults under the given fields)."""
+        gen = self.engine.settings(**fields)
+        if gen.hybrid_prefix > 0.0:
+            raise ValueError("the scheduler does not run Hybrid-MAGNeT (it needs an AR model); use "
+                             "Engine.generate(..., ar_model=...) or hybrid_prefix=0")
+        return gen
+
+    def submit(self, prompt: str | None, *, timeout: float | None = None, **fields: Any) -> Future[Generation]:
+        """Queue one request; thread-safe. -> a Future of its Generation (audio [1, 1, samples], codes [1, K, T]).
+
+        `fields`: GenerationConfig fields, as for Engine.generate. Bad settings fail the returned future (ValueError
+        or TypeError) without queueing; `timeout` seconds after submit an unfinished request leaves its batch and
+        its future fails with RequestTimeout. Raises QueueFull when max_queue requests are waiting and
+        RuntimeError once the scheduler is closed.
+        """
+        future: Future[Generation] = Future()
+        try:
+            if timeout is not None and not timeout > 0:
+                raise ValueError(f"timeout must be > 0 seconds (or None), got {timeout}")
+            if prompt is not None and not isinstance(prompt, str):
+                raise TypeError(f"prompt must be a string or None, got {type(prompt).__name__}")
+            gen = self.settings(fields)
+        except (ValueError, TypeError) as e:
+            future.set_exception(e)
+            return future
+        now = time.monotonic()
+        req = _Request(prompt, gen, future, now, None if timeout is None else now + timeout)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed: submit before close() or start a new one")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are waiting (max_queue={self.max_queue}); retry later "
+                                "or create the Scheduler with a larger max_queue")
+            self._queue.append(req)
+            self._cv.notify()
+        return future
+
+    def close(self, cancel_pending: bool = False) -> None:
+        """Stop taking requests, finish those in flight and (unless `cancel_pending`: cancel) those queued; join."""
+        with self._cv:
+            self._closed = True
+            self._cancel_pending = self._cancel_pending or cancel_pending
+            self._cv.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # ------------------------------------------------------------------------------------------ the loop thread
+
+    def _loop(self) -> None:
+        with torch.no_grad():
+            while True:
+                with self._cv:
+                    while not (self._queue or self._active or self._closed):
+                        self._cv.wait()
+                    if self._cancel_pending:
+                        while self._queue:
+                            self._queue.popleft().future.cancel()
+                    if self._closed and not self._queue and not self._active:
+                        return
+                    admitted = []
+                    while self._queue and len(self._active) + len(admitted) < self.max_batch:
+                        admitted.append(self._queue.popleft())
+                for req in admitted:
+                    self._admit(req)
+                self._expire()
+                if self._active:
+                    self._iterate()
+
+    def _admit(self, req: _Request) -> None:
+        """Text encoding and decoding state of one request (its own errors fail only it)."""
+        if not req.future.set_running_or_notify_cancel():
+            return  # cancelled while queued
+        if req.deadline is not None and time.monotonic() >= req.deadline:
+            req.future.set_exception(RequestTimeout("the request timed out in the queue before it started"))
+            return
+        eng = self.engine
+        try:
+            req.started = time.monotonic()
+            req.cross = eng.lm.cross_kv(eng.text([req.prompt]))  # as Engine.generate's TorchStep for one prompt
+            req.dec = Decoding(eng.config, req.gen, 1, eng.device, None,
+                               row_generators(req.gen.seed, 1, eng.device))
+        except Exception as e:  # noqa: BLE001 - any failure belongs to this request's future, the loop goes on
+            req.future.set_exception(e)
+            return
+        self._active.append(req)
+
+    def _expire(self) -> None:
+        """Requests past their deadline leave: queued ones without starting, active ones mid-decoding."""
+        now = time.monotonic()
+        with self._cv:
+            late = [r for r in self._queue if r.deadline is not None and now >= r.deadline]
+            for req in late:
+                self._queue.remove(req)
+        for req in late:
+            if req.future.set_running_or_notify_cancel():
+                req.future.set_exception(RequestTimeout("the request timed out in the queue before it started"))
+        for req in [r for r in self._active if r.deadline is not None and now >= r.deadline]:
+            self._active.remove(req)
+            req.future.set_exception(RequestTimeout(
+                f"the request did not finish within its timeout ({req.deadline - req.submitted:.3g} s); it was at "
+                f"step {req.dec.done} of {req.dec.total}"))
+
+    def _iterate(self) -> None:
+        """One decoding step of every active request: one LM pass, one sampler call; then the finished leave."""
+        active = list(self._active)
+        self.batch_sizes[len(active)] += 1
+        try:
+            tokens, probs = self._step([r.dec for r in active], [r.cross for r in active])
+            for i, req in enumerate(active):
+                t = req.dec.frames
+                req.dec.advance(tokens[i:i + 1, :t], probs[i:i + 1, :t])
+        except Exception as e:  # noqa: BLE001 - the pass touched every active request: fail them, keep serving
+            for req in active:
+                self._active.remove(req)
+                req.future.set_exception(e)
+            return
+        for req in [r for r in active if r.dec.finished]:
+            self._active.remove(req)
+            self._finish(req)
+
+    def _step(self, decs: Sequence[Decoding], crosses: Sequence[CrossKV]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> tokens, probs [R, T_max] for R one-row requests (positions past a request's T are padding)."""
+        eng = self.engine
+        parts = [Rows(step_rows(d.prepare(), d.guided), d.stage, c) for d, c in zip(decs, crosses)]
+        logits = eng.lm.forward_packed(parts)  # per request [2 or 1, T, V]
+        r, t_max, v = len(decs), max(d.frames for d in decs), logits[0].shape[-1]
+        # the sampler's [R, T_max, V] batch: a position past a request's T is not masked, so nothing is sampled
+        # there, and the sampler's reductions run over V within one position, so padding never reaches real rows
+        cond = logits[0].new_zeros(r, t_max, v)
+        uncond = logits[0].new_zeros(r, t_max, v)
+        current = torch.zeros(r, t_max, dtype=torch.long, device=eng.device)
+        sampled = any(not d.gen.greedy for d in decs)
+        uniform = torch.zeros(r, t_max, device=eng.device) if sampled else None
+        for i, (d, lg) in enumerate(zip(decs, logits)):
+            c, u = split_rows(lg, d.guided)  # [1, T, V] each
+            cond[i, :d.frames], uncond[i, :d.frames], current[i, :d.frames] = c[0], u[0], d.row[0]
+            noise = d.noise()
+            if noise is not None:
+                uniform[i, :d.frames] = noise[0]
+        params = StepSampling.concat([(d.params(), 1) for d in decs])
+        return eng.sample(cond, uncond, current, eng.config.card, params, uniform)
+
+    def _finish(self, req: _Request) -> None:
+        from .api import Generation
+
+        try:
+            audio = self.engine.decode(req.dec.codes)
+        except Exception as e:  # noqa: BLE001 - a codec failure is this request's
+            req.future.set_exception(e)
+            return
+        done = time.monotonic()
+        stats = {"queue_s": req.started - req.submitted, "latency_s": done - req.submitted}
+        req.future.set_result(Generation(audio=audio, codes=req.dec.codes, sample_rate=self.engine.sample_rate,
+                                         stats=stats))
+
+
+def _release_omp_pool() -> None:
+    """Shrink the calling thread's libgomp pool to one thread (see the module docstring): one empty parallel
+    region of one thread, `GOMP_parallel(fn, NULL, 1, 0)`, makes libgomp release the pool's idle threads. A no-op
+    where torch does not use libgomp (the symbol is then absent)."""
+    try:
+        gomp_parallel = ctypes.CDLL(None).GOMP_parallel
+    except (AttributeError, OSError):
+        return
+    region = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _: None)
+    gomp_parallel.argtypes = [type(region), ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    gomp_parallel(region, None, 1, 0)
