@@ -175,12 +175,9 @@ class Scheduler:
         if req.deadline is not None and time.monotonic() >= req.deadline:
             req.future.set_exception(RequestTimeout("the request timed out in the queue before it started"))
             return
-        eng = self.engine
         try:
             req.started = time.monotonic()
-            req.cross = eng.lm.cross_kv(eng.text([req.prompt]))  # as Engine.generate's TorchStep for one prompt
-            req.dec = Decoding(eng.config, req.gen, 1, eng.device, None,
-                               row_generators(req.gen.seed, 1, eng.device))
+            req.dec, req.cross = start_request(self.engine, req.prompt, req.gen)
         except Exception as e:  # noqa: BLE001 - any failure belongs to this request's future, the loop goes on
             req.future.set_exception(e)
             return
@@ -207,10 +204,7 @@ class Scheduler:
         active = list(self._active)
         self.batch_sizes[len(active)] += 1
         try:
-            tokens, probs = self._step([r.dec for r in active], [r.cross for r in active])
-            for i, req in enumerate(active):
-                t = req.dec.frames
-                req.dec.advance(tokens[i:i + 1, :t], probs[i:i + 1, :t])
+            decode_step(self.engine, [r.dec for r in active], [r.cross for r in active])
         except Exception as e:  # noqa: BLE001 - the pass touched every active request: fail them, keep serving
             for req in active:
                 self._active.remove(req)
@@ -219,28 +213,6 @@ class Scheduler:
         for req in [r for r in active if r.dec.finished]:
             self._active.remove(req)
             self._finish(req)
-
-    def _step(self, decs: Sequence[Decoding], crosses: Sequence[CrossKV]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> tokens, probs [R, T_max] for R one-row requests (positions past a request's T are padding)."""
-        eng = self.engine
-        parts = [Rows(step_rows(d.prepare(), d.guided), d.stage, c) for d, c in zip(decs, crosses)]
-        logits = eng.lm.forward_packed(parts)  # per request [2 or 1, T, V]
-        r, t_max, v = len(decs), max(d.frames for d in decs), logits[0].shape[-1]
-        # the sampler's [R, T_max, V] batch: a position past a request's T is not masked, so nothing is sampled
-        # there, and the sampler's reductions run over V within one position, so padding never reaches real rows
-        cond = logits[0].new_zeros(r, t_max, v)
-        uncond = logits[0].new_zeros(r, t_max, v)
-        current = torch.zeros(r, t_max, dtype=torch.long, device=eng.device)
-        sampled = any(not d.gen.greedy for d in decs)
-        uniform = torch.zeros(r, t_max, device=eng.device) if sampled else None
-        for i, (d, lg) in enumerate(zip(decs, logits)):
-            c, u = split_rows(lg, d.guided)  # [1, T, V] each
-            cond[i, :d.frames], uncond[i, :d.frames], current[i, :d.frames] = c[0], u[0], d.row[0]
-            noise = d.noise()
-            if noise is not None:
-                uniform[i, :d.frames] = noise[0]
-        params = StepSampling.concat([(d.params(), 1) for d in decs])
-        return eng.sample(cond, uncond, current, eng.config.card, params, uniform)
 
     def _finish(self, req: _Request) -> None:
         from .api import Generation
@@ -254,6 +226,39 @@ class Scheduler:
         stats = {"queue_s": req.started - req.submitted, "latency_s": done - req.submitted}
         req.future.set_result(Generation(audio=audio, codes=req.dec.codes, sample_rate=self.engine.sample_rate,
                                          stats=stats))
+
+
+@torch.no_grad()
+def decode_step(eng: Engine, decs: Sequence[Decoding], crosses: Sequence[CrossKV]) -> None:
+    """One decoding step of several one-row requests (each a `magnet.Decoding` with its text's `LM.cross_kv`),
+    whatever stage and step each is at: one packed LM pass, one sampler call with per-row parameters, and each
+    request's `advance`. Each request's numbers are those of its solo run (module docstring)."""
+    parts = [Rows(step_rows(d.prepare(), d.guided), d.stage, c) for d, c in zip(decs, crosses)]
+    logits = eng.lm.forward_packed(parts)  # per request [2 or 1, T, V]
+    r, t_max, v = len(decs), max(d.frames for d in decs), logits[0].shape[-1]
+    # the sampler's [R, T_max, V] batch: a position past a request's T is not masked, so nothing is sampled there,
+    # and the sampler's reductions run over V within one position, so padding never reaches real positions
+    cond = logits[0].new_zeros(r, t_max, v)
+    uncond = logits[0].new_zeros(r, t_max, v)
+    current = torch.zeros(r, t_max, dtype=torch.long, device=eng.device)
+    sampled = any(not d.gen.greedy for d in decs)
+    uniform = torch.zeros(r, t_max, device=eng.device) if sampled else None
+    for i, (d, lg) in enumerate(zip(decs, logits)):
+        c, u = split_rows(lg, d.guided)  # [1, T, V] each
+        cond[i, :d.frames], uncond[i, :d.frames], current[i, :d.frames] = c[0], u[0], d.row[0]
+        noise = d.noise()
+        if noise is not None:
+            uniform[i, :d.frames] = noise[0]
+    params = StepSampling.concat([(d.params(), 1) for d in decs])
+    tokens, probs = eng.sample(cond, uncond, current, eng.config.card, params, uniform)
+    for i, d in enumerate(decs):
+        d.advance(tokens[i:i + 1, :d.frames], probs[i:i + 1, :d.frames])
+
+
+def start_request(eng: Engine, prompt: str | None, gen: GenerationConfig) -> tuple[Decoding, CrossKV]:
+    """A one-prompt request's decoding state and text k/v, as `Engine.generate([prompt])` builds them."""
+    cross = eng.lm.cross_kv(eng.text([prompt]))
+    return Decoding(eng.config, gen, 1, eng.device, None, row_generators(gen.seed, 1, eng.device)), cross
 
 
 def _release_omp_pool() -> None:
