@@ -95,8 +95,9 @@ def _sample_step(
                 hi = tl.where(enough, hi, mid)
             kept = tl.where(bits >= lo[:, None], probs, 0.0)
             # the reference renormalises in place: the renormalised probability is drawn from and returned
-            kept = kept / tl.sum(kept, axis=1)[:, None]
+            # (a row in another mode may keep nothing, k = 0: divide it by 1, its result is not used)
             is_k = (mode == 2)[:, None]
+            kept = kept / tl.where(is_k, tl.sum(kept, axis=1)[:, None], 1.0)
             weights = tl.where(is_k, kept, weights)
             chosen_from = tl.where(is_k, kept, chosen_from)
         if HAS_TOP_P:

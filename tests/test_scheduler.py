@@ -229,3 +229,14 @@ def test_engine_without_torch_lm_is_refused():
     fake = SimpleNamespace(lm=None, config=SimpleNamespace(kind="magnet"))
     with pytest.raises(ValueError, match="onnxruntime"):
         Scheduler(fake)  # type: ignore[arg-type]
+
+
+def test_triton_backend_token_identical(fixture_dir):
+    """kernels.apply swaps the attention op (used per request by the packed pass) and the sampler (called once per
+    iteration with per-row parameters): the scheduler on that engine equals its solo runs (Triton interpreter)."""
+    pytest.importorskip("triton", reason="triton is not installed: pip install 'triton>=3.2' (extra [triton])")
+    import kernels
+
+    eng = kernels.apply(engine.load(fixture_dir, device="cpu"))
+    reqs = mixed_requests(dict(TINY, steps=(2, 1, 1, 1)))
+    check_identical(eng, [(p, {**kw, "steps": (2, 1, 1, 1)}) for p, kw in reqs[:4]], max_batch=4)
