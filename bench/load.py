@@ -106,10 +106,15 @@ def run_static(eng: Any, trace: list[Request], max_batch: int, wait: float) -> c
     return hist
 
 
-def run_scheduler(eng: Any, trace: list[Request], max_batch: int) -> collections.Counter[int]:
+def run_scheduler(eng: Any, trace: list[Request], max_batch: int, warm: list[Request]) -> collections.Counter[int]:
+    """`eng`: an Engine, or a loader that the scheduler's loop thread calls (all torch work in that thread). The
+    warm-up requests run through the same scheduler (a second loop thread would not be the one that loaded)."""
     from engine.scheduler import Scheduler
 
-    with Scheduler(eng, max_batch=max_batch, max_queue=len(trace)) as sched:
+    with Scheduler(eng, max_batch=max_batch, max_queue=len(trace) + len(warm)) as sched:
+        for f in [sched.submit(r.prompt, **r.settings) for r in warm]:
+            f.result()
+        sched.batch_sizes.clear()  # the loop is idle: nothing is active
         t0 = time.perf_counter()
         futures = []
         for req in trace:
@@ -136,24 +141,28 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    eng = engine.load(args.model, device=args.device)
+    if args.policy == "scheduler" and args.scheduler_load == "loop":
+        eng = lambda: engine.load(args.model, device=args.device)  # noqa: E731 - called in the loop thread
+    else:
+        eng = engine.load(args.model, device=args.device)
     steps_mix = [tuple(int(x) for x in s.split(",")) for s in args.steps_mix or []]
     trace = make_trace(args, steps_mix)
     # warm-up (allocator, text encoder, kernels) with requests outside the trace, through the same policy
     warm = [Request(0.0, "warm up", dict(duration=1.0, seed=0)) for _ in range(2)]
-    {"sequential": lambda tr: run_sequential(eng, tr), "static": lambda tr: run_static(eng, tr, args.max_batch, 0.0),
-     "scheduler": lambda tr: run_scheduler(eng, tr, args.max_batch)}[args.policy](warm)
     if args.policy == "sequential":
+        run_sequential(eng, warm)
         hist = run_sequential(eng, trace)
     elif args.policy == "static":
+        run_static(eng, warm, args.max_batch, 0.0)
         hist = run_static(eng, trace, args.max_batch, args.static_wait)
     else:
-        hist = run_scheduler(eng, trace, args.max_batch)
+        hist = run_scheduler(eng, trace, args.max_batch, warm)
     first, last = min(r.arrival for r in trace), max(r.finish for r in trace)
     latency = [r.finish - r.arrival for r in trace]
     wait = [r.start - r.arrival for r in trace]
     audio = sum(r.settings["duration"] for r in trace)
     return {"bench": "load", "policy": args.policy, "trace": args.trace,
+            "loaded_in": args.scheduler_load if args.policy == "scheduler" else "main thread",
             "rate": args.rate if args.trace == "poisson" else None, "requests": len(trace),
             "max_batch": None if args.policy == "sequential" else args.max_batch,
             "durations_s": [args.min_duration, args.max_duration], "steps_mix": args.steps_mix,
@@ -178,6 +187,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--static-wait", type=float, default=0.25, help="static batching: seconds a batch waits to fill")
     ap.add_argument("--trace-seed", type=int, default=0)
+    ap.add_argument("--scheduler-load", choices=("loop", "caller"), default="loop",
+                    help="scheduler: the loop thread loads the model (a loader) or the caller passes a loaded engine")
     ap.add_argument("--model", default=None, help="model folder (default: the shipped model)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")

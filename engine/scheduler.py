@@ -14,20 +14,20 @@ Bit-equality with `engine.generate([prompt], **same settings)`: the pass packs t
 never read back). Each request draws its noise from its own generator (`magnet.row_generators(seed, 1)`), in the
 solo run's order. tests/test_scheduler.py holds the equality on the fixture and the shipped model.
 
-Threads: the loop thread does all torch work (text encoding, LM, sampling, codec). With libgomp (Linux CPU builds)
-each OS thread that has run a parallel torch op keeps its own OpenMP pool; once a second thread runs parallel ops
-beside the pool of the thread that loaded the model, libgomp sees more threads than cores and stops spinning at its
-barriers, and every op runs ~1.6x slower (measured: 8 one-second requests 0.73 s -> 1.17 s on 2 cores). The
-scheduler therefore shrinks the creating thread's pool to one thread when it starts (`_release_omp_pool`): the
-loop then runs at full speed. Torch work done later on other threads while a scheduler runs slows both again.
+Threads: the loop thread does all torch work (text encoding, LM, sampling, codec); `submit` does none. On a CPU
+build with OpenMP, torch runs ~1.4-1.7x slower in one thread once another thread has run parallel torch ops (each
+keeps its own OpenMP pool). Measured on this 2-core EPYC, 16 one-second requests decoded in one batch: 1.5-1.7 s
+with the model loaded and run in the same thread (main, or the loop thread), 2.6-3.3 s when loaded on the main
+thread and run on another; with one intra-op thread everywhere 2.2-2.4 s. So pass a loader, `Scheduler(lambda:
+engine.load(...))`: it runs in the loop thread, and the model never touches another thread. An engine already
+loaded elsewhere works too, at the slower speed on such CPUs (bench/RESULTS.md has both).
 """
 from __future__ import annotations
 
 import collections
-import ctypes
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -63,6 +63,16 @@ class _Request:
     cross: CrossKV = field(default_factory=list)
 
 
+def _check_engine(engine: Engine) -> None:
+    if getattr(engine, "lm", None) is None:
+        raise ValueError("the scheduler needs a torch LM: its pass packs rows of requests at different stages, "
+                         "lengths and text lengths (LM.forward_packed), which this engine's step (onnxruntime: "
+                         "one fixed [2B or B, K, T] batch, one stage, one text length per call) cannot take; "
+                         "load the model with engine.load(...) instead")
+    if engine.config.kind != "magnet":
+        raise ValueError(f"the scheduler batches MAGNeT decoding; this is a {engine.config.kind} model")
+
+
 class Scheduler:
     """Serve `submit(prompt, **settings)` requests on one engine with iteration-level batching.
 
@@ -71,17 +81,12 @@ class Scheduler:
     finishes what is queued and in flight and joins the loop thread.
     """
 
-    def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64) -> None:
-        if engine.lm is None:
-            raise ValueError("the scheduler needs a torch LM: its pass packs rows of requests at different stages, "
-                             "lengths and text lengths (LM.forward_packed), which this engine's step (onnxruntime: "
-                             "one fixed [2B or B, K, T] batch, one stage, one text length per call) cannot take; "
-                             "load the model with engine.load(...) instead")
-        if engine.config.kind != "magnet":
-            raise ValueError(f"the scheduler batches MAGNeT decoding; this is a {engine.config.kind} model")
+    def __init__(self, engine: Engine | Callable[[], Engine], max_batch: int = 8, max_queue: int = 64) -> None:
+        """`engine`: a loaded Engine, or a function that loads one, called in the loop thread (faster on CPU: see
+        the module docstring); its errors are raised here."""
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
-        self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
+        self.max_batch, self.max_queue = max_batch, max_queue
         self._queue: collections.deque[_Request] = collections.deque()
         self._active: list[_Request] = []
         self._cv = threading.Condition()
@@ -89,9 +94,29 @@ class Scheduler:
         self._cancel_pending = False
         # iteration -> how many requests it decoded (for benchmarks); written by the loop thread only
         self.batch_sizes: collections.Counter[int] = collections.Counter()
-        _release_omp_pool()
-        self._thread = threading.Thread(target=self._loop, name="magnet-scheduler", daemon=True)
+        ready: list[BaseException | None] = []
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(engine, ready, started), name="magnet-scheduler",
+                                        daemon=True)
         self._thread.start()
+        started.wait()
+        if ready[0] is not None:
+            self._thread.join()
+            raise ready[0]
+
+    def _run(self, engine: Engine | Callable[[], Engine], ready: list[BaseException | None],
+             started: threading.Event) -> None:
+        try:
+            eng = engine() if callable(engine) else engine
+            _check_engine(eng)
+            self.engine = eng
+        except Exception as e:  # noqa: BLE001 - handed to the constructor, which raises it in the caller's thread
+            ready.append(e)
+            started.set()
+            return
+        ready.append(None)
+        started.set()
+        self._loop()
 
     def __enter__(self) -> Scheduler:
         return self
@@ -259,16 +284,3 @@ def start_request(eng: Engine, prompt: str | None, gen: GenerationConfig) -> tup
     """A one-prompt request's decoding state and text k/v, as `Engine.generate([prompt])` builds them."""
     cross = eng.lm.cross_kv(eng.text([prompt]))
     return Decoding(eng.config, gen, 1, eng.device, None, row_generators(gen.seed, 1, eng.device)), cross
-
-
-def _release_omp_pool() -> None:
-    """Shrink the calling thread's libgomp pool to one thread (see the module docstring): one empty parallel
-    region of one thread, `GOMP_parallel(fn, NULL, 1, 0)`, makes libgomp release the pool's idle threads. A no-op
-    where torch does not use libgomp (the symbol is then absent)."""
-    try:
-        gomp_parallel = ctypes.CDLL(None).GOMP_parallel
-    except (AttributeError, OSError):
-        return
-    region = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _: None)
-    gomp_parallel.argtypes = [type(region), ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-    gomp_parallel(region, None, 1, 0)

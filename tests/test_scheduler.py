@@ -240,3 +240,21 @@ def test_triton_backend_token_identical(fixture_dir):
     eng = kernels.apply(engine.load(fixture_dir, device="cpu"))
     reqs = mixed_requests(dict(TINY, steps=(2, 1, 1, 1)))
     check_identical(eng, [(p, {**kw, "steps": (2, 1, 1, 1)}) for p, kw in reqs[:4]], max_batch=4)
+
+
+def test_loader_runs_in_the_loop_thread(fixture_dir, tiny):
+    """Scheduler(loader): the model is loaded by the loop thread (all torch work in one thread); loader errors
+    are raised by the constructor."""
+    threads = []
+
+    def load():
+        threads.append(threading.current_thread().name)
+        return engine.load(fixture_dir, device="cpu")
+
+    kw = dict(TINY, greedy=False, seed=2, duration=0.4)
+    with Scheduler(load, max_batch=2) as sched:
+        out = sched.submit("piano", **kw).result(timeout=60)
+    assert threads == ["magnet-scheduler"]
+    assert torch.equal(out.codes, tiny.generate(["piano"], **kw).codes)
+    with pytest.raises(ValueError, match="no such model"):
+        Scheduler(lambda: (_ for _ in ()).throw(ValueError("no such model")))
