@@ -106,25 +106,29 @@ def run_static(eng: Any, trace: list[Request], max_batch: int, wait: float) -> c
     return hist
 
 
-def run_scheduler(eng: Any, trace: list[Request], max_batch: int, warm: list[Request]) -> collections.Counter[int]:
+def run_scheduler(eng: Any, traces: list[list[Request]], max_batch: int, warm: list[Request]
+                  ) -> list[collections.Counter[int]]:
     """`eng`: an Engine, or a loader that the scheduler's loop thread calls (all torch work in that thread). The
     warm-up requests run through the same scheduler (a second loop thread would not be the one that loaded)."""
     from engine.scheduler import Scheduler
 
-    with Scheduler(eng, max_batch=max_batch, max_queue=len(trace) + len(warm)) as sched:
+    hists = []
+    with Scheduler(eng, max_batch=max_batch, max_queue=max(len(warm), *map(len, traces))) as sched:
         for f in [sched.submit(r.prompt, **r.settings) for r in warm]:
             f.result()
-        sched.batch_sizes.clear()  # the loop is idle: nothing is active
-        t0 = time.perf_counter()
-        futures = []
-        for req in trace:
-            wait_until(t0, req.arrival)
-            futures.append(sched.submit(req.prompt, **req.settings))
-        for req, f in zip(trace, futures):
-            stats = f.result().stats
-            req.finish = req.arrival + stats["latency_s"]
-            req.start = req.arrival + stats["queue_s"]
-    return sched.batch_sizes
+        for trace in traces:
+            sched.batch_sizes.clear()  # the loop is idle: nothing is active
+            t0 = time.perf_counter()
+            futures = []
+            for req in trace:
+                wait_until(t0, req.arrival)
+                futures.append(sched.submit(req.prompt, **req.settings))
+            for req, f in zip(trace, futures):
+                stats = f.result().stats
+                req.finish = req.arrival + stats["latency_s"]
+                req.start = req.arrival + stats["queue_s"]
+            hists.append(collections.Counter(sched.batch_sizes))
+    return hists
 
 
 def percentiles(xs: Sequence[float]) -> dict[str, float]:
@@ -133,11 +137,10 @@ def percentiles(xs: Sequence[float]) -> dict[str, float]:
     return {f"p{q}": round(percentile(xs, q), 4) for q in (50, 95, 99)}
 
 
-def run_one(args: argparse.Namespace) -> dict[str, Any]:
+def run_one(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
     import engine
-    from bench.common import git_sha, host, versions
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -146,22 +149,29 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     else:
         eng = engine.load(args.model, device=args.device)
     steps_mix = [tuple(int(x) for x in s.split(",")) for s in args.steps_mix or []]
-    trace = make_trace(args, steps_mix)
     # warm-up (allocator, text encoder, kernels) with requests outside the trace, through the same policy
-    warm = [Request(0.0, "warm up", dict(duration=1.0, seed=0)) for _ in range(2)]
+    warm = [Request(0.0, "warm up", dict(duration=1.0, seed=i)) for i in range(args.max_batch)]
+    traces = [make_trace(args, steps_mix) for _ in range(args.repeats)]
     if args.policy == "sequential":
-        run_sequential(eng, warm)
-        hist = run_sequential(eng, trace)
+        run_sequential(eng, warm[:2])
+        hists = [run_sequential(eng, tr) for tr in traces]
     elif args.policy == "static":
         run_static(eng, warm, args.max_batch, 0.0)
-        hist = run_static(eng, trace, args.max_batch, args.static_wait)
+        hists = [run_static(eng, tr, args.max_batch, args.static_wait) for tr in traces]
     else:
-        hist = run_scheduler(eng, trace, args.max_batch, warm)
+        hists = run_scheduler(eng, traces, args.max_batch, warm)
+    return [summarize(args, tr, hist, i) for i, (tr, hist) in enumerate(zip(traces, hists))]
+
+
+def summarize(args: argparse.Namespace, trace: list[Request], hist: collections.Counter[int], repeat: int
+              ) -> dict[str, Any]:
+    from bench.common import git_sha, host, versions
+
     first, last = min(r.arrival for r in trace), max(r.finish for r in trace)
     latency = [r.finish - r.arrival for r in trace]
     wait = [r.start - r.arrival for r in trace]
     audio = sum(r.settings["duration"] for r in trace)
-    return {"bench": "load", "policy": args.policy, "trace": args.trace,
+    return {"bench": "load", "policy": args.policy, "trace": args.trace, "repeat": repeat,
             "loaded_in": args.scheduler_load if args.policy == "scheduler" else "main thread",
             "rate": args.rate if args.trace == "poisson" else None, "requests": len(trace),
             "max_batch": None if args.policy == "sequential" else args.max_batch,
@@ -187,6 +197,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--static-wait", type=float, default=0.25, help="static batching: seconds a batch waits to fill")
     ap.add_argument("--trace-seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of the trace after the warm-up (one JSON line each)")
     ap.add_argument("--scheduler-load", choices=("loop", "caller"), default="loop",
                     help="scheduler: the loop thread loads the model (a loader) or the caller passes a loaded engine")
     ap.add_argument("--model", default=None, help="model folder (default: the shipped model)")
@@ -205,12 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if subprocess.run(cmd, check=False).returncode:
                 return 1
         return 0
-    row = run_one(args)
-    line = json.dumps(row)
-    print(line, flush=True)
-    if args.out is not None:
-        with args.out.open("a") as f:
-            f.write(line + "\n")
+    for row in run_one(args):
+        line = json.dumps(row)
+        print(line, flush=True)
+        if args.out is not None:
+            with args.out.open("a") as f:
+                f.write(line + "\n")
     return 0
 
 
