@@ -2,7 +2,8 @@
 
     submit() ─► queue (FIFO, ≤ max_queue) ─► loop thread: admit up to max_batch ─► per iteration:
         every active request's `magnet.Decoding.prepare()` ─► ONE packed LM pass (`LM.forward_packed`) ─►
-        ONE sampler call with per-row parameters ─► each request's `advance()` ─► finished ones decode and leave
+        sampler calls with per-row parameters (one per request length) ─► each request's `advance()` ─►
+        finished ones decode and leave
 
 A request joins at the next iteration after it is submitted and leaves the iteration it finishes, whatever stage and
 step the others are at (vLLM-style continuous batching; MAGNeT's fixed step count makes every iteration one step of
@@ -10,9 +11,9 @@ every active request).
 
 Bit-equality with `engine.generate([prompt], **same settings)`: the pass packs the requests' rows without padding
 (linears see only a row's own elements; attention runs per request over its own frames and own text length: see
-`LM.forward_packed`), and the sampler only reduces over V within a position (its T padding to the longest request is
-never read back). Each request draws its noise from its own generator (`magnet.row_generators(seed, 1)`), in the
-solo run's order. tests/test_scheduler.py holds the equality on the fixture and the shipped model.
+`LM.forward_packed`), and the sampler only reduces over V within a position (requests of equal length share a
+call, no padding). Each request draws its noise from its own generator (`magnet.row_generators(seed, 1)`), in
+the solo run's order. tests/test_scheduler.py holds the equality on the fixture and the shipped model.
 
 Threads: the loop thread does all torch work (text encoding, LM, sampling, codec); `submit` does none. On a CPU
 build with OpenMP, torch runs ~1.4-1.7x slower in one thread once another thread has run parallel torch ops (each
@@ -256,28 +257,26 @@ class Scheduler:
 @torch.no_grad()
 def decode_step(eng: Engine, decs: Sequence[Decoding], crosses: Sequence[CrossKV]) -> None:
     """One decoding step of several one-row requests (each a `magnet.Decoding` with its text's `LM.cross_kv`),
-    whatever stage and step each is at: one packed LM pass, one sampler call with per-row parameters, and each
-    request's `advance`. Each request's numbers are those of its solo run (module docstring)."""
+    whatever stage and step each is at: one packed LM pass, then one sampler call with per-row parameters for each
+    group of requests of equal length (no padded position: the sampler costs as much as the LM on small models),
+    and each request's `advance`. Each request's numbers are those of its solo run (module docstring)."""
     parts = [Rows(step_rows(d.prepare(), d.guided), d.stage, c) for d, c in zip(decs, crosses)]
-    logits = eng.lm.forward_packed(parts)  # per request [2 or 1, T, V]
-    r, t_max, v = len(decs), max(d.frames for d in decs), logits[0].shape[-1]
-    # the sampler's [R, T_max, V] batch: a position past a request's T is not masked, so nothing is sampled there,
-    # and the sampler's reductions run over V within one position, so padding never reaches real positions
-    cond = logits[0].new_zeros(r, t_max, v)
-    uncond = logits[0].new_zeros(r, t_max, v)
-    current = torch.zeros(r, t_max, dtype=torch.long, device=eng.device)
-    sampled = any(not d.gen.greedy for d in decs)
-    uniform = torch.zeros(r, t_max, device=eng.device) if sampled else None
-    for i, (d, lg) in enumerate(zip(decs, logits)):
-        c, u = split_rows(lg, d.guided)  # [1, T, V] each
-        cond[i, :d.frames], uncond[i, :d.frames], current[i, :d.frames] = c[0], u[0], d.row[0]
-        noise = d.noise()
-        if noise is not None:
-            uniform[i, :d.frames] = noise[0]
-    params = StepSampling.concat([(d.params(), 1) for d in decs])
-    tokens, probs = eng.sample(cond, uncond, current, eng.config.card, params, uniform)
+    logits = [split_rows(lg, d.guided) for d, lg in zip(decs, eng.lm.forward_packed(parts))]  # ([1, T, V],) * 2
+    groups: dict[int, list[int]] = {}
     for i, d in enumerate(decs):
-        d.advance(tokens[i:i + 1, :d.frames], probs[i:i + 1, :d.frames])
+        groups.setdefault(d.frames, []).append(i)
+    for t, idx in groups.items():
+        group = [decs[i] for i in idx]
+        cond = torch.cat([logits[i][0] for i in idx])  # [R, T, V]
+        uncond = torch.cat([logits[i][1] for i in idx])
+        noise = [d.noise() for d in group]  # each from its request's generator, in its solo order
+        uniform = None
+        if any(n is not None for n in noise):  # a greedy row's noise is never read: zeros
+            uniform = torch.cat([n if n is not None else torch.zeros(1, t, device=eng.device) for n in noise])
+        params = StepSampling.concat([(d.params(), 1) for d in group])
+        tokens, probs = eng.sample(cond, uncond, torch.cat([d.row for d in group]), eng.config.card, params, uniform)
+        for j, d in enumerate(group):
+            d.advance(tokens[j:j + 1], probs[j:j + 1])
 
 
 def start_request(eng: Engine, prompt: str | None, gen: GenerationConfig) -> tuple[Decoding, CrossKV]:
