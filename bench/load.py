@@ -106,14 +106,15 @@ def run_static(eng: Any, trace: list[Request], max_batch: int, wait: float) -> c
     return hist
 
 
-def run_scheduler(eng: Any, traces: list[list[Request]], max_batch: int, warm: list[Request]
-                  ) -> list[collections.Counter[int]]:
+def run_scheduler(eng: Any, traces: list[list[Request]], max_batch: int, warm: list[Request],
+                  max_frames: int | None) -> list[collections.Counter[int]]:
     """`eng`: an Engine, or a loader that the scheduler's loop thread calls (all torch work in that thread). The
     warm-up requests run through the same scheduler (a second loop thread would not be the one that loaded)."""
     from engine.scheduler import Scheduler
 
     hists = []
-    with Scheduler(eng, max_batch=max_batch, max_queue=max(len(warm), *map(len, traces))) as sched:
+    queue = max(len(warm), *map(len, traces))
+    with Scheduler(eng, max_batch=max_batch, max_queue=queue, max_frames=max_frames) as sched:
         for f in [sched.submit(r.prompt, **r.settings) for r in warm]:
             f.result()
         for trace in traces:
@@ -159,7 +160,7 @@ def run_one(args: argparse.Namespace) -> list[dict[str, Any]]:
         run_static(eng, warm, args.max_batch, 0.0)
         hists = [run_static(eng, tr, args.max_batch, args.static_wait) for tr in traces]
     else:
-        hists = run_scheduler(eng, traces, args.max_batch, warm)
+        hists = run_scheduler(eng, traces, args.max_batch, warm, args.max_frames)
     return [summarize(args, tr, hist, i) for i, (tr, hist) in enumerate(zip(traces, hists))]
 
 
@@ -175,6 +176,7 @@ def summarize(args: argparse.Namespace, trace: list[Request], hist: collections.
             "loaded_in": args.scheduler_load if args.policy == "scheduler" else "main thread",
             "rate": args.rate if args.trace == "poisson" else None, "requests": len(trace),
             "max_batch": None if args.policy == "sequential" else args.max_batch,
+            "max_frames": args.max_frames if args.policy == "scheduler" else None,
             "durations_s": [args.min_duration, args.max_duration], "steps_mix": args.steps_mix,
             "makespan_s": round(last - first, 3), "throughput_rps": round(len(trace) / (last - first), 3),
             "audio_s_per_s": round(audio / (last - first), 3), "latency_s": percentiles(latency),
@@ -195,6 +197,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps-mix", nargs="+", default=None,
                     help="steps lists each request draws from, e.g. 1,4,4,4 2,6,6,6 (default: the model's own)")
     ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-frames", type=int, default=None, help="scheduler: LM-pass frame budget (rows x T)")
     ap.add_argument("--static-wait", type=float, default=0.25, help="static batching: seconds a batch waits to fill")
     ap.add_argument("--trace-seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="runs of the trace after the warm-up (one JSON line each)")

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .magnet import Decoding, row_generators, split_rows, step_rows
+from .magnet import Decoding, output_frames, row_generators, split_rows, step_rows
 from .model import CrossKV, Rows
 from .sampling import StepSampling
 
@@ -64,6 +64,11 @@ class _Request:
     cross: CrossKV = field(default_factory=list)
 
 
+def _pass_frames(gen: GenerationConfig, engine: Engine) -> int:
+    """A request's share of an LM pass: rows ([cond; uncond] or cond) x frames."""
+    return (2 if gen.guided else 1) * output_frames(engine.config, gen)
+
+
 def _check_engine(engine: Engine) -> None:
     if getattr(engine, "lm", None) is None:
         raise ValueError("the scheduler needs a torch LM: its pass packs rows of requests at different stages, "
@@ -77,17 +82,21 @@ def _check_engine(engine: Engine) -> None:
 class Scheduler:
     """Serve `submit(prompt, **settings)` requests on one engine with iteration-level batching.
 
-    `max_batch`: requests decoded together (each is 2 LM rows when guided, 1 when not). `max_queue`: requests
-    waiting to start; `submit` raises QueueFull past it. Use as a context manager; leaving it (or `close()`)
-    finishes what is queued and in flight and joins the loop thread.
+    `max_batch`: requests decoded together (each is 2 LM rows when guided, 1 when not). `max_frames`: optional
+    budget of LM-pass frames (rows x T summed over the batch, like vLLM's max_num_batched_tokens); a request that
+    would pass it waits (FIFO: nobody overtakes it), one alone always runs. On a CPU batching pays only while the
+    pass is small (bench/RESULTS.md). `max_queue`: requests waiting to start; `submit` raises QueueFull past it.
+    Use as a context manager; leaving it (or `close()`) finishes what is queued and in flight and joins the loop thread.
     """
 
-    def __init__(self, engine: Engine | Callable[[], Engine], max_batch: int = 8, max_queue: int = 64) -> None:
+    def __init__(self, engine: Engine | Callable[[], Engine], max_batch: int = 8, max_queue: int = 64,
+                 max_frames: int | None = None) -> None:
         """`engine`: a loaded Engine, or a function that loads one, called in the loop thread (faster on CPU: see
         the module docstring); its errors are raised here."""
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
-        self.max_batch, self.max_queue = max_batch, max_queue
+        if max_batch < 1 or max_queue < 0 or (max_frames is not None and max_frames < 1):
+            raise ValueError(f"max_batch and max_frames must be >= 1 and max_queue >= 0, got {max_batch}, "
+                             f"{max_frames} and {max_queue}")
+        self.max_batch, self.max_queue, self.max_frames = max_batch, max_queue, max_frames
         self._queue: collections.deque[_Request] = collections.deque()
         self._active: list[_Request] = []
         self._cv = threading.Condition()
@@ -186,7 +195,12 @@ class Scheduler:
                     if self._closed and not self._queue and not self._active:
                         return
                     admitted = []
+                    frames = sum(_pass_frames(r.gen, self.engine) for r in self._active)
                     while self._queue and len(self._active) + len(admitted) < self.max_batch:
+                        more = _pass_frames(self._queue[0].gen, self.engine)
+                        if self.max_frames is not None and frames and frames + more > self.max_frames:
+                            break
+                        frames += more
                         admitted.append(self._queue.popleft())
                 for req in admitted:
                     self._admit(req)

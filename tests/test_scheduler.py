@@ -258,3 +258,18 @@ def test_loader_runs_in_the_loop_thread(fixture_dir, tiny):
     assert torch.equal(out.codes, tiny.generate(["piano"], **kw).codes)
     with pytest.raises(ValueError, match="no such model"):
         Scheduler(lambda: (_ for _ in ()).throw(ValueError("no such model")))
+
+
+def test_max_frames_budget_is_fifo(tiny, monkeypatch):
+    """max_frames bounds rows x frames per pass: a request that does not fit waits, and nobody overtakes it."""
+    sizes = count_passes(tiny, monkeypatch)
+    kw = dict(TINY, greedy=True, steps=(1, 1, 1, 1))
+    big, small = dict(kw, duration=1.0), dict(kw, duration=0.2)  # guided: 2 x 48 = 96 and 2 x 9 = 18 frames
+    with Scheduler(tiny, max_batch=8, max_frames=140) as sched:
+        with sched._cv:  # (reentrant) the loop admits nothing until all four are queued
+            futures = [sched.submit("a", **big), sched.submit("b", **small), sched.submit("c", **big),
+                       sched.submit("d", **small)]
+        for f in futures:
+            f.result(timeout=60)
+    # a + b = 114; c (+96) waits, and d (+18, would fit) does not overtake it; then c + d
+    assert sizes == [2] * 8
