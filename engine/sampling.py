@@ -68,13 +68,22 @@ def row_tensors(params: StepSampling, b: int, device: torch.device) -> tuple[tor
     """-> cfg_coef, temperature [B] fp32, top_k [B] int64, top_p [B] fp32, mode [B] int64 on `device`.
 
     The solo decoding loop and the scheduler both go through these tensors, so one request's arithmetic is the
-    same whether its parameters came alone or beside other rows' (a Python scalar operand could round differently).
+    same whether its parameters came alone or beside other rows' (a Python scalar operand can round differently:
+    CUDA divides by a host scalar as a multiply by its reciprocal). Without a device sync: a value shared by every
+    row is a fill; per-row values go through pinned memory with a non-blocking copy.
     """
-    rows = params.per_row(b)
-    cfg, temp, top_k, top_p, _ = (list(c) for c in zip(*rows)) if rows else ([], [], [], [], [])
-    f32 = dict(dtype=torch.float32, device=device)
-    return (torch.tensor(cfg, **f32), torch.tensor(temp, **f32), torch.tensor(top_k, dtype=torch.long, device=device),
-            torch.tensor(top_p, **f32), torch.tensor(params.modes(b), dtype=torch.long, device=device))
+    def column(values: tuple | float | int | bool, dtype: torch.dtype) -> torch.Tensor:
+        if not isinstance(values, tuple):
+            return torch.full((b,), values, dtype=dtype, device=device)
+        host = torch.tensor(values, dtype=dtype)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(device, non_blocking=True)
+
+    modes = params.modes(b)
+    mode = modes[0] if len(set(modes)) == 1 else tuple(modes)
+    return (column(params.cfg_coef, torch.float32), column(params.temperature, torch.float32),
+            column(params.top_k, torch.long), column(params.top_p, torch.float32), column(mode, torch.long))
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, cfg_coef: float | torch.Tensor) -> torch.Tensor:
