@@ -4,6 +4,9 @@ One loop serves every backend: it only sees `Step` (codes -> cond/uncond logits 
 (the fused guidance/temperature/sampling op, `engine.sampling.sample_ref` or a Triton kernel). The schedule is
 computed on the host before the loop, so the loop never waits on the device (no .item(), no data-dependent
 Python branches).
+
+The loop is a state machine per request (`Decoding`: prepare -> LM pass -> sample -> advance), so the same code
+decodes one call's batch (`generate_tokens`) or many requests interleaved step by step (engine.scheduler).
 """
 from __future__ import annotations
 
@@ -102,7 +105,7 @@ class Decoding:
 
     def _next_stage(self) -> None:
         self.stage += 1
-        self.step = 0
+        self.stage_step = 0  # index into this stage's plans
         if self.finished:
             return
         b, t, span, p = self.batch, self.frames, self.model.span_len, self.n_prompt
@@ -116,7 +119,7 @@ class Decoding:
     def prepare(self) -> torch.Tensor:
         """Re-mask the spans this step re-decodes; -> codes [B, K, T] for the LM pass (codebook `stage` updated)."""
         assert not self.finished, "prepare() after the last step"
-        plan, mask_id, span = self.plans[self.step], self.model.card, self.model.span_len
+        plan, mask_id, span = self.plans[self.stage_step], self.model.card, self.model.span_len
         if self.chunked:
             self.chunks, remask = chunk_mask(self.scores, plan.n_mask, span)
         else:
@@ -128,7 +131,7 @@ class Decoding:
         return self.codes
 
     def params(self) -> StepSampling:
-        plan, gen = self.plans[self.step], self.gen
+        plan, gen = self.plans[self.stage_step], self.gen
         return StepSampling(plan.cfg_coef, plan.temperature, gen.top_k, gen.top_p, gen.greedy)
 
     def noise(self) -> torch.Tensor | None:
@@ -145,7 +148,7 @@ class Decoding:
         masked = None if self.chunked else self.row == self.model.card  # stride1 scores only the positions sampled now
         self.row = tokens
         self.codes[:, self.stage] = tokens
-        last = self.step == len(self.plans) - 1
+        last = self.stage_step == len(self.plans) - 1
         if self.rescore is not None and not last:  # host-side test: no sync; the last step's scores are never read
             w = self.gen.rescore_weight
             probs = w * probs + (1.0 - w) * self.rescore(self.codes, self.stage)  # [B, T]
@@ -155,7 +158,7 @@ class Decoding:
         else:
             self.scores = (-torch.log(probs)).masked_fill(~masked, DONT_REMASK)
         self.done += 1
-        self.step += 1
+        self.stage_step += 1
         if last:
             self._next_stage()
 

@@ -126,7 +126,17 @@ class Scheduler:
             return
         ready.append(None)
         started.set()
-        self._loop()
+        try:
+            self._loop()
+        except BaseException as e:  # a bug in the loop itself: no future may wait forever
+            with self._cv:
+                self._closed = True
+                stranded = self._active + list(self._queue)
+                self._active, self._queue = [], collections.deque()
+            for req in stranded:
+                if not req.future.done() and (req.future.running() or req.future.set_running_or_notify_cancel()):
+                    req.future.set_exception(RuntimeError(f"the scheduler's loop failed: {e!r}"))
+            raise
 
     def __enter__(self) -> Scheduler:
         return self
