@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import hybrid
 from .magnet import Decoding, output_frames, row_generators, split_rows, step_rows
 from .model import CrossKV, Rows
 from .sampling import StepSampling
@@ -150,6 +151,7 @@ class Scheduler:
         if gen.hybrid_prefix > 0.0:
             raise ValueError("the scheduler does not run Hybrid-MAGNeT (it needs an AR model); use "
                              "Engine.generate(..., ar_model=...) or hybrid_prefix=0")
+        hybrid.check_request(self.engine, gen, None, None, set(fields))  # rescore_weight / ar_cfg: no AR model here
         return gen
 
     def submit(self, prompt: str | None, *, timeout: float | None = None, **fields: Any) -> Future[Generation]:

@@ -153,7 +153,8 @@ def test_deadline(tiny, monkeypatch):
 def test_bad_settings_fail_their_own_future(tiny):
     with Scheduler(tiny) as sched:
         bad = [sched.submit("a", steps=(1, 2)), sched.submit("a", top_p=2.0), sched.submit("a", duration=99.0),
-               sched.submit("a", timeout=-1.0), sched.submit("a", hybrid_prefix=0.1), sched.submit(3)]
+               sched.submit("a", timeout=-1.0), sched.submit("a", hybrid_prefix=0.1), sched.submit(3),
+               sched.submit("a", rescore_weight=0.5), sched.submit("a", unknown_field=1)]
         good = sched.submit("a", **dict(TINY, greedy=True, duration=0.2))
         for f in bad:
             assert isinstance(f.exception(timeout=10), (ValueError, TypeError))
