@@ -27,5 +27,9 @@ setup(
         "test": ["pytest", "ruff", "triton>=3.7.1", "onnx", "onnxruntime", "onnxscript", "matplotlib",
                  "pytest-benchmark"],
     },
-    entry_points={"console_scripts": ["magnet=engine.cli:main"]},
+    entry_points={
+        "console_scripts": ["magnet=engine.cli:main"],
+        # backends beside the built-in torch one (engine.backends): engine/ imports neither package
+        "magnet_engine.backends": ["triton = kernels:TritonBackend", "onnx = export.ort:OrtBackend"],
+    },
 )

@@ -8,110 +8,23 @@ repeats. Each (model, batch) gives one JSON row (bench.schema), appended to `--j
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
 
 from . import schema
-from .common import (
-    StageClock,
-    git_sha,
-    host,
-    parse_generation_sets,
-    peak_memory_mb,
-    reset_peak_memory,
-    summary,
-    versions,
-)
+from .common import StageClock, parse_generation_sets
+from .timing import Settings, make_row, print_row, prompts_for, time_requests
 
-BACKENDS = ("torch", "triton", "onnx")
 ALL_KINDS = ("magnet", "ar", "hf-musicgen")
-PROMPTS = (
-    "80s pop track with bassy drums and synth",
-    "90s rock song with loud guitars and heavy drums",
-    "lofi slow bpm electro chill with organic samples",
-    "a light and cheerly EDM track, with syncopated drums, aery pads, and strong emotions",
-    "earthy tones, environmentally conscious, ukulele-infused, harmonic, breezy, easygoing, organic instrumentation",
-    "a grand orchestral arrangement with thunderous percussion, epic brass fanfares, and soaring strings",
-    "smooth jazz with a saxophone solo, walking bass and brushed drums",
-    "ambient drone with evolving pads and distant piano",
-)
 TEXT_NOTE = ("text: random encoder of the named width, run once per prompt per request; its speed barely matters")
 
 
-def prompts_for(batch: int) -> list[str]:
-    """`batch` distinct prompts (cycled with a take number), so every request encodes `batch` texts."""
-    return [PROMPTS[i % len(PROMPTS)] + (f", take {i // len(PROMPTS) + 1}" if i >= len(PROMPTS) else "")
-            for i in range(batch)]
-
-
-@dataclass
-class Settings:
-    """One invocation's settings, shared by every batch size."""
-
-    model: str
-    kind: str | None
-    backend: str
-    device: torch.device
-    dtype: torch.dtype
-    batches: list[int]
-    duration: float
-    steps: tuple[int, ...] | None
-    repeats: int
-    warmup: int
-    greedy: bool
-    seed: int
-    onnx_dir: str | None
-    ar_mode: str = "eager"  # MusicGen step: eager | graph (CUDA graph) | compile (torch.compile)
-    sets: dict[str, Any] = field(default_factory=dict)  # further GenerationConfig fields (--set KEY=VALUE)
-
-
-@dataclass
-class Timed:
-    """What one scenario measured, before it becomes a row."""
-
-    latencies: list[float]
-    warmups: list[float]
-    stages: list[dict[str, float]]
-    cpu: list[float]  # process CPU seconds of each timed request
-    frames: int
-    steps: list[int]
-    passes: int
-    peak_mb: float
-
-
-def time_requests(run_once: Callable[[StageClock], int], device: torch.device, repeats: int, warmup: int,
-                  steps: Callable[[int], tuple[list[int], int]]) -> Timed:
-    """Run `warmup` + `repeats` requests; `run_once(clock)` times its stages on `clock` and returns the frames made;
-    `steps(frames)` -> (steps list, LM passes). Process CPU time is taken per request too: on a shared machine it
-    is what the request cost, whatever else was running."""
-    reset_peak_memory(device)
-    warmups, latencies, stages, cpu = [], [], [], []
-    frames = 0
-    for i in range(warmup + repeats):
-        clock = StageClock(device)
-        c0 = time.process_time()
-        frames = run_once(clock)
-        cpu_s = time.process_time() - c0
-        total = sum(clock.seconds.values())  # stages run back to back: their sum is the request's wall time
-        if i < warmup:
-            warmups.append(total)
-        else:
-            latencies.append(total)
-            stages.append(dict(clock.seconds))
-            cpu.append(cpu_s)
-    step_list, passes = steps(frames)
-    return Timed(latencies, warmups, stages, cpu, frames, step_list, passes, peak_memory_mb(device))
-
-
 def engine_request(engine: Any, prompts: list[str], overrides: dict[str, Any]) -> Callable[[StageClock], int]:
-    """One text -> tokens -> audio request on an `engine.api.Engine`, timed per stage."""
+    """One text -> tokens -> audio request on an `engine.api.Engine`, timed per stage (checked once, here)."""
+    request = engine.request(prompts, **overrides)
 
     def run_once(clock: StageClock) -> int:
         if hasattr(engine.text, "clear_cache"):
@@ -122,7 +35,7 @@ def engine_request(engine: Any, prompts: list[str], overrides: dict[str, Any]) -
         engine.text = lambda _prompts: cond  # generate() must not encode (or time) the text a second time
         try:
             with clock("lm"):
-                codes = engine.generate(prompts, decode=False, **overrides).codes  # [B, K, T]
+                codes = engine.generate(request, decode=False).codes  # [B, K, T]
         finally:
             engine.text = text_fn
         with clock("codec"):
@@ -130,32 +43,6 @@ def engine_request(engine: Any, prompts: list[str], overrides: dict[str, Any]) -
         return int(codes.shape[-1])
 
     return run_once
-
-
-def apply_backend(engine: Any, backend: str) -> Any:
-    """torch: as built. triton: `kernels.apply(engine)` swaps the attention op and the sampler."""
-    if backend == "triton":
-        try:
-            import kernels
-        except ImportError as e:
-            raise ValueError(f"--backend triton needs the kernels package ({e})") from e
-        if not hasattr(kernels, "apply"):
-            raise ValueError("--backend triton: kernels.apply(engine) is not available in this build yet")
-        out = kernels.apply(engine)
-        return engine if out is None else out
-    return engine
-
-
-def load_onnx_engine(onnx_dir: str | None, device: torch.device) -> Any:
-    """`export.ort.load_engine(dir)`: text, step and codec as onnxruntime sessions."""
-    if onnx_dir is None:
-        raise ValueError("--backend onnx needs --onnx-dir DIR (an exported model folder)")
-    try:
-        from export.ort import load_engine
-    except ImportError as e:
-        raise ValueError(f"--backend onnx: export.ort.load_engine is not available ({e})") from e
-    params = inspect.signature(load_engine).parameters
-    return load_engine(onnx_dir, device=device) if "device" in params else load_engine(onnx_dir)
 
 
 def generation_overrides(kind: str, s: Settings) -> dict[str, Any]:
@@ -176,70 +63,27 @@ def lm_steps(engine: Any, kind: str, overrides: dict[str, Any], frames: int) -> 
     return [n], n
 
 
-def make_row(s: Settings, *, model: str, kind: str, backend: str, batch: int, timed: Timed, frame_rate: float,
-             params_m: float | None, weights: str, text_encoder: str, notes: str) -> dict[str, Any]:
-    """Assemble and validate one schema row."""
-    lat = summary(timed.latencies)
-    stage_names = ("text", "lm", "codec")
-    stages = {k: summary([st.get(k, 0.0) for st in timed.stages])["median"] for k in stage_names}
-    audio_s = timed.frames / frame_rate
-    dtype = str(s.dtype).removeprefix("torch.")
-    row = {
-        "schema": schema.SCHEMA_VERSION,
-        "scenario": f"e2e/{model}/{kind}/{backend}/{s.device.type}/{dtype}/b{batch}/{s.duration:g}s"
-                    + ("" if s.steps is None else "/steps" + "-".join(map(str, s.steps)))
-                    + "".join(f"/{k}={v}" for k, v in s.sets.items()),
-        "model": model, "kind": kind, "backend": backend, "device": str(s.device), "dtype": dtype,
-        "batch": batch, "duration_s": s.duration, "audio_s": round(audio_s, 4), "frames": timed.frames,
-        "steps": timed.steps, "passes": timed.passes, "repeats": len(timed.latencies), "warmup": len(timed.warmups),
-        "latency_s": lat, "warmup_s": timed.warmups, "stages_s": stages, "cpu_s": summary(timed.cpu)["median"],
-        "audio_s_per_s": batch * audio_s / lat["median"], "samples_per_s": batch / lat["median"],
-        "peak_mem_mb": round(timed.peak_mb, 1), "params_m": params_m, "weights": weights,
-        "text_encoder": text_encoder, "git_sha": git_sha(),
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(), "host": host(), "notes": notes,
-    }
-    return schema.validate_row(row)
-
-
 def run_engine(s: Settings) -> list[dict[str, Any]]:
-    """magnet / ar through our engine, any backend: one row per batch size."""
-    from .presets import build, lm_params_m
+    """magnet / ar through our engine, any backend (engine.backends): one row per batch size."""
+    from .presets import build
 
-    if s.backend == "onnx":
-        engine = load_onnx_engine(s.onnx_dir, s.device)
-        kind = "magnet" if engine.config.kind == "magnet" else "ar"
-        if s.kind is not None and s.kind != kind:
-            raise ValueError(f"{s.onnx_dir} holds a {kind} model, not {s.kind}")
-        model, weights, text_enc, params = s.onnx_dir or "", "checkpoint", engine.config.text_encoder, None
-        if engine.lm is not None:
-            params = lm_params_m(engine.lm)
-    else:
-        built = build(s.model, s.kind, s.device, s.dtype, s.seed)
-        engine = apply_backend(built.engine, s.backend)
-        engine.ar_mode = s.ar_mode
-        kind, model, weights, text_enc, params = built.kind, built.model, built.weights, built.text_encoder, \
-            built.params_m
-    overrides = generation_overrides(kind, s)
-    notes = TEXT_NOTE if weights == "random" else ""
+    built = build(s.model, s.kind, s.device, s.dtype_arg, s.seed, backend=s.backend)
+    engine = built.engine
+    engine.ar_mode = s.ar_mode
+    overrides = generation_overrides(built.kind, s)
+    notes = TEXT_NOTE if built.weights == "random" else ""
     rows = []
     for batch in s.batches:
+        print(f"bench e2e: {built.model} ({built.weights} weights) {built.kind} on {engine.backend}, batch {batch}: "
+              f"{s.warmup} warm-up + {s.repeats} timed requests of {s.duration:g}s...", file=sys.stderr, flush=True)
         prompts = prompts_for(batch)
         timed = time_requests(engine_request(engine, prompts, overrides), s.device, s.repeats, s.warmup,
-                              lambda frames: lm_steps(engine, kind, overrides, frames))
-        rows.append(make_row(s, model=model, kind=kind, backend=s.backend, batch=batch, timed=timed,
-                             frame_rate=engine.config.frame_rate, params_m=params, weights=weights,
-                             text_encoder=text_enc, notes=notes))
+                              lambda frames: lm_steps(engine, built.kind, overrides, frames))
+        rows.append(make_row(s, model=built.model, kind=built.kind, backend=engine.backend, batch=batch,
+                             timed=timed, frame_rate=engine.config.frame_rate, params_m=built.params_m,
+                             weights=built.weights, text_encoder=built.text_encoder, notes=notes))
         print_row(rows[-1])
     return rows
-
-
-def print_row(row: dict[str, Any]) -> None:
-    lat, st = row["latency_s"], row["stages_s"]
-    print(f"{row['scenario']}: median {lat['median']:.3f}s (p20 {lat['p20']:.3f}, p80 {lat['p80']:.3f}) | "
-          f"text {st['text']:.3f} lm {st['lm']:.3f} codec {st['codec']:.3f} | "
-          f"{row['audio_s_per_s']:.3f} audio-s/s | cpu {row['cpu_s']:.3f}s | peak {row['peak_mem_mb']:.0f} MB | "
-          f"warm-up {', '.join(f'{w:.2f}' for w in row['warmup_s']) or '-'} s", flush=True)
 
 
 def parse_ints(text: str, what: str) -> list[int]:
@@ -253,15 +97,19 @@ def parse_ints(text: str, what: str) -> list[int]:
 
 
 def parser() -> argparse.ArgumentParser:
+    from engine.backends import names as backend_names
+
     p = argparse.ArgumentParser(prog="python -m bench e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny",
-                   help="preset (random weights: magnet-small-10secs, magnet-medium-10secs, musicgen-small, "
-                        "musicgen-medium, tiny) or a local checkpoint folder (engine.load). Default: tiny")
+                   help="a preset: random weights at a released model's shapes (magnet-small-10secs, "
+                        "magnet-medium-10secs, musicgen-small, musicgen-medium, tiny), or what engine.load reads: "
+                        "default (the shipped model), default-ar, a local checkpoint or ONNX export folder. "
+                        "Default: tiny")
     p.add_argument("--kind", choices=ALL_KINDS, default=None,
                    help="magnet | ar (our engine) | hf-musicgen (transformers peer). Default: the preset's")
-    p.add_argument("--backend", choices=BACKENDS, default="torch")
-    p.add_argument("--onnx-dir", default=None, help="exported model folder for --backend onnx")
+    p.add_argument("--backend", choices=backend_names(), default=None,
+                   help="default: the model's (onnx for an ONNX export folder, else torch)")
     p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="LM layer dtype (default: float16 on CUDA, float32 on CPU)")
@@ -282,20 +130,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    from engine.api import default_device, parse_dtype
+    from engine.api import parse_device, parse_dtype
+    from engine.config import GenerationConfig
 
-    device = torch.device(args.device) if args.device else default_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+    device = parse_device(args.device)
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError("--repeats must be >= 1 and --warmup >= 0")
-    if args.duration <= 0:
-        raise ValueError(f"--duration must be > 0 seconds, got {args.duration}")
+    GenerationConfig.check_fields({"duration": args.duration})  # the peer (hf-musicgen) builds no engine request
     steps = tuple(parse_ints(args.steps, "--steps")) if args.steps else None
     return Settings(model=args.model, kind=args.kind, backend=args.backend, device=device,
-                    dtype=parse_dtype(args.dtype, device), batches=parse_ints(args.batch, "--batch"),
+                    dtype=parse_dtype(args.dtype, device), dtype_arg=args.dtype,
+                    batches=parse_ints(args.batch, "--batch"),
                     duration=args.duration, steps=steps, repeats=args.repeats, warmup=args.warmup,
-                    greedy=args.greedy, seed=args.seed, onnx_dir=args.onnx_dir, ar_mode=args.ar_mode,
+                    greedy=args.greedy, seed=args.seed, ar_mode=args.ar_mode,
                     sets=parse_generation_sets(args.sets))
 
 
@@ -308,7 +155,7 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     s = settings_from(args)
     if args.kind == "hf-musicgen":
-        if s.backend != "torch":
+        if s.backend not in (None, "torch"):
             raise ValueError("--kind hf-musicgen runs transformers' own PyTorch model: use --backend torch")
         from .peer import run_peer
 

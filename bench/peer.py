@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .common import StageClock, sync
+from .timing import make_row, print_row, prompts_for, time_requests
 
 GUIDANCE = 3.0  # MusicGen's default classifier-free guidance
 FRAME_RATE = 50  # EnCodec 32 kHz: 640-sample hop
@@ -95,7 +96,6 @@ def peer_request(model: Any, tokenizer: Any, prompts: list[str], frames: int, do
 
 def run_peer(s: Any) -> list[dict[str, Any]]:
     """`--kind hf-musicgen`: one row per batch size, same schema as the engine's rows."""
-    from .e2e import make_row, print_row, prompts_for, time_requests
     from .presets import default_tokenizer, get_preset
 
     preset = get_preset(s.model)

@@ -25,6 +25,7 @@ from torch import nn
 
 from engine.api import Engine
 from engine.config import ModelConfig
+from engine.loading import SHIPPED
 from engine.model import LM
 from engine.text import TextConditioner
 
@@ -187,25 +188,30 @@ class Built:
     params_m: float
 
 
-def build(model: str, kind: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Built:
-    """A preset name -> random-weight engine; anything else -> `engine.load(model)` (a local checkpoint)."""
+def build(model: str, kind: str | None, device: torch.device, dtype: str | None, seed: int = 0,
+          backend: str | None = None) -> Built:
+    """A preset name -> random-weight engine on `backend` (its `adapt`); anything else -> `engine.load(model,
+    backend)` (the shipped models, a local checkpoint or ONNX export folder). `dtype`: as the user gave it (None =
+    the device's default, or the export's)."""
+    from engine import backends
+    from engine.api import load, parse_dtype
+
     if model in PRESETS:
         preset = PRESETS[model]
         kind = resolve_kind(preset, kind)
         cfg = preset.model_config(kind)
-        lm = random_lm(cfg, device, dtype, seed)
+        lm = random_lm(cfg, device, parse_dtype(dtype, device), seed)
         tokenizer, tok_name = default_tokenizer()
         encoder = random_t5(preset.text, device)
         text = TextConditioner(tokenizer, encoder, lm.text_proj)
         codec = random_codec(preset.codec, device, seed)
-        engine = Engine(cfg, text, codec, device, lm=lm)
+        engine = backends.get(backend or backends.BUILTIN).adapt(Engine(cfg, text, codec, device, lm=lm))
         text_desc = f"random {preset.text_name} ({preset.text['d_model']}-d) + {tok_name}"
         return Built(engine, model, kind, "random", text_desc, lm_params_m(lm))
-    if not Path(model).exists():
-        raise ValueError(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a local checkpoint path")
-    from engine.api import load
-
-    engine = load(model, device=device, dtype=dtype)
+    if not Path(model).exists() and model not in SHIPPED:
+        raise ValueError(f"{model!r} is neither a preset ({', '.join(PRESETS)}), nor a shipped model "
+                         f"({', '.join(SHIPPED)}), nor a local checkpoint path")
+    engine = load(model, backend, device=str(device), dtype=dtype)
     got = "magnet" if engine.config.kind == "magnet" else "ar"
     if kind is not None and kind != got:
         raise ValueError(f"{model} holds a {got} model, not {kind}")

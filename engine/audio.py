@@ -3,15 +3,22 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+from .config import SettingError
+
+if TYPE_CHECKING:  # torch is imported where used: the CLI builds its parser from this module without it
+    import torch
 
 NORMALIZE = ("peak", "loudness", "none")
-SUBTYPES = {"pcm16": "PCM_16", "float32": "FLOAT"}
+SUBTYPES = {"pcm16": "PCM_16", "float32": "FLOAT"}  # of a .wav; FLAC stores 16-bit PCM, Ogg Vorbis its own
+# output extension -> soundfile format (and subtype when fixed by the format)
+FORMATS = {".wav": ("WAV", None), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
 TARGET_LUFS = -14.0  # audiocraft's `audio_write(strategy="loudness")` default, as in the MAGNeT docs
 
 
@@ -84,43 +91,78 @@ def normalize(wav: torch.Tensor, sample_rate: int, mode: str) -> torch.Tensor:
     return wav * min(gain, 0.99 / peak)
 
 
+def audio_format(path: Path) -> str:
+    """The soundfile format an output path asks for by its extension (.wav, .flac, .ogg); others refused."""
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise SettingError(f"cannot write {path}: <output> must end in {', '.join(FORMATS)} (the extension picks "
+                           f"the format), not {path.suffix or 'nothing'}")
+    return fmt[0]
+
+
 def check_writable(path: Path) -> None:
-    """Fail before generating when `path`'s folder cannot take a file."""
+    """Fail before generating when `path` cannot be created: its folder is missing, not writable, or refuses a file
+    (tried for real with a probe file, so /proc, read-only mounts and full quotas are caught too)."""
     folder = path.parent if path.parent != Path("") else Path(".")
     if not folder.is_dir():
-        raise ValueError(f"cannot write {path}: folder {folder} does not exist; create it or choose another -o")
+        raise SettingError(f"cannot write {path}: folder {folder} does not exist; create it or choose another "
+                           "<output>")
     if path.is_dir():
-        raise ValueError(f"cannot write {path}: it is a folder; give a .wav file name")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"cannot write {path}: folder {folder} is not writable; choose another -o")
+        raise SettingError(f"cannot write {path}: it is a folder; give a file name to <output>")
+    probe = _new_file(folder)
+    if isinstance(probe, OSError):
+        raise SettingError(f"cannot write {path}: {probe.strerror or probe}; choose another <output>")
+    os.remove(probe)
 
 
-def write_wav(path: Path, wav: torch.Tensor, sample_rate: int, subtype: str = "pcm16") -> None:
-    """wav [C, samples] float -> WAV at `path`, written to a temporary name first so no half file is left."""
+def _new_file(folder: Path) -> Path | OSError:
+    """Create an empty, hidden, uniquely named file in `folder` with the user's umask (mode 0666 & ~umask, as any
+    new file; mkstemp would make it 0600) -> its path, or the error."""
+    path = folder / f".{secrets.token_hex(6)}.part"
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except OSError as e:
+        return e
+    return path
+
+
+def write_audio(path: Path, wav: torch.Tensor, sample_rate: int, subtype: str = "pcm16") -> None:
+    """wav [C, samples] float -> `path` in the format its extension names (.wav in `subtype`, .flac, .ogg), written
+    to a temporary name in the same folder first, so no half file is ever left under `path`."""
     import soundfile as sf
 
+    fmt = audio_format(path)
     if subtype not in SUBTYPES:
-        raise ValueError(f"unknown WAV subtype {subtype!r}: choose one of {sorted(SUBTYPES)}")
+        raise SettingError(f"unknown <wav_subtype> {subtype!r}: choose one of {', '.join(SUBTYPES)}")
+    sub = SUBTYPES[subtype] if fmt == "WAV" else FORMATS[path.suffix.lower()][1]
     data = wav.detach().cpu().float().clamp(-1, 1).numpy().T  # [samples, C]
-    fd, tmp = tempfile.mkstemp(suffix=".wav.part", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
+    tmp = _new_file(path.parent if str(path.parent) else Path("."))
+    if isinstance(tmp, OSError):
+        raise SettingError(f"cannot write {path}: {tmp.strerror or tmp}; choose another <output>")
     try:
-        sf.write(tmp, data, sample_rate, subtype=SUBTYPES[subtype], format="WAV")
+        sf.write(str(tmp), data, sample_rate, subtype=sub, format=fmt)
         os.replace(tmp, path)
+    except (RuntimeError, OSError) as e:  # soundfile's LibsndfileError is a RuntimeError
+        raise SettingError(f"cannot write {path}: {getattr(e, 'strerror', None) or e}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp.exists():
             os.remove(tmp)
 
 
 def read_wav(path: Path, sample_rate: int) -> torch.Tensor:
     """A WAV at the codec's rate -> [1, 1, samples] fp32 mono (channels averaged)."""
     import soundfile as sf
+    import torch
 
+    if not path.is_file():
+        why = "it is a folder" if path.is_dir() else "no such file"
+        raise SettingError(f"cannot read <prompt_audio> {path}: {why}")
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except (RuntimeError, OSError) as e:  # soundfile raises LibsndfileError (a RuntimeError) for bad files
-        raise ValueError(f"cannot read audio prompt {path}: {e}") from e
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SettingError(f"cannot read <prompt_audio> {path}: not an audio file soundfile reads ({why})") from None
     if sr != sample_rate:
-        raise ValueError(f"audio prompt {path} is {sr} Hz; the model's codec needs {sample_rate} Hz, resample it "
-                         "first (e.g. sox in.wav -r 32000 out.wav)")
+        raise SettingError(f"<prompt_audio> {path} is {sr} Hz; the model's codec needs {sample_rate} Hz: resample "
+                           f"it first (e.g. sox {path.name} -r {sample_rate} out.wav)")
     return torch.from_numpy(data.mean(axis=1)).view(1, 1, -1)

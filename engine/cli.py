@@ -1,25 +1,23 @@
 """`magnet` command line: `magnet generate PROMPT ...` and `magnet export ...`.
 
 Generation flags are built from `GenerationConfig`'s fields (each flag defaults to "the model's default"), so no
-default is written here. Errors: one line on stderr, exit 2 for usage, 1 for failures, no traceback, no half file.
+default is written here, and the request is checked once, by `Engine.request`, whose errors name the flags
+(`CLI_NAMES`). Errors: one line on stderr, exit 2 for usage, 1 for failures, no traceback, no half file. Nothing
+heavy is imported before the arguments are checked: `--help` and bad flags answer at once.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
+import json
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .audio import NORMALIZE, SUBTYPES, OutputConfig
-from .config import SPAN_ARRANGEMENTS, SPAN_SCORINGS, GenerationConfig
-
-BACKENDS = ("torch", "triton", "onnx")
-
-
-class UsageError(ValueError):
-    """Bad command line: exit 2."""
+from .audio import FORMATS, NORMALIZE, SUBTYPES, OutputConfig
+from .config import SPAN_ARRANGEMENTS, SPAN_SCORINGS, GenerationConfig, SettingError
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -59,175 +57,199 @@ _GEN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# How the names in a SettingError (GenerationConfig fields and request parts) are spelled on the command line.
+CLI_NAMES: dict[str, str] = {
+    **{name: flag for name, (flag, _) in _GEN_FLAGS.items()},
+    "prompts": "PROMPT", "unconditional": "--unconditional N", "rescorer": "--rescorer",
+    "ar_model": "--ar-model", "prompt_codes": "--prompt-codes", "prompt_audio": "--prompt-audio",
+    "output": "-o", "tokens_out": "--tokens-out", "device": "--device", "dtype": "--dtype", "backend": "--backend",
+    "model": "--model", "text_encoder": "--text-encoder", "batch_size": "--batch-size",
+    "wav_subtype": "--wav-subtype",
+}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse prints usage + message by default)
         self.exit(2, f"magnet: error: {message} (see --help)\n")
 
 
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _default_help(name: str, reference: GenerationConfig, shipped: GenerationConfig | None) -> str:
+    """Whose default a flag takes: the model's own; for the released MAGNeT checkpoints the reference API's, for the
+    shipped default model its config.json's (read without loading it)."""
+    ref = _shown(getattr(reference, name))
+    if shipped is None or getattr(shipped, name) == getattr(reference, name):
+        return f"default: the model's; {ref} for MAGNeT models"
+    return f"default: the model's; {ref} for released MAGNeT, {_shown(getattr(shipped, name))} for the shipped default"
+
+
+def _shipped_defaults() -> GenerationConfig | None:
+    from .loading import DEFAULT_MODEL, OWN_CONFIG
+
+    try:
+        section = json.loads((DEFAULT_MODEL / OWN_CONFIG).read_text()).get("generation", {})
+        return GenerationConfig.from_dict(section)
+    except (OSError, ValueError, AttributeError):
+        return None  # a damaged install: `engine.load` will say so when it is used
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .backends import names as backend_names
+
     p = _Parser(prog="magnet generate", description="Text to music/sound with MAGNeT (or a MusicGen baseline).")
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="text prompts; several -> DIR/0.wav, 1.wav, ...")
-    p.add_argument("-o", "--output", type=Path, help="FILE.wav for one prompt, or a folder (default out.wav / out/)")
-    p.add_argument("--model", help="folder, LM package file, ONNX export folder or Hugging Face id")
+    p.add_argument("-o", "--output", type=Path, help=f"FILE for one prompt ({', '.join(FORMATS)}: the extension "
+                   "picks the format), or a folder (default out.wav / out/)")
+    p.add_argument("--model", help="default (the shipped model, offline), default-ar, a model folder, an LM package "
+                   "file, an ONNX export folder (magnet export) or a Hugging Face id (facebook/magnet-small-10secs)")
     p.add_argument("--text-encoder", help="local folder of the text encoder (default: from the checkpoint)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="transformer dtype")
-    p.add_argument("--backend", choices=BACKENDS, default=BACKENDS[0])
+    p.add_argument("--backend", choices=backend_names(),
+                   help="default: onnx for an ONNX export folder, else torch; triton = torch with Triton kernels")
     p.add_argument("--rescorer", metavar="MODEL", help="an autoregressive (MusicGen) model that rescores MAGNeT's "
                    "tokens every step (paper §3.3); same codec as --model")
     p.add_argument("--ar-model", metavar="MODEL", help="the autoregressive (MusicGen) model that writes the "
                    "--hybrid-prefix; same codec as --model")
-    defaults = GenerationConfig()
+    reference, shipped = GenerationConfig(), _shipped_defaults()
     for name, (flag, kw) in _GEN_FLAGS.items():
-        default = getattr(defaults, name)
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         kw = dict(kw)
-        kw["help"] = f"{kw.get('help', '')} (MAGNeT default: {shown})".strip()
+        kw["help"] = f"{kw.get('help', '')} ({_default_help(name, reference, shipped)})".strip()
         p.add_argument(flag, dest=name, default=None, **kw)
     p.add_argument("--batch-size", type=int, help="prompts per forward batch (default: all at once)")
     p.add_argument("--prompt-codes", type=Path, help="FILE.npy [B, K, P] int64 tokens to continue")
-    p.add_argument("--prompt-audio", type=Path, help="FILE.wav at the codec's rate to continue")
+    p.add_argument("--prompt-audio", type=Path, help="an audio FILE at the model's codec rate to continue")
     p.add_argument("--tokens-out", type=Path, help="write the generated tokens [B, K, T] int64 to FILE.npy")
     out = OutputConfig()
     p.add_argument("--normalize", choices=NORMALIZE, default=out.normalize)
-    p.add_argument("--wav-subtype", choices=tuple(SUBTYPES), default=out.wav_subtype)
+    p.add_argument("--wav-subtype", choices=tuple(SUBTYPES), default=out.wav_subtype,
+                   help=".wav sample format (.flac stores 16-bit PCM, .ogg Vorbis)")
     p.add_argument("--unconditional", type=int, metavar="N", help="N samples without text")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or status line")
     return p
 
 
 def _outputs(args: argparse.Namespace, n: int) -> list[Path]:
-    from .audio import check_writable
+    """The files to write, checked (format, folder, writable) before anything is loaded."""
+    from .audio import audio_format, check_writable
 
-    out = args.output
-    if n == 1 and (out is None or out.suffix.lower() == ".wav"):
+    out: Path | None = args.output
+    if n == 1 and (out is None or (out.suffix and not out.is_dir())):
         paths = [out or Path("out.wav")]
     else:
         folder = out or Path("out")
-        if folder.suffix.lower() == ".wav":
-            raise UsageError(f"{n} prompts need a folder for -o, not the file {folder}")
+        if folder.suffix.lower() in FORMATS:
+            raise SettingError(f"{n} prompts need a folder for <output>, not the file {folder}")
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UsageError(f"cannot create output folder {folder}: {e.strerror}; choose another -o") from e
+            raise SettingError(f"cannot create output folder {folder}: {e.strerror}; choose another <output>") from e
         paths = [folder / f"{i}.wav" for i in range(n)]
     for path in paths:
-        try:
-            check_writable(path)
-        except ValueError as e:
-            raise UsageError(str(e)) from e
+        audio_format(path)
+        check_writable(path)
     return paths
 
 
-def _load_engine(args: argparse.Namespace):  # noqa: ANN202 - returns engine.api.Engine
-    if args.backend == "onnx":
-        from export.ort import load_engine
+@contextlib.contextmanager
+def _status(text: str, quiet: bool) -> Iterator[None]:
+    """A one-line status on a terminal when what runs inside takes more than a second; erased afterwards."""
+    if quiet or not sys.stderr.isatty():
+        yield
+        return
+    shown = threading.Event()
 
-        if args.model is None:
-            raise UsageError("--backend onnx needs --model EXPORT_DIR (made by `magnet export`)")
-        return load_engine(args.model, device=args.device or "cpu")
-    from .api import load
+    def show() -> None:
+        print(f"magnet: {text}...", end="\r", file=sys.stderr, flush=True)
+        shown.set()
 
-    eng = load(args.model, text_encoder=args.text_encoder, device=args.device, dtype=args.dtype)
-    if args.backend == "triton":
-        import kernels
+    timer = threading.Timer(1.0, show)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        if shown.is_set():
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
 
-        kernels.apply(eng)
-    return eng
+
+def _prompt_list(args: argparse.Namespace) -> list[str | None]:
+    if args.unconditional is None:
+        return list(args.prompts)
+    if args.prompts:
+        raise SettingError("give <prompts> or <unconditional>, not both")
+    if args.unconditional <= 0:
+        raise SettingError(f"<unconditional> needs a positive count, got {args.unconditional}")
+    return [None] * args.unconditional
 
 
 def generate_main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
-    import numpy as np
-    import torch
+    from .request import check_levers, check_prompts
 
-    from .audio import normalize, read_wav, write_wav
-
-    if args.unconditional is not None:
-        if args.prompts:
-            raise UsageError("give prompts or --unconditional N, not both")
-        if args.unconditional <= 0:
-            raise UsageError(f"--unconditional needs a positive count, got {args.unconditional}")
-        prompts: list[str | None] = [None] * args.unconditional
-    else:
-        prompts = list(args.prompts)
-    if not prompts:
-        raise UsageError("no prompt given: pass one or more PROMPTs, or --unconditional N")
-    if args.batch_size is not None and args.batch_size <= 0:
-        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+    # everything the arguments alone decide, before the slow imports and the model load
+    prompts = list(check_prompts(_prompt_list(args)))
     overrides = {name: getattr(args, name) for name in _GEN_FLAGS if getattr(args, name) is not None}
-    try:
-        dataclasses.replace(GenerationConfig(), **overrides)  # range checks before the (slow) model load
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    _check_levers(args, overrides)
+    check_levers(GenerationConfig(**overrides), overrides, has_rescorer=args.rescorer is not None,
+                 has_ar_model=args.ar_model is not None)
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise SettingError(f"<batch_size> must be positive, got {args.batch_size}")
     paths = _outputs(args, len(prompts))
     if args.tokens_out is not None:
-        _outputs_check(args.tokens_out)
-    prompt_codes = None
-    if args.prompt_codes is not None:
-        try:
-            prompt_codes = torch.from_numpy(np.load(args.prompt_codes, allow_pickle=False))
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot read --prompt-codes {args.prompt_codes}: {e}") from e
+        from .audio import check_writable
 
-    eng = _load_engine(args)
-    companions = _load_companions(args)
-    try:
-        gen = eng.settings(**overrides)
-        from .hybrid import check_request
+        if args.tokens_out.suffix != ".npy":
+            raise SettingError(f"<tokens_out> writes a .npy file, not {args.tokens_out.name}")
+        check_writable(args.tokens_out)
+    for path, name in ((args.prompt_codes, "prompt_codes"), (args.prompt_audio, "prompt_audio")):
+        if path is not None and not path.is_file():
+            raise SettingError(f"cannot read <{name}> {path}: {'it is a folder' if path.is_dir() else 'no such file'}")
 
-        check_request(eng, gen, companions.get("rescorer"), companions.get("ar_model"), set(overrides))
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    prompt_audio = read_wav(args.prompt_audio, eng.sample_rate) if args.prompt_audio is not None else None
-    if prompt_audio is not None:
-        prompt_audio = prompt_audio.expand(len(prompts), -1, -1)
+    with _status(f"loading {args.model or 'the default model'}", args.quiet):
+        import numpy as np
+        import torch
 
-    bs = args.batch_size or len(prompts)
-    n_chunks = -(-len(prompts) // bs)
+        from .api import load
+        from .audio import normalize, read_wav, write_audio
+
+        prompt_codes = None
+        if args.prompt_codes is not None:
+            try:
+                prompt_codes = torch.from_numpy(np.load(args.prompt_codes, allow_pickle=False))
+            except (OSError, ValueError) as e:
+                raise SettingError(f"cannot read <prompt_codes> {args.prompt_codes}: {e}") from e
+        eng = load(args.model, args.backend, text_encoder=args.text_encoder, device=args.device, dtype=args.dtype)
+        companions = _load_companions(args)
+    prompt_audio = None if args.prompt_audio is None else read_wav(args.prompt_audio, eng.sample_rate)
+    request = eng.request(prompts, prompt_codes=prompt_codes, prompt_audio=prompt_audio, **companions, **overrides)
+
+    parts = request.split(args.batch_size or request.batch)
     bar = _progress(args.quiet)
     audios, codes = [], []
-    for chunk, start in enumerate(range(0, len(prompts), bs)):
-        part = slice(start, start + bs)
+    for chunk, part in enumerate(parts):
         progress: Callable[[int, int], None] | None = None
         if bar is not None:
             def progress(done: int, total: int, chunk: int = chunk) -> None:
                 # the loop reports its own total (MAGNeT steps, AR frames, hybrid prefix + steps)
-                if bar.total != n_chunks * total:
-                    bar.total = n_chunks * total
+                if bar.total != len(parts) * total:
+                    bar.total = len(parts) * total
                 bar.update(chunk * total + done - bar.n)
-        try:
-            out = eng.generate(prompts[part], gen,
-                               prompt_codes=None if prompt_codes is None else _slice_batch(prompt_codes, part),
-                               prompt_audio=None if prompt_audio is None else prompt_audio[part],
-                               progress=progress, **companions)
-        except (ValueError, TypeError) as e:
-            raise UsageError(str(e)) from e
+        out = eng.generate(part, progress=progress)
         audios.append(out.audio.cpu())
         codes.append(out.codes.cpu())
     if bar is not None:
         bar.close()
-    audio = torch.cat(audios)
-    for path, wav in zip(paths, audio):
-        write_wav(path, normalize(wav, eng.sample_rate, args.normalize), eng.sample_rate, args.wav_subtype)
+    for path, wav in zip(paths, torch.cat(audios)):
+        write_audio(path, normalize(wav, eng.sample_rate, args.normalize), eng.sample_rate, args.wav_subtype)
     if args.tokens_out is not None:
         np.save(args.tokens_out, torch.cat(codes).numpy().astype(np.int64))
     if not args.quiet:
         print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
     return 0
-
-
-def _check_levers(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
-    """Flag combinations that need a second model, checked before any model loads."""
-    if "rescore_weight" in overrides and args.rescorer is None:
-        raise UsageError("--rescore-weight needs --rescorer MODEL (an autoregressive MusicGen checkpoint)")
-    if overrides.get("hybrid_prefix", 0.0) > 0 and args.ar_model is None:
-        raise UsageError("--hybrid-prefix needs --ar-model MODEL (an autoregressive MusicGen checkpoint)")
-    if args.ar_model is not None and not overrides.get("hybrid_prefix", 0.0) > 0:
-        raise UsageError("--ar-model is used only by the hybrid: add --hybrid-prefix SECONDS")
-    if "ar_cfg" in overrides and args.rescorer is None and args.ar_model is None:
-        raise UsageError("--ar-cfg is the guidance of --rescorer / --ar-model: give one of them")
 
 
 def _load_companions(args: argparse.Namespace) -> dict[str, Any]:
@@ -238,21 +260,8 @@ def _load_companions(args: argparse.Namespace) -> dict[str, Any]:
     for key, model in (("rescorer", args.rescorer), ("ar_model", args.ar_model)):
         if model is not None:
             same = next((e for k, e in out.items() if getattr(args, k) == model), None)
-            out[key] = same if same is not None else load(model, device=args.device, dtype=args.dtype)
+            out[key] = same if same is not None else load(model, "torch", device=args.device, dtype=args.dtype)
     return out
-
-
-def _outputs_check(path: Path) -> None:
-    from .audio import check_writable
-
-    try:
-        check_writable(path)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-
-
-def _slice_batch(codes, part: slice):  # noqa: ANN001, ANN202 - [B, K, P] tensor; a single item serves every prompt
-    return codes if codes.dim() == 3 and codes.shape[0] == 1 else codes[part]
 
 
 def _progress(quiet: bool):  # noqa: ANN202 - tqdm bar or None
@@ -276,8 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return commands[argv[0]](argv[1:])
-    except UsageError as e:
-        print(f"magnet: error: {e}", file=sys.stderr)
+    except SettingError as e:  # a bad argument, found before or after the load: named as the flag
+        print(f"magnet: error: {e.spelled(CLI_NAMES)}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, OSError) as e:
         print(f"magnet: error: {e}", file=sys.stderr)

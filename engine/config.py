@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -116,12 +120,108 @@ class ModelConfig:
 _T5_WIDTHS = {"t5-small": 512, "t5-base": 768, "t5-large": 1024, "t5-3b": 1024, "t5-11b": 1024}
 
 
+class SettingError(ValueError):
+    """A bad setting. The message is written once with each setting's name as `<field>` (GenerationConfig field
+    names, or request parts such as `<prompts>`); every front end spells the names its own way: `str(e)` gives the
+    Python names, `e.spelled(flags)` the CLI's flags, the HTTP service its JSON keys. `field` is the first one named."""
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        names = _NAME.findall(template)
+        self.field: str | None = names[0] if names else None
+        super().__init__(self.spelled(PYTHON_NAMES))
+
+    def spelled(self, names: Mapping[str, str]) -> str:
+        """The message with each `<field>` replaced by names[field] (the field name itself when absent)."""
+        return _NAME.sub(lambda m: names.get(m[1], m[1]), self.template)
+
+
+class SettingTypeError(SettingError, TypeError):
+    """A setting of the wrong type (a text where a number goes, a float tensor where tokens go)."""
+
+
+_NAME = re.compile(r"<([a-z][a-z_]*)>")
+# Python's spelling where it is not the field name (engine.request names the unconditional condition so)
+PYTHON_NAMES = {"unconditional": "None"}
+
+
+def _real(name: str, value: Any, *, low: float | None = None, high: float | None = None, above: bool = False,
+          hint: str = "") -> float:
+    """A finite number (int or float, not bool) within [low, high] (low excluded when `above`) -> float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise SettingTypeError(f"<{name}> must be a number, got {value!r}{hint}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise SettingError(f"<{name}> must be a finite number, got {value}{hint}")
+    too_low = low is not None and (value <= low if above else value < low)
+    if too_low or (high is not None and value > high):
+        span = (f"in [{low:g}, {high:g}]" if low is not None and high is not None
+                else f"at most {high:g}" if high is not None else f"{'>' if above else '>='} {low:g}")
+        raise SettingError(f"<{name}> must be {span}, got {value:g}{hint}")
+    return value
+
+
+def _int(name: str, value: Any, *, low: int = 0, high: int | None = None, hint: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise SettingTypeError(f"<{name}> must be a whole number, got {value!r}{hint}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        span = f"in [{low}, {high}]" if high is not None else "positive" if low == 1 else f">= {low}"
+        raise SettingError(f"<{name}> must be {span}, got {value}{hint}")
+    return value
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise SettingTypeError(f"<{name}> must be true or false, got {value!r}")
+    return value
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise SettingError(f"<{name}> must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _seq(name: str, value: Any, item: Callable[[str, Any], Any], sizes: tuple[int, ...] | None, hint: str) -> tuple:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
+        raise SettingTypeError(f"<{name}> must be a list of values, got {value!r}{hint}")
+    if not value or (sizes is not None and len(value) not in sizes):
+        want = "at least one value" if sizes is None else f"{' or '.join(map(str, sizes))} values"
+        raise SettingError(f"<{name}> takes {want}, got {list(value)}{hint}")
+    return tuple(item(name, v) for v in value)
+
+
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range that JSON and every client can carry
+
+# GenerationConfig field -> its check: type, finiteness and range of one value, normalised (lists -> tuples,
+# ints -> floats where a float is meant). Cross-field and per-model checks are in __post_init__ / check_for.
+_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "steps": lambda v: _seq("steps", v, lambda n, x: _int(n, x, low=1), None, "; e.g. 20,10,10,10"),
+    "greedy": lambda v: _bool("greedy", v),
+    "temperature": lambda v: _real("temperature", v, low=0.0),
+    "anneal_temp": lambda v: _bool("anneal_temp", v),
+    "top_k": lambda v: _int("top_k", v, hint="; use 0 to turn it off"),
+    "top_p": lambda v: _real("top_p", v, low=0.0, high=1.0, hint="; use 0 to turn nucleus sampling off"),
+    "cfg": lambda v: _seq("cfg", v, lambda n, x: _real(n, x), (1, 2), " (one constant, or max,min annealed)"),
+    "span_arrangement": lambda v: _choice("span_arrangement", v, SPAN_ARRANGEMENTS),
+    "span_scoring": lambda v: _choice("span_scoring", v, SPAN_SCORINGS),
+    "duration": lambda v: None if v is None else _real("duration", v, low=0.0, above=True, hint=" seconds"),
+    "seed": lambda v: None if v is None else _int("seed", v, high=MAX_SEED),
+    "rescore_weight": lambda v: _real("rescore_weight", v, low=0.0, high=1.0,
+                                      hint=" (1 = MAGNeT's probabilities only, 0 = the rescorer's only)"),
+    "ar_cfg": lambda v: None if v is None else _real("ar_cfg", v, low=0.0, hint="; omit it for the model's default"),
+    "hybrid_prefix": lambda v: _real("hybrid_prefix", v, low=0.0, hint=" seconds (0 = off)"),
+}
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """Decoding settings. `None` fields take the model's default (`default_generation`), so a default is written once.
 
     MAGNeT: per-stage `steps`, mask schedule cos(π/2·τ), guidance annealed from cfg[0] to cfg[1] with the mask rate,
     temperature annealed linearly to 0 over each stage. MusicGen: constant guidance cfg[0], one step per frame.
+    Every value is checked (type, finite, range) and normalised on construction: see `check_fields`.
     """
 
     steps: tuple[int, ...] = (20, 10, 10, 10)  # MAGNeT decoding steps per codebook stage
@@ -141,42 +241,26 @@ class GenerationConfig:
     hybrid_prefix: float = 0.0  # seconds generated first by the AR model, then continued by MAGNeT; 0 = off
 
     def __post_init__(self) -> None:
-        if not self.steps or any(int(s) <= 0 for s in self.steps):
-            raise ValueError(f"steps must be positive integers, got {list(self.steps)}; e.g. --steps 20,10,10,10")
-        if not 0.0 <= self.top_p <= 1.0:
-            raise ValueError(f"top-p must be in [0, 1], got {self.top_p}; use 0 to turn nucleus sampling off")
-        if self.top_k < 0:
-            raise ValueError(f"top-k must be >= 0, got {self.top_k}; use 0 to turn it off")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if len(self.cfg) not in (1, 2):
-            raise ValueError(f"cfg takes one value (constant) or two (max,min), got {list(self.cfg)}")
-        if self.span_arrangement not in SPAN_ARRANGEMENTS:
-            raise ValueError(f"unknown span arrangement {self.span_arrangement!r}: choose one of {SPAN_ARRANGEMENTS}")
-        if self.span_scoring not in SPAN_SCORINGS:
-            raise ValueError(f"unknown span scoring {self.span_scoring!r}: choose one of {SPAN_SCORINGS}")
-        if self.duration is not None and self.duration <= 0:
-            raise ValueError(f"duration must be > 0 seconds, got {self.duration}")
-        if not 0.0 <= self.rescore_weight <= 1.0:
-            raise ValueError(f"rescore weight must be in [0, 1] (1 = MAGNeT's probabilities only, 0 = the "
-                             f"rescorer's only), got {self.rescore_weight}")
-        if self.ar_cfg is not None and not self.ar_cfg >= 0.0:
-            raise ValueError(f"AR guidance (ar_cfg) must be >= 0, got {self.ar_cfg}; omit it for the model's default")
-        if not self.hybrid_prefix >= 0.0:
-            raise ValueError(f"hybrid prefix must be >= 0 seconds (0 = off), got {self.hybrid_prefix}")
+        for name, value in self.check_fields(dataclasses.asdict(self)).items():
+            object.__setattr__(self, name, value)
         if self.duration is not None and self.hybrid_prefix >= self.duration:
-            raise ValueError(f"hybrid prefix ({self.hybrid_prefix}s) must be shorter than the duration "
-                             f"({self.duration}s); MAGNeT has to decode the rest")
+            raise SettingError(f"<hybrid_prefix> ({self.hybrid_prefix}s) must be shorter than <duration> "
+                               f"({self.duration}s); MAGNeT has to decode the rest")
+
+    @staticmethod
+    def check_fields(values: Mapping[str, Any]) -> dict[str, Any]:
+        """Check and normalise some fields' values on their own (no model, no other field): unknown names, types,
+        NaN and infinities, ranges. Cheap: the CLI runs it on its flags before loading anything."""
+        unknown = sorted(set(values) - set(_FIELDS))
+        if unknown:
+            raise SettingError(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; known: "
+                               f"{', '.join(_FIELDS)}")
+        return {name: _FIELDS[name](value) for name, value in values.items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], base: GenerationConfig | None = None) -> GenerationConfig:
         """Fields from JSON (lists -> tuples) on top of `base` (default: the dataclass defaults)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown generation settings {sorted(unknown)}; known: {sorted(names)}")
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return dataclasses.replace(base if base is not None else cls(), **d)
+        return dataclasses.replace(base if base is not None else cls(), **cls.check_fields(d))
 
     def overrides(self, base: GenerationConfig) -> dict[str, Any]:
         """The fields that differ from `base`, JSON-ready (tuples -> lists): `from_dict(x.overrides(b), b) == x`."""
@@ -200,15 +284,15 @@ class GenerationConfig:
     def check_for(self, model: ModelConfig) -> None:
         """Checks that need the model: step list length, top-k range, duration."""
         if model.kind == "magnet" and len(self.steps) != model.n_q:
-            raise ValueError(f"the model has {model.n_q} codebooks, so --steps needs {model.n_q} values, "
-                             f"got {len(self.steps)}")
+            raise SettingError(f"the model has {model.n_q} codebooks, so <steps> needs {model.n_q} values, "
+                               f"got {len(self.steps)}")
         if self.top_k > model.card:
-            raise ValueError(f"top-k must be in [0, {model.card}] (the vocabulary size), got {self.top_k}")
+            raise SettingError(f"<top_k> must be in [0, {model.card}] (the vocabulary size), got {self.top_k}")
         if self.duration is not None and self.frames(model) > model.max_frames:
-            raise ValueError(f"duration {self.duration}s exceeds the model's segment of {model.segment_duration}s; "
-                             f"ask for at most {model.segment_duration}")
+            raise SettingError(f"<duration> {self.duration:g}s exceeds the model's segment of "
+                               f"{model.segment_duration:g}s; ask for at most {model.segment_duration:g}")
         if self.frames(model) < 1:
-            raise ValueError(f"duration {self.duration}s is shorter than one frame (1/{model.frame_rate}s)")
+            raise SettingError(f"<duration> {self.duration:g}s is shorter than one frame (1/{model.frame_rate}s)")
 
     def frames(self, model: ModelConfig) -> int:
         """T = duration × frame rate (the model's segment when no duration is given)."""

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import yaml
+if TYPE_CHECKING:  # torch and yaml are imported where used: the CLI reads the shipped models' paths without them
+    import torch
 
 LM_FILE = "state_dict.bin"
 CODEC_FILE = "compression_state_dict.bin"
@@ -16,6 +16,8 @@ CODEC_FILE = "compression_state_dict.bin"
 
 def load_weights_only(path: Path, what: str = "checkpoint") -> Any:
     """torch.load with weights_only=True; every failure becomes a ValueError naming the file and the fix."""
+    import torch
+
     if not path.is_file():
         raise ValueError(f"{what} file {path} does not exist")
     try:
@@ -43,6 +45,8 @@ def read_package(path: Path, what: str = "checkpoint") -> dict[str, Any]:
 
 
 def parse_xp_cfg(pkg: dict[str, Any], path: Path) -> dict[str, Any]:
+    import yaml
+
     cfg = pkg["xp.cfg"]
     if isinstance(cfg, str):
         try:
@@ -113,14 +117,17 @@ def is_own_format(folder: Path) -> bool:
     return folder.is_dir() and (folder / OWN_CONFIG).is_file() and (folder / OWN_LM).is_file()
 
 
-def save_pretrained(folder: Path, lm: torch.nn.Module, codec: torch.nn.Module, dtype: torch.dtype = torch.float16,
+def save_pretrained(folder: Path, lm: torch.nn.Module, codec: torch.nn.Module, dtype: torch.dtype | None = None,
                     generation: dict[str, Any] | None = None) -> None:
-    """Write a model in our format. LM weights in `dtype` (fp16 halves the size; the released models ship fp16).
-    `generation`: the model's own default GenerationConfig fields (e.g. {"steps": [10, 3, 3, 3]})."""
+    """Write a model in our format. LM weights in `dtype` (default fp16: it halves the size; the released models
+    ship fp16). `generation`: the model's own default GenerationConfig fields (e.g. {"steps": [10, 3, 3, 3]})."""
     import dataclasses
     import json
 
+    import torch
     from safetensors.torch import save_file
+
+    dtype = torch.float16 if dtype is None else dtype
 
     folder.mkdir(parents=True, exist_ok=True)
     config = {"format": FORMAT, "version": 1, "model": lm.cfg.to_dict(),

@@ -10,7 +10,8 @@ V vocabulary (`card`).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,8 @@ from . import ops
 from .config import ModelConfig
 
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [B, H, L, D]
+# q [N, H, Tq, D], k/v [N, H, Tk, D], band half-width or None (full) -> [N, H, Tq, D]; engine.ops.attention's signature
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "int | None"], torch.Tensor]
 
 # Batch invariance of the packed pass (LM.forward_packed), measured with torch 2.13 (MKL sgemm) on this 2-core AMD
 # EPYC: F.linear gives a row's output bit for bit whatever rows are stacked around it once the matrix it sits in
@@ -283,3 +286,31 @@ class LM(nn.Module):
                 logits[i] = o.view(parts[i].n, parts[i].t, -1)
         return logits  # type: ignore[return-value]
 
+
+def set_attention(lm: LM, self_op: Attend | None = None, cross_op: Attend | None = None
+                  ) -> list[tuple[Attend, Attend]]:
+    """The one way to swap the LM's attention ops (Triton kernels, the ONNX graphs' masked op, training's switch):
+    every layer's self-attention op becomes `self_op` and cross-attention op `cross_op` (None keeps it). Returns the
+    previous ops, for `restore_attention`."""
+    saved = [(layer.self_attn.attend, layer.cross_attention.attend) for layer in lm.layers]
+    for layer in lm.layers:
+        if self_op is not None:
+            layer.self_attn.attend = self_op
+        if cross_op is not None:
+            layer.cross_attention.attend = cross_op
+    return saved
+
+
+def restore_attention(lm: LM, saved: list[tuple[Attend, Attend]]) -> None:
+    for layer, (self_op, cross_op) in zip(lm.layers, saved):
+        layer.self_attn.attend, layer.cross_attention.attend = self_op, cross_op
+
+
+@contextlib.contextmanager
+def attention_ops(lm: LM, self_op: Attend | None = None, cross_op: Attend | None = None) -> Iterator[None]:
+    """`set_attention` for the duration of a `with` block; the previous ops are restored on exit."""
+    saved = set_attention(lm, self_op, cross_op)
+    try:
+        yield
+    finally:
+        restore_attention(lm, saved)

@@ -19,7 +19,7 @@ as a CUDA graph (`GraphedStep`) or handed to `torch.compile(mode="reduce-overhea
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,6 +33,21 @@ from .sampling import StepSampling, sample_ref
 UNKNOWN = -1  # a pattern cell not generated yet (audiocraft's `unknown_token`)
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class ARCompanion:
+    """What the quality levers (engine.rescore, engine.hybrid) need of an autoregressive model: its LM for the
+    causal, KV-cached path, its own text conditioning (prompts -> [B, L, dim]), its decoding defaults and sampler,
+    and where it runs. `Engine.companion()` makes one from a loaded MusicGen engine."""
+
+    config: ModelConfig
+    lm: LM
+    text: Callable[[Sequence[str | None]], torch.Tensor]
+    defaults: GenerationConfig
+    sample: Sampler
+    device: torch.device
+    sample_rate: int
 
 
 @dataclass(frozen=True)

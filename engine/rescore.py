@@ -25,17 +25,13 @@ by `StepTimer` (CUDA events, read once after the loop; perf_counter on CPU, wher
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import torch
 
+from .config import GenerationConfig, ModelConfig
 from .magnet import output_frames
-from .musicgen import ARDecoder, DelayPattern
+from .musicgen import ARCompanion, ARDecoder, DelayPattern
 from .sampling import guide
-
-if TYPE_CHECKING:
-    from .api import Engine
-    from .config import GenerationConfig
 
 
 class StepTimer:
@@ -70,36 +66,6 @@ class StepTimer:
         return list(self._cpu)
 
 
-def same_device(a: torch.device, b: torch.device) -> bool:
-    return a.type == b.type and (a.index or 0) == (b.index or 0)
-
-
-def check_companion(main: Engine, other: Engine, role: str) -> None:
-    """Refuse a second model that cannot score or extend `main`'s tokens. role: "rescorer" or "AR model"."""
-    flag = "--rescorer" if role == "rescorer" else "--ar-model"
-    if main.config.kind != "magnet":
-        raise ValueError(f"a {role} works with a MAGNeT model, but the main model is {main.config.kind!r}; "
-                         f"drop {flag} or load a MAGNeT checkpoint with --model")
-    if other.config.kind != "musicgen":
-        raise ValueError(f"the {role} must be an autoregressive (MusicGen) model, got a {other.config.kind!r} model; "
-                         f"pass a MusicGen checkpoint to {flag}")
-    if other.lm is None:
-        raise ValueError(f"the {role} needs the torch LM (its causal, KV-cached path); load it with engine.load "
-                         "(the onnx backend has no such path)")
-    a, b = main.config, other.config
-    for name in ("n_q", "card", "frame_rate"):
-        if getattr(a, name) != getattr(b, name):
-            raise ValueError(f"the {role} has {name}={getattr(b, name)} but the MAGNeT model has "
-                             f"{name}={getattr(a, name)}: both must share one codec's tokens; pass a {role} "
-                             "trained on the same EnCodec")
-    if main.sample_rate != other.sample_rate:
-        raise ValueError(f"the {role}'s codec runs at {other.sample_rate} Hz but the MAGNeT model's at "
-                         f"{main.sample_rate} Hz: both must share one codec")
-    if not same_device(main.device, other.device):
-        raise ValueError(f"the {role} is on {other.device} but the MAGNeT model on {main.device}; load both with "
-                         "the same --device")
-
-
 class ARRescorer:
     """One request's rescoring hook (`magnet.Rescore`): codes [B, K, T] and a stage -> p_ar [B, T] fp32.
 
@@ -107,8 +73,7 @@ class ARRescorer:
     (rows [cond; uncond]), reused by every call.
     """
 
-    def __init__(self, ar: Engine, prompts: list[str | None], frames: int, cfg_coef: float) -> None:
-        assert ar.lm is not None, "check_companion first"
+    def __init__(self, ar: ARCompanion, prompts: list[str | None], frames: int, cfg_coef: float) -> None:
         self.lm, self.cfg_coef, self.frames = ar.lm, cfg_coef, frames
         self.delays = ar.config.delays
         self.special = ar.config.card
@@ -168,13 +133,8 @@ class ARRescorer:
                 "rescore_s_per_step": float(sum(sec) / n) if n else 0.0}
 
 
-def build_rescorer(main: Engine, rescorer: Engine, prompts: list[str | None], gen: GenerationConfig
+def build_rescorer(model: ModelConfig, rescorer: ARCompanion, prompts: list[str | None], gen: GenerationConfig
                    ) -> ARRescorer:
-    """Check `rescorer` against `main` and build the hook for this request (T' = MAGNeT's output frames)."""
-    check_companion(main, rescorer, "rescorer")
-    frames = output_frames(main.config, gen)
-    if frames > rescorer.config.max_frames:
-        raise ValueError(f"the rescorer's segment ({rescorer.config.segment_duration}s) is shorter than the "
-                         f"generation ({frames / main.config.frame_rate}s); ask for a shorter --duration")
-    cfg = gen.ar_cfg if gen.ar_cfg is not None else rescorer.default_generation().cfg_max
-    return ARRescorer(rescorer, prompts, frames, cfg)
+    """The hook for one request (T' = MAGNeT's output frames); the request was checked when built (engine.request)."""
+    cfg = gen.ar_cfg if gen.ar_cfg is not None else rescorer.defaults.cfg_max
+    return ARRescorer(rescorer, prompts, output_frames(model, gen), cfg)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import hybrid
+from .config import SettingError
 from .magnet import Decoding, output_frames, row_generators, split_rows, step_rows
 from .model import CrossKV, Rows
 from .sampling import StepSampling
@@ -43,6 +43,7 @@ from .sampling import StepSampling
 if TYPE_CHECKING:
     from .api import Engine, Generation
     from .config import GenerationConfig
+    from .request import Request
 
 
 class QueueFull(RuntimeError):
@@ -145,14 +146,14 @@ class Scheduler:
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         self.close(cancel_pending=exc_type is not None)
 
-    def settings(self, fields: dict[str, Any]) -> GenerationConfig:
-        """A request's settings, validated (the one place; the engine's defaults under the given fields)."""
-        gen = self.engine.settings(**fields)
-        if gen.hybrid_prefix > 0.0:
-            raise ValueError("the scheduler does not run Hybrid-MAGNeT (it needs an AR model); use "
-                             "Engine.generate(..., ar_model=...) or hybrid_prefix=0")
-        hybrid.check_request(self.engine, gen, None, None, set(fields))  # rescore_weight / ar_cfg: no AR model here
-        return gen
+    def request(self, prompt: str | None, fields: dict[str, Any]) -> Request:
+        """One prompt's request, validated once (Engine.request); what the scheduler cannot serve is refused."""
+        req = self.engine.request([prompt], **fields)
+        if req.prompt_codes is not None or req.prompt_audio is not None or req.rescorer or req.ar_model:
+            raise SettingError("the scheduler serves text-to-audio requests: audio prompts (prompt_codes / "
+                               "prompt_audio) and the quality levers (rescorer / ar_model) go through "
+                               "Engine.generate")
+        return req
 
     def submit(self, prompt: str | None, *, timeout: float | None = None, **fields: Any) -> Future[Generation]:
         """Queue one request; thread-safe. -> a Future of its Generation (audio [1, 1, samples], codes [1, K, T]).
@@ -166,9 +167,7 @@ class Scheduler:
         try:
             if timeout is not None and not timeout > 0:
                 raise ValueError(f"timeout must be > 0 seconds (or None), got {timeout}")
-            if prompt is not None and not isinstance(prompt, str):
-                raise TypeError(f"prompt must be a string or None, got {type(prompt).__name__}")
-            gen = self.settings(fields)
+            gen = self.request(prompt, fields).gen
         except (ValueError, TypeError) as e:
             future.set_exception(e)
             return future

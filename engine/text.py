@@ -85,7 +85,9 @@ def load_text_encoder(name_or_path: str | Path, device: torch.device) -> tuple[o
     Runs in fp32, as the reference does.
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     src = str(resolve_text_encoder(name_or_path))
     for local_only in (True, False):
         try:

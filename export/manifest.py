@@ -43,6 +43,11 @@ def reexport_hint(export_dir: Path, manifest: dict[str, Any] | None = None) -> s
     return f"re-export with `magnet export --model {src or 'MODEL'} --out {export_dir}`"
 
 
+def is_export(folder: Path) -> bool:
+    """A folder with an export's manifest; whether it is intact, read_manifest says (with how to fix it)."""
+    return (folder / MANIFEST).is_file()
+
+
 def read_manifest(export_dir: str | Path, verify: bool = True) -> dict[str, Any]:
     """Load and validate `export_dir/manifest.json` and the files it lists (existence, size, and with `verify`
     their sha256). Raises ValueError saying what is wrong and how to fix it."""

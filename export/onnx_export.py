@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig, default_generation
-from engine.model import LM
+from engine.model import LM, attention_ops
 from engine.ops import band_mask
 
 from .manifest import FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST, TOKENIZER_DIR, sha256_file
@@ -83,16 +83,9 @@ class MaskedAttention:
 def onnx_attention(lm: LM) -> Iterator[MaskedAttention]:
     """Swap every layer's attention op for `MaskedAttention` (one shared instance for self-attention, whose mask
     the step graph sets, one unmasked for cross-attention); restore the originals on exit."""
-    self_attend, cross_attend = MaskedAttention(), MaskedAttention()
-    saved = [(layer.self_attn.attend, layer.cross_attention.attend) for layer in lm.layers]
-    for layer in lm.layers:
-        layer.self_attn.attend = self_attend
-        layer.cross_attention.attend = cross_attend
-    try:
+    self_attend = MaskedAttention()
+    with attention_ops(lm, self_attend, MaskedAttention()):
         yield self_attend
-    finally:
-        for layer, (sa, ca) in zip(lm.layers, saved):
-            layer.self_attn.attend, layer.cross_attention.attend = sa, ca
 
 
 def _onnx_gates(w: torch.Tensor, hidden: int) -> torch.Tensor:

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.api import Engine
+from engine.api import Engine, parse_device
 from engine.codec import check_codes, check_wav
-from engine.config import GenerationConfig, ModelConfig, default_generation
+from engine.config import GenerationConfig, ModelConfig, SettingError, default_generation
 from engine.magnet import Step, split_rows, step_rows
 from engine.text import CACHE_SIZE, TextConditioner
 
-from .manifest import GRAPHS, read_manifest, reexport_hint
+from .manifest import GRAPHS, is_export, read_manifest, reexport_hint
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
@@ -261,4 +261,34 @@ def load_engine(export_dir: str | Path, device: str | torch.device = "cpu", prov
     except (TypeError, ValueError) as e:
         raise ValueError(f"{export_dir}: the manifest's generation settings are invalid ({e}); "
                          f"{reexport_hint(export_dir, manifest)}") from e
-    return Engine(cfg, text, codec, dev, make_step=step, defaults=defaults)
+    eng = Engine(cfg, text, codec, dev, make_step=step, defaults=defaults)
+    eng.backend = "onnx"
+    return eng
+
+
+class OrtBackend:
+    """`engine.load(EXPORT_DIR)` / `--model EXPORT_DIR`: an export folder (its manifest.json names the format) runs
+    on onnxruntime. Registered under the entry-point group magnet_engine.backends as "onnx"."""
+
+    name = "onnx"
+
+    def handles(self, source: Path) -> bool:
+        return is_export(source)
+
+    def load(self, source: str | Path | None, *, device: str | None, dtype: str | None,
+             text_encoder: str | Path | None) -> Engine:
+        if source is None or not is_export(Path(source)):
+            raise SettingError(f"the onnx <backend> reads an export folder made by `magnet export`; <model> "
+                               f"{source or 'default'} is not one (export it first: magnet export --model "
+                               f"{source or 'default'} --out DIR)")
+        if dtype is not None:
+            raise SettingError("the onnx <backend> runs the dtype the export was made in: drop <dtype> (or export "
+                               "again with magnet export --dtype)")
+        if text_encoder is not None:
+            raise SettingError("the onnx <backend> runs the text encoder inside the export folder: drop "
+                               "<text_encoder>")
+        return load_engine(source, device=parse_device(device or "cpu"))
+
+    def adapt(self, engine: Engine) -> Engine:
+        raise SettingError("the onnx <backend> runs exported graphs, not a built torch model: export it with "
+                           "`magnet export --model MODEL --out DIR`, then load DIR")

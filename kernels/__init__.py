@@ -17,15 +17,35 @@ def apply(engine: Any) -> Any:
     model's KV-cached causal path keeps PyTorch) and the per-step sampler. Returns the engine. On CPU tensors the
     kernels need `TRITON_INTERPRET=1` (slow; for tests).
     """
-    from engine.model import SelfAttention
+    from engine.config import SettingError
+    from engine.model import set_attention
 
     from .attention import attention
     from .sampling import sample
 
     if engine.lm is None:
-        raise ValueError("kernels.apply needs an engine with a torch LM (not an onnxruntime engine)")
-    for module in engine.lm.modules():
-        if isinstance(module, SelfAttention):
-            module.attend = attention
+        raise SettingError("the triton <backend> needs an engine with a torch LM, not an onnxruntime engine")
+    set_attention(engine.lm, attention, attention)
     engine.sample = sample
+    engine.backend = "triton"
     return engine
+
+
+class TritonBackend:
+    """`engine.load(model, backend="triton")`: the torch backend's engine with the Triton attention and sampler
+    swapped in (`apply`). Registered under the entry-point group magnet_engine.backends."""
+
+    name = "triton"
+
+    def handles(self, source: Any) -> bool:
+        return False  # reads what torch reads
+
+    def load(self, source: Any, *, device: Any, dtype: Any, text_encoder: Any) -> Any:
+        from engine.backends import TorchBackend
+
+        return self.adapt(TorchBackend().load(source, device=device, dtype=dtype, text_encoder=text_encoder))
+
+    def adapt(self, engine: Any) -> Any:
+        import triton  # noqa: F401 - a missing triton fails here, with the backend's name, not mid-generation
+
+        return apply(engine)

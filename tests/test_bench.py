@@ -92,8 +92,8 @@ def test_hf_peer_row(tmp_path: Path) -> None:
     (["--model", "magnet-small-10secs", "--kind", "ar"], "is a magnet model"),
     (["--model", "tiny", "--batch", "0"], "--batch takes positive integers"),
     (["--model", "tiny", "--kind", "ar", "--steps", "1,1,1,1"], "--steps applies to MAGNeT only"),
-    (["--model", "tiny", "--kind", "magnet", "--backend", "onnx"], "--onnx-dir"),
-    (["--model", "tiny", "--set", "no_such=1"], "unknown generation settings"),
+    (["--model", "tiny", "--kind", "magnet", "--backend", "onnx"], "runs exported graphs"),
+    (["--model", "tiny", "--set", "no_such=1"], "unknown setting no_such"),
 ])
 def test_cli_errors_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert e2e.main([*argv, "--duration", "0.3", "--repeats", "1", "--warmup", "0"]) == 2

@@ -119,9 +119,9 @@ def test_bad_companions(tiny, mg, kw, make, extra, match):
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(rescore_weight=1.5), r"rescore weight must be in \[0, 1\]"),
-    (dict(rescore_weight=-0.1), r"rescore weight must be in \[0, 1\]"),
-    (dict(hybrid_prefix=1.0), "must be shorter than the duration"),
+    (dict(rescore_weight=1.5), r"rescore_weight must be in \[0, 1\]"),
+    (dict(rescore_weight=-0.1), r"rescore_weight must be in \[0, 1\]"),
+    (dict(hybrid_prefix=1.0), "must be shorter than duration"),
     (dict(hybrid_prefix=0.97), "must be shorter than the generation"),  # 48 frames after nonoverlap trimming
     (dict(hybrid_prefix=-1.0), "must be >= 0"),
     (dict(hybrid_prefix=0.001), "shorter than one frame"),
@@ -132,11 +132,11 @@ def test_bad_hybrid_or_weight(tiny, mg, kw, bad, match):
 
 
 def test_levers_need_their_model(tiny, mg, kw):
-    with pytest.raises(ValueError, match="needs the AR model"):
+    with pytest.raises(ValueError, match="hybrid_prefix needs ar_model, the AR model"):
         tiny.generate(["a"], hybrid_prefix=PREFIX, **kw)
-    with pytest.raises(ValueError, match="only by the hybrid"):
+    with pytest.raises(ValueError, match="ar_model is used only by the hybrid"):
         tiny.generate(["a"], ar_model=mg, **kw)
-    with pytest.raises(ValueError, match="only with a rescorer"):
+    with pytest.raises(ValueError, match="rescore_weight needs rescorer"):
         tiny.generate(["a"], rescore_weight=0.3, **kw)
     with pytest.raises(ValueError, match="works with a MAGNeT model"):
         mg.generate(["a"], rescorer=mg, duration=0.1, decode=False)
@@ -154,11 +154,11 @@ def test_cli_hybrid_and_rescore(fixture_dir, settings, tmp_path):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--rescore-weight", "1.5"], "rescore weight must be in [0, 1]"),
+    (["--rescore-weight", "1.5"], "--rescore-weight must be in [0, 1]"),
     (["--rescore-weight", "0.3"], "--rescore-weight needs --rescorer"),
     (["--hybrid-prefix", "0.3"], "--hybrid-prefix needs --ar-model"),
     (["--ar-model", "{mg}"], "--ar-model is used only by the hybrid"),
-    (["--ar-model", "{mg}", "--hybrid-prefix", "0.5", "--duration", "0.5"], "shorter than the duration"),
+    (["--ar-model", "{mg}", "--hybrid-prefix", "0.5", "--duration", "0.5"], "shorter than --duration"),
     (["--ar-model", "{mg}", "--hybrid-prefix", "0.98"], "must be shorter than the generation"),
     (["--rescorer", "{magnet}"], "must be an autoregressive"),
     (["--ar-model", "{magnet}", "--hybrid-prefix", "0.3"], "must be an autoregressive"),

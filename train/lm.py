@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import ModelConfig
-from engine.model import LM, CrossKV
+from engine.model import LM, CrossKV, restore_attention, set_attention
 from engine.musicgen import DelayPattern
 
 from . import common
@@ -150,8 +150,7 @@ class AttendSwitch:
     def __init__(self, lm: LM) -> None:
         self.mask: torch.Tensor | None = None
         self.causal = False
-        for layer in lm.layers:
-            layer.self_attn.attend = self
+        set_attention(lm, self)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.causal)
@@ -411,15 +410,14 @@ def valid_loss(lm: LM, switch: AttendSwitch, data: TokenData, bank: common.TextB
 def probing(lm: LM) -> Iterator[AttendSwitch]:
     """An evaluation of a trained model with the training attention (`AttendSwitch`) in eval mode; the model is
     handed back as it came: the engine's attention op, the caller's train/eval mode."""
-    attends = [layer.self_attn.attend for layer in lm.layers]
+    saved = set_attention(lm)  # the ops as they are, to hand back
     was_training = lm.training
     lm.eval()
     try:
         yield AttendSwitch(lm)
     finally:
         lm.train(was_training)
-        for layer, attend in zip(lm.layers, attends):
-            layer.self_attn.attend = attend
+        restore_attention(lm, saved)
 
 
 def stage0_logits(lm: LM, cb0: torch.Tensor, offset: int, cross: CrossKV) -> torch.Tensor:
