@@ -122,12 +122,12 @@ class Scheduler:
             eng = engine() if callable(engine) else engine
             _check_engine(eng)
             self.engine = eng
-        except Exception as e:  # noqa: BLE001 - handed to the constructor, which raises it in the caller's thread
+            ready.append(None)
+        except BaseException as e:  # handed to the constructor, which raises it in the caller's thread
             ready.append(e)
-            started.set()
             return
-        ready.append(None)
-        started.set()
+        finally:
+            started.set()
         try:
             self._loop()
         except BaseException as e:  # a bug in the loop itself: no future may wait forever
