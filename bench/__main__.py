@@ -7,6 +7,7 @@
     band     the torch path's banded attention vs a dense band mask (bench.band)
     levers   latency of rescoring / Hybrid-MAGNeT vs plain MAGNeT and AR (bench.levers)
     quality  prompt adherence: tempo / key / instrument measured from the audio (bench.quality)
+    load     many requests at once: one at a time vs static batching vs the scheduler (bench.load)
 
 Step-function micro-benchmarks run under pytest-benchmark: `python -m pytest bench/micro.py --benchmark-only`.
 Subcommand modules are imported lazily, so `report` never imports torch's heavy friends and a missing optional
@@ -26,6 +27,7 @@ SUBCOMMANDS = {
     "band": ("bench.band", "banded attention (torch path) vs SDPA with a dense band mask"),
     "levers": ("bench.levers", "latency of the quality levers: rescoring, hybrid, AR"),
     "quality": ("bench.quality", "prompt adherence: tempo / key / instrument measured from the audio"),
+    "load": ("bench.load", "many requests at once: one at a time, static batching, the scheduler"),
 }
 
 

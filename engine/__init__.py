@@ -12,4 +12,12 @@ def load(*args, **kwargs):  # noqa: ANN002, ANN003 - thin lazy re-export of engi
     return _load(*args, **kwargs)
 
 
-__all__ = ["GenerationConfig", "ModelConfig", "load"]
+def __getattr__(name: str):  # noqa: ANN202 - lazy: the scheduler imports torch
+    if name in ("Scheduler", "QueueFull", "RequestTimeout"):
+        from . import scheduler
+
+        return getattr(scheduler, name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+
+
+__all__ = ["GenerationConfig", "ModelConfig", "QueueFull", "RequestTimeout", "Scheduler", "load"]

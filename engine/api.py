@@ -139,9 +139,8 @@ class Engine:
             prompt = req.prompt_codes.to(self.device)
         elif req.prompt_audio is not None:
             prompt = self.encode(req.prompt_audio)
-        generator = None
-        if gen.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(gen.seed)
+        generators = magnet.row_generators(gen.seed, len(prompts), self.device)  # prompt b draws from seed + b
+        generator = None if generators is None else generators[0]  # the AR paths' one stream (as before)
         cond = self.text(prompts)
         stats: dict[str, float] = {}
         if self.config.kind == "musicgen":
@@ -161,7 +160,7 @@ class Engine:
                                                               generator, ar_progress)
             step = self.make_step(cond)
             codes = magnet.generate_tokens(step, self.sample, self.config, gen, len(prompts), self.device, prompt,
-                                           generator, progress, rescore=rescore)
+                                           generators, progress, rescore=rescore)
             if rescore is not None:
                 stats.update(rescore.stats())
             if prefix_timer is not None:

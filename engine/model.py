@@ -11,7 +11,8 @@ V vocabulary (`card`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,45 @@ from .config import ModelConfig
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [B, H, L, D]
 # q [N, H, Tq, D], k/v [N, H, Tk, D], band half-width or None (full) -> [N, H, Tq, D]; engine.ops.attention's signature
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "int | None"], torch.Tensor]
+
+# Batch invariance of the packed pass (LM.forward_packed), measured with torch 2.13 (MKL sgemm) on this 2-core AMD
+# EPYC: F.linear gives a row's output bit for bit whatever rows are stacked around it once the matrix it sits in
+# has >= 12 rows; a call of 1-3, 5-7 or 9-11 rows takes another kernel (max difference 4e-5). So a request whose
+# own pass is that small gets its own call, as alone (GEMM_MIN_ROWS). tests/test_scheduler.py checks the whole pass.
+GEMM_MIN_ROWS = 12
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """F.linear (no bias) of rows [M, in] packed from pieces of `sizes` rows, each piece's output equal to its own
+    call: one GEMM over all pieces of >= GEMM_MIN_ROWS rows, one call each for the smaller ones."""
+    if min(sizes) >= GEMM_MIN_ROWS:
+        return F.linear(x, weight)
+    pieces = x.split(list(sizes))
+    big = [p for p in pieces if p.shape[0] >= GEMM_MIN_ROWS]
+    big_out = iter(F.linear(torch.cat(big), weight).split([p.shape[0] for p in big]) if big else ())
+    return torch.cat([next(big_out) if p.shape[0] >= GEMM_MIN_ROWS else F.linear(p, weight) for p in pieces])
+
+
+@dataclass
+class Rows:
+    """One request's share of a packed LM pass (`LM.forward_packed`): its codes [N, K, T] (N = 2B rows [cond;
+    uncond] when guided, else B), its codebook stage, and its text k/v (`LM.cross_kv`) for its first B rows."""
+
+    codes: torch.Tensor
+    stage: int
+    cross: CrossKV
+
+    @property
+    def n(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def t(self) -> int:
+        return self.codes.shape[-1]
+
+    @property
+    def cond_rows(self) -> int:
+        return self.cross[0][0].shape[0] if self.cross else 0
 
 
 def sin_embedding_at(positions: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -122,6 +162,37 @@ class Layer(nn.Module):
         x = self.cross(x, kv)
         return x + self.linear2(F.gelu(self.linear1(self.norm2(x))))
 
+    def forward_packed(self, x: torch.Tensor, parts: Sequence[Rows], layer: int, windows: Sequence[int | None],
+                       cond_index: torch.Tensor) -> torch.Tensor:
+        """`forward` for several requests packed along the rows: x [ΣN·T, dim]. Linears, norms and the MLP run
+        on the whole pack; attention runs per request over its own rows, frames and text (no padded key, no
+        other request's key); every op matches `forward` on that request alone, bit for bit (see GEMM_MIN_ROWS).
+        cond_index: the pack's row indices of every request's conditional rows, in order."""
+        sa, ca = self.self_attn, self.cross_attention
+        h, d = sa.num_heads, x.shape[-1] // sa.num_heads
+        sizes = [p.n * p.t for p in parts]
+        qkv = packed_linear(self.norm1(x), sa.in_proj_weight, sizes)  # [M, 3·dim]
+        outs = []
+        for piece, p, window in zip(qkv.split(sizes), parts, windows):
+            q, k, v = piece.view(p.n, p.t, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # [N, H, T, D] each
+            outs.append(sa.attend(q, k, v, window).transpose(1, 2).reshape(p.n * p.t, h * d))
+        x = x + packed_linear(torch.cat(outs), sa.out_proj.weight, sizes)
+        cond_parts = [p for p in parts if p.cond_rows]
+        if cond_parts:  # cross-attention on the conditional rows only (the null text's is exactly 0, see forward)
+            csizes = [p.cond_rows * p.t for p in cond_parts]
+            xc = x.index_select(0, cond_index)  # [ΣB·T, dim]
+            q_all = packed_linear(self.norm_cross(xc), ca.in_proj_weight[:x.shape[-1]], csizes)
+            outs = []
+            for piece, p in zip(q_all.split(csizes), cond_parts):
+                q = piece.view(p.cond_rows, p.t, h, d).transpose(1, 2)  # [B, H, T, D]
+                k, v = p.cross[layer]
+                outs.append(ca.attend(q, k, v, None).transpose(1, 2).reshape(p.cond_rows * p.t, h * d))
+            xc = xc + packed_linear(torch.cat(outs), ca.out_proj.weight, csizes)
+            x = x.index_copy(0, cond_index, xc)
+        ffn = packed_linear(F.gelu(packed_linear(self.norm2(x), self.linear1.weight, sizes)), self.linear2.weight,
+                            sizes)
+        return x + ffn
+
     def cross(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         b = kv[0].shape[0]
         if b == 0:
@@ -190,6 +261,30 @@ class LM(nn.Module):
             x = layer(x, window, kv)
         return self.head(x, stage)
 
+    def forward_packed(self, parts: Sequence[Rows]) -> list[torch.Tensor]:
+        """One MAGNeT pass over several requests, each at its own stage, length and text: -> per request the
+        logits [N, T, V] fp32 that `forward(part.codes, part.stage, part.cross)` gives, bit for bit.
+
+        Batch invariance: the requests are packed along the rows of one [ΣN·T, dim] matrix, not padded to a common
+        T or L, so the linear layers see each row's own elements in the same order (GEMM_MIN_ROWS), and attention
+        runs per request over exactly its own keys (padded keys, even masked, change softmax sums by ~1e-7).
+        """
+        dim = self.cfg.dim
+        sizes = [p.n * p.t for p in parts]
+        x = torch.cat([self.embed(p.codes).to(self.dtype).reshape(-1, dim) for p in parts])  # [ΣN·T, dim]
+        starts = torch.tensor([0] + sizes[:-1]).cumsum(0).tolist()
+        cond_index = torch.cat([torch.arange(s, s + p.cond_rows * p.t) for s, p in zip(starts, parts)]).to(x.device)
+        windows = [self.cfg.window(p.stage) for p in parts]
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_packed(x, parts, i, windows, cond_index)
+        y = self.out_norm(x.float()).split(sizes)
+        logits: list[torch.Tensor | None] = [None] * len(parts)
+        for stage in sorted({p.stage for p in parts}):  # one head GEMM per codebook among the requests
+            idx = [i for i, p in enumerate(parts) if p.stage == stage]
+            out = packed_linear(torch.cat([y[i] for i in idx]), self.linears[stage].weight, [sizes[i] for i in idx])
+            for i, o in zip(idx, out.split([sizes[i] for i in idx])):
+                logits[i] = o.view(parts[i].n, parts[i].t, -1)
+        return logits  # type: ignore[return-value]
 
 
 def set_attention(lm: LM, self_op: Attend | None = None, cross_op: Attend | None = None

@@ -10,6 +10,9 @@ Thresholds without a sort: probabilities are >= 0, so their fp32 bit patterns, r
 values. A bisection over the 2**31 bit patterns (31 halvings, each one masked reduction over the row) therefore
 lands *exactly* on the k-th largest probability (top-k, ties kept like `probs >= kth`) or on the smallest
 probability whose strictly-more-probable mass is <= top_p (the `top_p_keep` rule).
+
+Parameters are per row b (the scheduler batches requests at different steps with their own settings): each position
+reads its row's guidance, temperature, mode, k and p; the constexpr flags only drop the code no row needs.
 """
 from __future__ import annotations
 
@@ -18,13 +21,12 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from engine.sampling import StepSampling, sample_ref
+from engine.sampling import GREEDY, TOP_K, TOP_P, StepSampling, row_tensors, sample_ref
 
 __all__ = ["INTERPRETED", "MAX_VOCAB", "sample", "sample_ref"]
 
 MAX_VOCAB = 16384  # a row lives in registers; past this use sample_ref
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_GREEDY, _MULTINOMIAL, _TOP_K, _TOP_P = 0, 1, 2, 3
 _BISECT_STEPS = tl.constexpr(31)  # an interval of < 2**31 bit patterns halves to width 1 in 31 steps
 _F32_INF_BITS = tl.constexpr(0x7F800000)
 
@@ -33,18 +35,20 @@ _F32_INF_BITS = tl.constexpr(0x7F800000)
 def _sample_step(
     COND, UNCOND,  # [B, T, V] logits, any float dtype and strides
     CURRENT,  # [B, T] int64
-    UNIFORM,  # [B, T] fp32 in [0, 1); not read when greedy
+    UNIFORM,  # [B, T] fp32 in [0, 1); not read when every row is greedy
     TOKENS,  # [B, T] int64 out, contiguous
     PROBS,  # [B, T] fp32 out, contiguous
+    CFG, TEMP, TOP_P,  # [B] fp32 per-row guidance, temperature, nucleus mass
+    TOP_K, ROW_MODE,  # [B] int32 per-row k and mode (0 greedy, 1 multinomial, 2 top-k, 3 top-p)
     scb, sct, scv,  # cond strides
     sub, sut, suv,  # uncond strides
     smb, smt,  # current strides
     srb, srt,  # uniform strides
     R, T, V,  # R = B * T positions
     mask_id,
-    cfg_coef, temperature, top_p,
-    top_k,
-    MODE: tl.constexpr,  # 0 greedy, 1 multinomial, 2 top-k, 3 top-p
+    SAMPLED: tl.constexpr,  # some row draws (mode >= 1)
+    HAS_TOP_K: tl.constexpr,  # some row is top-k: run its bisection
+    HAS_TOP_P: tl.constexpr,  # some row is top-p: run its bisection
     ROWS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -55,29 +59,32 @@ def _sample_step(
     cols = tl.arange(0, BLOCK_V)  # [BLOCK_V] vocabulary index
     col_ok = cols < V
     ok = row_ok[:, None] & col_ok[None, :]  # [ROWS, BLOCK_V]
+    cfg_coef = tl.load(CFG + b, mask=row_ok, other=1.0)  # [ROWS] each position's row parameters
+    temperature = tl.load(TEMP + b, mask=row_ok, other=1.0)
+    mode = tl.load(ROW_MODE + b, mask=row_ok, other=0)
 
     c = tl.load(COND + b[:, None] * scb + t[:, None] * sct + cols[None, :] * scv, mask=ok, other=0.0)
     u = tl.load(UNCOND + b[:, None] * sub + t[:, None] * sut + cols[None, :] * suv, mask=ok, other=0.0)
     c = c.to(tl.float32)
     u = u.to(tl.float32)
-    logits = u + (c - u) * cfg_coef  # [ROWS, BLOCK_V] fp32, same operation order as engine.sampling.guide
+    logits = u + (c - u) * cfg_coef[:, None]  # [ROWS, BLOCK_V] fp32, same operation order as engine.sampling.guide
     logits = tl.where(col_ok[None, :], logits, float("-inf"))
 
     # tempered softmax; division (not a reciprocal multiply) as in the reference; the tail gets exp(-inf) = 0
-    x = logits / temperature
+    x = logits / temperature[:, None]
     x_max = tl.max(x, axis=1)  # [ROWS]
     e = tl.exp(x - x_max[:, None])
     probs = e / tl.sum(e, axis=1)[:, None]  # [ROWS, BLOCK_V]
 
-    if MODE == 0:
-        sampled = tl.argmax(logits, axis=1)  # first maximum, like torch.argmax
-        weights = probs  # unused
-        chosen_from = probs
-    else:
+    sampled = tl.argmax(logits, axis=1)  # greedy rows: first maximum, like torch.argmax
+    chosen_from = probs
+    if SAMPLED:
+        weights = probs  # multinomial rows
         # >= 0 floats order like their int32 bit patterns; the masked tail gets -1, below every real probability
         bits = tl.where(col_ok[None, :], probs.to(tl.int32, bitcast=True), -1)  # [ROWS, BLOCK_V]
-        if MODE == 2:
+        if HAS_TOP_K:
             # largest bit pattern `lo` with count(p >= lo) >= k: exactly the k-th largest probability
+            top_k = tl.load(TOP_K + b, mask=row_ok, other=1)
             lo = tl.zeros([ROWS], dtype=tl.int32)
             hi = tl.full([ROWS], _F32_INF_BITS + 1, dtype=tl.int32)
             for _ in range(_BISECT_STEPS):
@@ -88,10 +95,14 @@ def _sample_step(
                 hi = tl.where(enough, hi, mid)
             kept = tl.where(bits >= lo[:, None], probs, 0.0)
             # the reference renormalises in place: the renormalised probability is drawn from and returned
-            weights = kept / tl.sum(kept, axis=1)[:, None]
-            chosen_from = weights
-        elif MODE == 3:
+            # (a row in another mode may keep nothing, k = 0: divide it by 1, its result is not used)
+            is_k = (mode == 2)[:, None]
+            kept = kept / tl.where(is_k, tl.sum(kept, axis=1)[:, None], 1.0)
+            weights = tl.where(is_k, kept, weights)
+            chosen_from = tl.where(is_k, kept, chosen_from)
+        if HAS_TOP_P:
             # smallest bit pattern `hi` whose strictly-greater mass is <= top_p; keep p >= hi (top_p_keep's rule)
+            top_p = tl.load(TOP_P + b, mask=row_ok, other=0.0)
             lo = tl.full([ROWS], -1, dtype=tl.int32)
             hi = tl.full([ROWS], _F32_INF_BITS, dtype=tl.int32)
             for _ in range(_BISECT_STEPS):
@@ -100,18 +111,16 @@ def _sample_step(
                 small = mass <= top_p
                 hi = tl.where(small, mid, hi)
                 lo = tl.where(small, lo, mid)
-            weights = tl.where(bits >= hi[:, None], probs, 0.0)  # not renormalised, like the reference
-            chosen_from = probs
-        else:
-            weights = probs
-            chosen_from = probs
+            nucleus = tl.where(bits >= hi[:, None], probs, 0.0)  # not renormalised, like the reference
+            weights = tl.where((mode == 3)[:, None], nucleus, weights)
         # inverse CDF in index order: the first index whose cdf exceeds uniform * total (searchsorted right=True)
         uni = tl.load(UNIFORM + b * srb + t * srt, mask=row_ok, other=0.0)  # [ROWS]
         cdf = tl.cumsum(weights, axis=1)  # [ROWS, BLOCK_V]
         total = tl.max(cdf, axis=1)  # = cdf[V - 1]: weights are >= 0 and the tail adds 0
         target = uni * total
         below = (cdf <= target[:, None]) & col_ok[None, :]
-        sampled = tl.minimum(tl.sum(below.to(tl.int32), axis=1), V - 1)
+        drawn = tl.minimum(tl.sum(below.to(tl.int32), axis=1), V - 1)
+        sampled = tl.where(mode == 0, sampled, drawn)
 
     chosen = tl.sum(tl.where(cols[None, :] == sampled[:, None], chosen_from, 0.0), axis=1)  # [ROWS]
     current = tl.load(CURRENT + b * smb + t * smt, mask=row_ok, other=0)
@@ -149,12 +158,13 @@ def _check(cond: torch.Tensor, uncond: torch.Tensor, current: torch.Tensor, mask
     if V < 1 or V > MAX_VOCAB:
         raise ValueError(f"sample: vocabulary V = {V} must be in 1..{MAX_VOCAB} (a row is held on chip); "
                          "use engine.sampling.sample_ref for larger V")
-    if not params.temperature > 0.0:
+    rows = params.per_row(B)  # ValueError when a per-row tuple does not have B values
+    if not all(temp > 0.0 for _, temp, _, _, _ in rows):
         raise ValueError(f"sample: temperature must be > 0, got {params.temperature}")
     devices = {cond.device, uncond.device, current.device}
-    if not params.greedy:
+    if params.any_sampled:
         if uniform is None:
-            raise ValueError("sample: uniform noise [B, T] is required unless params.greedy")
+            raise ValueError("sample: uniform noise [B, T] is required unless every row is greedy")
         if not isinstance(uniform, torch.Tensor):
             raise TypeError(f"sample: uniform must be a torch.Tensor, got {type(uniform).__name__}")
         if uniform.shape != (B, T):
@@ -162,8 +172,9 @@ def _check(cond: torch.Tensor, uncond: torch.Tensor, current: torch.Tensor, mask
         if uniform.dtype != torch.float32:
             raise TypeError(f"sample: uniform must be float32, got {uniform.dtype}; call .float()")
         devices.add(uniform.device)
-        if params.top_p <= 0.0 and params.top_k > V:
-            raise ValueError(f"sample: top_k = {params.top_k} exceeds the vocabulary V = {V}")
+        for (_, _, k, _, _), mode in zip(rows, params.modes(B)):
+            if mode == TOP_K and k > V:
+                raise ValueError(f"sample: top_k = {k} exceeds the vocabulary V = {V}")
     if len(devices) > 1:
         raise ValueError(f"sample: inputs are on different devices {sorted(map(str, devices))}; move them to one")
     if cond.device.type != "cuda" and not INTERPRETED:
@@ -187,28 +198,22 @@ def sample(cond: torch.Tensor, uncond: torch.Tensor, current: torch.Tensor, mask
     R = B * T
     if R == 0:
         return tokens, probs
-    if params.greedy:
-        mode = _GREEDY
-    elif params.top_p > 0.0:
-        mode = _TOP_P
-    elif params.top_k > 0:
-        mode = _TOP_K
-    else:
-        mode = _MULTINOMIAL
+    cfg, temp, top_k, top_p, mode = row_tensors(params, B, cond.device)
+    modes = set(params.modes(B))
     block_v = triton.next_power_of_2(V)
     # Registers bound a GPU program to ~4k row elements; the interpreter pays per program, so it takes more rows.
     budget = 65536 if INTERPRETED else 4096
     rows = max(1, min(triton.next_power_of_2(R), budget // block_v))
-    noise = uniform if uniform is not None else probs  # a placeholder pointer: greedy never reads it
+    noise = uniform if uniform is not None else probs  # a placeholder pointer: greedy rows never read it
     _sample_step[(triton.cdiv(R, rows),)](
         cond, uncond, current, noise, tokens, probs,
+        cfg, temp, top_p, top_k.to(torch.int32), mode.to(torch.int32),
         cond.stride(0), cond.stride(1), cond.stride(2),
         uncond.stride(0), uncond.stride(1), uncond.stride(2),
         current.stride(0), current.stride(1),
         noise.stride(0), noise.stride(1),
         R, T, V, mask_id,
-        float(params.cfg_coef), float(params.temperature), float(params.top_p), int(params.top_k),
-        MODE=mode, ROWS=rows, BLOCK_V=block_v,
+        SAMPLED=modes != {GREEDY}, HAS_TOP_K=TOP_K in modes, HAS_TOP_P=TOP_P in modes, ROWS=rows, BLOCK_V=block_v,
         num_warps=4 if rows * block_v <= 2048 else 8,
         # no FMA contraction: u + (c - u) * cfg must round like the reference's separate multiply and add, or a
         # near-tie could resolve differently from sample_ref given the same noise

@@ -156,7 +156,7 @@ def _step_inputs(b: int, t: int, v: int, dtype: torch.dtype, seed: int, ties: bo
 
 def _check_same_as_ref(cond: torch.Tensor, uncond: torch.Tensor, current: torch.Tensor, mask_id: int,
                        params: StepSampling, uniform: torch.Tensor) -> None:
-    noise = None if params.greedy else uniform
+    noise = uniform if params.any_sampled else None
     tokens, probs = ksamp.sample(cond, uncond, current, mask_id, params, noise)
     ref_tokens, ref_probs = ksamp.sample_ref(cond, uncond, current, mask_id, params, noise)
     assert tokens.dtype == torch.int64 and probs.dtype == torch.float32
@@ -176,6 +176,40 @@ def test_sample_matches_ref(v: int, mode: str) -> None:
         pytest.skip("top_k > V")
     cond, uncond, current, uniform = _step_inputs(2, 50, v, torch.float32, seed=v)
     _check_same_as_ref(cond, uncond, current, v, params, uniform)
+
+
+@pytest.mark.parametrize("names", [
+    list(MODES),  # every mode side by side
+    ["greedy", "greedy-cold"],  # all greedy: no noise needed
+    ["top_k1", "top_k5", "top_k_all", "multinomial"],  # top-k rows with different k beside multinomial
+    ["top_p0.3", "greedy", "top_p1"],
+], ids=["all", "greedy", "top_k", "top_p"])
+@pytest.mark.parametrize("v", [37, 2048])
+def test_sample_per_row_parameters(v: int, names: list[str]) -> None:
+    """One call, each row with its own guidance, temperature and mode (the scheduler's batches): the kernel picks
+    the reference's tokens, and each row equals that row sampled alone with its own scalar parameters."""
+    rows = [MODES[n] for n in names]
+    cond, uncond, current, uniform = _step_inputs(len(rows), 30, v, torch.float32, seed=len(rows) + v)
+    params = StepSampling.concat([(p, 1) for p in rows])
+    noise = uniform if params.any_sampled else None
+    _check_same_as_ref(cond, uncond, current, v, params, uniform)
+    tokens, probs = ksamp.sample_ref(cond, uncond, current, v, params, noise)
+    for i, p in enumerate(rows):
+        one = ksamp.sample_ref(cond[i:i + 1], uncond[i:i + 1], current[i:i + 1], v, p,
+                               None if p.greedy else uniform[i:i + 1])
+        assert torch.equal(tokens[i:i + 1], one[0]) and torch.equal(probs[i:i + 1], one[1]), names[i]
+
+
+def test_sample_per_row_validation() -> None:
+    cond, uncond, current, uniform = _step_inputs(2, 5, 37, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="3 per-row values for 2 rows"):
+        ksamp.sample(cond, uncond, current, 37, StepSampling((1.0, 2.0, 3.0), 1.0, 0, 0.0, True), None)
+    with pytest.raises(ValueError, match="uniform noise"):  # one sampled row needs noise
+        ksamp.sample(cond, uncond, current, 37, StepSampling(1.0, 1.0, 0, 0.0, (True, False)), None)
+    with pytest.raises(ValueError, match="top_k = 38"):
+        ksamp.sample(cond, uncond, current, 37, StepSampling(1.0, 1.0, (38, 2), 0.0, False), uniform)
+    with pytest.raises(ValueError, match="temperature"):
+        ksamp.sample(cond, uncond, current, 37, StepSampling(1.0, (1.0, 0.0), 0, 0.0, True), None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))

@@ -1,0 +1,232 @@
+"""`python -m bench load`: many requests at once, served three ways on one engine.
+
+    sequential  one request at a time, in arrival order (`Engine.generate([prompt])`)
+    static      static batching: wait for `--max-batch` requests (or `--static-wait` s after the first waits), decode
+                that batch to its end, admit nobody meanwhile (same packed pass as the scheduler)
+    scheduler   engine.Scheduler: iteration-level batching, requests join and leave at every step
+
+Traces: `burst` (N requests submitted at once) or `poisson` (open-loop arrivals at `--rate` per second: arrival times
+are drawn up front, so a slow server does not slow the arrivals). Request settings: duration uniform in
+[--min-duration, --max-duration] s rounded to 0.5 s, steps drawn from `--steps-mix`, a seed each; texts from a fixed
+list. One JSON line per (policy, trace) with throughput, latency and queue-wait percentiles and the histogram of
+requests per LM pass.
+
+Each policy runs in a fresh process (`--all` spawns them): a process whose threads have all run torch is slower
+(engine/scheduler.py's docstring), and the scheduler's loop thread must not inherit another policy's state.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TEXTS = ["upbeat electronic dance track with a heavy bass line at 128 bpm", "slow sad piano",
+         "a calm ambient pad with soft strings", "rock drums and distorted guitar", "jazz trio, walking bass, brushes",
+         "lofi hip hop beat", "orchestral film score with brass", "acoustic folk guitar and whistling"]
+POLICIES = ("sequential", "static", "scheduler")
+
+
+@dataclass
+class Request:
+    arrival: float  # seconds after the trace starts
+    prompt: str
+    settings: dict[str, Any]
+    start: float = 0.0
+    finish: float = 0.0
+
+
+def make_trace(args: argparse.Namespace, steps_mix: Sequence[tuple[int, ...]]) -> list[Request]:
+    rng = random.Random(args.trace_seed)
+    t, out = 0.0, []
+    for i in range(args.requests):
+        if args.trace == "poisson":
+            t += rng.expovariate(args.rate)
+        duration = round(rng.uniform(args.min_duration, args.max_duration) * 2) / 2
+        settings: dict[str, Any] = dict(duration=duration, seed=i)
+        if steps_mix:
+            settings["steps"] = rng.choice(steps_mix)
+        out.append(Request(t, TEXTS[i % len(TEXTS)], settings))
+    return out
+
+
+def wait_until(t0: float, t: float) -> None:
+    delay = t0 + t - time.perf_counter()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def run_sequential(eng: Any, trace: list[Request]) -> collections.Counter[int]:
+    t0 = time.perf_counter()
+    passes = 0
+    for req in trace:  # arrivals are open-loop: a request waits if it arrived while another was decoding
+        wait_until(t0, req.arrival)
+        req.start = time.perf_counter() - t0
+        eng.generate([req.prompt], **req.settings)
+        req.finish = time.perf_counter() - t0
+        passes += sum(eng.settings(**req.settings).steps)
+    return collections.Counter({1: passes})
+
+
+def run_static(eng: Any, trace: list[Request], max_batch: int, wait: float) -> collections.Counter[int]:
+    from engine.scheduler import decode_step, start_request
+
+    hist: collections.Counter[int] = collections.Counter()
+    t0 = time.perf_counter()
+    pending = list(trace)
+    while pending:
+        first = pending[0].arrival
+        wait_until(t0, first)
+        # the batch closes when it is full or `wait` s after its first request arrived
+        now = time.perf_counter() - t0
+        full_at = pending[min(max_batch, len(pending)) - 1].arrival
+        wait_until(t0, max(now, min(full_at, first + wait)))
+        now = time.perf_counter() - t0
+        batch = [r for r in pending[:max_batch] if r.arrival <= now]
+        pending = pending[len(batch):]
+        live = []
+        for r in batch:
+            r.start = time.perf_counter() - t0
+            dec, cross = start_request(eng, r.prompt, eng.settings(**r.settings))
+            live.append((r, dec, cross))
+        while live:
+            hist[len(live)] += 1
+            decode_step(eng, [d for _, d, _ in live], [c for _, _, c in live])
+            for r, d, _ in [x for x in live if x[1].finished]:
+                eng.decode(d.codes)
+                r.finish = time.perf_counter() - t0
+            live = [x for x in live if not x[1].finished]
+    return hist
+
+
+def run_scheduler(eng: Any, traces: list[list[Request]], max_batch: int, warm: list[Request],
+                  max_frames: int | None) -> list[collections.Counter[int]]:
+    """`eng`: an Engine, or a loader that the scheduler's loop thread calls (all torch work in that thread). The
+    warm-up requests run through the same scheduler (a second loop thread would not be the one that loaded)."""
+    from engine.scheduler import Scheduler
+
+    hists = []
+    queue = max(len(warm), *map(len, traces))
+    with Scheduler(eng, max_batch=max_batch, max_queue=queue, max_frames=max_frames) as sched:
+        for f in [sched.submit(r.prompt, **r.settings) for r in warm]:
+            f.result()
+        for trace in traces:
+            sched.batch_sizes.clear()  # the loop is idle: nothing is active
+            t0 = time.perf_counter()
+            futures = []
+            for req in trace:
+                wait_until(t0, req.arrival)
+                futures.append(sched.submit(req.prompt, **req.settings))
+            for req, f in zip(trace, futures):
+                stats = f.result().stats
+                req.finish = req.arrival + stats["latency_s"]
+                req.start = req.arrival + stats["queue_s"]
+            hists.append(collections.Counter(sched.batch_sizes))
+    return hists
+
+
+def percentiles(xs: Sequence[float]) -> dict[str, float]:
+    from bench.common import percentile
+
+    return {f"p{q}": round(percentile(xs, q), 4) for q in (50, 95, 99)}
+
+
+def run_one(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import torch
+
+    import engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.policy == "scheduler" and args.scheduler_load == "loop":
+        eng = lambda: engine.load(args.model, device=args.device)  # noqa: E731 - called in the loop thread
+    else:
+        eng = engine.load(args.model, device=args.device)
+    steps_mix = [tuple(int(x) for x in s.split(",")) for s in args.steps_mix or []]
+    # warm-up (allocator, text encoder, kernels) with requests outside the trace, through the same policy
+    warm = [Request(0.0, "warm up", dict(duration=1.0, seed=i)) for i in range(args.max_batch)]
+    traces = [make_trace(args, steps_mix) for _ in range(args.repeats)]
+    if args.policy == "sequential":
+        run_sequential(eng, warm[:2])
+        hists = [run_sequential(eng, tr) for tr in traces]
+    elif args.policy == "static":
+        run_static(eng, warm, args.max_batch, 0.0)
+        hists = [run_static(eng, tr, args.max_batch, args.static_wait) for tr in traces]
+    else:
+        hists = run_scheduler(eng, traces, args.max_batch, warm, args.max_frames)
+    return [summarize(args, tr, hist, i) for i, (tr, hist) in enumerate(zip(traces, hists))]
+
+
+def summarize(args: argparse.Namespace, trace: list[Request], hist: collections.Counter[int], repeat: int
+              ) -> dict[str, Any]:
+    from bench.common import git_sha, host, versions
+
+    first, last = min(r.arrival for r in trace), max(r.finish for r in trace)
+    latency = [r.finish - r.arrival for r in trace]
+    wait = [r.start - r.arrival for r in trace]
+    audio = sum(r.settings["duration"] for r in trace)
+    return {"bench": "load", "policy": args.policy, "trace": args.trace, "repeat": repeat,
+            "loaded_in": args.scheduler_load if args.policy == "scheduler" else "main thread",
+            "rate": args.rate if args.trace == "poisson" else None, "requests": len(trace),
+            "max_batch": None if args.policy == "sequential" else args.max_batch,
+            "max_frames": args.max_frames if args.policy == "scheduler" else None,
+            "durations_s": [args.min_duration, args.max_duration], "steps_mix": args.steps_mix,
+            "makespan_s": round(last - first, 3), "throughput_rps": round(len(trace) / (last - first), 3),
+            "audio_s_per_s": round(audio / (last - first), 3), "latency_s": percentiles(latency),
+            "queue_wait_s": percentiles(wait), "batch_hist": dict(sorted(hist.items())),
+            "model": str(args.model or "default"), "device": args.device, "host": host(), "versions": versions(),
+            "git": git_sha()}
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench load", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--policy", choices=POLICIES, default="scheduler")
+    ap.add_argument("--all", action="store_true", help="run every policy, each in a fresh process")
+    ap.add_argument("--trace", choices=("burst", "poisson"), default="burst")
+    ap.add_argument("--rate", type=float, default=2.0, help="poisson arrivals per second")
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--min-duration", type=float, default=1.0)
+    ap.add_argument("--max-duration", type=float, default=1.0)
+    ap.add_argument("--steps-mix", nargs="+", default=None,
+                    help="steps lists each request draws from, e.g. 1,4,4,4 2,6,6,6 (default: the model's own)")
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-frames", type=int, default=None, help="scheduler: LM-pass frame budget (rows x T)")
+    ap.add_argument("--static-wait", type=float, default=0.25, help="static batching: seconds a batch waits to fill")
+    ap.add_argument("--trace-seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of the trace after the warm-up (one JSON line each)")
+    ap.add_argument("--scheduler-load", choices=("loop", "caller"), default="loop",
+                    help="scheduler: the loop thread loads the model (a loader) or the caller passes a loaded engine")
+    ap.add_argument("--model", default=None, help="model folder (default: the shipped model)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    ap.add_argument("--out", type=Path, default=None, help="append the JSON lines here too")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    if args.all:
+        rest = [a for a in (sys.argv[2:] if argv is None else argv) if a != "--all"]
+        for policy in POLICIES:  # the last --policy wins
+            cmd = [sys.executable, "-m", "bench", "load", *rest, "--policy", policy]
+            if subprocess.run(cmd, check=False).returncode:
+                return 1
+        return 0
+    for row in run_one(args):
+        line = json.dumps(row)
+        print(line, flush=True)
+        if args.out is not None:
+            with args.out.open("a") as f:
+                f.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Many requests at once: iteration-level batching of MAGNeT decoding, each request decoded as if alone.
+
+    submit() ─► queue (FIFO, ≤ max_queue) ─► loop thread: admit up to max_batch ─► per iteration:
+        every active request's `magnet.Decoding.prepare()` ─► ONE packed LM pass (`LM.forward_packed`) ─►
+        sampler calls with per-row parameters (one per request length) ─► each request's `advance()` ─►
+        finished ones decode and leave
+
+A request joins at the next iteration after it is submitted and leaves the iteration it finishes, whatever stage and
+step the others are at (vLLM-style continuous batching; MAGNeT's fixed step count makes every iteration one step of
+every active request).
+
+Bit-equality with `engine.generate([prompt], **same settings)`: the pass packs the requests' rows without padding
+(linears see only a row's own elements; attention runs per request over its own frames and own text length: see
+`LM.forward_packed`), and the sampler only reduces over V within a position (requests of equal length share a
+call, no padding). Each request draws its noise from its own generator (`magnet.row_generators(seed, 1)`), in
+the solo run's order. tests/test_scheduler.py holds the equality on the fixture and the shipped model.
+
+Threads: the loop thread does all torch work (text encoding, LM, sampling, codec); `submit` does none. On a CPU
+build with OpenMP, torch runs ~1.4-1.7x slower in one thread once another thread has run parallel torch ops (each
+keeps its own OpenMP pool). Measured on this 2-core EPYC, 16 one-second requests decoded in one batch: 1.5-1.7 s
+with the model loaded and run in the same thread (main, or the loop thread), 2.6-3.3 s when loaded on the main
+thread and run on another; with one intra-op thread everywhere 2.2-2.4 s. So pass a loader, `Scheduler(lambda:
+engine.load(...))`: it runs in the loop thread, and the model never touches another thread. An engine already
+loaded elsewhere works too, at the slower speed on such CPUs (bench/RESULTS.md has both).
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .config import SettingError
+from .magnet import Decoding, output_frames, row_generators, split_rows, step_rows
+from .model import CrossKV, Rows
+from .sampling import StepSampling
+
+if TYPE_CHECKING:
+    from .api import Engine, Generation
+    from .config import GenerationConfig
+    from .request import Request
+
+
+class QueueFull(RuntimeError):
+    """`Scheduler.submit` past `max_queue` waiting requests: retry later or raise max_queue."""
+
+
+class RequestTimeout(TimeoutError):
+    """A request's `timeout` (seconds from submit) passed before it finished; it left its batch."""
+
+
+@dataclass(eq=False)
+class _Request:
+    prompt: str | None
+    gen: GenerationConfig
+    future: Future
+    submitted: float  # time.monotonic()
+    deadline: float | None
+    started: float = 0.0
+    dec: Decoding | None = None
+    cross: CrossKV = field(default_factory=list)
+
+
+def _pass_frames(gen: GenerationConfig, engine: Engine) -> int:
+    """A request's share of an LM pass: rows ([cond; uncond] or cond) x frames."""
+    return (2 if gen.guided else 1) * output_frames(engine.config, gen)
+
+
+def _check_engine(engine: Engine) -> None:
+    if getattr(engine, "lm", None) is None:
+        raise ValueError("the scheduler needs a torch LM: its pass packs rows of requests at different stages, "
+                         "lengths and text lengths (LM.forward_packed), which this engine's step (onnxruntime: "
+                         "one fixed [2B or B, K, T] batch, one stage, one text length per call) cannot take; "
+                         "load the model with engine.load(...) instead")
+    if engine.config.kind != "magnet":
+        raise ValueError(f"the scheduler batches MAGNeT decoding; this is a {engine.config.kind} model")
+
+
+class Scheduler:
+    """Serve `submit(prompt, **settings)` requests on one engine with iteration-level batching.
+
+    `max_batch`: requests decoded together (each is 2 LM rows when guided, 1 when not). `max_frames`: optional
+    budget of LM-pass frames (rows x T summed over the batch, like vLLM's max_num_batched_tokens); a request that
+    would pass it waits (FIFO: nobody overtakes it), one alone always runs. On a CPU batching pays only while the
+    pass is small (bench/RESULTS.md). `max_queue`: requests waiting to start; `submit` raises QueueFull past it.
+    Use as a context manager; leaving it (or `close()`) finishes what is queued and in flight and joins the loop thread.
+    """
+
+    def __init__(self, engine: Engine | Callable[[], Engine], max_batch: int = 8, max_queue: int = 64,
+                 max_frames: int | None = None) -> None:
+        """`engine`: a loaded Engine, or a function that loads one, called in the loop thread (faster on CPU: see
+        the module docstring); its errors are raised here."""
+        if max_batch < 1 or max_queue < 0 or (max_frames is not None and max_frames < 1):
+            raise ValueError(f"max_batch and max_frames must be >= 1 and max_queue >= 0, got {max_batch}, "
+                             f"{max_frames} and {max_queue}")
+        self.max_batch, self.max_queue, self.max_frames = max_batch, max_queue, max_frames
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._active: list[_Request] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._cancel_pending = False
+        # iteration -> how many requests it decoded (for benchmarks); written by the loop thread only
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        ready: list[BaseException | None] = []
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(engine, ready, started), name="magnet-scheduler",
+                                        daemon=True)
+        self._thread.start()
+        started.wait()
+        if ready[0] is not None:
+            self._thread.join()
+            raise ready[0]
+
+    def _run(self, engine: Engine | Callable[[], Engine], ready: list[BaseException | None],
+             started: threading.Event) -> None:
+        try:
+            eng = engine() if callable(engine) else engine
+            _check_engine(eng)
+            self.engine = eng
+            ready.append(None)
+        except BaseException as e:  # handed to the constructor, which raises it in the caller's thread
+            ready.append(e)
+            return
+        finally:
+            started.set()
+        try:
+            self._loop()
+        except BaseException as e:  # a bug in the loop itself: no future may wait forever
+            with self._cv:
+                self._closed = True
+                stranded = self._active + list(self._queue)
+                self._active, self._queue = [], collections.deque()
+            for req in stranded:
+                if not req.future.done() and (req.future.running() or req.future.set_running_or_notify_cancel()):
+                    req.future.set_exception(RuntimeError(f"the scheduler's loop failed: {e!r}"))
+            raise
+
+    def __enter__(self) -> Scheduler:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.close(cancel_pending=exc_type is not None)
+
+    def request(self, prompt: str | None, fields: dict[str, Any]) -> Request:
+        """One prompt's request, validated once (Engine.request); what the scheduler cannot serve is refused."""
+        req = self.engine.request([prompt], **fields)
+        if req.prompt_codes is not None or req.prompt_audio is not None or req.rescorer or req.ar_model:
+            raise SettingError("the scheduler serves text-to-audio requests: audio prompts (prompt_codes / "
+                               "prompt_audio) and the quality levers (rescorer / ar_model) go through "
+                               "Engine.generate")
+        return req
+
+    def submit(self, prompt: str | None, *, timeout: float | None = None, **fields: Any) -> Future[Generation]:
+        """Queue one request; thread-safe. -> a Future of its Generation (audio [1, 1, samples], codes [1, K, T]).
+
+        `fields`: GenerationConfig fields, as for Engine.generate. Bad settings fail the returned future (ValueError
+        or TypeError) without queueing; `timeout` seconds after submit an unfinished request leaves its batch and
+        its future fails with RequestTimeout. Raises QueueFull when max_queue requests are waiting and
+        RuntimeError once the scheduler is closed.
+        """
+        future: Future[Generation] = Future()
+        try:
+            if timeout is not None and not timeout > 0:
+                raise ValueError(f"timeout must be > 0 seconds (or None), got {timeout}")
+            gen = self.request(prompt, fields).gen
+        except (ValueError, TypeError) as e:
+            future.set_exception(e)
+            return future
+        now = time.monotonic()
+        req = _Request(prompt, gen, future, now, None if timeout is None else now + timeout)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed: submit before close() or start a new one")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are waiting (max_queue={self.max_queue}); retry later "
+                                "or create the Scheduler with a larger max_queue")
+            self._queue.append(req)
+            self._cv.notify()
+        return future
+
+    def close(self, cancel_pending: bool = False) -> None:
+        """Stop taking requests, finish those in flight and (unless `cancel_pending`: cancel) those queued; join."""
+        with self._cv:
+            self._closed = True
+            self._cancel_pending = self._cancel_pending or cancel_pending
+            self._cv.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # ------------------------------------------------------------------------------------------ the loop thread
+
+    def _loop(self) -> None:
+        with torch.no_grad():
+            while True:
+                with self._cv:
+                    while not (self._queue or self._active or self._closed):
+                        self._cv.wait()
+                    if self._cancel_pending:
+                        while self._queue:
+                            self._queue.popleft().future.cancel()
+                    if self._closed and not self._queue and not self._active:
+                        return
+                    admitted = []
+                    frames = sum(_pass_frames(r.gen, self.engine) for r in self._active)
+                    while self._queue and len(self._active) + len(admitted) < self.max_batch:
+                        more = _pass_frames(self._queue[0].gen, self.engine)
+                        if self.max_frames is not None and frames and frames + more > self.max_frames:
+                            break
+                        frames += more
+                        admitted.append(self._queue.popleft())
+                for req in admitted:
+                    self._admit(req)
+                self._expire()
+                if self._active:
+                    self._iterate()
+
+    def _admit(self, req: _Request) -> None:
+        """Text encoding and decoding state of one request (its own errors fail only it)."""
+        if not req.future.set_running_or_notify_cancel():
+            return  # cancelled while queued
+        if req.deadline is not None and time.monotonic() >= req.deadline:
+            req.future.set_exception(RequestTimeout("the request timed out in the queue before it started"))
+            return
+        try:
+            req.started = time.monotonic()
+            req.dec, req.cross = start_request(self.engine, req.prompt, req.gen)
+        except Exception as e:  # noqa: BLE001 - any failure belongs to this request's future, the loop goes on
+            req.future.set_exception(e)
+            return
+        self._active.append(req)
+
+    def _expire(self) -> None:
+        """Requests past their deadline leave: queued ones without starting, active ones mid-decoding."""
+        now = time.monotonic()
+        with self._cv:
+            late = [r for r in self._queue if r.deadline is not None and now >= r.deadline]
+            for req in late:
+                self._queue.remove(req)
+        for req in late:
+            if req.future.set_running_or_notify_cancel():
+                req.future.set_exception(RequestTimeout("the request timed out in the queue before it started"))
+        for req in [r for r in self._active if r.deadline is not None and now >= r.deadline]:
+            self._active.remove(req)
+            req.future.set_exception(RequestTimeout(
+                f"the request did not finish within its timeout ({req.deadline - req.submitted:.3g} s); it was at "
+                f"step {req.dec.done} of {req.dec.total}"))
+
+    def _iterate(self) -> None:
+        """One decoding step of every active request: one LM pass, one sampler call; then the finished leave."""
+        active = list(self._active)
+        self.batch_sizes[len(active)] += 1
+        try:
+            decode_step(self.engine, [r.dec for r in active], [r.cross for r in active])
+        except Exception as e:  # noqa: BLE001 - the pass touched every active request: fail them, keep serving
+            for req in active:
+                self._active.remove(req)
+                req.future.set_exception(e)
+            return
+        for req in [r for r in active if r.dec.finished]:
+            self._active.remove(req)
+            self._finish(req)
+
+    def _finish(self, req: _Request) -> None:
+        from .api import Generation
+
+        try:
+            audio = self.engine.decode(req.dec.codes)
+        except Exception as e:  # noqa: BLE001 - a codec failure is this request's
+            req.future.set_exception(e)
+            return
+        done = time.monotonic()
+        stats = {"queue_s": req.started - req.submitted, "latency_s": done - req.submitted}
+        req.future.set_result(Generation(audio=audio, codes=req.dec.codes, sample_rate=self.engine.sample_rate,
+                                         stats=stats))
+
+
+@torch.no_grad()
+def decode_step(eng: Engine, decs: Sequence[Decoding], crosses: Sequence[CrossKV]) -> None:
+    """One decoding step of several one-row requests (each a `magnet.Decoding` with its text's `LM.cross_kv`),
+    whatever stage and step each is at: one packed LM pass, then one sampler call with per-row parameters for each
+    group of requests of equal length (no padded position: the sampler costs as much as the LM on small models),
+    and each request's `advance`. Each request's numbers are those of its solo run (module docstring)."""
+    parts = [Rows(step_rows(d.prepare(), d.guided), d.stage, c) for d, c in zip(decs, crosses)]
+    logits = [split_rows(lg, d.guided) for d, lg in zip(decs, eng.lm.forward_packed(parts))]  # ([1, T, V],) * 2
+    groups: dict[int, list[int]] = {}
+    for i, d in enumerate(decs):
+        groups.setdefault(d.frames, []).append(i)
+    for t, idx in groups.items():
+        group = [decs[i] for i in idx]
+        cond = torch.cat([logits[i][0] for i in idx])  # [R, T, V]
+        uncond = torch.cat([logits[i][1] for i in idx])
+        noise = [d.noise() for d in group]  # each from its request's generator, in its solo order
+        uniform = None
+        if any(n is not None for n in noise):  # a greedy row's noise is never read: zeros
+            uniform = torch.cat([n if n is not None else torch.zeros(1, t, device=eng.device) for n in noise])
+        params = StepSampling.concat([(d.params(), 1) for d in group])
+        tokens, probs = eng.sample(cond, uncond, torch.cat([d.row for d in group]), eng.config.card, params, uniform)
+        for j, d in enumerate(group):
+            d.advance(tokens[j:j + 1], probs[j:j + 1])
+
+
+def start_request(eng: Engine, prompt: str | None, gen: GenerationConfig) -> tuple[Decoding, CrossKV]:
+    """A one-prompt request's decoding state and text k/v, as `Engine.generate([prompt])` builds them."""
+    cross = eng.lm.cross_kv(eng.text([prompt]))
+    return Decoding(eng.config, gen, 1, eng.device, None, row_generators(gen.seed, 1, eng.device)), cross

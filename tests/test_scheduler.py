@@ -1,0 +1,276 @@
+"""engine.Scheduler: requests batched at every decoding step, each token-identical to its solo `generate` run."""
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import engine
+from engine.scheduler import QueueFull, RequestTimeout, Scheduler
+
+LONG = "upbeat electronic dance track with a heavy bass line at 128 bpm"
+
+
+def mixed_requests(defaults: dict) -> list[tuple[str | None, dict]]:
+    """Texts of different lengths, durations, steps, seeds; greedy and sampled (top-p, top-k, multinomial);
+    guided and unguided; nonoverlap and stride1; max and prod scoring."""
+    d = defaults
+    return [
+        (LONG, dict(d, greedy=True, duration=1.0)),
+        ("slow sad piano", dict(d, greedy=False, seed=3, duration=0.5, top_p=0.9)),
+        (None, dict(d, greedy=False, seed=4, duration=0.7, span_arrangement="stride1", top_p=0.0, top_k=5)),
+        ("drums", dict(d, greedy=True, cfg=(1.0,), steps=(3, 1, 2, 5), duration=0.9)),
+        ("jazz", dict(d, greedy=False, seed=5, cfg=(3.0,), top_p=0.0, top_k=0, duration=0.3, span_scoring="prod")),
+        (LONG, dict(d, greedy=False, seed=6, cfg=(1.0,), span_arrangement="stride1", steps=(2, 2, 1, 1))),
+    ]
+
+
+TINY = dict(steps=(4, 2, 2, 2), temperature=3.0, top_p=0.9, top_k=0, cfg=(10.0, 1.0), anneal_temp=True)
+
+
+@pytest.fixture(scope="module")
+def default_engine():
+    return engine.load(device="cpu")
+
+
+def check_identical(eng, requests: list[tuple[str | None, dict]], max_batch: int) -> Scheduler:
+    solo = [eng.generate([p], **kw) for p, kw in requests]
+    with Scheduler(eng, max_batch=max_batch) as sched:
+        futures = [sched.submit(p, **kw) for p, kw in requests]
+        outs = [f.result(timeout=120) for f in futures]
+    for (p, kw), a, b in zip(requests, solo, outs):
+        assert b.codes.shape == a.codes.shape and b.audio.shape == a.audio.shape == (1, 1, a.audio.shape[-1])
+        assert torch.equal(b.codes, a.codes), f"{p!r} {kw}: tokens differ from the solo run"
+        assert torch.equal(b.audio, a.audio)
+    return sched
+
+
+@pytest.mark.parametrize("max_batch", [4, 16])
+def test_mixed_requests_token_identical_tiny(tiny, max_batch):
+    sched = check_identical(tiny, mixed_requests(TINY), max_batch)
+    assert max(sched.batch_sizes) == min(max_batch, 6), "requests must share passes"
+
+
+def test_mixed_requests_token_identical_default(default_engine):
+    d = dict(default_engine.default_generation().overrides(engine.GenerationConfig()))
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    reqs = [(p, {**kw, "duration": min(kw.get("duration") or 1.0, 1.0)}) for p, kw in mixed_requests(d)]
+    reqs += [("a calm ambient pad", dict(d, seed=11, duration=1.0)), ("rock", dict(d, seed=12, duration=0.4))]
+    check_identical(default_engine, reqs, max_batch=8)
+
+
+def test_forward_packed_small_passes_get_their_own_gemm(tiny):
+    """A 3-frame unguided request is a 3-row GEMM alone, which MKL computes with another kernel than the same rows
+    inside a big GEMM (GEMM_MIN_ROWS); the packed pass must still equal each request's own pass."""
+    from engine.model import Rows
+
+    g = torch.Generator().manual_seed(0)
+    parts = [Rows(torch.randint(0, 2049, (n, 4, t), generator=g), stage, tiny.lm.cross_kv(tiny.text([text])))
+             for n, t, stage, text in [(2, 50, 0, LONG), (1, 3, 1, "x"), (2, 5, 2, None), (1, 498, 3, "piano")]]
+    with torch.no_grad():
+        for p, out in zip(parts, tiny.lm.forward_packed(parts)):
+            assert torch.equal(out, tiny.lm(p.codes, p.stage, p.cross))
+
+
+def count_passes(eng, monkeypatch, hook=None) -> list[int]:
+    """Record the number of requests in every packed LM pass; `hook(call_index)` runs before each pass."""
+    sizes: list[int] = []
+    forward = eng.lm.forward_packed
+
+    def counted(parts):
+        if hook is not None:
+            hook(len(sizes))
+        sizes.append(len(parts))
+        return forward(parts)
+
+    monkeypatch.setattr(eng.lm, "forward_packed", counted)
+    return sizes
+
+
+def test_join_and_leave_mid_flight(tiny, monkeypatch):
+    long_kw = dict(TINY, greedy=True, steps=(8, 8, 8, 8), duration=1.0)
+    short_kw = dict(TINY, greedy=False, seed=1, steps=(2, 1, 1, 1), duration=0.4)
+    want_long, want_short = tiny.generate([LONG], **long_kw).codes, tiny.generate(["piano"], **short_kw).codes
+    box = {}
+    with Scheduler(tiny, max_batch=4) as sched:
+        def hook(i):  # from the loop thread, while the long request is at its 4th step
+            if i == 3:
+                box["short"] = sched.submit("piano", **short_kw)
+        sizes = count_passes(tiny, monkeypatch, hook)
+        long_f = sched.submit(LONG, **long_kw)
+        short_out, long_out = box_result(box, "short"), long_f.result(timeout=60)
+    # joined at the next pass (the 5th), left right after its 5 steps, while the long one kept going
+    assert sizes == [1] * 4 + [2] * 5 + [1] * (32 - 9)
+    assert torch.equal(short_out.codes, want_short) and torch.equal(long_out.codes, want_long)
+
+
+def box_result(box: dict, key: str, timeout: float = 60):
+    for _ in range(600):
+        if key in box:
+            return box[key].result(timeout=timeout)
+        threading.Event().wait(0.1)
+    raise AssertionError(f"{key} was never submitted")
+
+
+def blocked_loop(eng, monkeypatch) -> threading.Event:
+    """Make every LM pass wait for the returned event (set it to let the loop go)."""
+    go = threading.Event()
+    count_passes(eng, monkeypatch, lambda i: go.wait(60))
+    return go
+
+
+def test_queue_bound(tiny, monkeypatch):
+    go = blocked_loop(tiny, monkeypatch)
+    kw = dict(TINY, greedy=True, duration=0.2)
+    with Scheduler(tiny, max_batch=1, max_queue=2) as sched:
+        first = sched.submit("a", **kw)
+        for _ in range(100):  # the first request is admitted (then the loop blocks in its pass)
+            if first.running():
+                break
+            threading.Event().wait(0.05)
+        queued = [sched.submit("b", **kw), sched.submit("c", **kw)]
+        with pytest.raises(QueueFull, match="max_queue=2"):
+            sched.submit("d", **kw)
+        go.set()
+        assert all(f.result(timeout=60).codes.shape == (1, 4, 9) for f in [first, *queued])
+    with pytest.raises(RuntimeError, match="closed"):
+        sched.submit("e", **kw)
+
+
+def test_deadline(tiny, monkeypatch):
+    count_passes(tiny, monkeypatch, lambda i: threading.Event().wait(0.05))  # 50 ms per pass
+    kw = dict(TINY, greedy=True, duration=0.5)
+    with Scheduler(tiny, max_batch=2) as sched:
+        late = sched.submit(LONG, timeout=0.2, **dict(kw, steps=(20, 10, 10, 10)))
+        fine = sched.submit("piano", **kw)
+        with pytest.raises(RequestTimeout, match="timeout"):
+            late.result(timeout=60)
+        assert torch.equal(fine.result(timeout=60).codes, tiny.generate(["piano"], **kw).codes)
+
+
+def test_bad_settings_fail_their_own_future(tiny):
+    with Scheduler(tiny) as sched:
+        bad = [sched.submit("a", steps=(1, 2)), sched.submit("a", top_p=2.0), sched.submit("a", duration=99.0),
+               sched.submit("a", timeout=-1.0), sched.submit("a", hybrid_prefix=0.1), sched.submit(3),
+               sched.submit("a", rescore_weight=0.5), sched.submit("a", unknown_field=1)]
+        good = sched.submit("a", **dict(TINY, greedy=True, duration=0.2))
+        for f in bad:
+            assert isinstance(f.exception(timeout=10), (ValueError, TypeError))
+        assert good.result(timeout=60).codes.shape == (1, 4, 9)
+
+
+def test_error_isolated_to_its_request(tiny, monkeypatch):
+    text = tiny.text
+
+    def failing_text(prompts):
+        if prompts == ["boom"]:
+            raise RuntimeError("text encoder failed on boom")
+        return text(prompts)
+
+    monkeypatch.setattr(tiny, "text", failing_text)
+    kw = dict(TINY, greedy=True, duration=0.3)
+    with Scheduler(tiny, max_batch=4) as sched:
+        futures = [sched.submit(p, **kw) for p in ("one", "boom", "two")]
+        with pytest.raises(RuntimeError, match="boom"):
+            futures[1].result(timeout=60)
+        for f, p in zip([futures[0], futures[2]], ("one", "two")):
+            assert torch.equal(f.result(timeout=60).codes, tiny.generate([p], **kw).codes)
+
+
+def test_error_in_a_pass_fails_its_requests_and_the_loop_serves_on(tiny, monkeypatch):
+    def hook(i):
+        if i == 1:  # a failed pass is not counted: the next pass is call 1 again
+            hook.failed = getattr(hook, "failed", 0) + 1
+            if hook.failed == 1:
+                raise RuntimeError("pass failed")
+
+    count_passes(tiny, monkeypatch, hook)
+    kw = dict(TINY, greedy=True, duration=0.3)
+    with Scheduler(tiny, max_batch=4) as sched:
+        hit = [sched.submit(p, **kw) for p in ("one", "two")]
+        for f in hit:
+            with pytest.raises(RuntimeError, match="pass failed"):
+                f.result(timeout=60)
+        after = sched.submit("three", **kw)
+        assert torch.equal(after.result(timeout=60).codes, tiny.generate(["three"], **kw).codes)
+
+
+def test_close_with_requests_in_flight(tiny, monkeypatch):
+    kw = dict(TINY, greedy=True, duration=0.3)
+    sched = Scheduler(tiny, max_batch=2)
+    futures = [sched.submit(f"p{i}", **kw) for i in range(5)]
+    sched.close()  # finishes in-flight and queued work, then joins
+    assert not sched._thread.is_alive()
+    assert all(f.done() and f.result().codes.shape == (1, 4, 15) for f in futures)
+
+    go = blocked_loop(tiny, monkeypatch)
+    sched = Scheduler(tiny, max_batch=1)
+    futures = [sched.submit(f"p{i}", **kw) for i in range(3)]
+    for _ in range(100):
+        if futures[0].running():
+            break
+        threading.Event().wait(0.05)
+    threading.Timer(0.2, go.set).start()
+    sched.close(cancel_pending=True)  # the one in flight finishes, the queued ones are cancelled
+    assert futures[0].result().codes.shape == (1, 4, 15)
+    assert all(f.cancelled() for f in futures[1:])
+
+
+def test_engine_generate_one_seed_per_prompt(tiny):
+    """Several prompts: prompt b draws from seed + b (equal prompts pad alike, so rows compare with solo runs)."""
+    kw = dict(TINY, greedy=False, duration=0.5)
+    both = tiny.generate(["piano", "piano"], seed=7, **kw).codes
+    assert torch.equal(both[0], tiny.generate(["piano"], seed=7, **kw).codes[0])
+    assert torch.equal(both[1], tiny.generate(["piano"], seed=8, **kw).codes[0])
+
+
+def test_engine_without_torch_lm_is_refused():
+    fake = SimpleNamespace(lm=None, config=SimpleNamespace(kind="magnet"))
+    with pytest.raises(ValueError, match="onnxruntime"):
+        Scheduler(fake)  # type: ignore[arg-type]
+
+
+def test_triton_backend_token_identical(fixture_dir):
+    """kernels.apply swaps the attention op (used per request by the packed pass) and the sampler (called once per
+    iteration with per-row parameters): the scheduler on that engine equals its solo runs (Triton interpreter)."""
+    pytest.importorskip("triton", reason="triton is not installed: pip install 'triton>=3.2' (extra [triton])")
+    import kernels
+
+    eng = kernels.apply(engine.load(fixture_dir, device="cpu"))
+    reqs = mixed_requests(dict(TINY, steps=(2, 1, 1, 1)))
+    check_identical(eng, [(p, {**kw, "steps": (2, 1, 1, 1)}) for p, kw in reqs[:4]], max_batch=4)
+
+
+def test_loader_runs_in_the_loop_thread(fixture_dir, tiny):
+    """Scheduler(loader): the model is loaded by the loop thread (all torch work in one thread); loader errors
+    are raised by the constructor."""
+    threads = []
+
+    def load():
+        threads.append(threading.current_thread().name)
+        return engine.load(fixture_dir, device="cpu")
+
+    kw = dict(TINY, greedy=False, seed=2, duration=0.4)
+    with Scheduler(load, max_batch=2) as sched:
+        out = sched.submit("piano", **kw).result(timeout=60)
+    assert threads == ["magnet-scheduler"]
+    assert torch.equal(out.codes, tiny.generate(["piano"], **kw).codes)
+    with pytest.raises(ValueError, match="no such model"):
+        Scheduler(lambda: (_ for _ in ()).throw(ValueError("no such model")))
+
+
+def test_max_frames_budget_is_fifo(tiny, monkeypatch):
+    """max_frames bounds rows x frames per pass: a request that does not fit waits, and nobody overtakes it."""
+    sizes = count_passes(tiny, monkeypatch)
+    kw = dict(TINY, greedy=True, steps=(1, 1, 1, 1))
+    big, small = dict(kw, duration=1.0), dict(kw, duration=0.2)  # guided: 2 x 48 = 96 and 2 x 9 = 18 frames
+    with Scheduler(tiny, max_batch=8, max_frames=140) as sched:
+        with sched._cv:  # (reentrant) the loop admits nothing until all four are queued
+            futures = [sched.submit("a", **big), sched.submit("b", **small), sched.submit("c", **big),
+                       sched.submit("d", **small)]
+        for f in futures:
+            f.result(timeout=60)
+    # a + b = 114; c (+96) waits, and d (+18, would fit) does not overtake it; then c + d
+    assert sizes == [2] * 8
