@@ -9,6 +9,7 @@ length (fixed seed), run through both graphs.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -58,6 +59,27 @@ def _probes(export_dir: Path, manifest: dict[str, Any]) -> dict[str, list[dict[s
     return {"text_encoder": te_feeds, "cross_kv": [{"text_embeds": cond}], "lm_step": steps}
 
 
+def _quantize(src: Path, dst: Path, tmp: Path) -> None:
+    """Constant-fold first (the exported graphs slice q/k/v weights out of packed in_proj matrices at run time, and
+    only a MatMul whose weight is an initializer is quantized), then quantize MatMul/Gather weights to int8."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    folded = tmp / f"{src.stem}.folded.onnx"
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # standard ONNX ops only
+    so.optimized_model_filepath = str(folded)
+    so.log_severity_level = 3
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # "consider pre-processing": the folding above is that pre-processing
+    try:
+        quantize_dynamic(str(folded), str(dst), weight_type=QuantType.QInt8, per_channel=False)
+    finally:
+        root.setLevel(level)
+
+
 def _compare(fp32: Any, int8: Any, feeds: list[dict[str, np.ndarray]], argmax: bool) -> dict[str, Any]:
     err = ref = 0.0
     agree = total = 0
@@ -78,9 +100,7 @@ def quantize_export(export_dir: str | Path, manifest: dict[str, Any], method: st
                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Quantize an fp32 export in place: replaces the three graphs' files, updates their manifest entries, records
     "quantization" and rewrites manifest.json (atomically, last). Returns the manifest."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from .onnx_export import step_meta_of, stamp
+    from .onnx_export import stamp, step_meta_of
 
     export_dir = Path(export_dir)
     if method not in QUANTIZE:
@@ -101,7 +121,7 @@ def quantize_export(export_dir: str | Path, manifest: dict[str, Any], method: st
             for stale in export_dir.glob(path.name + ".*"):  # external data of the fp32 graph
                 shutil.move(stale, Path(tmp) / stale.name)
             say(f"quantizing {name} (int8)")
-            quantize_dynamic(str(fp32_path), str(path), weight_type=QuantType.QInt8, per_channel=False)
+            _quantize(fp32_path, path, Path(tmp))
             if name == "lm_step":
                 stamp(path, step_meta_of(fp32_path))
             result = _compare(_session(fp32_path), _session(path), probes[name], argmax=name == "lm_step")
