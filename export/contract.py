@@ -4,10 +4,10 @@ A client with onnxruntime, a tokenizer that reads `tokenizer/tokenizer.json`, an
 `magnet.generate_tokens` without reading Python: the defaults, the mask id, the rows of `lm_step`, the text padding
 rule, the span rules, continuation, the limits, and the mask schedule as stored numbers (float32 mask fractions and
 the number of spans to re-mask for every span count), so that no client evaluates a cosine. The numbers come from
-the engine's own `stage_schedule`; the rules below are the engine's loop in words (see `export/README` in the
-repository's README, "ONNX", and `export/manifest.schema.json`).
+the engine's own `stage_schedule`; the rules below are `engine.magnet.generate_tokens` in words. Schema:
+`export/manifest.schema.json`; clients that follow it: `tests/onnx_client.py`, `export/node/magnet.mjs`.
 
-Sampling stays in the client (not in the graph): see README "ONNX: the client contract" for why.
+Sampling stays in the client, not in the graph: README, "ONNX: the export, driven from any language", says why.
 """
 from __future__ import annotations
 

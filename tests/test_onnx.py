@@ -166,6 +166,16 @@ def test_manifest_from_another_version(export_copy: Path) -> None:
         load_engine(export_copy)
 
 
+def test_version_1_export_refused(export_copy: Path) -> None:
+    """Exports written before the client contract (format 1) are refused, saying both versions and the fix."""
+    manifest = json.loads((export_copy / MANIFEST).read_text())
+    manifest["format_version"] = 1
+    del manifest["client"]
+    (export_copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"version 1, this engine reads version {FORMAT_VERSION}.*re-export with"):
+        load_engine(export_copy)
+
+
 def test_corrupted_graph(export_copy: Path) -> None:
     path = export_copy / "lm_step.onnx"
     data = bytearray(path.read_bytes())
