@@ -421,6 +421,21 @@ def test_node_client_token_exact(exported: tuple[Path, dict], ort_engine, settin
         assert np.abs(pcm - np.round(ref * (0.99 / np.abs(ref).max()) * 32767)).max() <= 1  # peak 0.99, PCM16
 
 
+@pytest.mark.parametrize("flags", [["--seed", "7"], ["--seed", "7", "--top-p", "0", "--top-k", "20"],
+                                   ["--seed", "7", "--top-p", "0", "--span-arrangement", "stride1"]])
+def test_node_client_sampling_is_seeded(exported: tuple[Path, dict], tmp_path: Path, flags: list[str]) -> None:
+    """Sampled runs (nucleus, top-k, plain multinomial): tokens in range, the same seed gives the same tokens."""
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"{i}.json"
+        done = _node(["--model", str(exported[0]), "--quiet", "--steps", "3,2,2,2", *flags, "slow sad piano",
+                      "-o", str(tmp_path / f"{i}.wav"), "--tokens-out", str(out)], tmp_path)
+        assert done.returncode == 0, done.stderr
+        runs.append(np.array(json.loads(out.read_text())))
+    assert runs[0].shape[:2] == (1, 4) and 0 <= runs[0].min() and runs[0].max() < 2048
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
 def test_node_client_refusals(exported: tuple[Path, dict], tmp_path: Path) -> None:
     for flags, match in [(["--duration", "5"], "exceeds the model's segment of 1s"),
                          (["--steps", "1,2"], "--steps needs 4 positive integers"),

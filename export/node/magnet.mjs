@@ -68,7 +68,8 @@ export class MagnetClient {
     if (manifest.format !== "magnet-onnx" || manifest.format_version !== FORMAT_VERSION)
       throw new UsageError(`${dir} has export format ${manifest.format} version ${manifest.format_version}; this ` +
         `client reads magnet-onnx version ${FORMAT_VERSION}: re-export with \`magnet export\``);
-    const opts = { executionProviders: ["cpu"], graphOptimizationLevel: "all" };
+    // errors only: int8 graphs warn about re-using a buffer for the empty unconditional half when N = B
+    const opts = { executionProviders: ["cpu"], graphOptimizationLevel: "all", logSeverityLevel: 3 };
     if (threads > 0) Object.assign(opts, { intraOpNumThreads: threads, interOpNumThreads: 1 });
     const sessions = {};
     for (const name of ["text_encoder", "cross_kv", "lm_step", "codec_decode"])
