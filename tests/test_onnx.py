@@ -393,6 +393,8 @@ def test_step_refuses_bad_inputs(ort_engine) -> None:
 
 
 def _node(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    assert (NODE_CLIENT.parent / "node_modules" / "onnxruntime-node").is_dir(), \
+        "the Node client's packages are missing: run `ONNXRUNTIME_NODE_INSTALL=skip npm ci --prefix export/node`"
     return subprocess.run(["node", str(NODE_CLIENT), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
