@@ -61,7 +61,8 @@ def client_contract(cfg: ModelConfig, gen: GenerationConfig, codec: dict[str, An
             "top_p": [0.0, 1.0],
             "temperature_min": 0.0,
             "text_tokens_max": text_max_tokens,
-            "codes": [0, cfg.card],
+            "lm_step_codes": [0, cfg.card],  # inclusive: the mask id is an input token
+            "codec_codes": [0, cfg.card - 1],  # inclusive: finished tokens only
         },
         "frames_rule": "T = round(duration * frame_rate) (round half to even), 1 <= T <= limits.frames[1]; "
                        "nonoverlap with span_len > 1 trims T to T - T % span_len before decoding (output_frames)",
