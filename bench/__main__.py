@@ -4,6 +4,7 @@
     report   JSON lines -> Markdown table + PNG plots (bench.report)
     kernels  Triton kernel micro-benchmarks (bench.kernels)
     onnx     ONNX export / onnxruntime benchmarks (bench.onnx)
+    quant    int8 vs fp32 ONNX exports: size, speed, logits, tokens (bench.quant)
     band     the torch path's banded attention vs a dense band mask (bench.band)
     levers   latency of rescoring / Hybrid-MAGNeT vs plain MAGNeT and AR (bench.levers)
     quality  prompt adherence: tempo / key / instrument measured from the audio (bench.quality)
@@ -24,6 +25,7 @@ SUBCOMMANDS = {
     "report": ("bench.report", "JSON lines -> Markdown table and PNG plots"),
     "kernels": ("bench.kernels", "Triton kernel micro-benchmarks"),
     "onnx": ("bench.onnx", "ONNX export and onnxruntime benchmarks"),
+    "quant": ("bench.quant", "int8 vs fp32 ONNX exports: size, speed, logit error, token agreement"),
     "band": ("bench.band", "banded attention (torch path) vs SDPA with a dense band mask"),
     "levers": ("bench.levers", "latency of the quality levers: rescoring, hybrid, AR"),
     "quality": ("bench.quality", "prompt adherence: tempo / key / instrument measured from the audio"),

@@ -152,6 +152,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="MAGNeT model folder or id (engine.load); default: the shipped model")
+    p.add_argument("--onnx-dir", default=None, help="run the MAGNeT conditions on this `magnet export` folder "
+                   "(onnxruntime, e.g. an int8 export) instead of --model")
     p.add_argument("--ar-model", default=None, help="autoregressive (MusicGen-kind) model for the 'ar' condition")
     p.add_argument("--n", type=int, default=100, help="held-out captions (default 100)")
     p.add_argument("--duration", type=float, default=None,
@@ -206,7 +208,12 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if not args.quiet:
             print(msg, file=sys.stderr, flush=True)
 
-    eng = engine.load(args.model, device=args.device)
+    if args.onnx_dir is not None:
+        from export.ort import load_engine
+
+        eng = load_engine(args.onnx_dir, device=args.device or "cpu")
+    else:
+        eng = engine.load(args.model, device=args.device)
     if eng.config.kind != "magnet":
         raise ValueError(f"--model must be a MAGNeT model, got a {eng.config.kind} model (pass it as --ar-model)")
     duration = args.duration if args.duration is not None else min(10.0, float(eng.config.segment_duration))

@@ -1,4 +1,5 @@
-"""`magnet export --model DIR|ID [--text-encoder DIR] --out DIR [--dtype float32|float16] [--opset N]`.
+"""`magnet export --model DIR|ID [--text-encoder DIR] --out DIR [--dtype float32|float16] [--quantize int8]
+[--opset N]`.
 
 Exit codes: 0 done, 1 the export or a check failed, 2 bad usage. Errors are one line on stderr, never a traceback;
 progress goes to stderr, the summary line to stdout.
@@ -31,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "the checkpoint, else the one the checkpoint names)")
     p.add_argument("--out", required=True, help="output folder (created; an existing export there is replaced)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
-                   help="transformer layer precision (text encoder and codec stay float32); default float32")
+                   help="transformer layer precision (text encoder and codec stay float32); default float32. "
+                   "float16 is for onnxruntime's CUDA execution provider (on CPU it is slower than float32)")
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8: onnxruntime dynamic int8 quantization of the text encoder, cross k/v and LM step "
+                   "(the codec stays float32) for CPU; measured against float32 and recorded in the manifest")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's; >= 18)")
     return p
 
@@ -53,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .onnx_export import export_model
 
         manifest = export_model(args.model, args.out, text_encoder=args.text_encoder, dtype=args.dtype,
-                                opset=args.opset, log=log)
+                                opset=args.opset, quantize=args.quantize, log=log)
     except (ValueError, TypeError, OSError) as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 1
@@ -65,8 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: export failed ({type(e).__name__}: {_one_line(e)})", file=sys.stderr)
         return 1
     worst = max(g["check"].get("max_abs_err", 0.0) for g in manifest["graphs"].values())
+    quant = "" if not manifest["quantization"] else ", int8 weights (see the manifest's quantization)"
     print(f"exported {args.model} to {args.out}: {len(manifest['graphs'])} graphs, opset {manifest['opset']}, "
-          f"{manifest['dtype']}, all checks passed (max abs err {worst:.2e})")
+          f"{manifest['dtype']}{quant}, all checks passed (max abs err {worst:.2e})")
     return 0
 
 

@@ -10,7 +10,10 @@ Pure Python (json, hashlib): imported by both the exporter and the onnxruntime b
                              N = 2B ([cond; uncond], rows past B unconditional) or B (guidance 1: no uncond)
         codec_decode.onnx    codes [B, K, T] int64 -> audio [B, 1, T*hop] fp32
         codec_encode.onnx    audio [B, 1, S] fp32 -> codes [B, K, ceil(S/hop)] int64
-        tokenizer/           the text tokenizer (save_pretrained), so no torch model is needed at run time
+        tokenizer/           the text tokenizer (save_pretrained; tokenizer.json with padding and truncation off),
+                             so no torch model is needed at run time
+    manifest.json's "client" section (export/contract.py) states what a client in another language needs to decode
+    as the engine does; export/manifest.schema.json is its JSON schema.
     (a graph over 2 GB keeps its weights beside it in GRAPH.onnx.data; the manifest lists every file.)
 """
 from __future__ import annotations
@@ -21,9 +24,12 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = "magnet-onnx"
-FORMAT_VERSION = 1  # bump when graph names, inputs or semantics change: old exports are then refused
+# bump when graph names, inputs or semantics change: old exports are then refused. 2: the "client" section (the
+# decoding contract), a tokenizer.json without padding/truncation, optional int8 graphs ("quantization")
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
+SCHEMA = Path(__file__).with_name("manifest.schema.json")  # the manifest's JSON schema (draft 2020-12)
 GRAPHS = ("text_encoder", "cross_kv", "lm_step", "codec_decode", "codec_encode")
 
 
@@ -69,12 +75,13 @@ def read_manifest(export_dir: str | Path, verify: bool = True) -> dict[str, Any]
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{export_dir} was written in export format version {version}, this engine reads version "
-                         f"{FORMAT_VERSION}; {reexport_hint(export_dir, manifest)}")
+                         f"{FORMAT_VERSION} (an export is read by the engine version that wrote it); "
+                         f"{reexport_hint(export_dir, manifest)}")
     graphs = manifest.get("graphs")
     if not isinstance(graphs, dict) or set(graphs) != set(GRAPHS):
         found = sorted(graphs) if isinstance(graphs, dict) else graphs
         raise ValueError(f"{path} lists graphs {found}, expected {list(GRAPHS)}; {reexport_hint(export_dir, manifest)}")
-    for key in ("model_config", "codec", "tokenizer"):
+    for key in ("model_config", "codec", "tokenizer", "client"):
         if key not in manifest:
             raise ValueError(f"{path} lacks {key!r}; {reexport_hint(export_dir, manifest)}")
     for name, graph in graphs.items():

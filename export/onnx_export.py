@@ -43,6 +43,7 @@ from engine.config import ModelConfig, default_generation
 from engine.model import LM, attention_ops
 from engine.ops import band_mask
 
+from .contract import client_contract
 from .manifest import FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST, TOKENIZER_DIR, sha256_file
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -353,19 +354,26 @@ def _versions() -> dict[str, str]:
 
 
 def export_model(model: str | Path, out: str | Path, text_encoder: str | Path | None = None, dtype: str = "float32",
-                 opset: int | None = None, *, log: Log | None = None) -> dict[str, Any]:
+                 opset: int | None = None, *, quantize: str | None = None, log: Log | None = None) -> dict[str, Any]:
     """Export `model` (a folder, an LM package file or a Hugging Face id, as `engine.load` takes) to `out`.
 
     Writes the five graphs, the tokenizer and `manifest.json` (returned). `dtype` float16 exports the transformer
     layers (cross_kv, lm_step) in fp16; text encoder and codec stay fp32, as the engine runs them. Every graph is
     run through onnxruntime (CPU) on random inputs of other shapes than the export's and compared with the PyTorch
     path; if any disagrees beyond tolerance, ExportCheckError (a ValueError) is raised and no manifest is written.
-    `log` receives one line per phase (the CLI prints them to stderr).
+    `quantize` "int8": after the checks, lm_step, cross_kv and text_encoder are quantized (export.quantize; the
+    codec stays fp32) and the manifest records it. `log` receives one line per phase (the CLI prints them to stderr).
     """
     from engine.api import load
 
+    from .quantize import QUANTIZE, quantize_export
+
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantization {quantize!r}: choose one of {list(QUANTIZE)}")
+    if quantize is not None and dtype != "float32":
+        raise ValueError("--quantize int8 quantizes the float32 graphs; drop --dtype float16 (a CUDA option)")
     if opset is not None and (not isinstance(opset, int) or opset < MIN_OPSET):
         raise ValueError(f"opset {opset!r} is too old for the exporter: pass --opset {MIN_OPSET} or higher")
     out = Path(out)
@@ -386,6 +394,13 @@ def export_model(model: str | Path, out: str | Path, text_encoder: str | Path | 
     x.export_codec()
     tok_check = x.save_tokenizer()
     cfg, codec_cfg = eng.config, eng.codec.config
+    codec = {"sample_rate": int(codec_cfg.sample_rate), "hop_length": int(codec_cfg.hop_length),
+             "frame_rate": int(codec_cfg.frame_rate), "n_q": int(codec_cfg.n_q), "bins": int(codec_cfg.bins),
+             "channels": int(getattr(codec_cfg, "channels", 1))}
+    enc_cfg = getattr(eng.text.encoder, "config", None)
+    # absolute position embeddings cap the prompt's tokens (BERT-like encoders); T5's relative ones do not
+    text_max = None if getattr(enc_cfg, "model_type", "t5") == "t5" else getattr(enc_cfg, "max_position_embeddings",
+                                                                               None)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -396,18 +411,20 @@ def export_model(model: str | Path, out: str | Path, text_encoder: str | Path | 
         "model_config": cfg.to_dict(),
         # the model's own decoding defaults (as config.json's "generation"), so the ORT engine decodes like the source
         "generation": eng.default_generation().overrides(default_generation(cfg)),
-        "codec": {"sample_rate": int(codec_cfg.sample_rate), "hop_length": int(codec_cfg.hop_length),
-                  "frame_rate": int(codec_cfg.frame_rate), "n_q": int(codec_cfg.n_q), "bins": int(codec_cfg.bins),
-                  "channels": int(getattr(codec_cfg, "channels", 1))},
+        "codec": codec,
         "tokenizer": TOKENIZER_DIR,
         "tokenizer_check": tok_check,
         "cross_kv_names": x.kv_names,
         "graphs": {name: x.graphs[name] for name in GRAPHS},
+        "quantization": None,
+        "client": client_contract(cfg, eng.default_generation(), codec, text_max),
     }
     text_json = json.dumps(manifest, indent=2) + "\n"
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(text_json)
     os.replace(tmp, out / MANIFEST)  # atomic: the manifest appears only once everything is in place
+    if quantize is not None:  # rewrites three graphs, records "quantization", writes the manifest again
+        return quantize_export(out, json.loads(text_json), quantize, log=say)
     return json.loads(text_json)  # exactly what a reader of manifest.json sees (tuples become lists)
 
 
@@ -434,10 +451,13 @@ class _Exporter:
         self.b_ex, self.l_ex, self.t_ex = 3, 7, min(self.max_t, 13)
 
     def export_one(self, name: str, module: nn.Module, args: tuple, inputs: list[str], outputs: list[str],
-                   dyn: tuple, axes: dict[str, list[int | None]], graph_dtype: str) -> None:
+                   dyn: tuple, axes: dict[str, list[int | None]], graph_dtype: str,
+                   meta: dict[str, int] | None = None) -> None:
         path = self.out / f"{name}.onnx"
         self.say(f"exporting {name}")
         seconds = _export(module, args, path, inputs, outputs, dyn, self.opset)
+        if meta:
+            stamp(path, meta)
         self.graphs[name] = {"file": path.name, "files": _files(self.out, path.name), "dtype": graph_dtype,
                              "dynamic_axes": axes, "opset": _opset(path), "export_seconds": round(seconds, 2)}
 
@@ -484,7 +504,8 @@ class _Exporter:
             self.export_one("lm_step", LMStepGraph(lm_x, self_attend), (codes_ex, torch.tensor(1), *kv_ex),
                             ["codes", "stage", *self.kv_names], ["logits"],
                             ({0: 2 * self.batch, 2: self.frames}, None, kv_dims),
-                            {"batch": [1, None], "frames": [1, self.max_t], "text_len": [1, None]}, self.dtype)
+                            {"batch": [1, None], "frames": [1, self.max_t], "text_len": [1, None]}, self.dtype,
+                            step_meta(cfg))
 
         def check(sess: Any) -> dict[str, Any]:
             cases: list[dict] = []
@@ -579,6 +600,7 @@ class _Exporter:
         if tok_dir.exists():
             shutil.rmtree(tok_dir)
         self.text.tokenizer.save_pretrained(str(tok_dir))
+        _no_padding(tok_dir / "tokenizer.json")
         result = _check_tokenizer(self.text.tokenizer, tok_dir)
         if not result["passed"]:
             raise ExportCheckError(f"the saved tokenizer in {tok_dir} tokenizes differently from the original "
@@ -592,11 +614,50 @@ def _brief(result: dict[str, Any]) -> str:
     return f"{sum(c.get('frames', 0) for c in result['cases'])} frames, codes identical"
 
 
+def step_meta(cfg: ModelConfig) -> dict[str, int]:
+    """lm_step.onnx's metadata: what `export.ort` checks a step's inputs against, read from the graph itself."""
+    return {"max_frames": cfg.max_frames, "codebooks": cfg.n_q, "mask_id": cfg.card}
+
+
+def step_meta_of(path: Path) -> dict[str, int]:
+    import onnx
+
+    return {p.key: int(p.value) for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def stamp(path: Path, meta: dict[str, int]) -> None:
+    """Write `meta` into the graph's metadata_props (onnxruntime: `get_modelmeta().custom_metadata_map`)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=str(value))
+    onnx.save(model, str(path))  # external data (past 2 GB) stays where it is: only the graph proto is rewritten
+
+
+def _no_padding(path: Path) -> None:
+    """Switch off the padding and truncation a tokenizer.json may carry (MiniLM's pads and truncates to 128):
+    `tokenizers` in other languages honour them, while the engine encodes each prompt unpadded."""
+    if not path.is_file():
+        raise ValueError(f"the text tokenizer saved no {path.name} (a slow tokenizer?); clients need the fast "
+                         "tokenizer's tokenizer.json: use a text encoder with a fast tokenizer")
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    spec["padding"], spec["truncation"] = None, None
+    path.write_text(json.dumps(spec, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+PROBES = ("", "slow sad piano", "upbeat electronic dance track with a heavy bass line at 128 bpm",
+          "Jazz, 90 BPM; saxophone & brushes — late night", "  Ünïcode  cafés, 東京 and emoji 🎷 " + "very " * 200)
+
+
 def _check_tokenizer(original: Any, saved_dir: Path) -> dict[str, Any]:
+    """The saved tokenizer, through transformers and through the bare tokenizer.json (what other languages read),
+    gives the original's ids; the long probe shows no truncation happens."""
+    from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
     saved = AutoTokenizer.from_pretrained(str(saved_dir))
-    probes = ["", "slow sad piano", "upbeat electronic dance track with a heavy bass line at 128 bpm",
-              "Jazz, 90 BPM; saxophone & brushes — late night"]
-    same = all(original(p)["input_ids"] == saved(p)["input_ids"] for p in probes)
-    return {"passed": same, "probes": len(probes)}
+    bare = Tokenizer.from_file(str(saved_dir / "tokenizer.json"))
+    same = all(original(p)["input_ids"] == saved(p)["input_ids"] == bare.encode(p).ids for p in PROBES)
+    return {"passed": same, "probes": len(PROBES)}

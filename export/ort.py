@@ -52,6 +52,58 @@ class CodecInfo:
     channels: int = 1
 
 
+@dataclass(frozen=True)
+class StepLimits:
+    """What lm_step accepts, from its own metadata (written at export): frames, codebooks, the mask id."""
+
+    max_frames: int
+    codebooks: int
+    mask_id: int
+    dim: int  # width of text_embeds, from cross_kv's input
+
+    @classmethod
+    def of(cls, cross_kv: Any, lm_step: Any) -> StepLimits:
+        meta = lm_step.get_modelmeta().custom_metadata_map
+        try:
+            return cls(int(meta["max_frames"]), int(meta["codebooks"]), int(meta["mask_id"]),
+                       int(cross_kv.get_inputs()[0].shape[-1]))
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"lm_step.onnx lacks its limits metadata ({e}); re-export it with `magnet export`") from e
+
+
+def check_text_embeds(cond: Any, limits: StepLimits) -> None:
+    """The cross_kv boundary: text embeddings [B, L, dim] floating point."""
+    if not isinstance(cond, torch.Tensor) or not cond.is_floating_point():
+        raise TypeError(f"text embeddings must be a float torch.Tensor [B, L, {limits.dim}], got "
+                        f"{getattr(cond, 'dtype', type(cond).__name__)}; pass Engine.text(prompts)")
+    if cond.dim() != 3 or cond.shape[0] < 1 or cond.shape[1] < 1 or cond.shape[2] != limits.dim:
+        raise ValueError(f"text embeddings must be [B, L, {limits.dim}] with B, L >= 1, got {list(cond.shape)}; "
+                         "pass Engine.text(prompts)")
+
+
+def check_step_inputs(codes: Any, stage: Any, batch: int, limits: StepLimits) -> None:
+    """The lm_step boundary: codes [B, K, T] int64 with B the text's batch, 1 <= T <= the segment's frames, values
+    in [0, mask_id] (checked on CPU tensors only: a GPU check would sync every step), stage an int in [0, K).
+    Raises TypeError/ValueError saying what to pass, instead of onnxruntime failing inside the graph."""
+    k, max_t = limits.codebooks, limits.max_frames
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int64:
+        raise TypeError(f"codes must be a torch.int64 tensor [B, {k}, T], got "
+                        f"{getattr(codes, 'dtype', type(codes).__name__)}; convert with codes.long()")
+    if codes.dim() != 3 or codes.shape[0] != batch or codes.shape[1] != k:
+        raise ValueError(f"codes must be [{batch}, {k}, T] (the text's batch of {batch}, {k} codebooks), got "
+                         f"{list(codes.shape)}")
+    if not 1 <= codes.shape[2] <= max_t:
+        raise ValueError(f"codes have {codes.shape[2]} frames; this export takes 1 to {max_t} frames (the model's "
+                         "segment): ask for a shorter duration")
+    if isinstance(stage, bool) or not isinstance(stage, (int, np.integer)) or not 0 <= stage < k:
+        raise ValueError(f"stage must be an int in [0, {k}) (the codebook being decoded), got {stage!r}")
+    if codes.device.type == "cpu" and codes.numel():
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi > limits.mask_id:
+            raise ValueError(f"codes must lie in [0, {limits.mask_id}] (tokens, or {limits.mask_id} = masked), "
+                             f"found {lo if lo < 0 else hi}")
+
+
 class OrtCodec:
     """EnCodec through `codec_decode.onnx` / `codec_encode.onnx`; same interface as `engine.codec.Encodec`.
 
@@ -124,14 +176,18 @@ class OrtStep:
         kv_type = {i.name: i.type for i in lm_step.get_inputs()}[self.kv_names[0]]
         self.kv_dtype = _NP_DTYPES[kv_type]
         self.vocab = int(lm_step.get_outputs()[0].shape[-1])
+        self.limits = StepLimits.of(cross_kv, lm_step)
 
     def __call__(self, cond: torch.Tensor) -> Step:
+        check_text_embeds(cond, self.limits)
         if self.device.type == "cuda":
             return self._cuda_step(cond)
         kv = self.cross_kv.run(self.kv_names, {"text_embeds": cond.detach().cpu().float().numpy()})
         feeds: dict[str, np.ndarray] = dict(zip(self.kv_names, kv))
+        batch = cond.shape[0]
 
         def step(codes: torch.Tensor, stage: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            check_step_inputs(codes, stage, batch, self.limits)
             feeds["codes"] = step_rows(codes, guided).numpy()  # [2B or B, K, T]
             feeds["stage"] = np.array(stage, dtype=np.int64)
             return split_rows(torch.from_numpy(self.lm_step.run(["logits"], feeds)[0]), guided)  # [2B or B, T, V]
@@ -155,7 +211,10 @@ class OrtStep:
         for name, value in zip(self.kv_names, kv_values):
             bind.bind_ortvalue_input(name, value)
 
+        batch = cond.shape[0]
+
         def step(codes: torch.Tensor, stage: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            check_step_inputs(codes, stage, batch, self.limits)
             both = step_rows(codes, guided).contiguous()  # [2B or B, K, T] int64 on the GPU
             logits = torch.empty(both.shape[0], both.shape[-1], self.vocab, device=self.device)
             bind.bind_input("codes", "cuda", dev_id, np.int64, tuple(both.shape), both.data_ptr())

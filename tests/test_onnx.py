@@ -1,11 +1,17 @@
 """ONNX export of the tiny fixture and the onnxruntime backend: per-graph checks recorded in the manifest,
 greedy generation token-exact with the reference, text embeddings and audio to 1e-4, export-dir validation, and
 the `magnet export` command's error contract. The fixture is exported once per module (about a minute on 2 cores).
+
+The manifest's client contract: it validates against export/manifest.schema.json, its schedule tables are the
+engine's, and two clients that read only the export folder are token-exact on the fixture: tests/onnx_client.py
+(numpy + onnxruntime + tokenizers) and export/node/magnet.mjs (Node.js; `npm ci --prefix export/node` first).
 """
 from __future__ import annotations
 
+import ast
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +21,19 @@ from conftest import run_settings
 from test_cli import cli_args
 
 from engine.config import ModelConfig, default_generation
+from engine.masking import stage_schedule
 from engine.model import LM
 from engine.ops import attention
 from export import onnx_export
 from export.cli import main as export_main
-from export.manifest import FORMAT_VERSION, GRAPHS, MANIFEST, read_manifest, sha256_file
-from export.onnx_export import ExportCheckError, MaskedAttention, export_model, onnx_attention
+from export.manifest import FORMAT_VERSION, GRAPHS, MANIFEST, SCHEMA, read_manifest, sha256_file
+from export.onnx_export import PROBES, ExportCheckError, MaskedAttention, export_model, onnx_attention
 from export.ort import load_engine
+from export.quantize import QUANTIZED_GRAPHS, quantize_export
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE_CLIENT = ROOT / "export" / "node" / "magnet.mjs"
+GREEDY_RUNS = ["gen_nonoverlap_max", "gen_nonoverlap_prod", "gen_stride1", "gen_cfg3_temp1", "gen_continuation"]
 
 FLOAT_GRAPHS = ["text_encoder", "cross_kv", "lm_step", "codec_decode"]
 
@@ -155,6 +167,16 @@ def test_manifest_from_another_version(export_copy: Path) -> None:
         load_engine(export_copy)
 
 
+def test_version_1_export_refused(export_copy: Path) -> None:
+    """Exports written before the client contract (format 1) are refused, saying both versions and the fix."""
+    manifest = json.loads((export_copy / MANIFEST).read_text())
+    manifest["format_version"] = 1
+    del manifest["client"]
+    (export_copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"version 1, this engine reads version {FORMAT_VERSION}.*re-export with"):
+        load_engine(export_copy)
+
+
 def test_corrupted_graph(export_copy: Path) -> None:
     path = export_copy / "lm_step.onnx"
     data = bytearray(path.read_bytes())
@@ -236,6 +258,232 @@ def test_default_model_exports_and_runs(tmp_path: Path) -> None:
     gen = ort.generate(prompts, duration=1.0, seed=0)
     assert gen.codes.shape == (1, ref.config.n_q, 48) and int(gen.codes.max()) < ref.config.card
     assert gen.audio.shape[-1] == 48 * ref.codec.config.hop_length and torch.isfinite(gen.audio).all()
+    # the client contract: MiniLM's tokenizer.json no longer pads or truncates to 128, in Python nor in Node
+    _validate(manifest)
+    assert manifest["client"]["limits"]["text_tokens_max"] == 512
+    assert manifest["client"]["defaults"]["steps"] == list(ref.default_generation().steps)
+    script = (f"import {{MagnetClient}} from {json.dumps(NODE_CLIENT.as_uri())};"
+              f"const c = await MagnetClient.load({json.dumps(str(out))});"
+              f"console.log(JSON.stringify({json.dumps(list(PROBES))}.map((p) => c.tokenize(p))));")
+    done = subprocess.run(["node", "--input-type=module", "-e", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    want = [ref.text.tokenizer(p)["input_ids"] for p in PROBES]
+    assert json.loads(done.stdout) == want and max(len(w) for w in want) > 128
+
+
+# ------------------------------------------------------------------------------------ the client contract
+
+
+def _validate(manifest: dict) -> None:
+    import jsonschema
+
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.Draft202012Validator(schema).validate(manifest)
+
+
+def test_manifest_validates_against_schema(exported: tuple[Path, dict]) -> None:
+    import jsonschema
+
+    manifest = exported[1]
+    _validate(manifest)
+    broken = json.loads(json.dumps(manifest))
+    del broken["client"]["defaults"]["steps"]
+    with pytest.raises(jsonschema.ValidationError, match="steps"):
+        _validate(broken)
+
+
+def test_client_schedule_is_the_engines(exported: tuple[Path, dict], fixture_dir: Path) -> None:
+    """Every default stated; the tables are stage_schedule's numbers for every span count, and the stated rule
+    (float32 mask_p times n_gen, truncated) reproduces them without a cosine."""
+    import engine
+
+    c = exported[1]["client"]
+    gen = engine.load(fixture_dir, device="cpu").default_generation()
+    assert c["defaults"]["steps"] == list(gen.steps) and c["defaults"]["cfg"] == list(gen.cfg)
+    assert c["defaults"]["top_p"] == gen.top_p and c["defaults"]["output_frames"] == 48
+    assert c["mask_id"] == c["vocab"] == 2048 and c["limits"]["frames"] == [1, 50]
+    for stage, table in enumerate(c["schedule"]["default"]):
+        steps = gen.steps[stage]
+        assert len(table["n_mask"]) == steps and all(len(r) == 50 for r in table["n_mask"])
+        for n_gen in (1, 7, 16, 50):
+            plans = stage_schedule(steps, n_gen, gen.cfg_max, gen.cfg_min, gen.temperature, gen.anneal_temp)
+            assert [r[n_gen - 1] for r in table["n_mask"]] == [p.n_mask for p in plans]
+            assert table["cfg"] == [p.cfg_coef for p in plans]
+            assert table["temperature"] == [p.temperature for p in plans]
+            mask_p = c["schedule"]["mask_p_by_steps"][str(steps)]
+            assert mask_p == [p.mask_p for p in plans]
+            assert [max(1, int(np.float32(p) * np.float32(n_gen))) for p in mask_p] == [p.n_mask for p in plans]
+
+
+def test_tokenizer_json_has_no_padding_or_truncation(exported: tuple[Path, dict]) -> None:
+    spec = json.loads((exported[0] / "tokenizer" / "tokenizer.json").read_text())
+    assert spec["padding"] is None and spec["truncation"] is None
+
+
+def test_independent_client_imports_nothing_of_the_engine() -> None:
+    tree = ast.parse((ROOT / "tests" / "onnx_client.py").read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert names <= {"__future__", "json", "pathlib", "typing", "numpy", "onnxruntime", "tokenizers"}, names
+
+
+def _run_kwargs(settings: dict, run: str) -> dict:
+    r = run_settings(settings, run)
+    return dict(steps=list(r["steps"]), cfg=list(r["cfg"]), temperature=r["temperature"],
+                anneal_temp=r["anneal_temp"], span_arrangement=r["span_arrangement"],
+                span_scoring=r["span_scoring"], duration=r["duration"])
+
+
+@pytest.mark.parametrize("run", GREEDY_RUNS)
+def test_independent_client_token_exact(exported: tuple[Path, dict], settings: dict, expected: dict,
+                                        run: str) -> None:
+    from onnx_client import Client
+
+    client = Client(exported[0])
+    prompt = expected["prompt_codes"] if run == "gen_continuation" else None
+    codes = client.generate(settings["prompts"], prompt_codes=prompt, **_run_kwargs(settings, run))
+    np.testing.assert_array_equal(codes, expected[run])
+
+
+def test_independent_client_unguided_matches_backend(exported: tuple[Path, dict], ort_engine, settings: dict
+                                                     ) -> None:
+    """Guidance 1 at every step: lm_step runs B rows (the manifest's rows.unguided); a null prompt is zeros."""
+    from onnx_client import Client
+
+    kw = {**_run_kwargs(settings, "gen_nonoverlap_max"), "cfg": [1.0]}
+    prompts = [settings["prompts"][1], None]
+    want = ort_engine.generate(prompts, decode=False, greedy=True, **{**kw, "steps": tuple(kw["steps"]),
+                                                                     "cfg": (1.0,)}).codes.numpy()
+    np.testing.assert_array_equal(Client(exported[0]).generate(prompts, **kw), want)
+
+
+# ---------------------------------------------------------------------------------- refusals at the graphs
+
+
+def test_step_refuses_bad_inputs(ort_engine) -> None:
+    cond = ort_engine.text(["slow sad piano"])  # [1, L, dim]
+    step = ort_engine.make_step(cond)
+    codes = torch.full((1, 4, 12), 2048)
+    step(codes, 0, True)  # well-formed: runs
+    for bad, kind, match in [
+        ((codes.int(), 0), TypeError, "torch.int64 .*codes.long"),
+        ((codes.float(), 0), TypeError, "torch.int64"),
+        ((torch.full((2, 4, 12), 2048), 0), ValueError, r"\[1, 4, T\] \(the text's batch of 1"),
+        ((torch.full((1, 3, 12), 2048), 0), ValueError, "4 codebooks"),
+        ((torch.full((1, 4, 51), 2048), 0), ValueError, "51 frames; this export takes 1 to 50 .*shorter duration"),
+        ((torch.full((1, 4, 0), 2048), 0), ValueError, "0 frames"),
+        ((codes, 4), ValueError, r"stage must be an int in \[0, 4\)"),
+        ((codes, -1), ValueError, "stage must be"),
+        ((codes, 1.0), ValueError, "stage must be"),
+        ((torch.full((1, 4, 12), 2049), 0), ValueError, r"\[0, 2048\] .*found 2049"),
+    ]:
+        with pytest.raises(kind, match=match):
+            step(bad[0], bad[1], True)
+    with pytest.raises(ValueError, match=r"text embeddings must be \[B, L, 64\]"):
+        ort_engine.make_step(cond[0])
+    with pytest.raises(TypeError, match="float torch.Tensor"):
+        ort_engine.make_step(cond.long())
+    with pytest.raises(TypeError, match="integer codes"):
+        ort_engine.decode(torch.zeros(1, 4, 3))
+    with pytest.raises(ValueError, match=r"codes \[B, 4, T>0\]"):
+        ort_engine.decode(torch.zeros(1, 3, 3, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------- the Node client
+
+
+def _node(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    assert (NODE_CLIENT.parent / "node_modules" / "onnxruntime-node").is_dir(), \
+        "the Node client's packages are missing: run `ONNXRUNTIME_NODE_INSTALL=skip npm ci --prefix export/node`"
+    return subprocess.run(["node", str(NODE_CLIENT), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("run", ["gen_nonoverlap_max", "gen_stride1", "gen_cfg3_temp1"])
+def test_node_client_token_exact(exported: tuple[Path, dict], ort_engine, settings: dict, run: str,
+                                 tmp_path: Path) -> None:
+    """The prompts as one batch, greedy: the same tokens as the Python onnx backend, and one WAV per prompt."""
+    import soundfile as sf
+
+    r = run_settings(settings, run)
+    flags = ["--model", str(exported[0]), "--greedy", "--quiet", "--steps", ",".join(map(str, r["steps"])),
+             "--cfg", ",".join(map(str, dict.fromkeys(r["cfg"]))), "--temperature", str(r["temperature"]),
+             "--span-arrangement", r["span_arrangement"], "--span-scoring", r["span_scoring"],
+             "--duration", str(r["duration"]), "-o", str(tmp_path / "wav"), "--tokens-out", str(tmp_path / "t.json")]
+    if not r["anneal_temp"]:
+        flags.append("--no-anneal-temp")
+    done = _node([*flags, *settings["prompts"]], tmp_path)
+    assert done.returncode == 0, done.stderr
+    got = np.array(json.loads((tmp_path / "t.json").read_text()))
+    want = ort_engine.generate(settings["prompts"], **r)
+    np.testing.assert_array_equal(got, want.codes.numpy())
+    for b in range(len(settings["prompts"])):
+        pcm, rate = sf.read(tmp_path / "wav" / f"{b}.wav", dtype="int16")
+        ref = want.audio[b, 0].numpy()
+        assert rate == 32000 and pcm.shape == ref.shape
+        assert np.abs(pcm - np.round(ref * (0.99 / np.abs(ref).max()) * 32767)).max() <= 1  # peak 0.99, PCM16
+
+
+@pytest.mark.parametrize("flags", [["--seed", "7"], ["--seed", "7", "--top-p", "0", "--top-k", "20"],
+                                   ["--seed", "7", "--top-p", "0", "--span-arrangement", "stride1"]])
+def test_node_client_sampling_is_seeded(exported: tuple[Path, dict], tmp_path: Path, flags: list[str]) -> None:
+    """Sampled runs (nucleus, top-k, plain multinomial): tokens in range, the same seed gives the same tokens."""
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"{i}.json"
+        done = _node(["--model", str(exported[0]), "--quiet", "--steps", "3,2,2,2", *flags, "slow sad piano",
+                      "-o", str(tmp_path / f"{i}.wav"), "--tokens-out", str(out)], tmp_path)
+        assert done.returncode == 0, done.stderr
+        runs.append(np.array(json.loads(out.read_text())))
+    assert runs[0].shape[:2] == (1, 4) and 0 <= runs[0].min() and runs[0].max() < 2048
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_node_client_refusals(exported: tuple[Path, dict], tmp_path: Path) -> None:
+    for flags, match in [(["--duration", "5"], "exceeds the model's segment of 1s"),
+                         (["--steps", "1,2"], "--steps needs 4 positive integers"),
+                         (["--top-p", "2"], "--top-p must be in [0, 1]"),
+                         (["--span-arrangement", "wide"], "nonoverlap or stride1"),
+                         (["--bogus"], "unknown option --bogus")]:
+        done = _node(["--model", str(exported[0]), "x", *flags], tmp_path)
+        assert done.returncode == 2 and match in done.stderr and done.stderr.count("\n") == 1, (flags, done.stderr)
+    done = _node(["--model", str(tmp_path / "nowhere"), "x"], tmp_path)
+    assert done.returncode == 2 and "magnet export" in done.stderr
+
+
+# --------------------------------------------------------------------------------------------------- int8
+
+
+def test_int8_export_loads_generates_and_is_recorded(export_copy: Path, settings: dict, expected: dict) -> None:
+    """Quantizing the fixture's export: three graphs int8, the codec untouched, the numbers recorded and the
+    schema still met; the int8 engine loads and generates (greedy tokens of int8 are not those of fp32)."""
+    before = json.loads((export_copy / MANIFEST).read_text())
+    manifest = quantize_export(export_copy, before)
+    assert read_manifest(export_copy) == manifest
+    _validate(manifest)
+    q = manifest["quantization"]
+    assert set(q["graphs"]) == set(QUANTIZED_GRAPHS)
+    for name in QUANTIZED_GRAPHS:
+        rec = q["graphs"][name]
+        assert manifest["graphs"][name]["weights"] == "int8" and rec["bytes"] < rec["bytes_fp32"] / 2, name
+        assert 0 < rec["max_abs_err"] < 0.1 * rec["max_abs_ref"], (name, rec)
+    assert 0.5 < q["graphs"]["lm_step"]["argmax_agreement"] <= 1.0
+    for name in ("codec_decode", "codec_encode"):
+        assert manifest["graphs"][name] == before["graphs"][name]
+    eng = load_engine(export_copy)
+    out = eng.generate(settings["prompts"], **run_settings(settings, "gen_nonoverlap_max"))
+    assert out.codes.shape == expected["gen_nonoverlap_max"].shape and int(out.codes.max()) < 2048
+    assert torch.isfinite(out.audio).all()
+    with pytest.raises(ValueError, match="not a plain float32 export"):
+        quantize_export(export_copy, manifest)
+
+
+def test_cli_quantize_usage(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert export_main(["--model", "x", "--out", str(tmp_path), "--quantize", "int4"]) == 2
+    assert export_main(["--model", "x", "--out", str(tmp_path / "o"), "--quantize", "int8",
+                        "--dtype", "float16"]) == 1
+    err = capsys.readouterr().err
+    assert "invalid choice: 'int4'" in err and "drop --dtype float16" in err
 
 
 def test_export_folder_is_a_model(exported: tuple[Path, dict], settings: dict, expected: dict, tmp_path: Path) -> None:

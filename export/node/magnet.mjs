@@ -1,0 +1,476 @@
+#!/usr/bin/env node
+// MAGNeT text-to-audio from a `magnet export` folder, with onnxruntime-node: the manifest's "client" section
+// (format_version 2) in JavaScript. Greedy runs are token-exact with `magnet generate --backend onnx`.
+//
+//   node magnet.mjs --model EXPORT_DIR "80s synth pop" "slow sad piano" --greedy -o out/ --tokens-out t.json
+//
+// Shapes: B prompts, K codebooks, T frames, L text tokens, V vocabulary, C span chunks. Tensors are flat typed
+// arrays in row-major order. Arithmetic that decides tokens is done in float32 (Math.fround after every operation),
+// as the engine does it in torch.
+import fs from "node:fs";
+import path from "node:path";
+import { pathToFileURL } from "node:url";
+import * as ort from "onnxruntime-node";
+import { Tokenizer } from "@huggingface/tokenizers";
+
+export const FORMAT_VERSION = 2;
+const f32 = Math.fround;
+
+export class UsageError extends Error {}
+
+// ------------------------------------------------------------------------------------------------ settings
+
+/** Settings as `magnet generate` takes them, checked against the model (GenerationConfig's checks). */
+export function resolveSettings(client, given = {}) {
+  const c = client.c;
+  const d = c.defaults;
+  const s = { ...d, ...Object.fromEntries(Object.entries(given).filter(([, v]) => v !== undefined)) };
+  const fail = (msg) => { throw new UsageError(msg); };
+  if (!Array.isArray(s.steps) || s.steps.length !== c.codebooks || s.steps.some((n) => !Number.isInteger(n) || n < 1))
+    fail(`--steps needs ${c.codebooks} positive integers (one per codebook), e.g. ${d.steps.join(",")}`);
+  const maxSteps = c.limits.steps_per_stage[1];
+  if (s.steps.some((n) => n > maxSteps)) fail(`--steps: at most ${maxSteps} per codebook (the manifest's schedule)`);
+  if (!(s.top_p >= 0 && s.top_p <= 1)) fail(`--top-p must be in [0, 1], got ${s.top_p}; 0 turns it off`);
+  if (!Number.isInteger(s.top_k) || s.top_k < 0 || s.top_k > c.vocab)
+    fail(`--top-k must be an integer in [0, ${c.vocab}], got ${s.top_k}; 0 turns it off`);
+  if (!(s.temperature >= 0)) fail(`--temperature must be >= 0, got ${s.temperature}`);
+  if (!Array.isArray(s.cfg) || s.cfg.length < 1 || s.cfg.length > 2 || s.cfg.some((x) => !(x >= 0)))
+    fail(`--cfg takes MAX,MIN (annealed) or one constant, each >= 0; got ${s.cfg}`);
+  if (!["nonoverlap", "stride1"].includes(s.span_arrangement))
+    fail(`--span-arrangement must be nonoverlap or stride1, got ${s.span_arrangement}`);
+  if (!["max", "prod"].includes(s.span_scoring)) fail(`--span-scoring must be max or prod, got ${s.span_scoring}`);
+  if (!(s.duration > 0)) fail(`--duration must be > 0 seconds, got ${s.duration}`);
+  const frames = roundHalfEven(s.duration * c.frame_rate);
+  const [, maxT] = c.limits.frames;
+  if (frames > maxT) fail(`--duration ${s.duration}s exceeds the model's segment of ${maxT / c.frame_rate}s`);
+  if (frames < 1) fail(`--duration ${s.duration}s is shorter than one frame (1/${c.frame_rate}s)`);
+  let t = frames;
+  if (s.span_arrangement === "nonoverlap" && c.span_len > 1) t -= t % c.span_len;
+  if (t < 1) fail(`--duration ${s.duration}s is shorter than one span of ${c.span_len} frames`);
+  return { ...s, frames: t, guided: !(s.cfg[0] === 1 && s.cfg[s.cfg.length - 1] === 1) };
+}
+
+/** Python's round(): half to even. */
+export function roundHalfEven(x) {
+  const r = Math.round(x);
+  return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
+// ------------------------------------------------------------------------------------------------ the client
+
+export class MagnetClient {
+  static async load(dir, { threads = 0 } = {}) {
+    const manifestPath = path.join(dir, "manifest.json");
+    if (!fs.existsSync(manifestPath))
+      throw new UsageError(`${dir} is not a MAGNeT ONNX export (no manifest.json); create one with ` +
+        "`magnet export --model MODEL --out DIR`");
+    const manifest = JSON.parse(fs.readFileSync(manifestPath, "utf8"));
+    if (manifest.format !== "magnet-onnx" || manifest.format_version !== FORMAT_VERSION)
+      throw new UsageError(`${dir} has export format ${manifest.format} version ${manifest.format_version}; this ` +
+        `client reads magnet-onnx version ${FORMAT_VERSION}: re-export with \`magnet export\``);
+    // errors only: int8 graphs warn about re-using a buffer for the empty unconditional half when N = B
+    const opts = { executionProviders: ["cpu"], graphOptimizationLevel: "all", logSeverityLevel: 3 };
+    if (threads > 0) Object.assign(opts, { intraOpNumThreads: threads, interOpNumThreads: 1 });
+    const sessions = {};
+    for (const name of ["text_encoder", "cross_kv", "lm_step", "codec_decode"])
+      sessions[name] = await ort.InferenceSession.create(path.join(dir, manifest.graphs[name].file), opts);
+    const tokDir = path.join(dir, path.dirname(manifest.client.text.tokenizer));
+    const tokJson = JSON.parse(fs.readFileSync(path.join(dir, manifest.client.text.tokenizer), "utf8"));
+    const cfgPath = path.join(tokDir, "tokenizer_config.json");
+    const tokCfg = fs.existsSync(cfgPath) ? JSON.parse(fs.readFileSync(cfgPath, "utf8")) : {};
+    return new MagnetClient(manifest, sessions, new Tokenizer(tokJson, tokCfg));
+  }
+
+  constructor(manifest, sessions, tokenizer) {
+    this.manifest = manifest;
+    this.c = manifest.client;
+    this.sessions = sessions;
+    this.tokenizer = tokenizer;
+    this.kvNames = manifest.cross_kv_names;
+    this.dim = manifest.model_config.dim;
+  }
+
+  /** Token ids of one prompt (tokenizer.json has no padding or truncation). */
+  tokenize(text) {
+    const ids = this.tokenizer.encode(text, { add_special_tokens: this.c.text.add_special_tokens }).ids;
+    const max = this.c.limits.text_tokens_max;
+    if (max !== null && ids.length > max)
+      throw new UsageError(`a prompt has ${ids.length} tokens; the text encoder takes at most ${max}: shorten it`);
+    return ids;
+  }
+
+  /** The padding rule: each prompt alone, zero-padded to the longest; null = an all-zero row. -> [B, L, dim]. */
+  async text(prompts) {
+    const embeds = [];
+    for (const p of prompts) {
+      if (p === null) { embeds.push(null); continue; }
+      const ids = this.tokenize(p);
+      const l = ids.length;
+      const idT = new ort.Tensor("int64", BigInt64Array.from(ids, BigInt), [1, l]);
+      const maskT = new ort.Tensor("int64", new BigInt64Array(l).fill(1n), [1, l]);
+      const out = await this.sessions.text_encoder.run({ input_ids: idT, attention_mask: maskT });
+      embeds.push(out.text_embeds.data);
+    }
+    const L = Math.max(1, ...embeds.filter((e) => e !== null).map((e) => e.length / this.dim));
+    const data = new Float32Array(prompts.length * L * this.dim);
+    embeds.forEach((e, i) => { if (e !== null) data.set(e, i * L * this.dim); });
+    return new ort.Tensor("float32", data, [prompts.length, L, this.dim]);
+  }
+
+  /** (n_mask, cfg, temperature) per step of a stage: the stored tables for the default settings, else the stored
+   *  float32 mask fractions and the manifest's rule. No cosine is evaluated. */
+  plan(stage, nSteps, nGen, s) {
+    const d = this.c.defaults;
+    const table = this.c.schedule.default[stage];
+    const same = (a, b) => a.length === b.length && a.every((x, i) => x === b[i]);
+    if (table && table.steps === nSteps && same(s.cfg, d.cfg) && s.temperature === d.temperature &&
+        s.anneal_temp === d.anneal_temp)
+      return table.mask_p.map((_, i) => [table.n_mask[i][nGen - 1], table.cfg[i], table.temperature[i]]);
+    const cmax = s.cfg[0], cmin = s.cfg[s.cfg.length - 1];
+    return this.c.schedule.mask_p_by_steps[String(nSteps)].map((p, i) => {
+      const t = s.anneal_temp ? s.temperature * ((nSteps - 1 - i) / nSteps) : s.temperature;
+      return [Math.max(1, Math.trunc(f32(p * nGen))), p * cmax + (1 - p) * cmin, Math.max(t, 0.01)];
+    });
+  }
+
+  /** Refusals at the lm_step boundary: what the graph takes, said before onnxruntime fails inside it. */
+  checkStep(codes, dims, stage, batch) {
+    const [b, k, t] = dims;
+    const c = this.c;
+    if (!(codes instanceof BigInt64Array)) throw new TypeError("lm_step codes must be a BigInt64Array (int64)");
+    if (dims.length !== 3 || b !== batch || k !== c.codebooks)
+      throw new RangeError(`lm_step codes must be [${batch}, ${c.codebooks}, T], got [${dims}]`);
+    if (t < 1 || t > c.limits.frames[1])
+      throw new RangeError(`codes have ${t} frames; this export takes 1 to ${c.limits.frames[1]}: ask for a shorter ` +
+        "duration");
+    if (!Number.isInteger(stage) || stage < 0 || stage >= c.codebooks)
+      throw new RangeError(`stage must be an integer in [0, ${c.codebooks}), got ${stage}`);
+  }
+
+  /** -> { codes: Int32Array [B, K, T], dims }. `promptCodes`: nested [B or 1][K][P] ints to continue. */
+  async generate(prompts, settings, { promptCodes = null, progress = null } = {}) {
+    const s = resolveSettings(this, settings);
+    const c = this.c;
+    const B = prompts.length, K = c.codebooks, T = s.frames, V = c.vocab, span = c.span_len, maskId = c.mask_id;
+    if (B < 1) throw new UsageError("no prompt given: pass at least one text");
+    const P = promptCodes ? checkPrompt(promptCodes, B, K, V, T) : 0;
+    const rand = mulberry32(s.seed ?? Math.floor(Math.random() * 2 ** 32));
+    const kv = await this.sessions.cross_kv.run({ text_embeds: await this.text(prompts) });
+    const feeds = Object.fromEntries(this.kvNames.map((n) => [n, kv[n]]));
+    const codes = new Int32Array(B * K * T).fill(maskId);
+    const at = (b, k, t) => (b * K + k) * T + t;
+    const promptAt = (b, k, t) => promptCodes[promptCodes.length === 1 ? 0 : b][k][t];
+    for (let b = 0; b < B; b++) for (let k = 0; k < K; k++) for (let t = 0; t < P; t++) codes[at(b, k, t)] = promptAt(b, k, t);
+    const chunked = s.span_arrangement === "nonoverlap" || span === 1;
+    const total = s.steps.reduce((a, x) => a + x, 0);
+    let done = 0;
+    for (let stage = 0; stage < K; stage++) {
+      const row = new Int32Array(B * T).fill(maskId);
+      const units = chunked ? T / span : T;  // nonoverlap: T is a multiple of span
+      const nPrompt = chunked ? Math.floor(P / span) : P;
+      let scores = new Float32Array(B * units);
+      for (let b = 0; b < B; b++) scores.fill(c.spans.dont_remask, b * units, b * units + nPrompt);
+      const nGen = units - nPrompt;
+      let chunks = null;
+      for (const [nMask, coef, temp] of this.plan(stage, s.steps[stage], nGen, s)) {
+        let remask;
+        if (chunked) {
+          chunks = topN(scores, B, units, nMask);
+          remask = (b, t) => chunks[b * units + Math.floor(t / span)];
+        } else {
+          const m = leastProbableSpans(scores, B, T, nMask, span);
+          remask = (b, t) => m[b * T + t];
+        }
+        for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) {
+          if (remask(b, t)) row[b * T + t] = maskId;
+          if (t < P) row[b * T + t] = promptAt(b, stage, t);
+          codes[at(b, stage, t)] = row[b * T + t];
+        }
+        const n = s.guided ? 2 * B : B;
+        const input = new BigInt64Array(n * K * T);
+        for (let i = 0; i < codes.length; i++) input[i] = BigInt(codes[i]);
+        if (s.guided) input.copyWithin(B * K * T, 0, B * K * T);  // [cond; uncond]: the same codes twice
+        this.checkStep(input, [n, K, T], stage, n);
+        feeds.codes = new ort.Tensor("int64", input, [n, K, T]);
+        feeds.stage = new ort.Tensor("int64", BigInt64Array.of(BigInt(stage)), []);
+        const logits = (await this.sessions.lm_step.run(feeds, ["logits"])).logits.data;  // [N, T, V]
+        const probs = new Float32Array(B * T);  // the chosen token's probability
+        const masked = new Uint8Array(B * T);
+        const cf = f32(coef), tf = f32(temp);
+        const g = new Float32Array(V);
+        for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) {
+          const cond = (b * T + t) * V, unc = s.guided ? ((B + b) * T + t) * V : cond;
+          for (let v = 0; v < V; v++) g[v] = f32(logits[unc + v] + f32(f32(logits[cond + v] - logits[unc + v]) * cf));
+          const [tok, p] = choose(g, tf, s, rand);
+          probs[b * T + t] = p;
+          if (row[b * T + t] === maskId) {
+            masked[b * T + t] = 1;
+            row[b * T + t] = tok;
+          }
+          codes[at(b, stage, t)] = row[b * T + t];
+        }
+        scores = new Float32Array(B * units);
+        for (let b = 0; b < B; b++) for (let u = 0; u < units; u++) {
+          const i = b * units + u;
+          if (chunked) {
+            scores[i] = chunks[i] ? chunkScore(probs, b * T + u * span, span, s.span_scoring) : c.spans.dont_remask;
+          } else {
+            scores[i] = masked[i] ? f32(-Math.log(probs[i])) : c.spans.dont_remask;
+          }
+        }
+        done += 1;
+        if (progress) progress(done, total);
+      }
+    }
+    return { codes, dims: [B, K, T] };
+  }
+
+  /** codes [B, K, T] -> audio Float32Array [B, 1, T·hop]. */
+  async decode(codes, dims) {
+    for (const x of codes) if (x < 0 || x >= this.c.vocab)
+      throw new RangeError(`codes must lie in [0, ${this.c.vocab}) to decode; found ${x}`);
+    const t = new ort.Tensor("int64", BigInt64Array.from(codes, BigInt), dims);
+    return (await this.sessions.codec_decode.run({ codes: t })).audio.data;
+  }
+}
+
+function checkPrompt(pc, B, K, V, T) {
+  if (!Array.isArray(pc) || (pc.length !== 1 && pc.length !== B))
+    throw new UsageError(`prompt codes hold ${pc?.length} items for ${B} prompts; give one or ${B}`);
+  const P = pc[0]?.[0]?.length ?? 0;
+  for (const item of pc) {
+    if (!Array.isArray(item) || item.length !== K || item.some((r) => !Array.isArray(r) || r.length !== P))
+      throw new UsageError(`prompt codes must be [B][${K}][P] with one P`);
+    for (const r of item) for (const x of r) if (!Number.isInteger(x) || x < 0 || x >= V)
+      throw new UsageError(`prompt codes must be integers in [0, ${V}), found ${x}`);
+  }
+  if (P >= T) throw new UsageError(`the prompt (${P} frames) must be shorter than the generation (${T} frames)`);
+  return P;
+}
+
+/** Guided logits g [V] -> (token, its probability under softmax(g / temperature)); float32 as the engine. */
+function choose(g, temp, s, rand) {
+  const V = g.length;
+  const z = new Float32Array(V);
+  let max = -Infinity, arg = 0;
+  for (let v = 0; v < V; v++) {
+    z[v] = f32(g[v] / temp);
+    if (g[v] > max) { max = g[v]; arg = v; }  // first index among equals, as torch.argmax
+  }
+  let zmax = -Infinity;
+  for (let v = 0; v < V; v++) if (z[v] > zmax) zmax = z[v];
+  const probs = new Float32Array(V);
+  let sum = 0;
+  for (let v = 0; v < V; v++) { probs[v] = f32(Math.exp(f32(z[v] - zmax))); sum += probs[v]; }
+  const total = f32(sum);
+  for (let v = 0; v < V; v++) probs[v] = f32(probs[v] / total);
+  if (s.greedy) return [arg, probs[arg]];
+  const u = rand();
+  if (s.top_p > 0) {  // nucleus as a threshold (engine.sampling.top_p_keep)
+    const sorted = Float32Array.from(probs).sort().reverse();
+    let excl = 0, keep = 0;
+    for (let i = 0; i < V; i++) { if (excl <= s.top_p) keep = i + 1; excl += sorted[i]; }
+    const threshold = sorted[Math.max(keep, 1) - 1];
+    const tok = inverseCdf(probs.map((p) => (p >= threshold ? p : 0)), u);
+    return [tok, probs[tok]];
+  }
+  if (s.top_k > 0) {  // renormalised top-k: the renormalised probability scores the spans
+    const kth = Float32Array.from(probs).sort()[V - s.top_k];
+    const kept = probs.map((p) => (p >= kth ? p : 0));
+    const z2 = f32(kept.reduce((a, x) => a + x, 0));
+    for (let v = 0; v < V; v++) kept[v] = f32(kept[v] / z2);
+    const tok = inverseCdf(kept, u);
+    return [tok, kept[tok]];
+  }
+  const tok = inverseCdf(probs, u);
+  return [tok, probs[tok]];
+}
+
+/** The first index whose cumulative weight exceeds u · total. */
+function inverseCdf(w, u) {
+  let total = 0;
+  for (const x of w) total += x;
+  const target = u * total;
+  let acc = 0;
+  for (let i = 0; i < w.length; i++) { acc += w[i]; if (acc > target) return i; }
+  return w.length - 1;
+}
+
+function chunkScore(probs, start, span, scoring) {
+  if (scoring === "max") {
+    let m = -Infinity;
+    for (let j = 0; j < span; j++) m = Math.max(m, probs[start + j]);
+    return f32(1 - m);
+  }
+  let acc = 0;
+  for (let j = 0; j < span; j++) acc = f32(acc + f32(-Math.log(probs[start + j])));
+  return acc;
+}
+
+/** Per row, the n highest scores (ties: lower index first) -> Uint8Array [B, C]. */
+function topN(scores, B, C, n) {
+  const out = new Uint8Array(B * C);
+  for (let b = 0; b < B; b++) {
+    const order = rankDesc(scores, b * C, C);
+    for (let i = 0; i < n; i++) out[b * C + order[i]] = 1;
+  }
+  return out;
+}
+
+function rankDesc(a, offset, n) {
+  const idx = Array.from({ length: n }, (_, i) => i);
+  return idx.sort((i, j) => a[offset + j] - a[offset + i] || i - j);
+}
+
+/** stride1 (manifest spans.stride1): scores [B, T] -> Uint8Array [B, T] frames to re-mask. */
+function leastProbableSpans(scores, B, T, nTarget, span) {
+  const W = T - span + 1;
+  const out = new Uint8Array(B * T);
+  const m = Math.max(nTarget, span);
+  for (let b = 0; b < B; b++) {
+    const win = new Float32Array(W);
+    for (let w = 0; w < W; w++) {
+      let acc = 0;
+      for (let j = 0; j < span; j++) acc = f32(acc + scores[b * T + w + j]);
+      win[w] = acc;
+    }
+    const order = rankDesc(win, 0, W);
+    const cover = (u) => {
+      const mask = new Uint8Array(T);
+      for (let i = 0; i < u; i++) mask.fill(1, order[i], order[i] + span);
+      return mask;
+    };
+    let lo = Math.floor(m / span), hi = m - span + 1;
+    let mid = roundHalfEven((lo + hi) / 2);
+    let mask = cover(mid);
+    while (lo < mid && mid < hi) {
+      mask = cover(mid);
+      if (mask.reduce((a, x) => a + x, 0) > m) hi = mid; else lo = mid;
+      mid = roundHalfEven((lo + hi) / 2);
+    }
+    out.set(mask, b * T);
+  }
+  return out;
+}
+
+/** A small seeded PRNG (uniform in [0, 1)); sampled runs match the engine in distribution, not token for token. */
+function mulberry32(seed) {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+// ------------------------------------------------------------------------------------------------ audio out
+
+/** Peak-normalised to 0.99 (magnet generate's default), 16-bit PCM mono WAV. */
+export function wavBytes(samples, sampleRate) {
+  let peak = 0;
+  for (const x of samples) peak = Math.max(peak, Math.abs(x));
+  const gain = peak > 0 ? 0.99 / peak : 1;
+  const buf = Buffer.alloc(44 + 2 * samples.length);
+  buf.write("RIFF", 0); buf.writeUInt32LE(36 + 2 * samples.length, 4); buf.write("WAVE", 8);
+  buf.write("fmt ", 12); buf.writeUInt32LE(16, 16); buf.writeUInt16LE(1, 20); buf.writeUInt16LE(1, 22);
+  buf.writeUInt32LE(sampleRate, 24); buf.writeUInt32LE(2 * sampleRate, 28); buf.writeUInt16LE(2, 32);
+  buf.writeUInt16LE(16, 34); buf.write("data", 36); buf.writeUInt32LE(2 * samples.length, 40);
+  samples.forEach((x, i) => buf.writeInt16LE(Math.max(-32768, Math.min(32767, Math.round(x * gain * 32767))), 44 + 2 * i));
+  return buf;
+}
+
+// ------------------------------------------------------------------------------------------------ CLI
+
+const USAGE = `usage: node magnet.mjs --model EXPORT_DIR [options] PROMPT [PROMPT ...]
+  --steps A,B,..   decoding steps per codebook    --greedy               argmax decoding (deterministic)
+  --temperature X  --top-p X  --top-k N           --cfg MAX,MIN | C      guidance, annealed or constant
+  --no-anneal-temp --span-arrangement nonoverlap|stride1   --span-scoring max|prod
+  --duration SEC   --seed N   -o FILE.wav | DIR   --tokens-out FILE.json ([B][K][T] ints)
+  --prompt-codes FILE.json ([B or 1][K][P] ints to continue)   --threads N   --quiet
+Defaults: the export's manifest (client.defaults).`;
+
+export function parseArgs(argv) {
+  const out = { prompts: [], settings: {}, output: null, tokensOut: null, model: null, threads: 0, quiet: false,
+                promptCodes: null };
+  const num = (flag, v, int = false) => {
+    const x = Number(v);
+    if (v === undefined || v === "" || Number.isNaN(x) || (int && !Number.isInteger(x)))
+      throw new UsageError(`${flag} needs ${int ? "an integer" : "a number"}, got ${v}`);
+    return x;
+  };
+  const list = (flag, v, int) => (v ?? "").split(",").map((x) => num(flag, x, int));
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const next = () => { if (i + 1 >= argv.length) throw new UsageError(`${a} needs a value`); return argv[++i]; };
+    switch (a) {
+      case "--model": out.model = next(); break;
+      case "--steps": out.settings.steps = list(a, next(), true); break;
+      case "--greedy": out.settings.greedy = true; break;
+      case "--temperature": out.settings.temperature = num(a, next()); break;
+      case "--top-p": out.settings.top_p = num(a, next()); break;
+      case "--top-k": out.settings.top_k = num(a, next(), true); break;
+      case "--cfg": out.settings.cfg = list(a, next(), false); break;
+      case "--no-anneal-temp": out.settings.anneal_temp = false; break;
+      case "--span-arrangement": out.settings.span_arrangement = next(); break;
+      case "--span-scoring": out.settings.span_scoring = next(); break;
+      case "--duration": out.settings.duration = num(a, next()); break;
+      case "--seed": out.settings.seed = num(a, next(), true); break;
+      case "-o": case "--output": out.output = next(); break;
+      case "--tokens-out": out.tokensOut = next(); break;
+      case "--prompt-codes": out.promptCodes = next(); break;
+      case "--threads": out.threads = num(a, next(), true); break;
+      case "--quiet": out.quiet = true; break;
+      case "-h": case "--help": out.help = true; break;
+      default:
+        if (a.startsWith("-") && a !== "-") throw new UsageError(`unknown option ${a}`);
+        out.prompts.push(a);
+    }
+  }
+  if (!out.help && !out.model) throw new UsageError("--model EXPORT_DIR is required (a `magnet export` folder)");
+  if (!out.help && out.prompts.length === 0) throw new UsageError("give at least one PROMPT");
+  return out;
+}
+
+function nested(codes, [B, K, T]) {
+  return Array.from({ length: B }, (_, b) => Array.from({ length: K }, (_, k) =>
+    Array.from(codes.subarray((b * K + k) * T, (b * K + k + 1) * T))));
+}
+
+export async function main(argv) {
+  let args;
+  try {
+    args = parseArgs(argv);
+  } catch (e) {
+    if (!(e instanceof UsageError)) throw e;
+    process.stderr.write(`magnet.mjs: error: ${e.message} (see --help)\n`);
+    return 2;
+  }
+  if (args.help) { process.stdout.write(USAGE + "\n"); return 0; }
+  try {
+    const client = await MagnetClient.load(args.model, { threads: args.threads });
+    resolveSettings(client, args.settings);  // refuse bad settings before any work
+    const promptCodes = args.promptCodes ? JSON.parse(fs.readFileSync(args.promptCodes, "utf8")) : null;
+    const progress = args.quiet ? null : (d, n) => process.stderr.write(`\rstep ${d}/${n}` + (d === n ? "\n" : ""));
+    const { codes, dims } = await client.generate(args.prompts, args.settings, { promptCodes, progress });
+    if (args.tokensOut) fs.writeFileSync(args.tokensOut, JSON.stringify(nested(codes, dims)) + "\n");
+    const audio = await client.decode(codes, dims);
+    const [B] = dims, n = audio.length / B, rate = client.c.sample_rate;
+    const target = args.output ?? (B === 1 ? "out.wav" : "out");
+    const files = B === 1 && target.endsWith(".wav") ? [target]
+      : Array.from({ length: B }, (_, b) => path.join(target, `${b}.wav`));
+    if (files.length > 1) fs.mkdirSync(target, { recursive: true });
+    files.forEach((f, b) => fs.writeFileSync(f, wavBytes(audio.subarray(b * n, (b + 1) * n), rate)));
+    process.stdout.write(`wrote ${files.join(", ")} (${dims[2]} frames, ${(n / rate).toFixed(2)} s at ${rate} Hz)\n`);
+    return 0;
+  } catch (e) {
+    const usage = e instanceof UsageError;
+    process.stderr.write(`magnet.mjs: error: ${String(e.message).split("\n")[0]}\n`);
+    return usage ? 2 : 1;
+  }
+}
+
+if (import.meta.url === pathToFileURL(process.argv[1] ?? "").href) {
+  process.exitCode = await main(process.argv.slice(2));
+}

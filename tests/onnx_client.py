@@ -1,0 +1,161 @@
+"""An independent MAGNeT client of a `magnet export` folder, as a product engineer writes one in any language: it
+reads only the folder (manifest.json's "client" section, the graphs, tokenizer/tokenizer.json) and uses only
+onnxruntime, numpy and `tokenizers`. Nothing of the engine or of `export` is imported (a test checks this), so a
+test that it is token-exact on the fixture tests the manifest's contract, not the engine against itself.
+
+Shapes: B prompts, K codebooks, T frames, L text tokens, V vocabulary, C span chunks.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+
+class Client:
+    def __init__(self, export_dir: str | Path) -> None:
+        d = Path(export_dir)
+        self.manifest = json.loads((d / "manifest.json").read_text())
+        self.c = self.manifest["client"]
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        self.sessions = {name: ort.InferenceSession(str(d / g["file"]), so, providers=["CPUExecutionProvider"])
+                         for name, g in self.manifest["graphs"].items()}
+        self.tokenizer = Tokenizer.from_file(str(d / self.c["text"]["tokenizer"]))
+        self.kv_names = self.manifest["cross_kv_names"]
+
+    def text(self, prompts: list[str | None]) -> np.ndarray:
+        """The padding rule: each prompt alone, zero-padded to the longest; None = all-zero row. -> [B, L, dim]."""
+        embeds = []
+        for p in prompts:
+            if p is None:
+                embeds.append(None)
+                continue
+            ids = np.array([self.tokenizer.encode(p, add_special_tokens=self.c["text"]["add_special_tokens"]).ids],
+                           dtype=np.int64)
+            embeds.append(self.sessions["text_encoder"].run(None, {"input_ids": ids,
+                                                                   "attention_mask": np.ones_like(ids)})[0][0])
+        length = max([1] + [e.shape[0] for e in embeds if e is not None])
+        dim = self.manifest["model_config"]["dim"]
+        out = np.zeros((len(prompts), length, dim), dtype=np.float32)
+        for i, e in enumerate(embeds):
+            if e is not None:
+                out[i, : e.shape[0]] = e
+        return out
+
+    def plan(self, s: int, n_steps: int, n_gen: int, cfg: list[float], temperature: float, anneal: bool
+             ) -> list[tuple[int, float, float]]:
+        """(n_mask, cfg, temperature) per step of stage s: the stored tables when the settings are the defaults,
+        else the stored float32 mask fractions and the stated rule (no cosine evaluated here)."""
+        d = self.c["defaults"]
+        table = self.c["schedule"]["default"][s] if s < len(self.c["schedule"]["default"]) else None
+        if (table is not None and table["steps"] == n_steps and cfg == d["cfg"] and temperature == d["temperature"]
+                and anneal == d["anneal_temp"]):
+            return [(table["n_mask"][i][n_gen - 1], table["cfg"][i], table["temperature"][i])
+                    for i in range(n_steps)]
+        cmax, cmin = cfg[0], cfg[-1]
+        out = []
+        for i, p in enumerate(self.c["schedule"]["mask_p_by_steps"][str(n_steps)]):
+            n = max(1, int(np.float32(p) * np.float32(n_gen)))
+            t = temperature * ((n_steps - 1 - i) / n_steps) if anneal else temperature
+            out.append((n, p * cmax + (1 - p) * cmin, max(t, 0.01)))
+        return out
+
+    def generate(self, prompts: list[str | None], *, steps: list[int] | None = None, cfg: list[float] | None = None,
+                 temperature: float | None = None, anneal_temp: bool | None = None,
+                 span_arrangement: str | None = None, span_scoring: str | None = None,
+                 duration: float | None = None, prompt_codes: np.ndarray | None = None) -> np.ndarray:
+        """Greedy decoding -> codes [B, K, T] int64."""
+        c, d = self.c, self.c["defaults"]
+        steps = steps or d["steps"]
+        cfg = cfg or d["cfg"]
+        temperature = d["temperature"] if temperature is None else temperature
+        anneal = d["anneal_temp"] if anneal_temp is None else anneal_temp
+        arrangement, scoring = span_arrangement or d["span_arrangement"], span_scoring or d["span_scoring"]
+        span, mask_id, k, dont = c["span_len"], c["mask_id"], c["codebooks"], c["spans"]["dont_remask"]
+        t = round((duration or d["duration"]) * c["frame_rate"])  # Python's round: half to even, as the rule says
+        if arrangement == "nonoverlap" and span > 1:
+            t -= t % span
+        b = len(prompts)
+        guided = not all(x == 1.0 for x in cfg)
+        kv = self.sessions["cross_kv"].run(self.kv_names, {"text_embeds": self.text(prompts)})
+        feeds: dict[str, Any] = dict(zip(self.kv_names, kv))
+        codes = np.full((b, k, t), mask_id, dtype=np.int64)
+        p = 0 if prompt_codes is None else prompt_codes.shape[-1]
+        if prompt_codes is not None:
+            codes[..., :p] = prompt_codes
+        chunked = arrangement == "nonoverlap" or span == 1
+        for stage, n_steps in enumerate(steps):
+            row = np.full((b, t), mask_id, dtype=np.int64)
+            n_prompt = p // span if chunked else p
+            scores = np.zeros((b, t // span if chunked else t), dtype=np.float32)
+            scores[:, :n_prompt] = dont
+            n_gen = scores.shape[1] - n_prompt
+            for n_mask, coef, temp in self.plan(stage, n_steps, n_gen, cfg, temperature, anneal):
+                if chunked:
+                    chunks = np.zeros(scores.shape, dtype=bool)
+                    np.put_along_axis(chunks, np.argsort(-scores, axis=1, kind="stable")[:, :n_mask], True, axis=1)
+                    remask = np.repeat(chunks, span, axis=1)
+                else:
+                    remask = least_probable_spans(scores, n_mask, span)
+                row[remask] = mask_id
+                if prompt_codes is not None:
+                    row[:, :p] = prompt_codes[:, stage]
+                codes[:, stage] = row
+                feeds["codes"] = np.concatenate([codes, codes]) if guided else codes
+                feeds["stage"] = np.array(stage, dtype=np.int64)
+                logits = self.sessions["lm_step"].run(["logits"], feeds)[0]  # [N, T, V]
+                cond, uncond = (logits[:b], logits[b:]) if guided else (logits, logits)
+                g = uncond + (cond - uncond) * np.float32(coef)
+                z = g / np.float32(temp)
+                e = np.exp(z - z.max(-1, keepdims=True))
+                probs = e / e.sum(-1, keepdims=True)
+                sampled = g.argmax(-1)
+                chosen = np.take_along_axis(probs, sampled[..., None], -1)[..., 0]  # [B, T] float32
+                masked = row == mask_id
+                row = np.where(masked, sampled, row)
+                codes[:, stage] = row
+                if chunked:
+                    per = chosen.reshape(b, -1, span)
+                    s = 1 - per.max(-1) if scoring == "max" else (-np.log(per)).sum(-1)
+                    scores = np.where(chunks, s, np.float32(dont)).astype(np.float32)
+                else:
+                    scores = np.where(masked, -np.log(chosen), np.float32(dont)).astype(np.float32)
+        return codes
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        return self.sessions["codec_decode"].run(["audio"], {"codes": codes})[0]
+
+
+def least_probable_spans(scores: np.ndarray, n_target: int, span: int) -> np.ndarray:
+    """stride1, as the manifest's spans.stride1 states it. scores [B, T] -> [B, T] bool."""
+    b, t = scores.shape
+    w = t - span + 1
+    windows = sum(scores[:, i:i + w] for i in range(span))  # [B, W]
+    out = np.zeros((b, t), dtype=bool)
+    m = max(n_target, span)
+    for j in range(b):
+        order = np.argsort(-windows[j], kind="stable")
+
+        def cover(u: int, order: np.ndarray = order) -> np.ndarray:
+            mask = np.zeros(t, dtype=bool)
+            for start in order[:u]:
+                mask[start:start + span] = True
+            return mask
+
+        lo, hi = m // span, m - span + 1
+        mid = round((lo + hi) / 2)
+        mask = cover(mid)
+        while lo < mid < hi:
+            mask = cover(mid)
+            if mask.sum() > m:
+                hi = mid
+            else:
+                lo = mid
+            mid = round((lo + hi) / 2)
+        out[j] = mask
+    return out
