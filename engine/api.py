@@ -67,6 +67,16 @@ class Chunk:
     stats: dict[str, float] = field(default_factory=dict)  # the window's lever costs (see Generation.stats)
 
 
+def join(chunks: Sequence[Chunk], sample_rate: int) -> Generation:
+    """A streamed generation's chunks -> the Generation `Engine.generate` returns (lever costs summed)."""
+    stats: dict[str, float] = {}
+    for c in chunks:
+        for key, value in c.stats.items():
+            stats[key] = stats.get(key, 0.0) + value
+    return Generation(audio=torch.cat([c.audio for c in chunks], dim=-1),
+                      codes=torch.cat([c.codes for c in chunks], dim=-1), sample_rate=sample_rate, stats=stats)
+
+
 @dataclass
 class _Run:
     prompt: torch.Tensor | None  # [B, K, P] the request's prompt codes (window 0 only)
@@ -158,14 +168,7 @@ class Engine:
         (engine.longform); its audio is the concatenation of `generate_stream`'s chunks, sample for sample."""
         req = self._as_request(prompts, config, request)
         if longform.is_long(self.config, req.gen):
-            parts = list(self._windows(req, progress, decode))
-            audio = torch.cat([p.audio for p in parts], dim=-1) if decode else torch.empty(req.batch, 1, 0)
-            stats: dict[str, float] = {}
-            for p in parts:
-                for key, value in p.stats.items():
-                    stats[key] = stats.get(key, 0.0) + value
-            return Generation(audio=audio, codes=torch.cat([p.codes for p in parts], dim=-1),
-                              sample_rate=self.sample_rate, stats=stats)
+            return join(list(self._windows(req, progress, decode)), self.sample_rate)
         run = self._start(req)
         codes, stats = self._segment(req, run, req.gen, run.prompt, progress, first=True)
         audio = self.decode(codes) if decode else torch.empty(req.batch, 1, 0)
@@ -254,7 +257,7 @@ class Engine:
             new = codes[..., w.context:w.context + (codes.shape[-1] if w.index == 0 else w.keep)]  # [B, K, new]
             piece = new if piece is None else torch.cat([piece, new], dim=-1)
             last = w.index == len(windows) - 1
-            audio = stream.push(new, last) if stream is not None else torch.empty(req.batch, 1, 0)
+            audio = stream.push(new, last).float() if stream is not None else torch.empty(req.batch, 1, 0)
             yield Chunk(audio, new, w.index, len(windows), stats)
 
     def _steps(self, req: Request, gen: GenerationConfig, prompt: int, first: bool) -> int:

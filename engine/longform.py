@@ -135,9 +135,10 @@ def _window(layers: nn.Module, x: torch.Tensor, a: int, b: int, n: int, reach: R
 class StreamDecoder:
     """Token frames arriving in order -> audio, emitted as soon as no future token can change it.
 
-    `push(codes [B, K, n], last)` -> audio [B, 1, m·hop] for the m frames that became final: the concatenation of
-    every push's audio is the codec's decode of all the codes, T·hop samples. Codecs without the torch EnCodec
-    decoder (onnxruntime) decode the whole sequence at the last push instead (earlier pushes return no audio).
+    `push(codes [B, K, n], last)` -> audio [B, 1, m·hop] (the codec's dtype) for the m frames that became final:
+    the concatenation of every push's audio is the codec's decode of all the codes, T·hop samples. Codecs without
+    the torch EnCodec decoder (onnxruntime) decode the whole sequence at the last push instead (earlier pushes
+    return no audio).
     """
 
     def __init__(self, codec: object) -> None:
@@ -169,7 +170,7 @@ class StreamDecoder:
             self.codes.append(codes)
             if not last:
                 return torch.zeros(codes.shape[0], 1, 0)
-            return self.codec.decode(torch.cat(self.codes, dim=-1)).float()
+            return self.codec.decode(torch.cat(self.codes, dim=-1))
         z = self.codec.quantizer.decode(self.codec._check_codes(codes))  # [B, D, n]
         self.z = z if self.z is None else torch.cat([self.z, z], dim=-1)
         n = self.z.shape[-1]
@@ -193,4 +194,4 @@ class StreamDecoder:
         wav = _window(self.post, x, self.n_out - x_start, ready - x_start, avail - x_start, self.post_reach,
                       self.hop)
         self.n_out = ready
-        return wav.float()
+        return wav
