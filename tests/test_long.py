@@ -104,8 +104,23 @@ def test_stream_decoder_is_the_whole_decode(tiny, default, model, sizes) -> None
     torch.testing.assert_close(torch.cat(parts, dim=-1), codec.decode(codes))
 
 
-def test_ar_baseline_long(fixture_dir: Path) -> None:
-    mg = engine.load(fixture_dir / "musicgen_state_dict.bin", device="cpu")
+@pytest.fixture(scope="module")
+def mg(fixture_dir: Path) -> engine.Engine:
+    return engine.load(fixture_dir / "musicgen_state_dict.bin", device="cpu")
+
+
+@pytest.mark.parametrize("lever", ["rescorer", "hybrid"])
+def test_levers_apply_to_long_pieces(tiny, mg, lever) -> None:
+    """The rescorer rescores every window; the hybrid's AR prefix writes window 0, as in the plain run."""
+    kw = dict(rescorer=mg) if lever == "rescorer" else dict(ar_model=mg, hybrid_prefix=0.3)
+    out = tiny.generate(["x"], duration=2.0, seed=4, steps=STEPS, decode=False, **kw)
+    plain = tiny.generate(["x"], seed=4, steps=STEPS, decode=False, **kw)
+    assert out.codes.shape[-1] == 100 and torch.equal(out.codes[..., :plain.codes.shape[-1]], plain.codes)
+    with pytest.raises(SettingError, match="hybrid_prefix"):  # the prefix must fit in the first window
+        tiny.request(["x"], duration=2.0, ar_model=mg, hybrid_prefix=1.0)
+
+
+def test_ar_baseline_long(mg) -> None:
     out = mg.generate(["slow sad piano"], duration=2.5, seed=5)
     assert out.codes.shape == (1, 4, 125) and out.audio.shape == (1, 1, int(2.5 * mg.sample_rate))
     plain = mg.generate(["slow sad piano"], seed=5, decode=False)
