@@ -109,20 +109,32 @@ def seam(eng: Any, items: list[dict[str, Any]], duration: float, contexts: list[
     return rows
 
 
-def quality(eng: Any, items: list[dict[str, Any]], duration: float, slice_s: float, classifier: Any
-            ) -> list[dict[str, Any]]:
+def quality(eng: Any, items: list[dict[str, Any]], duration: float, slice_s: float, context: float | None,
+            classifier: Any) -> list[dict[str, Any]]:
+    """Per slice: accuracy against the caption (bench quality's metrics) and agreement with slice 0's estimates
+    (the same key, instrument, tempo within 4%): does the piece keep what its first window set up?"""
+    from train.features import tempo_correct
+
     from .quality import analyse, score_clip, summarise
 
     n = int(duration // slice_s)
     size = int(slice_s * eng.sample_rate)
     clips: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     for i, item in enumerate(items):
-        audio = eng.generate(item["caption"], duration=duration, seed=i).audio[0, 0]
+        audio = eng.generate(item["caption"], duration=duration, context=context, seed=i).audio[0, 0]
         for j in range(n):
             est = analyse(audio[j * size:(j + 1) * size], eng.sample_rate, classifier)
-            clips[j].append({"mentions": item["mentions"], "scores": score_clip(est, item["labels"])})
-    rows = [{"slice": f"{j * slice_s:g}-{(j + 1) * slice_s:g}s", "n": len(c), "metrics": summarise(c)}
-            for j, c in enumerate(clips)]
+            clips[j].append({"mentions": item["mentions"], "scores": score_clip(est, item["labels"]), "est": est})
+    rows = []
+    for j, c in enumerate(clips):
+        same = [(a["est"]["key"] == b["est"]["key"] and a["est"]["mode"] == b["est"]["mode"],
+                 a["est"]["instrument"] == b["est"]["instrument"], tempo_correct(a["est"]["tempo"],
+                                                                                b["est"]["tempo"])[0])
+                for a, b in zip(c, clips[0])]
+        rows.append({"slice": f"{j * slice_s:g}-{(j + 1) * slice_s:g}s", "context_s": context, "n": len(c),
+                     "metrics": summarise(c),
+                     "same_as_first": {name: round(float(np.mean([s[k] for s in same])), 4)
+                                       for k, name in enumerate(("key", "instrument", "tempo"))}})
     for r in rows:
         print(json.dumps(r), file=sys.stderr, flush=True)
     return rows
@@ -140,6 +152,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--contexts", default="2.5,5,7.5", help="seam: context seconds to compare")
     p.add_argument("--n", type=int, default=8, help="seam / quality: held-out captions")
     p.add_argument("--slice", type=float, default=10.0, help="quality: seconds per scored slice")
+    p.add_argument("--context", type=float, default=None, help="quality: context seconds (default: the engine's)")
+    p.add_argument("--classifier", default=None, help="quality: instrument classifier file, trained and saved there "
+                   "when missing (bench quality's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the report to FILE")
     return p
@@ -168,8 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "quality" in what:
         from .quality import load_classifier
 
-        clf = load_classifier(None, 300, 4.0, lambda m: print(m, file=sys.stderr))
-        report["quality"] = quality(eng, items, args.duration, args.slice, clf)
+        clf = load_classifier(args.classifier, 300, 4.0, lambda m: print(m, file=sys.stderr))
+        report["quality"] = quality(eng, items, args.duration, args.slice, args.context, clf)
     text = json.dumps(report, indent=1)
     if args.json:
         with open(args.json, "w") as f:
