@@ -61,7 +61,7 @@ class Chunk:
     """A piece of a streamed generation (`Engine.generate_stream`): one per window."""
 
     audio: torch.Tensor  # [B, 1, samples] fp32: the next samples of the piece (none yet for some codecs)
-    codes: torch.Tensor  # [B, K, frames] int64: the window's new tokens (its context excluded)
+    codes: torch.Tensor  # [B, K, frames] int64: the window's new tokens (window 0: with the request's prompt)
     window: int  # its index, from 0
     windows: int  # how many the piece has
     stats: dict[str, float] = field(default_factory=dict)  # the window's lever costs (see Generation.stats)

@@ -295,9 +295,9 @@ class GenerationConfig:
             raise SettingError(f"<top_k> must be in [0, {model.card}] (the vocabulary size), got {self.top_k}")
         if self.frames(model) < 1:
             raise SettingError(f"<duration> {self.duration:g}s is shorter than one frame (1/{model.frame_rate}s)")
-        if self.context is not None:
-            from .longform import check_context
+        from .longform import check_context, is_long
 
+        if self.context is not None or is_long(model, self):  # the default context must fit this model too
             check_context(model, self)
 
     def frames(self, model: ModelConfig) -> int:
