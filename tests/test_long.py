@@ -104,6 +104,18 @@ def test_stream_decoder_is_the_whole_decode(tiny, default, model, sizes) -> None
     torch.testing.assert_close(torch.cat(parts, dim=-1), codec.decode(codes))
 
 
+def test_codecs_without_torch_decoder_decode_whole(tiny) -> None:
+    """A codec with only `decode` (the onnxruntime backend's) gets the whole sequence at the last push."""
+    class DecodeOnly:
+        def decode(self, codes: torch.Tensor) -> torch.Tensor:
+            return tiny.codec.decode(codes)
+
+    codes = torch.randint(0, tiny.config.card, (1, 4, 30), generator=torch.Generator().manual_seed(2))
+    stream = longform.StreamDecoder(DecodeOnly())
+    first, last = stream.push(codes[..., :20], last=False), stream.push(codes[..., 20:], last=True)
+    assert first.shape[-1] == 0 and torch.equal(last, tiny.codec.decode(codes))
+
+
 @pytest.fixture(scope="module")
 def mg(fixture_dir: Path) -> engine.Engine:
     return engine.load(fixture_dir / "musicgen_state_dict.bin", device="cpu")
