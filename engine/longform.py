@@ -169,7 +169,7 @@ class StreamDecoder:
         if not self.torch:
             self.codes.append(codes)
             if not last:
-                return torch.zeros(codes.shape[0], 1, 0)
+                return torch.zeros(codes.shape[0], 1, 0, device=codes.device)
             return self.codec.decode(torch.cat(self.codes, dim=-1))
         z = self.codec.quantizer.decode(self.codec._check_codes(codes))  # [B, D, n]
         self.z = z if self.z is None else torch.cat([self.z, z], dim=-1)
