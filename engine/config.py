@@ -155,7 +155,7 @@ def _real(name: str, value: Any, *, low: float | None = None, high: float | None
         raise SettingError(f"<{name}> must be a finite number, got {value}{hint}")
     too_low = low is not None and (value <= low if above else value < low)
     if too_low or (high is not None and value > high):
-        span = (f"in [{low:g}, {high:g}]" if low is not None and high is not None
+        span = (f"in {'(' if above else '['}{low:g}, {high:g}]" if low is not None and high is not None
                 else f"at most {high:g}" if high is not None else f"{'>' if above else '>='} {low:g}")
         raise SettingError(f"<{name}> must be {span}, got {value:g}{hint}")
     return value
@@ -193,6 +193,9 @@ def _seq(name: str, value: Any, item: Callable[[str, Any], Any], sizes: tuple[in
 
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range that JSON and every client can carry
+# Long pieces are planned window by window and their audio is held whole (an hour at 32 kHz: 460 MB of float32):
+# a cap keeps a typo (or a hostile request) from planning millions of windows.
+MAX_DURATION = 3600.0
 
 # GenerationConfig field -> its check: type, finiteness and range of one value, normalised (lists -> tuples,
 # ints -> floats where a float is meant). Cross-field and per-model checks are in __post_init__ / check_for.
@@ -206,7 +209,8 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "cfg": lambda v: _seq("cfg", v, lambda n, x: _real(n, x), (1, 2), " (one constant, or max,min annealed)"),
     "span_arrangement": lambda v: _choice("span_arrangement", v, SPAN_ARRANGEMENTS),
     "span_scoring": lambda v: _choice("span_scoring", v, SPAN_SCORINGS),
-    "duration": lambda v: None if v is None else _real("duration", v, low=0.0, above=True, hint=" seconds"),
+    "duration": lambda v: None if v is None else _real("duration", v, low=0.0, above=True, high=MAX_DURATION,
+                                                        hint=" seconds"),
     "seed": lambda v: None if v is None else _int("seed", v, high=MAX_SEED),
     "rescore_weight": lambda v: _real("rescore_weight", v, low=0.0, high=1.0,
                                       hint=" (1 = MAGNeT's probabilities only, 0 = the rescorer's only)"),

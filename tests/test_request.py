@@ -69,6 +69,7 @@ BAD = [  # (GenerationConfig fields, CLI flags): the same mistake through both f
     ({"steps": (4, 2, 2)}, ["--steps", "4,2,2"]),
     ({"seed": -1}, ["--seed", "-1"]),
     ({"duration": 0.0}, ["--duration", "0"]),
+    ({"duration": 1e9}, ["--duration", "1e9"]),  # past MAX_DURATION: no plan of millions of windows
     # long-form context: positive, finite, shorter than a window (the 1 s fixture's window is 48 frames = 0.96 s)
     ({"context": 0.0}, ["--context", "0"]),
     ({"context": -1.0}, ["--context", "-1"]),
