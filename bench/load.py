@@ -141,14 +141,14 @@ def percentiles(xs: Sequence[float]) -> dict[str, float]:
 def run_one(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
-    import engine
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.policy == "scheduler" and args.scheduler_load == "loop":
-        eng = lambda: engine.load(args.model, device=args.device)  # noqa: E731 - called in the loop thread
-    else:
-        eng = engine.load(args.model, device=args.device)
+    def load() -> Any:  # a shipped model, a checkpoint or export folder, or a preset's shape with random weights
+        from bench.presets import build
+
+        return build(args.model, None, torch.device(args.device), None).engine
+
+    eng = load if args.policy == "scheduler" and args.scheduler_load == "loop" else load()  # loop: in its thread
     steps_mix = [tuple(int(x) for x in s.split(",")) for s in args.steps_mix or []]
     # warm-up (allocator, text encoder, kernels) with requests outside the trace, through the same policy
     warm = [Request(0.0, "warm up", dict(duration=1.0, seed=i)) for i in range(args.max_batch)]
@@ -181,7 +181,7 @@ def summarize(args: argparse.Namespace, trace: list[Request], hist: collections.
             "makespan_s": round(last - first, 3), "throughput_rps": round(len(trace) / (last - first), 3),
             "audio_s_per_s": round(audio / (last - first), 3), "latency_s": percentiles(latency),
             "queue_wait_s": percentiles(wait), "batch_hist": dict(sorted(hist.items())),
-            "model": str(args.model or "default"), "device": args.device, "host": host(), "versions": versions(),
+            "model": args.model, "device": args.device, "host": host(), "versions": versions(),
             "git": git_sha()}
 
 
@@ -203,15 +203,81 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3, help="runs of the trace after the warm-up (one JSON line each)")
     ap.add_argument("--scheduler-load", choices=("loop", "caller"), default="loop",
                     help="scheduler: the loop thread loads the model (a loader) or the caller passes a loaded engine")
-    ap.add_argument("--model", default=None, help="model folder (default: the shipped model)")
+    ap.add_argument("--model", default="default",
+                    help="a shipped model, a model folder, or a bench preset (random weights: magnet-small-10secs)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     ap.add_argument("--out", type=Path, default=None, help="append the JSON lines here too")
+    ap.add_argument("--plot", nargs=2, type=Path, metavar=("ROWS", "PNG"), default=None,
+                    help="run nothing: plot the load rows of ROWS (JSON lines) into PNG")
     return ap.parse_args(argv)
+
+
+def _label(r: dict[str, Any]) -> str:
+    label = {"sequential": "one at a time"}.get(r["policy"], r["policy"])
+    if r["policy"] != "sequential":
+        label += f" b{r['max_batch']}"
+    if r.get("max_frames"):
+        label += f" f{r['max_frames']}"
+    return label if r.get("loaded_in") != "caller" else label + " (caller-loaded)"
+
+
+def plot(rows: Sequence[dict[str, Any]], png: Path) -> Path:
+    """One PNG: Poisson traces (p50 and p95 latency, throughput vs arrival rate, a line per policy) and the burst
+    trace (throughput per policy, the median over repeats)."""
+    import statistics
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    Rows = list[dict[str, Any]]
+    poisson: dict[str, dict[float, Rows]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    burst: dict[str, list[float]] = collections.defaultdict(list)
+    for r in rows:
+        if r.get("bench") != "load":
+            continue
+        if r["trace"] == "poisson":
+            poisson[_label(r)][r["rate"]].append(r)
+        else:
+            burst[_label(r)].append(r["throughput_rps"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for label, by_rate in poisson.items():
+        rates = sorted(by_rate)
+        color = None  # one colour per policy: p95 solid, p50 dotted
+        for key, style in (("p95", "-o"), ("p50", ":x")):
+            (line,) = axes[0].plot(rates, [statistics.median(r["latency_s"][key] for r in by_rate[x]) for x in rates],
+                                   style, color=color, label=f"{label} {key}")
+            color = line.get_color()
+        axes[1].plot(rates, [statistics.median(r["throughput_rps"] for r in by_rate[x]) for x in rates], "-o",
+                     label=label)
+    axes[0].set(xlabel="arrivals per second (Poisson)", ylabel="latency, s", title="latency p50 (dotted) / p95")
+    axes[1].set(xlabel="arrivals per second (Poisson)", ylabel="requests per second", title="throughput")
+    names = list(burst)
+    axes[2].bar(range(len(names)), [statistics.median(burst[n]) for n in names])
+    axes[2].set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+    axes[2].set(ylabel="requests per second", title="burst: all requests at once (median of repeats)")
+    for ax in axes[:2]:
+        ax.grid(True, alpha=0.3)
+        if poisson:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
+    if args.plot is not None:
+        rows_file, png = args.plot
+        if not rows_file.is_file():
+            print(f"bench load: error: {rows_file} does not exist: give the JSON lines `--out` wrote", file=sys.stderr)
+            return 2
+        print(plot([json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()], png))
+        return 0
     if args.all:
         rest = [a for a in (sys.argv[2:] if argv is None else argv) if a != "--all"]
         for policy in POLICIES:  # the last --policy wins
