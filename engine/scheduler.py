@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import SettingError
+from .config import SettingError, check_int, check_real
 from .magnet import Decoding, output_frames, row_generators, split_rows, step_rows
 from .model import CrossKV, Rows
 from .sampling import StepSampling
@@ -95,9 +95,7 @@ class Scheduler:
                  max_frames: int | None = None) -> None:
         """`engine`: a loaded Engine, or a function that loads one, called in the loop thread (faster on CPU: see
         the module docstring); its errors are raised here."""
-        if max_batch < 1 or max_queue < 0 or (max_frames is not None and max_frames < 1):
-            raise ValueError(f"max_batch and max_frames must be >= 1 and max_queue >= 0, got {max_batch}, "
-                             f"{max_frames} and {max_queue}")
+        self.check_limits(max_batch, max_queue, max_frames)
         self.max_batch, self.max_queue, self.max_frames = max_batch, max_queue, max_frames
         self._queue: collections.deque[_Request] = collections.deque()
         self._active: list[_Request] = []
@@ -115,6 +113,14 @@ class Scheduler:
         if ready[0] is not None:
             self._thread.join()
             raise ready[0]
+
+    @staticmethod
+    def check_limits(max_batch: int, max_queue: int, max_frames: int | None = None) -> None:
+        """A SettingError naming the first bad limit; front ends (magnet serve) call it before loading a model."""
+        check_int("max_batch", max_batch, low=1)
+        check_int("max_queue", max_queue, low=0)
+        if max_frames is not None:
+            check_int("max_frames", max_frames, low=1)
 
     def _run(self, engine: Engine | Callable[[], Engine], ready: list[BaseException | None],
              started: threading.Event) -> None:
@@ -165,8 +171,8 @@ class Scheduler:
         """
         future: Future[Generation] = Future()
         try:
-            if timeout is not None and not timeout > 0:
-                raise ValueError(f"timeout must be > 0 seconds (or None), got {timeout}")
+            if timeout is not None:  # a SettingError naming <timeout>, as every front end spells it
+                timeout = check_real("timeout", timeout, low=0.0, above=True, hint=" seconds (or omit it)")
             gen = self.request(prompt, fields).gen
         except (ValueError, TypeError) as e:
             future.set_exception(e)
