@@ -126,6 +126,16 @@ def _new_file(folder: Path) -> Path | OSError:
     return path
 
 
+def check_format(suffix: str) -> tuple[str, str | None]:
+    """A format by extension (".wav", ".flac", ".ogg") -> (soundfile format, fixed subtype or None), or a SettingError
+    naming <format>."""
+    fmt = FORMATS.get(suffix.lower()) if isinstance(suffix, str) else None
+    if fmt is None:
+        raise SettingError(f"unknown audio <format> {str(suffix).lstrip('.')!r}: choose one of "
+                           f"{', '.join(s.lstrip('.') for s in FORMATS)}")
+    return fmt
+
+
 def audio_bytes(wav: torch.Tensor, sample_rate: int, suffix: str = ".wav", subtype: str = "pcm16") -> bytes:
     """wav [C, samples] float -> the bytes of a file in the format `suffix` names (.wav in `subtype`, .flac, .ogg):
     what `write_audio` stores, for front ends that send audio rather than write it (the HTTP service)."""
@@ -133,10 +143,7 @@ def audio_bytes(wav: torch.Tensor, sample_rate: int, suffix: str = ".wav", subty
 
     import soundfile as sf
 
-    fmt = FORMATS.get(suffix.lower())
-    if fmt is None:
-        raise SettingError(f"unknown audio <format> {suffix.lstrip('.')!r}: choose one of "
-                           f"{', '.join(s.lstrip('.') for s in FORMATS)}")
+    fmt = check_format(suffix)
     if subtype not in SUBTYPES:
         raise SettingError(f"unknown <wav_subtype> {subtype!r}: choose one of {', '.join(SUBTYPES)}")
     sub = SUBTYPES[subtype] if fmt[0] == "WAV" else fmt[1]

@@ -189,6 +189,15 @@ class Scheduler:
             self._cv.notify()
         return future
 
+    def counts(self) -> tuple[int, int]:
+        """(waiting, decoding) requests now, for metrics and health; racy by design (no lock taken)."""
+        return len(self._queue), len(self._active)
+
+    @property
+    def alive(self) -> bool:
+        """True while the loop thread runs (False once closed and drained, or after a failure of the loop)."""
+        return self._thread.is_alive()
+
     def close(self, cancel_pending: bool = False) -> None:
         """Stop taking requests, finish those in flight and (unless `cancel_pending`: cancel) those queued; join."""
         with self._cv:
