@@ -215,6 +215,8 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "hybrid_prefix": lambda v: check_real("hybrid_prefix", v, low=0.0, hint=" seconds (0 = off)"),
 }
 
+GENERATION_FIELDS = frozenset(_FIELDS)  # the names GenerationConfig takes
+
 
 @dataclass(frozen=True)
 class GenerationConfig:

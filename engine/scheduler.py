@@ -154,6 +154,11 @@ class Scheduler:
 
     def request(self, prompt: str | None, fields: dict[str, Any]) -> Request:
         """One prompt's request, validated once (Engine.request); what the scheduler cannot serve is refused."""
+        from .config import GENERATION_FIELDS, GenerationConfig
+
+        # GenerationConfig fields only: Engine.request's other keywords (prompts, prompt_codes, device, ...) must
+        # not be reachable through `fields` (a front end forwards its clients' keys); named as unknown settings
+        GenerationConfig.check_fields({k: v for k, v in fields.items() if k not in GENERATION_FIELDS})
         req = self.engine.request([prompt], **fields)
         if req.prompt_codes is not None or req.prompt_audio is not None or req.rescorer or req.ar_model:
             raise SettingError("the scheduler serves text-to-audio requests: audio prompts (prompt_codes / "

@@ -68,7 +68,10 @@ class Replica:
     def __init__(self, config: ServiceConfig) -> None:
         _pin_internal_grpc()
         self.metrics = RayMetrics(scheduler_limits(config)["max_batch"])
-        self.service = Service(config, self.metrics)
+        import ray
+
+        replica = f"{ray.get_runtime_context().get_node_id()}/{serve.get_replica_context().replica_id.unique_id}"
+        self.service = Service(config, self.metrics, replica)
         self._seen: collections.Counter[int] = collections.Counter()
         self._poller: asyncio.Task | None = None
 

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import dataclasses
 import json
+import logging
 import secrets
 import time
 import types
@@ -104,11 +105,12 @@ class Service:
     """One replica's engine behind the request scheduler; the model is loaded by the scheduler's loop thread (the
     fast way on CPU, see engine/scheduler.py)."""
 
-    def __init__(self, config: ServiceConfig, metrics: Metrics | None = None) -> None:
+    def __init__(self, config: ServiceConfig, metrics: Metrics | None = None, replica: str = "") -> None:
+        """`replica`: a name for the X-Replica header (serve.deployment: node and replica id), for tracing routing."""
         from engine.audio import OutputConfig
         from engine.scheduler import Scheduler
 
-        self.config, self.metrics = config, metrics
+        self.config, self.metrics, self.replica = config, metrics, replica
         self.output = OutputConfig()  # what `magnet generate` writes by default: the same bytes for the same seed
         self.scheduler = Scheduler(self._load, **scheduler_limits(config))
         self.engine: Engine = self.scheduler.engine
@@ -167,6 +169,8 @@ class Service:
         latency = time.monotonic() - job.received
         headers = {"X-Seed": str(job.fields["seed"]), "X-Audio-Duration": f"{duration:.6g}",
                    "X-Latency": f"{latency:.6g}", "X-Queue-Time": f"{out.stats.get('queue_s', 0.0):.6g}"}
+        if self.replica:
+            headers["X-Replica"] = self.replica
         if as_json:
             body = {"seed": job.fields["seed"], "sample_rate": sr, "duration": duration, "latency_s": latency,
                     "format": job.suffix[1:], "tokens": out.codes[0].tolist(),  # [K, T]
@@ -247,6 +251,9 @@ def build_app(service: Service) -> FastAPI:
                 response = await route(request, t0)
             except HTTPError as e:
                 response = error(e)
+            except Exception as e:  # noqa: BLE001 - a server fault still answers JSON (and is logged by Serve)
+                logging.getLogger("ray.serve").exception("magnet: %s failed", route.__name__)
+                response = error(HTTPError(500, f"internal error: {type(e).__name__}: {e}"))
             if service.metrics is not None:
                 service.metrics.request(response.status_code, time.monotonic() - t0)
             return response
