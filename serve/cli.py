@@ -112,20 +112,24 @@ class Running:
             ray.shutdown()
 
 
-def loopback_ray() -> None:
+def ray_environment() -> None:
     """Environment for a Ray started here, set before `import ray` (read once there, inherited by its processes):
-    no usage statistics, and the node's address is loopback, so Ray's servers bind 127.0.0.1 (by default Ray
-    resolves even an explicit 127.0.0.1 to the machine's routable address on Linux; this switch is the one it uses
-    on macOS and Windows, which keeps every node of a one-machine cluster on loopback)."""
+    - no usage statistics;
+    - the node's address is loopback, so Ray's servers bind 127.0.0.1 (on Linux Ray resolves even an explicit
+      127.0.0.1 to the machine's routable address; this switch is the one it uses on macOS and Windows);
+    - the proxy spreads requests over all replicas instead of preferring those on its own node: a replica's CPUs
+      are what a request waits for, so an idle replica on another node beats a busy local one.
+    A cluster joined with --address keeps its own settings."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "0")
 
 
 def start(service: ServiceConfig, launch: LaunchConfig, app_name: str | None = None,
           route_prefix: str = "/") -> Running:
     """Start (or join) Ray and Serve and deploy the application; returns once every replica is ready. On a failure
     what it started is stopped again."""
-    loopback_ray()
+    ray_environment()
     import ray
     from ray import serve
 
@@ -160,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as e:  # argparse: --help or a usage error it printed
         return e.code if isinstance(e.code, int) else 2
-    loopback_ray()
+    ray_environment()
     try:
         import ray  # noqa: F401 - the optional dependency, checked before anything starts
     except ImportError:

@@ -3,8 +3,8 @@ serves its FastAPI app; Ray places the replicas across the cluster's nodes (SPRE
 
 Batching happens inside a replica: every request goes straight to the scheduler, which admits new requests at each
 decoding step (Ray's @serve.batch would build the next batch while one runs and keep batches small). So a replica
-takes up to max_batch decoding + max_queue waiting requests, and a few more that it answers at once with 503; the
-router's own queue is bounded too (Serve answers 503 past it), so nothing waits without limit.
+takes up to max_batch decoding + max_queue waiting requests, and OVERFLOW more that it answers at once with 503;
+the router's own queue is bounded too (Serve answers 503 past it), so nothing waits without limit.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from .http import Service, build_app
 
 APP_NAME = "magnet"
 METRICS_PERIOD_S = 1.0  # how often the queue gauges and the batch-size histogram are updated
+OVERFLOW = 32  # requests a replica takes beyond its scheduler's max_batch + max_queue, to answer them 503
 
 
 class RayMetrics:
@@ -44,7 +45,7 @@ class RayMetrics:
 def _pin_internal_grpc() -> None:
     """Ray Serve 2.60 binds each replica's inter-deployment gRPC server to [::] (ray/serve/_private/replica.py,
     `add_port_to_grpc_server(self._server, "[::]:0")`, no setting): bind the node's own address instead (loopback
-    on a local Ray, see serve.cli.loopback_ray). Our one deployment is reached through Ray actor calls, which this
+    on a local Ray, see serve.cli.ray_environment). Our one deployment is reached through Ray actor calls, which this
     server does not carry. Called in the replica before Serve starts that server; a no-op if Ray renames it."""
     import ray
     from ray.serve._private import replica
@@ -111,10 +112,11 @@ def application(service: ServiceConfig, launch: LaunchConfig) -> Any:
     options: dict[str, Any] = {
         "name": "Magnet",
         "ray_actor_options": {"num_cpus": launch.replica_cpus},
-        # room beyond what the scheduler holds, so that overflow reaches the replica and gets our 503 with
-        # Retry-After; the router queues at most as many again, then Serve answers 503 itself
-        "max_ongoing_requests": in_replica + limits["max_batch"],
-        "max_queued_requests": in_replica + limits["max_batch"],
+        # room beyond what the scheduler holds, so that overflow reaches the replica and gets its JSON 503 with
+        # Retry-After at once (the router's count of a replica's requests lags); the router queues at most as many
+        # again, then Serve answers 503 itself (plain text): a last bound, not the normal path
+        "max_ongoing_requests": in_replica + OVERFLOW,
+        "max_queued_requests": in_replica + OVERFLOW,
         # in-flight requests finish (or reach their deadline) before a replica stops
         "graceful_shutdown_timeout_s": service.timeout,
     }
