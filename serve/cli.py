@@ -53,7 +53,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "replica_cpus": ("--replica-cpus", {"type": float, "help": "Ray CPUs reserved per replica"}),
     "metrics_port": ("--metrics-port", {"type": int, "help": "Ray's Prometheus metrics port (default: Ray picks)"}),
 }
-FLAG_NAMES = {name: flag for name, (flag, _) in FLAGS.items()} | {"api_key_sha256": "--api-key-file"}
+FLAG_NAMES = {name: flag for name, (flag, _) in FLAGS.items()} | {"api_key_file": "--api-key-file"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,9 +86,9 @@ def parse(argv: Sequence[str]) -> tuple[ServiceConfig, LaunchConfig]:
         try:
             key = args.api_key_file.read_text().strip()
         except OSError as e:
-            raise SettingError(f"cannot read <api_key_sha256> {args.api_key_file}: {e.strerror}") from None
+            raise SettingError(f"cannot read <api_key_file> {args.api_key_file}: {e.strerror}") from None
         if not key:
-            raise SettingError(f"<api_key_sha256> {args.api_key_file} is empty; write the key in it")
+            raise SettingError(f"<api_key_file> {args.api_key_file} is empty; write the key in it")
         service["api_key_sha256"] = key_digest(key)
     return ServiceConfig(**service), LaunchConfig(**{k: v for k, v in given.items() if k not in service})
 
