@@ -216,3 +216,16 @@ def test_two_nodes_one_replica_each(cluster):
                                                    {"prompt": "x", "seed": i, **FAST}), range(4)))
         seen |= {headers["x-replica"].split("/")[0] for _, headers, _ in answers}
     assert seen == nodes
+
+
+def test_bench_serve_closed_loop(cluster, capsys):
+    """python -m bench serve against the running service: every request counted, by status."""
+    from bench.serve import main
+
+    assert main(["--url", cluster["main"], "--concurrency", "2", "--seconds", "2", "--steps", "2,1,1,1",
+                 "--duration", "0.5"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["requests"] >= 2 and row["statuses"] == {"200": row["requests"]}
+    assert sum(map(sum, row["per_second"].values())) == row["requests"] and row["latency_s"]["p50"] > 0
+    with pytest.raises(SystemExit):
+        main(["--url", "http://10.0.0.1:8000", "--rate", "1"])  # loopback only
