@@ -186,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, on_signal)
     if not stop.is_set():
         print(f"magnet serve: ready at {running.url} (POST /v1/generate, GET /v1/health, /docs)", flush=True)
+        print(f"magnet serve: Prometheus metrics at {metrics_url()}", flush=True)
     while not stop.wait(0.5):
         pass
     print("magnet serve: stopping", file=sys.stderr, flush=True)
@@ -193,3 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     running.stop()
     print(f"magnet serve: stopped in {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
     return 0
+
+
+def metrics_url() -> str:
+    """Where this node's Ray exports Prometheus metrics (Ray Serve's and the replicas' magnet_* ones)."""
+    import ray
+
+    me = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == me)
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
