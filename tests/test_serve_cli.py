@@ -147,3 +147,21 @@ def test_sigterm_finishes_in_flight_and_leaves_nothing_running(fixture_dir, tmp_
             proc.wait()
         out.close()
         err.close()
+
+
+def test_deployment_options_replicas_and_autoscaling():
+    """--replicas N: a fixed count; --autoscale MIN,MAX: Serve's autoscaler aiming at max_batch ongoing requests per
+    replica (a replica is full at max_batch decoding together); replicas hold their scheduler's queue plus room to
+    answer overflow with 503, and the router's queue is bounded."""
+    from serve.cli import parse
+    from serve.deployment import OVERFLOW, application
+
+    service, launch = parse(["--max-batch", "4", "--max-queue", "10", "--autoscale", "1,3", "--replica-cpus", "2"])
+    opts = application(service, launch)._bound_deployment._deployment_config
+    auto = opts.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 3, 4)
+    assert opts.max_ongoing_requests == 4 + 10 + OVERFLOW and opts.max_queued_requests == 4 + 10 + OVERFLOW
+    service, launch = parse(["--replicas", "3"])
+    bound = application(service, launch)._bound_deployment
+    assert bound._deployment_config.num_replicas == 3 and bound._deployment_config.autoscaling_config is None
+    assert bound.ray_actor_options["num_cpus"] == 1.0 and bound.init_args[0].threads == 1
