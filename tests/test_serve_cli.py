@@ -165,3 +165,12 @@ def test_deployment_options_replicas_and_autoscaling():
     bound = application(service, launch)._bound_deployment
     assert bound._deployment_config.num_replicas == 3 and bound._deployment_config.autoscaling_config is None
     assert bound.ray_actor_options["num_cpus"] == 1.0 and bound.init_args[0].threads == 1
+
+
+def test_magnet_help_imports_neither_serve_nor_ray():
+    """The entry point is read as metadata: `magnet --help` lists plug-in commands without importing them."""
+    code = ("import sys, contextlib, io; from engine.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()): main(['--help'])\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('serve', 'ray', 'fastapi')], 'imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
