@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 
 from engine.config import SettingError, check_int, check_real
 
-# HTTP request keys beside the GenerationConfig fields (the request body is one flat JSON object)
-HTTP_KEYS = ("prompt", "format", "timeout")
 # How the names in a SettingError are spelled for an HTTP client: JSON keys. GenerationConfig fields are their own
 # keys; the request parts of engine.request get the HTTP key that carries them.
 HTTP_NAMES = {"prompts": "prompt", "unconditional": "prompt (null)"}

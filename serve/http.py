@@ -8,6 +8,10 @@ FastAPI app around it. serve.deployment wraps both in a Ray Serve deployment.
 
 A request is checked once, by `Scheduler.submit` (engine.request); this module only reads the HTTP envelope (size,
 JSON, the keys that are not generation settings) and spells the engine's SettingErrors with JSON keys.
+
+The generate route is three steps: `parse_job` (body -> Job), `Service.generate` (Job -> Generation, through the
+scheduler), `Service.render` (Generation -> Response). A streamed answer would be a fourth key read by parse_job
+and a generator in place of the last two, behind the same envelope and errors.
 """
 from __future__ import annotations
 
