@@ -37,8 +37,10 @@ def _pair(text: str) -> tuple[int, int]:
 FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "model": ("--model", {"help": "default (the shipped model), a model folder or a Hugging Face id"}),
     "device": ("--device", {"help": "cpu, cuda or cuda:N (default: cuda when available)"}),
-    "max_batch": ("--max-batch", {"type": int, "help": "requests decoded together per replica"}),
-    "max_queue": ("--max-queue", {"type": int, "help": "requests waiting per replica; past it: 503"}),
+    "max_batch": ("--max-batch", {"type": int, "help": "requests decoded together per replica (default: the "
+                                                         "scheduler's)"}),
+    "max_queue": ("--max-queue", {"type": int, "help": "requests waiting per replica; past it: 503 (default: "
+                                                         "the scheduler's)"}),
     "timeout": ("--timeout", {"type": float, "help": "seconds: a request's deadline unless it sends one; then 504"}),
     "max_body": ("--max-body", {"type": int, "help": "bytes of a request body; past it: 413"}),
     "max_prompt_chars": ("--max-prompt-chars", {"type": int, "help": "longest prompt in characters"}),
@@ -51,6 +53,8 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
                                           "requests per replica)"}),
     "address": ("--address", {"metavar": "RAY_ADDRESS", "help": "an existing Ray cluster (default: start one here)"}),
     "replica_cpus": ("--replica-cpus", {"type": float, "help": "Ray CPUs reserved per replica"}),
+    "replica_gpus": ("--replica-gpus", {"type": float, "help": "Ray GPUs reserved per replica (e.g. 1 with "
+                                                              "--device cuda)"}),
     "metrics_port": ("--metrics-port", {"type": int, "help": "Ray's Prometheus metrics port (default: Ray picks)"}),
 }
 FLAG_NAMES = {name: flag for name, (flag, _) in FLAGS.items()} | {"api_key_file": "--api-key-file"}
@@ -68,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
             if f.name not in FLAGS:
                 continue
             flag, kw = FLAGS[f.name]
-            kw = dict(kw, help=f"{kw.get('help', '')} (default: {f.default})".strip())
+            if f.default is not None:  # None defaults are explained by the flag's help
+                kw = dict(kw, help=f"{kw.get('help', '')} (default: {f.default})".strip())
             p.add_argument(flag, dest=f.name, default=None, **kw)
     p.add_argument("--api-key-file", type=Path, help="file holding the API key: clients send Authorization: "
                    "Bearer KEY (default: no key)")

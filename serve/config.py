@@ -71,12 +71,14 @@ class LaunchConfig:
     autoscale: tuple[int, int] | None = None  # (min, max) replicas; target ongoing requests = max_batch
     address: str | None = None  # an existing Ray cluster; None = start a local one (and stop it on exit)
     replica_cpus: float = 1.0  # Ray CPUs each replica reserves (its torch threads by default)
+    replica_gpus: float = 0.0  # Ray GPUs each replica reserves (with --device cuda: one per replica, or a share)
     metrics_port: int | None = None  # Ray's Prometheus export port on this node; None = Ray picks one
 
     def __post_init__(self) -> None:
         check_int("port", self.port, high=65535)
         check_int("replicas", self.replicas, low=1)
         check_real("replica_cpus", self.replica_cpus, low=0.0)
+        check_real("replica_gpus", self.replica_gpus, low=0.0)
         if self.autoscale is not None:
             lo, hi = (check_int("autoscale", n) for n in self.autoscale)
             if not 0 <= lo <= hi or hi < 1:

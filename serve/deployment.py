@@ -111,7 +111,7 @@ def application(service: ServiceConfig, launch: LaunchConfig) -> Any:
     in_replica = limits["max_batch"] + limits["max_queue"]
     options: dict[str, Any] = {
         "name": "Magnet",
-        "ray_actor_options": {"num_cpus": launch.replica_cpus},
+        "ray_actor_options": {"num_cpus": launch.replica_cpus, "num_gpus": launch.replica_gpus},
         # room beyond what the scheduler holds, so that overflow reaches the replica and gets its JSON 503 with
         # Retry-After at once (the router's count of a replica's requests lags); the router queues at most as many
         # again, then Serve answers 503 itself (plain text): a last bound, not the normal path
