@@ -154,10 +154,27 @@ def start(service: ServiceConfig, launch: LaunchConfig, app_name: str | None = N
         # one HTTP proxy, on the head node: on a one-machine test cluster per-node proxies would share one port
         serve.start(proxy_location="HeadOnly", http_options={"host": launch.host, "port": launch.port})
         serve.run(application(service, launch), name=running.app_name, route_prefix=route_prefix)
-    except BaseException:
+    except BaseException as e:
+        why = _deploy_failure(running.app_name) if isinstance(e, Exception) else None
         running.stop()
+        if why:  # the replica's own error (a missing model, ...), not Serve's "failed to update the deployments"
+            raise RuntimeError(why) from e
         raise
     return running
+
+
+def _deploy_failure(app_name: str) -> str | None:
+    """What Serve recorded about a failed deployment: the replica constructor's traceback, last line last."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:  # noqa: BLE001 - best effort: the caller re-raises the original error without it
+        return None
+    if app is None:
+        return None
+    messages = [d.message for d in app.deployments.values() if d.message] or [app.message]
+    return "\n".join(m for m in messages if m) or None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -134,6 +134,8 @@ def test_concurrent_requests_and_the_client(cluster):
     first = client.generate_result("rain", **FAST)
     audio, sr = client.generate("rain", seed=first.seed, **FAST)
     assert sr == first.sample_rate == 32000 and np.array_equal(audio, first.audio)
+    unconditional, _ = client.generate(None, seed=2, **FAST)  # "prompt": null -> a sample without text
+    assert unconditional.shape == audio.shape and not np.array_equal(unconditional, audio)
 
 
 @pytest.mark.parametrize("body, status, field", [
@@ -229,3 +231,19 @@ def test_bench_serve_closed_loop(cluster, capsys):
     assert sum(map(sum, row["per_second"].values())) == row["requests"] and row["latency_s"]["p50"] > 0
     with pytest.raises(SystemExit):
         main(["--url", "http://10.0.0.1:8000", "--rate", "1"])  # loopback only
+
+
+def test_a_replica_that_cannot_load_fails_the_start_with_its_own_error(cluster):
+    """A model that does not load: start() raises the replica's error (not Serve's generic one) and removes the app;
+    the other applications keep serving."""
+    from serve.cli import start
+    from serve.config import LaunchConfig, ServiceConfig
+
+    port = int(cluster["main"].rsplit(":", 1)[1])
+    with pytest.raises(RuntimeError, match="not found"):
+        start(ServiceConfig(model="/nonexistent/model", device="cpu"), LaunchConfig(port=port, replica_cpus=0.0),
+              "bad", "/bad")
+    from ray import serve
+
+    assert "bad" not in serve.status().applications
+    assert call(cluster["main"] + "/v1/health")[0] == 200
