@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,16 @@ def test_sigterm_finishes_in_flight_and_leaves_nothing_running(fixture_dir, tmp_
         assert sockets and all(_loopback(addr) for addr, _ in sockets), sockets
         client = Client(f"http://127.0.0.1:{port}", api_key="k3y")
         assert client.health()["status"] == "ok"
+        assert client.generate("metrics", seed=0, steps=[2, 1, 1, 1])[1] == 32000
+        # Prometheus: Ray Serve's own metrics and the replica's, at the address it printed (exported every few s)
+        metrics_url = next(w for w in (tmp_path / "out.log").read_text().split() if w.endswith("/metrics"))
+        names = ("ray_magnet_request_latency_s_bucket", "ray_magnet_batch_size_bucket", "ray_magnet_queue_length",
+                 "ray_serve_num_http_requests")
+        deadline, text = time.monotonic() + 60, ""
+        while not all(n in text for n in names) and time.monotonic() < deadline:
+            time.sleep(2)
+            text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+        assert all(n in text for n in names), [n for n in names if n not in text]
         result: dict = {}
 
         def slow() -> None:
