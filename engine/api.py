@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import hybrid, magnet, musicgen
+from . import hybrid, longform, magnet, musicgen
 from .config import GenerationConfig, ModelConfig, SettingError, default_generation
 from .loading import (
     DEFAULT_MODEL,
@@ -54,6 +54,47 @@ class Generation:
     # costs of the quality levers: rescore_calls, rescore_s, rescore_s_per_step (AR forwards inside the MAGNeT
     # loop); hybrid_prefix_frames, hybrid_prefix_s (the AR prefix, text encoding included). Empty for plain runs.
     stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Chunk:
+    """A piece of a streamed generation (`Engine.generate_stream`): one per window."""
+
+    audio: torch.Tensor  # [B, 1, samples] fp32: the next samples of the piece (none yet for some codecs)
+    codes: torch.Tensor  # [B, K, frames] int64: the window's new tokens (window 0: with the request's prompt)
+    window: int  # its index, from 0
+    windows: int  # how many the piece has
+    stats: dict[str, float] = field(default_factory=dict)  # the window's lever costs (see Generation.stats)
+
+
+def join(chunks: Sequence[Chunk], sample_rate: int) -> Generation:
+    """A streamed generation's chunks -> the Generation `Engine.generate` returns (lever costs summed)."""
+    stats: dict[str, float] = {}
+    for c in chunks:
+        for key, value in c.stats.items():
+            stats[key] = stats.get(key, 0.0) + value
+    return Generation(audio=torch.cat([c.audio for c in chunks], dim=-1),
+                      codes=torch.cat([c.codes for c in chunks], dim=-1), sample_rate=sample_rate, stats=stats)
+
+
+@dataclass
+class _Run:
+    prompt: torch.Tensor | None  # [B, K, P] the request's prompt codes (window 0 only)
+    generators: list[torch.Generator] | None  # one per row, running on through every window
+    cond: torch.Tensor  # [B, L, dim] text conditioning, shared by every window
+    step: magnet.Step | None  # MAGNeT's step function on `cond` (None for the AR baseline)
+
+
+def _length(prompt: torch.Tensor | None) -> int:
+    return 0 if prompt is None else prompt.shape[-1]
+
+
+def _offset(progress: magnet.Progress, before: int, total: int) -> magnet.Progress:
+    """A window's progress(done, its total) -> the piece's progress(before + done, total)."""
+    def report(done: int, _: int) -> None:
+        progress(before + done, total)
+
+    return report
 
 
 class Engine:
@@ -122,51 +163,113 @@ class Engine:
                  progress: magnet.Progress | None = None, decode: bool = True, **request: Any) -> Generation:
         """Text -> tokens -> audio. `prompts` is a `Request` built by `self.request(...)`, or the arguments of
         `request` (prompts, config, prompt_codes, prompt_audio, rescorer, ar_model, GenerationConfig fields as
-        keywords), from which one is built here. `progress(done, total)` is called after each decoding step."""
-        if isinstance(prompts, Request):
-            if config is not None or request:
-                raise SettingError("a Request already holds its settings: pass it alone, or pass prompts and "
-                                   "settings instead of a Request")
-            req = prompts
-            if req.model != self.config:
-                raise SettingError("this Request was built for another model: build it with this engine's "
-                                   "request(...)")
-        else:
-            req = self.request(prompts, config, **request)
-        gen, prompts = req.gen, list(req.prompts)
+        keywords), from which one is built here. `progress(done, total)` is called after each decoding step (over
+        all windows of a long-form piece). A duration past the segment is generated window by window
+        (engine.longform); its audio is the concatenation of `generate_stream`'s chunks, sample for sample."""
+        req = self._as_request(prompts, config, request)
+        if longform.is_long(self.config, req.gen):
+            return join(list(self._windows(req, progress, decode)), self.sample_rate)
+        run = self._start(req)
+        codes, stats = self._segment(req, run, req.gen, run.prompt, progress, first=True)
+        audio = self.decode(codes) if decode else torch.empty(req.batch, 1, 0)
+        return Generation(audio=audio, codes=codes, sample_rate=self.sample_rate, stats=stats)
+
+    @torch.no_grad()
+    def generate_stream(self, prompts: str | Sequence[str | None] | Request, config: GenerationConfig | None = None,
+                        *, progress: magnet.Progress | None = None, **request: Any) -> Iterator[Chunk]:
+        """`generate`, yielding audio as windows complete: one `Chunk` per window (one in all when the duration
+        fits in a segment). The chunks' audio, concatenated, is `generate(...)`'s audio for the same request and
+        seed; a chunk holds the samples no later token can change (engine.longform.StreamDecoder), so the last
+        few frames of a window come with the next one."""
+        req = self._as_request(prompts, config, request)
+        if longform.is_long(self.config, req.gen):
+            yield from self._windows(req, progress, decode=True)
+            return
+        out = self.generate(req, progress=progress)
+        yield Chunk(out.audio, out.codes, 0, 1, out.stats)
+
+    def _as_request(self, prompts: str | Sequence[str | None] | Request, config: GenerationConfig | None,
+                    request: dict[str, Any]) -> Request:
+        if not isinstance(prompts, Request):
+            return self.request(prompts, config, **request)
+        if config is not None or request:
+            raise SettingError("a Request already holds its settings: pass it alone, or pass prompts and "
+                               "settings instead of a Request")
+        if prompts.model != self.config:
+            raise SettingError("this Request was built for another model: build it with this engine's request(...)")
+        return prompts
+
+    def _start(self, req: Request) -> _Run:
+        """What every window of a request shares: its encoded prompt, noise generators and text conditioning."""
         prompt = None
         if req.prompt_codes is not None:
             prompt = req.prompt_codes.to(self.device)
         elif req.prompt_audio is not None:
             prompt = self.encode(req.prompt_audio)
-        generators = magnet.row_generators(gen.seed, len(prompts), self.device)  # prompt b draws from seed + b
-        generator = None if generators is None else generators[0]  # the AR paths' one stream (as before)
-        cond = self.text(prompts)
+        generators = magnet.row_generators(req.gen.seed, req.batch, self.device)  # prompt b draws from seed + b
+        cond = self.text(list(req.prompts))
+        step = None if self.config.kind == "musicgen" else self.make_step(cond)
+        return _Run(prompt, generators, cond, step)
+
+    def _segment(self, req: Request, run: _Run, gen: GenerationConfig, prompt: torch.Tensor | None,
+                 progress: magnet.Progress | None, first: bool) -> tuple[torch.Tensor, dict[str, float]]:
+        """One segment's tokens [B, K, T'] under `gen`, continuing `prompt` [B, K, P]: the plain run, or a window
+        of a long piece (`first`: the window that the hybrid's AR prefix writes into)."""
+        prompts = list(req.prompts)
+        generator = None if run.generators is None else run.generators[0]  # the AR paths' one stream (as before)
         stats: dict[str, float] = {}
         if self.config.kind == "musicgen":
             if self.lm is None:
                 raise SettingError("MusicGen generation needs the torch LM (its KV-cached AR loop); this backend "
                                    "has only a step function: load the model with the torch backend")
-            codes = musicgen.generate_tokens_ar(self.lm, cond, gen, len(prompts), self.device, prompt, generator,
+            codes = musicgen.generate_tokens_ar(self.lm, run.cond, gen, len(prompts), self.device, prompt, generator,
                                                 progress, sample=self.sample, mode=self.ar_mode)
-        else:
-            rescore = None if req.rescorer is None else build_rescorer(self.config, req.rescorer, prompts, gen)
-            prefix_timer = None
-            if req.ar_model is not None:  # hybrid: the AR prefix becomes MAGNeT's audio prompt
-                n_prefix = hybrid.prefix_frames(self.config, gen)
-                n_ar = hybrid.ar_steps(req.ar_model, n_prefix, 0 if prompt is None else prompt.shape[-1])
-                ar_progress, progress = hybrid.split_progress(progress, n_ar, sum(gen.steps))
-                prompt, prefix_timer = hybrid.generate_prefix(self.config, req.ar_model, prompts, gen, prompt,
-                                                              generator, ar_progress)
-            step = self.make_step(cond)
-            codes = magnet.generate_tokens(step, self.sample, self.config, gen, len(prompts), self.device, prompt,
-                                           generators, progress, rescore=rescore)
-            if rescore is not None:
-                stats.update(rescore.stats())
-            if prefix_timer is not None:
-                stats.update(hybrid_prefix_frames=float(n_prefix), hybrid_prefix_s=prefix_timer.seconds()[0])
-        audio = self.decode(codes) if decode else torch.empty(len(prompts), 1, 0)
-        return Generation(audio=audio, codes=codes, sample_rate=self.sample_rate, stats=stats)
+            return codes, stats
+        rescore = None if req.rescorer is None else build_rescorer(self.config, req.rescorer, prompts, gen)
+        prefix_timer = None
+        if req.ar_model is not None and first:  # hybrid: the AR prefix becomes MAGNeT's audio prompt
+            n_prefix = hybrid.prefix_frames(self.config, gen)
+            n_ar = hybrid.ar_steps(req.ar_model, n_prefix, 0 if prompt is None else prompt.shape[-1])
+            ar_progress, progress = hybrid.split_progress(progress, n_ar, sum(gen.steps))
+            prompt, prefix_timer = hybrid.generate_prefix(self.config, req.ar_model, prompts, gen, prompt,
+                                                          generator, ar_progress)
+        codes = magnet.generate_tokens(run.step, self.sample, self.config, gen, len(prompts), self.device, prompt,
+                                       run.generators, progress, rescore=rescore)
+        if rescore is not None:
+            stats.update(rescore.stats())
+        if prefix_timer is not None:
+            stats.update(hybrid_prefix_frames=float(n_prefix), hybrid_prefix_s=prefix_timer.seconds()[0])
+        return codes, stats
+
+    def _windows(self, req: Request, progress: magnet.Progress | None, decode: bool) -> Iterator[Chunk]:
+        """A long piece window by window (engine.longform.plan): each window continues from the last `context`
+        frames of the piece; its new tokens go through one StreamDecoder, so the audio has no seam."""
+        windows = longform.plan(self.config, req.gen)
+        run = self._start(req)
+        steps = [self._steps(req, w.gen, w.context if w.index else _length(run.prompt), w.index == 0)
+                 for w in windows]
+        stream = longform.StreamDecoder(self.codec) if decode else None
+        piece: torch.Tensor | None = None  # [B, K, frames so far]
+        for w in windows:
+            report = None if progress is None else _offset(progress, sum(steps[:w.index]), sum(steps))
+            prompt = run.prompt if piece is None else piece[..., piece.shape[-1] - w.context:]
+            codes, stats = self._segment(req, run, w.gen, prompt, report, first=w.index == 0)
+            new = codes[..., w.context:w.context + (codes.shape[-1] if w.index == 0 else w.keep)]  # [B, K, new]
+            piece = new if piece is None else torch.cat([piece, new], dim=-1)
+            last = w.index == len(windows) - 1
+            audio = stream.push(new, last).float() if stream is not None else torch.empty(req.batch, 1, 0)
+            yield Chunk(audio, new, w.index, len(windows), stats)
+
+    def _steps(self, req: Request, gen: GenerationConfig, prompt: int, first: bool) -> int:
+        """Progress steps of one segment after a `prompt`-frame prompt, as its loop counts them: MAGNeT's steps
+        (plus the hybrid's AR prefix in the first window), the AR loop's columns."""
+        if self.config.kind == "musicgen":
+            pattern = musicgen.DelayPattern(self.config.delays, gen.frames(self.config))
+            return pattern.steps - pattern.first_step(prompt)
+        n = sum(gen.steps)
+        if req.ar_model is not None and first:
+            n += hybrid.ar_steps(req.ar_model, hybrid.prefix_frames(self.config, gen), prompt)
+        return n
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 @dataclass(frozen=True)
 class BertConfig:
+    model_type = "bert"  # a class constant, as transformers' configs name their family
     vocab_size: int
     hidden_size: int
     num_hidden_layers: int
@@ -100,6 +101,7 @@ class BertEncoder(nn.Module):
         self.embeddings.LayerNorm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.encoder = nn.Module()
         self.encoder.layer = nn.ModuleList([_Layer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.config = cfg  # what the exporter reads (vocab_size, max_position_embeddings), as on transformers' models
         self.max_len = cfg.max_position_embeddings
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SimpleNamespace:

@@ -36,7 +36,8 @@ def _floats(text: str) -> tuple[float, ...]:
 
 # GenerationConfig field -> (flag, argparse keywords). Defaults come from the dataclass / the model.
 _GEN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "duration": ("--duration", {"type": float, "help": "seconds (at most the model's segment)"}),
+    "duration": ("--duration", {"type": float, "help": "seconds; past the model's segment, generated window by "
+                                                       "window, each continuing from the last --context seconds"}),
     "steps": ("--steps", {"type": _ints, "help": "MAGNeT decoding steps per codebook, e.g. 20,10,10,10"}),
     "greedy": ("--greedy", {"action": "store_const", "const": True, "help": "argmax decoding (deterministic)"}),
     "temperature": ("--temperature", {"type": float}),
@@ -54,6 +55,9 @@ _GEN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
                                                    "(default: that model's own, 3.0 for MusicGen)"}),
     "hybrid_prefix": ("--hybrid-prefix", {"type": float, "metavar": "SECONDS",
                                           "help": "first SECONDS by --ar-model, the rest by MAGNeT; 0 = off"}),
+    "context": ("--context", {"type": float, "metavar": "SECONDS",
+                              "help": "past the segment: each window continues from the last SECONDS of tokens "
+                                      "(default: half the segment)"}),
 }
 
 
@@ -213,7 +217,7 @@ def generate_main(argv: Sequence[str]) -> int:
         import numpy as np
         import torch
 
-        from .api import load
+        from .api import join, load
         from .audio import normalize, read_wav, write_audio
 
         prompt_codes = None
@@ -238,7 +242,13 @@ def generate_main(argv: Sequence[str]) -> int:
                 if bar.total != len(parts) * total:
                     bar.total = len(parts) * total
                 bar.update(chunk * total + done - bar.n)
-        out = eng.generate(part, progress=progress)
+        pieces = []
+        for piece in eng.generate_stream(part, progress=progress):  # one piece per window past the segment
+            pieces.append(piece)
+            if piece.windows > 1 and not args.quiet:
+                done = sum(p.codes.shape[-1] for p in pieces) / eng.config.frame_rate
+                _say(f"window {piece.window + 1}/{piece.windows} done: {done:g}s of audio", bar)
+        out = join(pieces, eng.sample_rate)
         audios.append(out.audio.cpu())
         codes.append(out.codes.cpu())
     if bar is not None:
@@ -262,6 +272,14 @@ def _load_companions(args: argparse.Namespace) -> dict[str, Any]:
             same = next((e for k, e in out.items() if getattr(args, k) == model), None)
             out[key] = same if same is not None else load(model, "torch", device=args.device, dtype=args.dtype)
     return out
+
+
+def _say(text: str, bar: Any) -> None:
+    """One line on stderr, above the progress bar when one is drawn."""
+    if bar is not None:
+        bar.write(f"magnet: {text}", file=sys.stderr)
+    else:
+        print(f"magnet: {text}", file=sys.stderr)
 
 
 def _progress(quiet: bool):  # noqa: ANN202 - tqdm bar or None

@@ -301,9 +301,15 @@ class SkipLSTM(nn.Module):
         self.lstm = nn.LSTM(dim, dim, num_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, T] -> [B, C, T]
+        return self.carry(x, None)[0]
+
+    def carry(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None
+              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x [B, C, T] after `state` (the (h, c) a previous call returned; None = the start) -> (y [B, C, T], the
+        state after x): a sequence decoded in pieces gives the LSTM outputs of one pass (engine.longform)."""
         x = x.permute(2, 0, 1)  # [T, B, C]: nn.LSTM is time-major by default
-        y, _ = self.lstm(x)
-        return (y + x).permute(1, 2, 0)
+        y, state = self.lstm(x, state)
+        return (y + x).permute(1, 2, 0), state
 
 
 class SEANetEncoder(nn.Module):

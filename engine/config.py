@@ -213,6 +213,8 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "ar_cfg": lambda v: None if v is None else check_real("ar_cfg", v, low=0.0,
                                                           hint="; omit it for the model's default"),
     "hybrid_prefix": lambda v: check_real("hybrid_prefix", v, low=0.0, hint=" seconds (0 = off)"),
+    "context": lambda v: None if v is None else check_real("context", v, low=0.0, above=True,
+                                                           hint=" seconds; omit it for the model's default"),
 }
 
 GENERATION_FIELDS = frozenset(_FIELDS)  # the names GenerationConfig takes
@@ -236,12 +238,15 @@ class GenerationConfig:
     cfg: tuple[float, ...] = (10.0, 1.0)  # (max, min) annealed, or (constant,)
     span_arrangement: str = "nonoverlap"
     span_scoring: str = "max"
-    duration: float | None = None  # seconds; None = the model's segment
+    duration: float | None = None  # seconds; None = the model's segment; longer = windowed (engine.longform)
     seed: int | None = None
     # Quality levers of the paper (§3.3, engine.rescore / engine.hybrid); both need a second, autoregressive model.
     rescore_weight: float = DEFAULT_RESCORE_WEIGHT  # W in W·p_magnet + (1−W)·p_ar (span scores); used with a rescorer
     ar_cfg: float | None = None  # constant guidance of the rescorer / hybrid AR model; None = that model's default
     hybrid_prefix: float = 0.0  # seconds generated first by the AR model, then continued by MAGNeT; 0 = off
+    # Long-form (duration past the segment, engine.longform): each window after the first continues from the last
+    # `context` seconds of tokens. None = the model's default (engine.longform.DEFAULT_CONTEXT of the segment).
+    context: float | None = None
 
     def __post_init__(self) -> None:
         for name, value in self.check_fields(dataclasses.asdict(self)).items():
@@ -285,20 +290,22 @@ class GenerationConfig:
         return not (self.cfg_max == 1.0 and self.cfg_min == 1.0)
 
     def check_for(self, model: ModelConfig) -> None:
-        """Checks that need the model: step list length, top-k range, duration."""
+        """Checks that need the model: step list length, top-k range, duration, long-form context."""
         if model.kind == "magnet" and len(self.steps) != model.n_q:
             raise SettingError(f"the model has {model.n_q} codebooks, so <steps> needs {model.n_q} values, "
                                f"got {len(self.steps)}")
         if self.top_k > model.card:
             raise SettingError(f"<top_k> must be in [0, {model.card}] (the vocabulary size), got {self.top_k}")
-        if self.duration is not None and self.frames(model) > model.max_frames:
-            raise SettingError(f"<duration> {self.duration:g}s exceeds the model's segment of "
-                               f"{model.segment_duration:g}s; ask for at most {model.segment_duration:g}")
         if self.frames(model) < 1:
             raise SettingError(f"<duration> {self.duration:g}s is shorter than one frame (1/{model.frame_rate}s)")
+        from .longform import check_context, is_long
+
+        if self.context is not None or is_long(model, self):  # the default context must fit this model too
+            check_context(model, self)
 
     def frames(self, model: ModelConfig) -> int:
-        """T = duration × frame rate (the model's segment when no duration is given)."""
+        """T = duration × frame rate (the model's segment when no duration is given); past the segment, the whole
+        long-form piece (engine.longform)."""
         if self.duration is None:
             return model.max_frames
         return int(round(self.duration * model.frame_rate))

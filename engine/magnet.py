@@ -53,11 +53,15 @@ class Rescore(Protocol):
 
 
 def output_frames(model: ModelConfig, gen: GenerationConfig) -> int:
-    """Frames returned: nonoverlap trims T to a multiple of the span (498 for 10 s), as the reference does."""
+    """Frames one segment's decoding returns: MAGNeT's nonoverlap trims T to a multiple of the span (498 for 10 s),
+    as the reference does; the AR loop returns T."""
     t = gen.frames(model)
-    if gen.span_arrangement == "nonoverlap" and model.span_len > 1:
-        t -= t % model.span_len
-    return t
+    return t - t % frame_multiple(model, gen)
+
+
+def frame_multiple(model: ModelConfig, gen: GenerationConfig) -> int:
+    """What a segment's output length is a multiple of: the span under MAGNeT's nonoverlap, else 1."""
+    return model.span_len if model.kind == "magnet" and gen.span_arrangement == "nonoverlap" else 1
 
 
 def row_generators(seed: int | None, batch: int, device: torch.device) -> list[torch.Generator] | None:

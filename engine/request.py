@@ -75,6 +75,7 @@ def build_request(model: ModelConfig, defaults: GenerationConfig, *, sample_rate
     `config` (default: the model's `defaults`) is overridden by `fields` (GenerationConfig names). `rescorer` /
     `ar_model`: an `ARCompanion` or an object with `.companion()` (an `Engine` of a MusicGen model)."""
     from .hybrid import prefix_frames
+    from .longform import first_window
     from .magnet import output_frames
 
     texts = check_prompts(prompts)
@@ -86,12 +87,14 @@ def build_request(model: ModelConfig, defaults: GenerationConfig, *, sample_rate
     check_levers(gen, fields, has_rescorer=rescorer is not None, has_ar_model=ar_model is not None)
     res = None if rescorer is None else companion_of(rescorer, "rescorer", model, sample_rate, device)
     ar = None if ar_model is None else companion_of(ar_model, "ar_model", model, sample_rate, device)
-    frames = output_frames(model, gen)
+    # a long piece (engine.longform): the levers and a prompt act on its first window, one plain segment
+    first = first_window(model, gen)
+    frames = output_frames(model, first)
     if res is not None and frames > res.config.max_frames:
         raise SettingError(f"the rescorer's segment ({res.config.segment_duration:g}s) is shorter than the "
                            f"generation ({frames / model.frame_rate:g}s); ask for a shorter <duration>")
     if ar is not None:
-        prefix_frames(model, gen)
+        prefix_frames(model, first)
     codes = check_prompt_codes(prompt_codes, prompt_audio, len(texts), model, frames)
     audio = check_prompt_audio(prompt_audio, len(texts), model, sample_rate, frames)
     return Request(model, texts, gen, codes, audio, res, ar)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import SettingError, check_int, check_real
+from .longform import is_long
 from .magnet import Decoding, output_frames, row_generators, split_rows, step_rows
 from .model import CrossKV, Rows
 from .sampling import StepSampling
@@ -160,6 +161,9 @@ class Scheduler:
         # not be reachable through `fields` (a front end forwards its clients' keys); named as unknown settings
         GenerationConfig.check_fields({k: v for k, v in fields.items() if k not in GENERATION_FIELDS})
         req = self.engine.request([prompt], **fields)
+        if is_long(self.engine.config, req.gen):
+            raise SettingError(f"<duration> {req.gen.duration:g}s is past the model's segment: long pieces are "
+                               "generated window by window by Engine.generate / generate_stream, not batched here")
         if req.prompt_codes is not None or req.prompt_audio is not None or req.rescorer or req.ar_model:
             raise SettingError("the scheduler serves text-to-audio requests: audio prompts (prompt_codes / "
                                "prompt_audio) and the quality levers (rescorer / ar_model) go through "

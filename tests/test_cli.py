@@ -95,7 +95,7 @@ def _bad_package(tmp_path: Path, fixture_dir: Path, kind: str) -> Path:
     (["x", "--top-p", "1.5"], 2, "top-p"),
     (["x", "--top-k", "5000"], 2, "top-k"),
     (["x", "--temperature", "-1"], 2, "temperature"),
-    (["x", "--duration", "5"], 2, "segment"),
+    (["x", "--duration", "5", "--context", "1"], 2, "--context 1s must be shorter"),
     (["x", "--span-arrangement", "zigzag"], 2, "invalid choice"),
     (["x", "--steps", "a,b"], 2, "integers"),
     (["x", "--unconditional", "2"], 2, "not both"),

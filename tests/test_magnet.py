@@ -145,7 +145,8 @@ def test_bad_prompt_codes(tiny, settings):
 @pytest.mark.parametrize("bad, match", [
     (dict(steps=(4, 2, 2)), "needs 4 values"), (dict(steps=(4, 0, 2, 2)), "positive"),
     (dict(top_p=1.5), "top_p"), (dict(top_k=2049), "top_k"), (dict(temperature=-1.0), "temperature"),
-    (dict(duration=2.0), "segment"), (dict(span_arrangement="zigzag"), "span_arrangement"),
+    (dict(duration=2.0, context=1.0), "shorter than the model.s window"),
+    (dict(span_arrangement="zigzag"), "span_arrangement"),
     (dict(cfg=(1.0, 2.0, 3.0)), "cfg"),
 ])
 def test_bad_settings(tiny, bad, match):

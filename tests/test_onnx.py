@@ -142,6 +142,20 @@ def test_text_and_codec_match_reference(ort_engine, settings: dict, expected: di
         ort_engine.decode(torch.full((1, 4, 3), 2048))
 
 
+def test_long_form_on_onnxruntime(ort_engine, settings: dict) -> None:
+    """Past the segment the onnxruntime backend runs the same windows (its lm_step stays within one segment); its
+    codec has no torch decoder to stream, so the audio comes whole with the last window."""
+    kw = {**run_settings(settings, "gen_nonoverlap_max"), "duration": 2.0}
+    out = ort_engine.generate(settings["prompts"], **kw)
+    plain = ort_engine.generate(settings["prompts"], **{**kw, "duration": None}, decode=False)
+    assert out.codes.shape == (2, 4, 100) and out.audio.shape == (2, 1, 2 * 32000)
+    assert torch.equal(out.codes[..., :plain.codes.shape[-1]], plain.codes)
+    chunks = list(ort_engine.generate_stream(settings["prompts"], **kw))
+    assert chunks[-1].audio.shape[-1] == out.audio.shape[-1]
+    assert torch.equal(torch.cat([c.audio for c in chunks], dim=-1), out.audio)
+    assert torch.equal(out.audio, ort_engine.decode(out.codes))
+
+
 # ------------------------------------------------------------------------------------------ bad export dirs
 
 

@@ -68,7 +68,15 @@ BAD = [  # (GenerationConfig fields, CLI flags): the same mistake through both f
     ({"steps": (4, 0, 2, 2)}, ["--steps", "4,0,2,2"]),
     ({"steps": (4, 2, 2)}, ["--steps", "4,2,2"]),
     ({"seed": -1}, ["--seed", "-1"]),
-    ({"duration": 5.0}, ["--duration", "5"]),
+    ({"duration": 0.0}, ["--duration", "0"]),
+    # long-form context: positive, finite, shorter than a window (the 1 s fixture's window is 48 frames = 0.96 s)
+    ({"context": 0.0}, ["--context", "0"]),
+    ({"context": -1.0}, ["--context", "-1"]),
+    ({"context": math.nan}, ["--context", "nan"]),
+    ({"context": 1.0}, ["--context", "1"]),
+    ({"context": 0.96}, ["--context", "0.96"]),
+    ({"context": 0.001}, ["--context", "0.001"]),
+    ({"duration": 3.0, "context": 2.0}, ["--duration", "3", "--context", "2"]),
     ({"rescore_weight": 0.3}, ["--rescore-weight", "0.3"]),
 ]
 
@@ -79,14 +87,14 @@ def test_cli_and_api_refuse_alike(fixture_dir, tiny, tmp_path, capsys, fields, f
     on the command line."""
     with pytest.raises(SettingError) as caught:
         tiny.request(["x"], **fields)
-    name = next(iter(fields))
+    name = next(reversed(fields))  # the field at fault is the last one given
     assert name in str(caught.value) and caught.value.field == name
     out = tmp_path / "o.wav"
     rc, err = run_cli(["x", "--model", str(fixture_dir), "--device", "cpu", "-o", str(out), "--quiet", *flags],
                       capsys)
     assert rc == 2 and one_line(err) and not out.exists()
     assert err == f"magnet: error: {caught.value.spelled(CLI_NAMES)}\n"
-    assert flags[0] in err
+    assert flags[-2] in err
 
 
 @pytest.mark.parametrize("fields, match", [
@@ -95,6 +103,8 @@ def test_cli_and_api_refuse_alike(fixture_dir, tiny, tmp_path, capsys, fields, f
     ({"steps": "20,10"}, "steps must be a list"),
     ({"seed": 1.5}, "seed must be a whole number"),
     ({"no_such": 1}, "unknown setting no_such"),
+    ({"context": "5"}, "context must be a number"),
+    ({"context": True}, "context must be a number"),
 ])
 def test_api_types_refused(tiny, fields, match) -> None:
     with pytest.raises((TypeError, ValueError), match=match):
