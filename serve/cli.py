@@ -148,11 +148,11 @@ def start(service: ServiceConfig, launch: LaunchConfig, app_name: str | None = N
             ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, log_to_driver=False,
                      _metrics_export_port=launch.metrics_port)
             owns = True
-    host = f"[{launch.host}]" if ":" in launch.host else launch.host
-    running = Running(f"http://{host}:{launch.port}{route_prefix.rstrip('/')}", app_name or APP_NAME, owns)
+    running = Running(_url(launch.host, launch.port, route_prefix), app_name or APP_NAME, owns)
     try:
         # one HTTP proxy, on the head node: on a one-machine test cluster per-node proxies would share one port
         serve.start(proxy_location="HeadOnly", http_options={"host": launch.host, "port": launch.port})
+        running.url = _serving_url(route_prefix) or running.url
         serve.run(application(service, launch), name=running.app_name, route_prefix=route_prefix)
     except BaseException as e:
         why = _deploy_failure(running.app_name) if isinstance(e, Exception) else None
@@ -161,6 +161,22 @@ def start(service: ServiceConfig, launch: LaunchConfig, app_name: str | None = N
             raise RuntimeError(why) from e
         raise
     return running
+
+
+def _url(host: str, port: int, route_prefix: str) -> str:
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}{route_prefix.rstrip('/')}"
+
+
+def _serving_url(route_prefix: str) -> str | None:
+    """The URL Serve really answers on: on a cluster where Serve already ran (--address), its HTTP options stay and
+    ours are ignored. Read through Serve's client (private in Ray 2.60), None if that changes."""
+    from ray.serve import context
+
+    try:
+        http = context._get_global_client().http_config
+        return _url(http.host, http.port, route_prefix)
+    except AttributeError:
+        return None
 
 
 def _deploy_failure(app_name: str) -> str | None:
