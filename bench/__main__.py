@@ -9,6 +9,7 @@
     levers   latency of rescoring / Hybrid-MAGNeT vs plain MAGNeT and AR (bench.levers)
     quality  prompt adherence: tempo / key / instrument measured from the audio (bench.quality)
     load     many requests at once: one at a time vs static batching vs the scheduler (bench.load)
+    serve    HTTP load on a running `magnet serve`: open / closed loop, errors by status, a replica kill (bench.serve)
     long     long-form pieces: time to first audio, seams, prompt kept per window (bench.long)
 
 Step-function micro-benchmarks run under pytest-benchmark: `python -m pytest bench/micro.py --benchmark-only`.
@@ -31,6 +32,7 @@ SUBCOMMANDS = {
     "levers": ("bench.levers", "latency of the quality levers: rescoring, hybrid, AR"),
     "quality": ("bench.quality", "prompt adherence: tempo / key / instrument measured from the audio"),
     "load": ("bench.load", "many requests at once: one at a time, static batching, the scheduler"),
+    "serve": ("bench.serve", "HTTP load on magnet serve: open/closed loop, latency, errors by status, faults"),
     "long": ("bench.long", "long-form pieces: time to first audio, seams, prompt kept per window"),
 }
 

@@ -126,21 +126,42 @@ def _new_file(folder: Path) -> Path | OSError:
     return path
 
 
+def check_format(suffix: str) -> tuple[str, str | None]:
+    """A format by extension (".wav", ".flac", ".ogg") -> (soundfile format, fixed subtype or None), or a SettingError
+    naming <format>."""
+    fmt = FORMATS.get(suffix.lower()) if isinstance(suffix, str) else None
+    if fmt is None:
+        raise SettingError(f"unknown audio <format> {str(suffix).lstrip('.')!r}: choose one of "
+                           f"{', '.join(s.lstrip('.') for s in FORMATS)}")
+    return fmt
+
+
+def audio_bytes(wav: torch.Tensor, sample_rate: int, suffix: str = ".wav", subtype: str = "pcm16") -> bytes:
+    """wav [C, samples] float -> the bytes of a file in the format `suffix` names (.wav in `subtype`, .flac, .ogg):
+    what `write_audio` stores, for front ends that send audio rather than write it (the HTTP service)."""
+    import io
+
+    import soundfile as sf
+
+    fmt = check_format(suffix)
+    if subtype not in SUBTYPES:
+        raise SettingError(f"unknown <wav_subtype> {subtype!r}: choose one of {', '.join(SUBTYPES)}")
+    sub = SUBTYPES[subtype] if fmt[0] == "WAV" else fmt[1]
+    data = wav.detach().cpu().float().clamp(-1, 1).numpy().T  # [samples, C]
+    buf = io.BytesIO()
+    sf.write(buf, data, sample_rate, subtype=sub, format=fmt[0])
+    return buf.getvalue()
+
+
 def write_audio(path: Path, wav: torch.Tensor, sample_rate: int, subtype: str = "pcm16") -> None:
     """wav [C, samples] float -> `path` in the format its extension names (.wav in `subtype`, .flac, .ogg), written
     to a temporary name in the same folder first, so no half file is ever left under `path`."""
-    import soundfile as sf
-
-    fmt = audio_format(path)
-    if subtype not in SUBTYPES:
-        raise SettingError(f"unknown <wav_subtype> {subtype!r}: choose one of {', '.join(SUBTYPES)}")
-    sub = SUBTYPES[subtype] if fmt == "WAV" else FORMATS[path.suffix.lower()][1]
-    data = wav.detach().cpu().float().clamp(-1, 1).numpy().T  # [samples, C]
+    audio_format(path)
     tmp = _new_file(path.parent if str(path.parent) else Path("."))
     if isinstance(tmp, OSError):
         raise SettingError(f"cannot write {path}: {tmp.strerror or tmp}; choose another <output>")
     try:
-        sf.write(str(tmp), data, sample_rate, subtype=sub, format=fmt)
+        tmp.write_bytes(audio_bytes(wav, sample_rate, path.suffix, subtype))
         os.replace(tmp, path)
     except (RuntimeError, OSError) as e:  # soundfile's LibsndfileError is a RuntimeError
         raise SettingError(f"cannot write {path}: {getattr(e, 'strerror', None) or e}") from None

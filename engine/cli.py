@@ -290,15 +290,31 @@ def _progress(quiet: bool):  # noqa: ANN202 - tqdm bar or None
     return tqdm(total=None, delay=1.0, file=sys.stderr, unit="step", leave=False)
 
 
+# Subcommands of packages above engine/ (setup.py: `serve = serve.cli:main`), found by name so that engine imports
+# none of them (as engine.backends finds its plug-ins); each is `main(argv) -> exit code`.
+COMMANDS_GROUP = "magnet_engine.commands"
+
+
+def _plugin_commands() -> dict[str, Callable[[Sequence[str]], int]]:
+    from importlib.metadata import entry_points
+
+    def lazy(ep: Any) -> Callable[[Sequence[str]], int]:
+        return lambda argv: ep.load()(list(argv))  # imported only when run
+
+    return {ep.name: lazy(ep) for ep in entry_points(group=COMMANDS_GROUP)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"generate": generate_main, "export": _export_main}
+    commands = {**_plugin_commands(), "generate": generate_main, "export": _export_main}
+    names = ",".join(commands)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: magnet {generate,export} ...\n  generate  text -> WAV\n  export    ONNX export\n"
-              "Run `magnet generate --help` for the options.", file=sys.stderr if not argv else sys.stdout)
+        print(f"usage: magnet {{{names}}} ...\n  generate  text -> WAV\n  export    ONNX export\n"
+              + "".join(f"  {n:<9} see magnet {n} --help\n" for n in commands if n not in ("generate", "export"))
+              + "Run `magnet generate --help` for the options.", file=sys.stderr if not argv else sys.stdout)
         return 2 if not argv else 0
     if argv[0] not in commands:
-        print(f"magnet: error: unknown command {argv[0]!r}; use `magnet generate PROMPT` or `magnet export`",
+        print(f"magnet: error: unknown command {argv[0]!r}; use `magnet generate PROMPT` or one of {names}",
               file=sys.stderr)
         return 2
     try:

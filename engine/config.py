@@ -145,8 +145,8 @@ _NAME = re.compile(r"<([a-z][a-z_]*)>")
 PYTHON_NAMES = {"unconditional": "None"}
 
 
-def _real(name: str, value: Any, *, low: float | None = None, high: float | None = None, above: bool = False,
-          hint: str = "") -> float:
+def check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None, above: bool = False,
+               hint: str = "") -> float:
     """A finite number (int or float, not bool) within [low, high] (low excluded when `above`) -> float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise SettingTypeError(f"<{name}> must be a number, got {value!r}{hint}")
@@ -161,7 +161,7 @@ def _real(name: str, value: Any, *, low: float | None = None, high: float | None
     return value
 
 
-def _int(name: str, value: Any, *, low: int = 0, high: int | None = None, hint: str = "") -> int:
+def check_int(name: str, value: Any, *, low: int = 0, high: int | None = None, hint: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise SettingTypeError(f"<{name}> must be a whole number, got {value!r}{hint}")
     value = int(value)
@@ -200,25 +200,28 @@ MAX_DURATION = 3600.0
 # GenerationConfig field -> its check: type, finiteness and range of one value, normalised (lists -> tuples,
 # ints -> floats where a float is meant). Cross-field and per-model checks are in __post_init__ / check_for.
 _FIELDS: dict[str, Callable[[Any], Any]] = {
-    "steps": lambda v: _seq("steps", v, lambda n, x: _int(n, x, low=1), None, "; e.g. 20,10,10,10"),
+    "steps": lambda v: _seq("steps", v, lambda n, x: check_int(n, x, low=1), None, "; e.g. 20,10,10,10"),
     "greedy": lambda v: _bool("greedy", v),
-    "temperature": lambda v: _real("temperature", v, low=0.0),
+    "temperature": lambda v: check_real("temperature", v, low=0.0),
     "anneal_temp": lambda v: _bool("anneal_temp", v),
-    "top_k": lambda v: _int("top_k", v, hint="; use 0 to turn it off"),
-    "top_p": lambda v: _real("top_p", v, low=0.0, high=1.0, hint="; use 0 to turn nucleus sampling off"),
-    "cfg": lambda v: _seq("cfg", v, lambda n, x: _real(n, x), (1, 2), " (one constant, or max,min annealed)"),
+    "top_k": lambda v: check_int("top_k", v, hint="; use 0 to turn it off"),
+    "top_p": lambda v: check_real("top_p", v, low=0.0, high=1.0, hint="; use 0 to turn nucleus sampling off"),
+    "cfg": lambda v: _seq("cfg", v, lambda n, x: check_real(n, x), (1, 2), " (one constant, or max,min annealed)"),
     "span_arrangement": lambda v: _choice("span_arrangement", v, SPAN_ARRANGEMENTS),
     "span_scoring": lambda v: _choice("span_scoring", v, SPAN_SCORINGS),
-    "duration": lambda v: None if v is None else _real("duration", v, low=0.0, above=True, high=MAX_DURATION,
-                                                        hint=" seconds"),
-    "seed": lambda v: None if v is None else _int("seed", v, high=MAX_SEED),
-    "rescore_weight": lambda v: _real("rescore_weight", v, low=0.0, high=1.0,
+    "duration": lambda v: None if v is None else check_real("duration", v, low=0.0, above=True, high=MAX_DURATION,
+                                                            hint=" seconds"),
+    "seed": lambda v: None if v is None else check_int("seed", v, high=MAX_SEED),
+    "rescore_weight": lambda v: check_real("rescore_weight", v, low=0.0, high=1.0,
                                       hint=" (1 = MAGNeT's probabilities only, 0 = the rescorer's only)"),
-    "ar_cfg": lambda v: None if v is None else _real("ar_cfg", v, low=0.0, hint="; omit it for the model's default"),
-    "hybrid_prefix": lambda v: _real("hybrid_prefix", v, low=0.0, hint=" seconds (0 = off)"),
-    "context": lambda v: None if v is None else _real("context", v, low=0.0, above=True,
-                                                      hint=" seconds; omit it for the model's default"),
+    "ar_cfg": lambda v: None if v is None else check_real("ar_cfg", v, low=0.0,
+                                                          hint="; omit it for the model's default"),
+    "hybrid_prefix": lambda v: check_real("hybrid_prefix", v, low=0.0, hint=" seconds (0 = off)"),
+    "context": lambda v: None if v is None else check_real("context", v, low=0.0, above=True,
+                                                           hint=" seconds; omit it for the model's default"),
 }
+
+GENERATION_FIELDS = frozenset(_FIELDS)  # the names GenerationConfig takes
 
 
 @dataclass(frozen=True)

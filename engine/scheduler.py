@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import SettingError
+from .config import SettingError, check_int, check_real
 from .longform import is_long
 from .magnet import Decoding, output_frames, row_generators, split_rows, step_rows
 from .model import CrossKV, Rows
@@ -96,9 +96,7 @@ class Scheduler:
                  max_frames: int | None = None) -> None:
         """`engine`: a loaded Engine, or a function that loads one, called in the loop thread (faster on CPU: see
         the module docstring); its errors are raised here."""
-        if max_batch < 1 or max_queue < 0 or (max_frames is not None and max_frames < 1):
-            raise ValueError(f"max_batch and max_frames must be >= 1 and max_queue >= 0, got {max_batch}, "
-                             f"{max_frames} and {max_queue}")
+        self.check_limits(max_batch, max_queue, max_frames)
         self.max_batch, self.max_queue, self.max_frames = max_batch, max_queue, max_frames
         self._queue: collections.deque[_Request] = collections.deque()
         self._active: list[_Request] = []
@@ -116,6 +114,14 @@ class Scheduler:
         if ready[0] is not None:
             self._thread.join()
             raise ready[0]
+
+    @staticmethod
+    def check_limits(max_batch: int, max_queue: int, max_frames: int | None = None) -> None:
+        """A SettingError naming the first bad limit; front ends (magnet serve) call it before loading a model."""
+        check_int("max_batch", max_batch, low=1)
+        check_int("max_queue", max_queue, low=0)
+        if max_frames is not None:
+            check_int("max_frames", max_frames, low=1)
 
     def _run(self, engine: Engine | Callable[[], Engine], ready: list[BaseException | None],
              started: threading.Event) -> None:
@@ -149,6 +155,11 @@ class Scheduler:
 
     def request(self, prompt: str | None, fields: dict[str, Any]) -> Request:
         """One prompt's request, validated once (Engine.request); what the scheduler cannot serve is refused."""
+        from .config import GENERATION_FIELDS, GenerationConfig
+
+        # GenerationConfig fields only: Engine.request's other keywords (prompts, prompt_codes, device, ...) must
+        # not be reachable through `fields` (a front end forwards its clients' keys); named as unknown settings
+        GenerationConfig.check_fields({k: v for k, v in fields.items() if k not in GENERATION_FIELDS})
         req = self.engine.request([prompt], **fields)
         if is_long(self.engine.config, req.gen):
             raise SettingError(f"<duration> {req.gen.duration:g}s is past the model's segment: long pieces are "
@@ -169,8 +180,8 @@ class Scheduler:
         """
         future: Future[Generation] = Future()
         try:
-            if timeout is not None and not timeout > 0:
-                raise ValueError(f"timeout must be > 0 seconds (or None), got {timeout}")
+            if timeout is not None:  # a SettingError naming <timeout>, as every front end spells it
+                timeout = check_real("timeout", timeout, low=0.0, above=True, hint=" seconds (or omit it)")
             gen = self.request(prompt, fields).gen
         except (ValueError, TypeError) as e:
             future.set_exception(e)
@@ -186,6 +197,15 @@ class Scheduler:
             self._queue.append(req)
             self._cv.notify()
         return future
+
+    def counts(self) -> tuple[int, int]:
+        """(waiting, decoding) requests now, for metrics and health; racy by design (no lock taken)."""
+        return len(self._queue), len(self._active)
+
+    @property
+    def alive(self) -> bool:
+        """True while the loop thread runs (False once closed and drained, or after a failure of the loop)."""
+        return self._thread.is_alive()
 
     def close(self, cancel_pending: bool = False) -> None:
         """Stop taking requests, finish those in flight and (unless `cancel_pending`: cancel) those queued; join."""

@@ -1,0 +1,247 @@
+"""`python -m bench serve --url URL (--rate R | --concurrency C) --seconds S`: load on a running `magnet serve`.
+
+    open loop    --rate R: Poisson arrivals at R requests/s, drawn up front (a slow server does not slow them)
+    closed loop  --concurrency C: C clients, each sends its next request when the previous one is answered
+
+Every request is answered (audio, or an error status) or fails to connect ("conn"); after --seconds no new request
+is sent and those in flight get up to --drain s. Output: one JSON line (throughput, latency percentiles of the
+answered-with-audio requests, errors by status, per-second series), a Markdown table, and with --plot a PNG of
+latency over time by status and answers per second. --kill-at T kills one replica's actor at T s (ray.kill
+through --ray-address) and measures the recovery: from the kill to the first audio answer to a request sent after
+it. Loopback only: the URL must name 127.0.0.1, ::1 or localhost.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import random
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+TEXTS = ["upbeat electronic dance track with a heavy bass line", "slow sad piano", "a calm ambient pad",
+         "rock drums and distorted guitar", "jazz trio, walking bass, brushes", "lofi hip hop beat"]
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass
+class Shot:
+    sent: float  # seconds after the start
+    status: int | str  # HTTP status, or "conn" when no answer came
+    latency: float  # seconds until answered (or failed)
+    bytes: int = 0
+
+
+def send(url: str, body: dict[str, Any], key: str | None, timeout: float, t0: float) -> Shot:
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    req = urllib.request.Request(url + "/v1/generate", json.dumps(body).encode(), headers, method="POST")
+    sent = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            n = len(r.read())
+            return Shot(sent - t0, r.status, time.perf_counter() - sent, n)
+    except urllib.error.HTTPError as e:
+        e.read()
+        return Shot(sent - t0, e.code, time.perf_counter() - sent)
+    except (urllib.error.URLError, OSError):  # refused, reset, timed out: no HTTP answer
+        return Shot(sent - t0, "conn", time.perf_counter() - sent)
+
+
+def request_body(i: int, args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompt": TEXTS[i % len(TEXTS)], "seed": i, "duration": args.duration}
+    if args.steps:
+        body["steps"] = [int(x) for x in args.steps.split(",")]
+    if args.timeout is not None:
+        body["timeout"] = args.timeout
+    return body
+
+
+def open_loop(args: argparse.Namespace, key: str | None, t0: float) -> list[Shot]:
+    rng = random.Random(args.trace_seed)
+    arrivals, t = [], rng.expovariate(args.rate)
+    while t < args.seconds:
+        arrivals.append(t)
+        t += rng.expovariate(args.rate)
+    shots: list[Shot] = []
+    with ThreadPoolExecutor(args.max_clients) as pool:
+        futures = []
+        for i, at in enumerate(arrivals):
+            delay = t0 + at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            futures.append(pool.submit(send, args.url, request_body(i, args), key, args.drain + args.seconds, t0))
+        shots = [f.result() for f in futures]
+    return shots
+
+
+def closed_loop(args: argparse.Namespace, key: str | None, t0: float) -> list[Shot]:
+    shots: list[Shot] = []
+    lock = threading.Lock()
+    counter = iter(range(10**9))
+
+    def client() -> None:
+        while time.perf_counter() - t0 < args.seconds:
+            with lock:
+                i = next(counter)
+            shot = send(args.url, request_body(i, args), key, args.drain + args.seconds, t0)
+            with lock:
+                shots.append(shot)
+
+    threads = [threading.Thread(target=client) for _ in range(args.concurrency)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return sorted(shots, key=lambda s: s.sent)
+
+
+def kill_replica(address: str, after: float, t0: float, box: dict[str, float]) -> None:
+    """At `after` s: ray.kill one replica actor of the magnet app (Serve's controller then starts a new one)."""
+    from serve.cli import ray_environment
+
+    ray_environment()  # this driver's node address must be the loopback one the local cluster uses
+    import ray
+
+    ray.init(address=address, log_to_driver=False)
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::")]
+    if not names:
+        raise SystemExit("bench serve: no Serve replica found on the cluster at --ray-address")
+    actor = ray.get_actor(names[0], namespace="serve")
+    time.sleep(max(0.0, t0 + after - time.perf_counter()))
+    box["killed_at"] = time.perf_counter() - t0
+    ray.kill(actor)
+
+
+def summarize(args: argparse.Namespace, shots: list[Shot], killed_at: float | None) -> dict[str, Any]:
+    from bench.common import cpu_model, git_sha, percentile
+
+    ok = [s for s in shots if s.status == 200]
+    end = max((s.sent + s.latency for s in shots), default=0.0)
+    statuses = collections.Counter(str(s.status) for s in shots)
+    per_second: dict[str, list[int]] = collections.defaultdict(lambda: [0] * (int(end) + 1))
+    for s in shots:  # answers per second, by status, at the second they came back
+        per_second[str(s.status)][int(s.sent + s.latency)] += 1
+    lat = [s.latency for s in ok]
+    row: dict[str, Any] = {
+        "bench": "serve", "mode": "open" if args.rate else "closed", "rate": args.rate,
+        "concurrency": args.concurrency, "seconds": args.seconds, "duration_s": args.duration, "steps": args.steps,
+        "requests": len(shots), "statuses": dict(sorted(statuses.items())),
+        "throughput_rps": round(len(ok) / args.seconds, 3) if args.seconds else None,
+        "audio_s_per_s": round(len(ok) * args.duration / args.seconds, 3) if args.seconds else None,
+        "latency_s": {f"p{q}": round(percentile(lat, q), 3) for q in (50, 90, 99)} if lat else None,
+        "latency_all_s": {f"p{q}": round(percentile([s.latency for s in shots], q), 3) for q in (50, 99)}
+        if shots else None,
+        "per_second": dict(per_second), "label": args.label, "cpu": cpu_model(), "git": git_sha(),
+    }
+    if killed_at is not None:
+        row["killed_at_s"] = round(killed_at, 2)
+        after = [s for s in ok if s.sent >= killed_at]
+        row["recovery_s"] = round(min(s.sent + s.latency for s in after) - killed_at, 2) if after else None
+        row["failed_after_kill"] = sum(1 for s in shots if s.status != 200 and s.sent + s.latency >= killed_at)
+    if args.raw:
+        row["shots"] = [asdict(s) for s in shots]
+    return row
+
+
+def table(row: dict[str, Any]) -> str:
+    lat = row["latency_s"] or {}
+    load = f"{row['rate']} req/s open" if row["mode"] == "open" else f"{row['concurrency']} clients closed"
+    lines = ["| load | requests | by status | throughput (req/s) | latency p50 / p90 / p99 (s) |",
+             "|---|---|---|---|---|",
+             f"| {load} | {row['requests']} | {', '.join(f'{k}: {v}' for k, v in row['statuses'].items())} | "
+             f"{row['throughput_rps']} | {lat.get('p50')} / {lat.get('p90')} / {lat.get('p99')} |"]
+    if "recovery_s" in row:
+        lines.append(f"\nreplica killed at {row['killed_at_s']} s: recovered in {row['recovery_s']} s, "
+                     f"{row['failed_after_kill']} requests failed after the kill")
+    return "\n".join(lines)
+
+
+def plot(shots: list[Shot], row: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for status in sorted({str(s.status) for s in shots}):
+        pts = [s for s in shots if str(s.status) == status]
+        ax1.scatter([s.sent for s in pts], [s.latency for s in pts], s=8, label=status)
+    ax1.set_ylabel("latency (s)")
+    ax1.legend(title="status")
+    for status, counts in sorted(row["per_second"].items()):
+        ax2.plot(range(len(counts)), counts, label=status)
+    if row.get("killed_at_s") is not None:
+        for ax in (ax1, ax2):
+            ax.axvline(row["killed_at_s"], color="k", linestyle="--")
+    ax2.set_xlabel("time (s)")
+    ax2.set_ylabel("answers per second")
+    fig.suptitle(f"bench serve: {row['mode']} loop, {row['label'] or ''}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", required=True, help="the service, e.g. http://127.0.0.1:8000 (loopback only)")
+    load = ap.add_mutually_exclusive_group(required=True)
+    load.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
+    load.add_argument("--concurrency", type=int, help="closed loop: clients")
+    ap.add_argument("--seconds", type=float, default=30.0, help="how long requests are sent")
+    ap.add_argument("--drain", type=float, default=120.0, help="seconds in-flight requests get after that")
+    ap.add_argument("--duration", type=float, default=1.0, help="audio seconds per request")
+    ap.add_argument("--steps", default=None, help="decoding steps per request, e.g. 1,4,4,4 (default: the model's)")
+    ap.add_argument("--timeout", type=float, default=None, help="the requests' deadline (default: the server's)")
+    ap.add_argument("--api-key-file", type=Path, default=None)
+    ap.add_argument("--max-clients", type=int, default=256, help="open loop: most requests in flight")
+    ap.add_argument("--trace-seed", type=int, default=0)
+    ap.add_argument("--kill-at", type=float, default=None, help="kill a replica this many seconds in")
+    ap.add_argument("--ray-address", default="auto", help="the cluster of the service, for --kill-at")
+    ap.add_argument("--label", default="")
+    ap.add_argument("--out", type=Path, default=None, help="append the JSON line here")
+    ap.add_argument("--plot", type=Path, default=None, help="write a PNG here")
+    ap.add_argument("--raw", action="store_true", help="keep every request in the JSON line")
+    args = ap.parse_args(argv)
+    if urllib.parse.urlsplit(args.url).hostname not in LOOPBACK:
+        ap.error(f"--url must be on loopback ({', '.join(LOOPBACK)}), got {args.url}")
+    if (args.rate is not None and not args.rate > 0) or (args.concurrency is not None and args.concurrency < 1):
+        ap.error("--rate must be > 0 and --concurrency >= 1")
+    args.url = args.url.rstrip("/")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    key = args.api_key_file.read_text().strip() if args.api_key_file else None
+    t0 = time.perf_counter()
+    box: dict[str, float] = {}
+    killer = None
+    if args.kill_at is not None:
+        killer = threading.Thread(target=kill_replica, args=(args.ray_address, args.kill_at, t0, box), daemon=True)
+        killer.start()
+    shots = open_loop(args, key, t0) if args.rate else closed_loop(args, key, t0)
+    if killer is not None:
+        killer.join(timeout=5)
+    row = summarize(args, shots, box.get("killed_at"))
+    line = json.dumps(row)
+    print(line, flush=True)
+    if args.out is not None:
+        with args.out.open("a") as f:
+            f.write(line + "\n")
+    print(table(row), file=sys.stderr)
+    if args.plot is not None:
+        plot(shots, row, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

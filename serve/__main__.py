@@ -1,0 +1,6 @@
+"""`python -m serve`: the same as `magnet serve`."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

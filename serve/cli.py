@@ -1,0 +1,243 @@
+"""`magnet serve`: the HTTP service on Ray Serve (registered with `magnet` through the entry-point group
+magnet_engine.commands; `python -m serve` runs the same).
+
+Without --address it starts a local Ray pinned to 127.0.0.1 (no dashboard, no usage statistics) and stops it on
+exit; with --address it deploys onto that cluster and removes only its own application on exit. SIGINT / SIGTERM:
+Serve stops routing, each replica finishes (or times out) what it holds, then Serve and the Ray it started shut down.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, NoReturn
+
+from engine.config import SettingError
+
+from .config import LaunchConfig, ServiceConfig, key_digest
+
+LOOPBACK = "127.0.0.1"
+
+
+def _pair(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX (two integers), got {text!r}") from e
+    return lo, hi
+
+
+# ServiceConfig / LaunchConfig field -> (flag, argparse keywords); defaults come from the dataclasses.
+FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "model": ("--model", {"help": "default (the shipped model), a model folder or a Hugging Face id"}),
+    "device": ("--device", {"help": "cpu, cuda or cuda:N (default: cuda when available)"}),
+    "max_batch": ("--max-batch", {"type": int, "help": "requests decoded together per replica (default: the "
+                                                         "scheduler's)"}),
+    "max_queue": ("--max-queue", {"type": int, "help": "requests waiting per replica; past it: 503 (default: "
+                                                         "the scheduler's)"}),
+    "timeout": ("--timeout", {"type": float, "help": "seconds: a request's deadline unless it sends one; then 504"}),
+    "max_body": ("--max-body", {"type": int, "help": "bytes of a request body; past it: 413"}),
+    "max_prompt_chars": ("--max-prompt-chars", {"type": int, "help": "longest prompt in characters"}),
+    "threads": ("--threads", {"type": int, "help": "torch threads per replica (0 = its --replica-cpus)"}),
+    "host": ("--host", {"help": "HTTP address to bind; anything but loopback exposes the service"}),
+    "port": ("--port", {"type": int}),
+    "replicas": ("--replicas", {"type": int, "help": "fixed number of replicas, placed across the Ray nodes"}),
+    "autoscale": ("--autoscale", {"type": _pair, "metavar": "MIN,MAX",
+                                  "help": "autoscale between MIN and MAX replicas (target: max-batch ongoing "
+                                          "requests per replica)"}),
+    "address": ("--address", {"metavar": "RAY_ADDRESS", "help": "an existing Ray cluster (default: start one here)"}),
+    "replica_cpus": ("--replica-cpus", {"type": float, "help": "Ray CPUs reserved per replica"}),
+    "replica_gpus": ("--replica-gpus", {"type": float, "help": "Ray GPUs reserved per replica (e.g. 1 with "
+                                                              "--device cuda)"}),
+    "metrics_port": ("--metrics-port", {"type": int, "help": "Ray's Prometheus metrics port (default: Ray picks)"}),
+}
+FLAG_NAMES = {name: flag for name, (flag, _) in FLAGS.items()} | {"api_key_file": "--api-key-file"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"magnet serve: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="magnet serve", description="Serve text-to-audio over HTTP on Ray Serve (JSON in, audio out).")
+    for config in (ServiceConfig, LaunchConfig):
+        for f in fields(config):
+            if f.name not in FLAGS:
+                continue
+            flag, kw = FLAGS[f.name]
+            if f.default is not None:  # None defaults are explained by the flag's help
+                kw = dict(kw, help=f"{kw.get('help', '')} (default: {f.default})".strip())
+            p.add_argument(flag, dest=f.name, default=None, **kw)
+    p.add_argument("--api-key-file", type=Path, help="file holding the API key: clients send Authorization: "
+                   "Bearer KEY (default: no key)")
+    return p
+
+
+def parse(argv: Sequence[str]) -> tuple[ServiceConfig, LaunchConfig]:
+    """Flags -> the two configs, checked (before Ray or a model is touched)."""
+    args = build_parser().parse_args(list(argv))
+    if args.replicas is not None and args.autoscale is not None:
+        raise SettingError("give <replicas> or <autoscale>, not both")
+    given = {name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None}
+    service = {k: v for k, v in given.items() if k in {f.name for f in fields(ServiceConfig)}}
+    if args.api_key_file is not None:
+        try:
+            key = args.api_key_file.read_text().strip()
+        except OSError as e:
+            raise SettingError(f"cannot read <api_key_file> {args.api_key_file}: {e.strerror}") from None
+        if not key:
+            raise SettingError(f"<api_key_file> {args.api_key_file} is empty; write the key in it")
+        service["api_key_sha256"] = key_digest(key)
+    return ServiceConfig(**service), LaunchConfig(**{k: v for k, v in given.items() if k not in service})
+
+
+@dataclass
+class Running:
+    """A started service: where it answers and whether this process owns the Ray it runs on."""
+
+    url: str
+    app_name: str
+    owns_ray: bool
+
+    def stop(self) -> None:
+        """Delete the application (its replicas drain first); with a Ray of our own, shut Serve and Ray down too."""
+        import ray
+        from ray import serve
+
+        serve.delete(self.app_name)  # replicas finish what they hold while the proxy still answers
+        if self.owns_ray:
+            serve.shutdown()
+            ray.shutdown()
+
+
+def ray_environment() -> None:
+    """Environment for a Ray started here, set before `import ray` (read once there, inherited by its processes):
+    - no usage statistics;
+    - the node's address is loopback, so Ray's servers bind 127.0.0.1 (on Linux Ray resolves even an explicit
+      127.0.0.1 to the machine's routable address; this switch is the one it uses on macOS and Windows);
+    - the proxy spreads requests over all replicas instead of preferring those on its own node: a replica's CPUs
+      are what a request waits for, so an idle replica on another node beats a busy local one.
+    A cluster joined with --address keeps its own settings."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "0")
+
+
+def start(service: ServiceConfig, launch: LaunchConfig, app_name: str | None = None,
+          route_prefix: str = "/") -> Running:
+    """Start (or join) Ray and Serve and deploy the application; returns once every replica is ready. On a failure
+    what it started is stopped again."""
+    ray_environment()
+    import ray
+    from ray import serve
+
+    from .deployment import APP_NAME, application
+
+    owns = False
+    if not ray.is_initialized():
+        if launch.address is not None:
+            ray.init(address=launch.address, log_to_driver=False)
+        else:  # Ray's own ports on loopback: the node's address is what its services bind
+            ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, log_to_driver=False,
+                     _metrics_export_port=launch.metrics_port)
+            owns = True
+    running = Running(_url(launch.host, launch.port, route_prefix), app_name or APP_NAME, owns)
+    try:
+        # one HTTP proxy, on the head node: on a one-machine test cluster per-node proxies would share one port
+        serve.start(proxy_location="HeadOnly", http_options={"host": launch.host, "port": launch.port})
+        running.url = _serving_url(route_prefix) or running.url
+        serve.run(application(service, launch), name=running.app_name, route_prefix=route_prefix)
+    except BaseException as e:
+        why = _deploy_failure(running.app_name) if isinstance(e, Exception) else None
+        running.stop()
+        if why:  # the replica's own error (a missing model, ...), not Serve's "failed to update the deployments"
+            raise RuntimeError(why) from e
+        raise
+    return running
+
+
+def _url(host: str, port: int, route_prefix: str) -> str:
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}{route_prefix.rstrip('/')}"
+
+
+def _serving_url(route_prefix: str) -> str | None:
+    """The URL Serve really answers on: on a cluster where Serve already ran (--address), its HTTP options stay and
+    ours are ignored. Read through Serve's client (private in Ray 2.60), None if that changes."""
+    from ray.serve import context
+
+    try:
+        http = context._get_global_client().http_config
+        return _url(http.host, http.port, route_prefix)
+    except AttributeError:
+        return None
+
+
+def _deploy_failure(app_name: str) -> str | None:
+    """What Serve recorded about a failed deployment: the replica constructor's traceback, last line last."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:  # noqa: BLE001 - best effort: the caller re-raises the original error without it
+        return None
+    if app is None:
+        return None
+    messages = [d.message for d in app.deployments.values() if d.message] or [app.message]
+    return "\n".join(m for m in messages if m) or None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        service, launch = parse(argv)
+    except SettingError as e:
+        print(f"magnet serve: error: {e.spelled(FLAG_NAMES)}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # argparse: --help or a usage error it printed
+        return e.code if isinstance(e.code, int) else 2
+    ray_environment()
+    try:
+        import ray  # noqa: F401 - the optional dependency, checked before anything starts
+    except ImportError:
+        print('magnet serve: error: Ray Serve is not installed; pip install -e ".[serve]"', file=sys.stderr)
+        return 1
+    stop = threading.Event()
+
+    def on_signal(*_: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)  # Ctrl-C during start-up: stop once started
+    try:
+        running = start(service, launch)
+    except Exception as e:  # noqa: BLE001 - a failed start (model, port, cluster): one line, start() cleaned up
+        print(f"magnet serve: error: could not start: {str(e).strip().splitlines()[-1] if str(e) else e!r}",
+              file=sys.stderr)
+        return 1
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, whose core worker installs its own handlers
+        signal.signal(sig, on_signal)
+    if not stop.is_set():
+        print(f"magnet serve: ready at {running.url} (POST /v1/generate, GET /v1/health, /docs)", flush=True)
+        print(f"magnet serve: Prometheus metrics at {metrics_url()}", flush=True)
+    while not stop.wait(0.5):
+        pass
+    print("magnet serve: stopping", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    running.stop()
+    print(f"magnet serve: stopped in {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
+    return 0
+
+
+def metrics_url() -> str:
+    """Where this node's Ray exports Prometheus metrics (Ray Serve's and the replicas' magnet_* ones)."""
+    import ray
+
+    me = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == me)
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"

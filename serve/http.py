@@ -1,0 +1,308 @@
+"""The HTTP API of one replica, without Ray: a `Service` (an Engine behind the request scheduler) and `build_app`, the
+FastAPI app around it. serve.deployment wraps both in a Ray Serve deployment.
+
+    POST /v1/generate  JSON {prompt, GenerationConfig fields, format, timeout} -> audio (or JSON with Accept)
+    GET  /v1/health    200 while the scheduler's loop runs
+    GET  /v1/model     the model's config and generation defaults, the service's limits
+    GET  /openapi.json the request schema, built from GenerationConfig
+
+A request is checked once, by `Scheduler.submit` (engine.request); this module only reads the HTTP envelope (size,
+JSON, the keys that are not generation settings) and spells the engine's SettingErrors with JSON keys.
+
+The generate route is three steps: `parse_job` (body -> Job), `Service.generate` (Job -> Generation, through the
+scheduler), `Service.render` (Generation -> Response). A streamed answer would be a fourth key read by parse_job
+and a generator in place of the last two, behind the same envelope and errors.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import logging
+import secrets
+import time
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fastapi import FastAPI, Request
+from starlette.responses import JSONResponse, Response
+
+from engine.config import MAX_SEED, GenerationConfig, SettingError, SettingTypeError
+
+from .config import HTTP_NAMES, ServiceConfig, scheduler_limits
+
+if TYPE_CHECKING:
+    from engine.api import Engine, Generation
+
+MEDIA_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg"}
+
+
+class Metrics(Protocol):
+    """Where a replica reports (serve.deployment: Ray's Prometheus metrics)."""
+
+    def request(self, status: int, latency_s: float) -> None: ...
+
+
+class HTTPError(Exception):
+    """An error answered as JSON {"error": message, "field": key}."""
+
+    def __init__(self, status: int, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.field, self.headers = status, message, field, headers or {}
+
+    @classmethod
+    def setting(cls, e: SettingError) -> HTTPError:
+        """A bad setting: 422 with the message in JSON keys (the engine's template, spelled for HTTP)."""
+        field = None if e.field is None else HTTP_NAMES.get(e.field, e.field)
+        return cls(422, e.spelled(HTTP_NAMES), field)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a generate request asks for, its generation settings still unchecked (Scheduler.submit checks them)."""
+
+    prompt: str | None
+    fields: dict[str, Any]  # GenerationConfig fields as sent, plus the seed drawn when none was sent
+    suffix: str  # ".wav", ".flac", ".ogg"
+    timeout: Any  # seconds (checked by the scheduler)
+    received: float  # time.monotonic()
+
+
+def parse_job(raw: bytes, config: ServiceConfig, received: float) -> Job:
+    """The request body -> a Job: size, JSON object, the HTTP keys; GenerationConfig fields are passed on as sent."""
+    from engine.audio import check_format
+
+    if len(raw) > config.max_body:
+        raise HTTPError(413, f"the request body is {len(raw)} bytes; the limit is {config.max_body}")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise HTTPError(400, f"the request body is not valid JSON ({e}); send a JSON object") from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, f"the request body must be a JSON object, got a JSON {type(body).__name__}")
+    if "prompt" not in body:
+        raise HTTPError.setting(SettingError("no <prompts> given: send the text to generate (or null for a sample "
+                                             "without text)"))
+    prompt = body.pop("prompt")
+    if isinstance(prompt, str) and len(prompt) > config.max_prompt_chars:
+        raise HTTPError.setting(SettingError(f"<prompts> is {len(prompt)} characters long; this server takes at "
+                                             f"most {config.max_prompt_chars}"))
+    fmt = body.pop("format", "wav")
+    if not isinstance(fmt, str):
+        raise HTTPError.setting(SettingTypeError(f"<format> must be a text (wav, flac or ogg), got {fmt!r}"))
+    try:
+        check_format("." + fmt)
+    except SettingError as e:
+        raise HTTPError.setting(e) from None
+    timeout = body.pop("timeout", None)
+    if body.get("seed") is None:  # drawn here, so the response can say which seed reproduces it
+        body["seed"] = secrets.randbelow(MAX_SEED + 1)
+    return Job(prompt, body, "." + fmt.lower(), config.timeout if timeout is None else timeout, received)
+
+
+class Service:
+    """One replica's engine behind the request scheduler; the model is loaded by the scheduler's loop thread (the
+    fast way on CPU, see engine/scheduler.py)."""
+
+    def __init__(self, config: ServiceConfig, metrics: Metrics | None = None, replica: str = "") -> None:
+        """`replica`: a name for the X-Replica header (serve.deployment: node and replica id), for tracing routing."""
+        from engine.audio import OutputConfig
+        from engine.scheduler import Scheduler
+
+        self.config, self.metrics, self.replica = config, metrics, replica
+        self.output = OutputConfig()  # what `magnet generate` writes by default: the same bytes for the same seed
+        self.scheduler = Scheduler(self._load, **scheduler_limits(config))
+        self.engine: Engine = self.scheduler.engine
+        self.latency_ewma = 0.0  # seconds, for Retry-After
+
+    def _load(self) -> Engine:
+        import torch
+
+        import engine
+
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        return engine.load(self.config.model, device=self.config.device)
+
+    def close(self) -> None:
+        """Finish what is queued and in flight, then stop the loop thread."""
+        self.scheduler.close()
+
+    async def generate(self, job: Job) -> Generation:
+        """Queue a job and wait for its audio; failures as HTTPError (4xx for the request, 5xx for the server)."""
+        from engine.scheduler import QueueFull, RequestTimeout
+
+        try:
+            future = self.scheduler.submit(job.prompt, timeout=job.timeout, **job.fields)
+        except QueueFull as e:
+            raise HTTPError(503, str(e), headers={"Retry-After": str(self.retry_after())}) from None
+        except RuntimeError as e:  # closed: the replica is shutting down
+            raise HTTPError(503, f"the server is shutting down ({e}); retry", headers={"Retry-After": "1"}) from None
+        try:
+            out = await asyncio.wrap_future(future)
+        except SettingError as e:
+            raise HTTPError.setting(e) from None
+        except RequestTimeout as e:
+            raise HTTPError(504, f"{e}; send a larger \"timeout\" (seconds) or a shorter request", "timeout") from None
+        except asyncio.CancelledError:
+            if future.cancelled():  # cancelled by the scheduler's shutdown, not by this handler's caller
+                raise HTTPError(503, "the server shut down before the request started; retry",
+                                headers={"Retry-After": "1"}) from None
+            raise
+        latency = out.stats.get("latency_s", 0.0)
+        self.latency_ewma = latency if not self.latency_ewma else 0.8 * self.latency_ewma + 0.2 * latency
+        return out
+
+    def retry_after(self) -> int:
+        """Seconds until a queue slot frees, roughly: one request's latency."""
+        return max(1, round(self.latency_ewma))
+
+    def render(self, job: Job, out: Generation, as_json: bool) -> Response:
+        """The audio as `magnet generate` writes it (same normalisation and WAV subtype), or JSON with the tokens."""
+        from engine.audio import audio_bytes, normalize
+
+        sr = out.sample_rate
+        wav = normalize(out.audio[0].cpu(), sr, self.output.normalize)  # [1, samples]
+        data = audio_bytes(wav, sr, job.suffix, self.output.wav_subtype)
+        duration = wav.shape[-1] / sr
+        latency = time.monotonic() - job.received
+        headers = {"X-Seed": str(job.fields["seed"]), "X-Audio-Duration": f"{duration:.6g}",
+                   "X-Latency": f"{latency:.6g}", "X-Queue-Time": f"{out.stats.get('queue_s', 0.0):.6g}"}
+        if self.replica:
+            headers["X-Replica"] = self.replica
+        if as_json:
+            body = {"seed": job.fields["seed"], "sample_rate": sr, "duration": duration, "latency_s": latency,
+                    "format": job.suffix[1:], "tokens": out.codes[0].tolist(),  # [K, T]
+                    "audio": base64.b64encode(data).decode("ascii")}
+            return JSONResponse(body, headers=headers)
+        return Response(data, media_type=MEDIA_TYPES[job.suffix], headers=headers)
+
+    def describe(self) -> dict[str, Any]:
+        """GET /v1/model: what the replica serves and with which limits."""
+        eng = self.engine
+        return {"model": self.config.model or "default", "kind": eng.config.kind, "config": eng.config.to_dict(),
+                "sample_rate": eng.sample_rate, "max_duration": eng.config.segment_duration,
+                "defaults": _json_ready(dataclasses.asdict(eng.defaults)),
+                "limits": {**scheduler_limits(self.config), "timeout": self.config.timeout,
+                           "max_body": self.config.max_body, "max_prompt_chars": self.config.max_prompt_chars}}
+
+
+def _json_ready(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _json_type(tp: Any) -> dict[str, Any]:
+    """A GenerationConfig field's Python type -> JSON Schema type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [_json_type(a) for a in args if a is not type(None)]
+        nullable = type(None) in args
+        base = options[0] if len(options) == 1 else {"anyOf": options}
+        return {"anyOf": [base, {"type": "null"}]} if nullable else base
+    if origin is tuple:
+        return {"type": "array", "items": _json_type(args[0])}
+    return {"type": {bool: "boolean", int: "integer", float: "number", str: "string"}[tp]}
+
+
+def request_schema(config: ServiceConfig, defaults: GenerationConfig) -> dict[str, Any]:
+    """The JSON Schema of POST /v1/generate: the HTTP keys, then every GenerationConfig field with this model's
+    default (documentation: the engine does the checking)."""
+    from engine.audio import FORMATS
+
+    hints = typing.get_type_hints(GenerationConfig)
+    fields = {f.name: {**_json_type(hints[f.name]), "default": _json_ready({"v": getattr(defaults, f.name)})["v"]}
+              for f in dataclasses.fields(GenerationConfig)}
+    return {
+        "type": "object", "required": ["prompt"], "additionalProperties": False,
+        "properties": {
+            "prompt": {"anyOf": [{"type": "string", "maxLength": config.max_prompt_chars}, {"type": "null"}],
+                       "description": "what to generate; null: a sample without text"},
+            "format": {"enum": [s.lstrip(".") for s in FORMATS], "default": "wav"},
+            "timeout": {"type": "number", "exclusiveMinimum": 0, "default": config.timeout,
+                        "description": "seconds from arrival; past it the request fails with 504"},
+            **fields,
+        },
+    }
+
+
+def build_app(service: Service) -> FastAPI:
+    """The FastAPI app of one replica (routes in module docstring)."""
+    app = FastAPI(title="magnet-engine", description="Text to music and sound with MAGNeT.", version="1")
+    config = service.config
+
+    def error(e: HTTPError) -> Response:
+        body = {"error": e.message} | ({"field": e.field} if e.field else {})
+        return JSONResponse(body, status_code=e.status, headers=e.headers)
+
+    def authorized(request: Request) -> None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if not config.key_matches(token.strip() if scheme.lower() == "bearer" else None):
+            raise HTTPError(401, "missing or wrong API key: send the header Authorization: Bearer KEY",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+    def handled(route: Callable[..., Any]) -> Callable[..., Any]:
+        """HTTPError -> its JSON answer; every answer timed and counted. (Not functools.wraps: FastAPI would read
+        the route's own signature and take `received` for a query parameter.)"""
+
+        async def run(request: Request) -> Response:
+            t0 = time.monotonic()
+            try:
+                response = await route(request, t0)
+            except HTTPError as e:
+                response = error(e)
+            except Exception as e:  # noqa: BLE001 - a server fault still answers JSON (and is logged by Serve)
+                logging.getLogger("ray.serve").exception("magnet: %s failed", route.__name__)
+                response = error(HTTPError(500, f"internal error: {type(e).__name__}: {e}"))
+            if service.metrics is not None:
+                service.metrics.request(response.status_code, time.monotonic() - t0)
+            return response
+
+        run.__name__, run.__doc__ = route.__name__, route.__doc__
+        return run
+
+    schema = request_schema(config, service.engine.defaults)
+    audio_types = {media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES.values()}
+
+    @app.post("/v1/generate", summary="Generate audio from text",
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}},
+              responses={200: {"content": {**audio_types, "application/json": {}},
+                               "description": "the audio; JSON with tokens and base64 audio for Accept: "
+                                              "application/json"},
+                         401: {"description": "missing or wrong API key"}, 413: {"description": "body too large"},
+                         422: {"description": "a bad field, named in the error"},
+                         503: {"description": "queue full: retry after Retry-After seconds"},
+                         504: {"description": "past the request's timeout"}})
+    @handled
+    async def generate(request: Request, received: float) -> Response:
+        authorized(request)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > config.max_body:
+            raise HTTPError(413, f"the request body is {declared} bytes; the limit is {config.max_body}")
+        raw = bytearray()
+        async for chunk in request.stream():  # bounded read: a chunked body may not say its length
+            raw += chunk
+            if len(raw) > config.max_body:
+                raise HTTPError(413, f"the request body is over the limit of {config.max_body} bytes")
+        job = parse_job(bytes(raw), config, received)
+        out = await service.generate(job)
+        return service.render(job, out, "application/json" in request.headers.get("accept", ""))
+
+    @app.get("/v1/health", summary="200 once the replica's model is loaded and its scheduler runs")
+    async def health() -> Response:
+        waiting, active = service.scheduler.counts()
+        ok = service.scheduler.alive
+        return JSONResponse({"status": "ok" if ok else "down", "waiting": waiting, "decoding": active},
+                            status_code=200 if ok else 503)
+
+    @app.get("/v1/model", summary="the model's config, generation defaults and the service's limits")
+    @handled
+    async def model(request: Request, received: float) -> Response:
+        authorized(request)
+        return JSONResponse(service.describe())
+
+    return app

@@ -1,0 +1,249 @@
+"""The HTTP service on Ray Serve, end to end on loopback: one two-node Ray cluster (ray.cluster_utils.Cluster, one CPU
+per node) for the whole module, with two applications: `main` (two replicas, one per node) and `tight` (one
+replica, one request decoding and one waiting, an API key) for the overflow, deadline and auth cases."""
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serve.cli import ray_environment
+
+ray_environment()  # before `import ray`: Ray reads it once
+
+KEY = "s3cret-key"
+SLOW = [150, 50, 50, 50]  # decoding steps that keep the tiny model busy for about a second
+FAST = {"steps": [2, 1, 1, 1]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(url: str, body: bytes | dict | None = None, headers: dict | None = None,
+         timeout: float = 120) -> tuple[int, dict[str, str], bytes]:
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method="GET" if data is None else "POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers.items()), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers.items()), e.read()
+
+
+@pytest.fixture(scope="module")
+def cluster(fixture_dir: Path):
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from serve.cli import start
+    from serve.config import LaunchConfig, ServiceConfig, key_digest
+
+    c = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    c.add_node(num_cpus=1)
+    port = free_port()
+    model = str(fixture_dir)
+    running = []
+    try:
+        running.append(start(ServiceConfig(model=model, device="cpu", max_batch=4, max_queue=8),
+                             LaunchConfig(port=port, replicas=2, replica_cpus=1.0), "main", "/"))
+        running.append(start(ServiceConfig(model=model, device="cpu", max_batch=1, max_queue=1, timeout=60,
+                                           api_key_sha256=key_digest(KEY)),
+                             LaunchConfig(port=port, replicas=1, replica_cpus=0.0), "tight", "/tight"))
+        yield {"main": running[0].url, "tight": running[1].url, "nodes": c, "model": model}
+    finally:
+        for r in running:
+            r.stop()
+        serve.shutdown()
+        ray.shutdown()
+        c.shutdown()
+
+
+def test_ready_health_model_and_schema(cluster):
+    status, _, body = call(cluster["main"] + "/v1/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, _, body = call(cluster["main"] + "/v1/model")
+    info = json.loads(body)
+    assert status == 200 and info["config"]["n_q"] == 4 and info["sample_rate"] == 32000
+    assert info["limits"]["max_batch"] == 4 and info["defaults"]["steps"] == [20, 10, 10, 10]
+    # the request schema is built from GenerationConfig: every field, with the model's default
+    from engine.config import GenerationConfig
+
+    _, _, body = call(cluster["main"] + "/openapi.json")
+    schema = json.loads(body)["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {f.name for f in fields(GenerationConfig)} | {"prompt", "format", "timeout"} == set(schema["properties"])
+    assert schema["properties"]["steps"]["default"] == [20, 10, 10, 10] and schema["required"] == ["prompt"]
+
+
+def test_same_seed_as_the_cli(cluster, tmp_path):
+    """The same bytes as `magnet generate PROMPT --seed S` with the same fields; the JSON answer's tokens too."""
+    import torch
+
+    from engine.cli import main
+
+    fields_ = {"seed": 7, "steps": [4, 2, 2, 2], "cfg": [3.0, 1.0], "duration": 0.5}
+    status, headers, wav = call(cluster["main"] + "/v1/generate", {"prompt": "warm piano chords", **fields_})
+    assert status == 200 and headers["content-type"] == "audio/wav" and headers["x-seed"] == "7"
+    assert float(headers["x-audio-duration"]) == pytest.approx(0.5, abs=0.03) and float(headers["x-latency"]) > 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the replica (one Ray CPU)
+    try:
+        for out in ("cli.wav", "cli.flac"):
+            assert main(["generate", "warm piano chords", "--model", cluster["model"], "--device", "cpu", "--quiet",
+                         "--seed", "7", "--steps", "4,2,2,2", "--cfg", "3,1", "--duration", "0.5",
+                         "-o", str(tmp_path / out), "--tokens-out", str(tmp_path / "cli.npy")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert wav == (tmp_path / "cli.wav").read_bytes()
+    status, _, body = call(cluster["main"] + "/v1/generate", {"prompt": "warm piano chords", **fields_},
+                           {"Accept": "application/json"})
+    out = json.loads(body)
+    assert status == 200 and np.array_equal(np.array(out["tokens"]), np.load(tmp_path / "cli.npy")[0])
+    assert base64.b64decode(out["audio"]) == wav and out["seed"] == 7
+    status, headers, flac = call(cluster["main"] + "/v1/generate", {"prompt": "warm piano chords", **fields_,
+                                                                     "format": "flac"})
+    assert headers["content-type"] == "audio/flac" and flac == (tmp_path / "cli.flac").read_bytes()
+
+
+def test_concurrent_requests_and_the_client(cluster):
+    """Requests decoded together give what each gives alone (same seed, same bytes); no seed: one is drawn and
+    returned, and it reproduces the audio."""
+    from serve import Client
+
+    def one(i: int) -> tuple[int, dict, bytes]:
+        return call(cluster["main"] + "/v1/generate", {"prompt": f"drums {i % 3}", "seed": i % 3, **FAST})
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(8)))
+    assert all(status == 200 for status, _, _ in answers)
+    for i, (_, _, wav) in enumerate(answers):
+        assert wav == answers[i % 3][2]
+    client = Client(cluster["main"])
+    first = client.generate_result("rain", **FAST)
+    audio, sr = client.generate("rain", seed=first.seed, **FAST)
+    assert sr == first.sample_rate == 32000 and np.array_equal(audio, first.audio)
+    unconditional, _ = client.generate(None, seed=2, **FAST)  # "prompt": null -> a sample without text
+    assert unconditional.shape == audio.shape and not np.array_equal(unconditional, audio)
+
+
+@pytest.mark.parametrize("body, status, field", [
+    (b"not json", 400, None),
+    (b"[1, 2]", 400, None),
+    ({"seed": 1}, 422, "prompt"),
+    ({"prompt": 3}, 422, "prompt"),
+    ({"prompt": "   "}, 422, "prompt"),
+    ({"prompt": "x" * 2001}, 422, "prompt"),
+    ({"prompt": "x", "temperature": "hot"}, 422, "temperature"),
+    ({"prompt": "x", "top_p": 2}, 422, "top_p"),
+    ({"prompt": "x", "steps": [0, 1, 1, 1]}, 422, "steps"),
+    ({"prompt": "x", "greedy": 1}, 422, "greedy"),
+    (b'{"prompt": "x", "cfg": [NaN]}', 422, "cfg"),
+    (b'{"prompt": "x", "duration": Infinity}', 422, "duration"),
+    ({"prompt": "x", "duration": 30}, 422, "duration"),
+    ({"prompt": "x", "seed": -1}, 422, "seed"),
+    ({"prompt": "x", "format": "mp3"}, 422, "format"),
+    ({"prompt": "x", "timeout": 0}, 422, "timeout"),
+    ({"prompt": "x", "timeout": "soon"}, 422, "timeout"),
+    ({"prompt": "x", "bogus": 1}, 422, None),
+    ({"prompt": "x", "model": "/etc/passwd"}, 422, None),  # no request names a model or a file
+    ({"prompt": "x", "prompt_codes": [[[1]]]}, 422, None),  # nor reaches Engine.request's other arguments
+    ({"prompt": "x", "device": "cuda"}, 422, None),
+    ({"prompt": "x", "pad": "a" * 70_000}, 413, None),
+])
+def test_bad_input(cluster, body, status, field):
+    got, _, raw = call(cluster["main"] + "/v1/generate", body)
+    err = json.loads(raw)
+    assert got == status, err
+    assert set(err) <= {"error", "field"} and err["error"]
+    assert err.get("field") == field
+    if field is not None:
+        assert field in err["error"]
+    if isinstance(body, dict) and status == 422 and field is None:  # an unknown key is named
+        assert next(k for k in body if k != "prompt") in err["error"]
+
+
+def test_auth(cluster):
+    url = cluster["tight"] + "/v1/generate"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        status, got, raw = call(url, {"prompt": "x", **FAST}, headers)
+        assert status == 401 and got["www-authenticate"] == "Bearer" and "API key" in json.loads(raw)["error"]
+    assert call(cluster["tight"] + "/v1/model")[0] == 401
+    assert call(cluster["tight"] + "/v1/health")[0] == 200
+    assert call(url, {"prompt": "x", **FAST}, {"Authorization": f"Bearer {KEY}"})[0] == 200
+
+
+def test_queue_full_503_and_deadline_504(cluster):
+    """One decoding, one waiting: a burst gets 200s and 503s with Retry-After, nothing else; a deadline -> 504."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    url = cluster["tight"] + "/v1/generate"
+
+    def one(i: int) -> tuple[int, dict, bytes]:
+        return call(url, {"prompt": "long", "seed": i, "steps": SLOW}, auth)
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(one, range(6)))
+    codes = sorted(status for status, _, _ in answers)
+    assert set(codes) == {200, 503} and codes.count(200) >= 2, codes
+    for status, headers, raw in answers:
+        if status == 503:
+            assert int(headers.get("retry-after", 0)) >= 1 and "max_queue" in json.loads(raw)["error"], (headers, raw)
+    status, _, raw = call(url, {"prompt": "long", "steps": SLOW, "timeout": 0.2}, auth)
+    assert status == 504 and json.loads(raw)["field"] == "timeout"
+    assert call(url, {"prompt": "after", **FAST}, auth)[0] == 200  # the replica serves on
+
+
+def test_two_nodes_one_replica_each(cluster):
+    """--replicas 2 on a two-node cluster: one replica per node, and both serve."""
+    import ray
+
+    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert len(nodes) == 2
+    seen: set[str] = set()
+    deadline = time.monotonic() + 60
+    while seen != nodes and time.monotonic() < deadline:
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda i: call(cluster["main"] + "/v1/generate",
+                                                   {"prompt": "x", "seed": i, **FAST}), range(4)))
+        seen |= {headers["x-replica"].split("/")[0] for _, headers, _ in answers}
+    assert seen == nodes
+
+
+def test_bench_serve_closed_loop(cluster, capsys):
+    """python -m bench serve against the running service: every request counted, by status."""
+    from bench.serve import main
+
+    assert main(["--url", cluster["main"], "--concurrency", "2", "--seconds", "2", "--steps", "2,1,1,1",
+                 "--duration", "0.5"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["requests"] >= 2 and row["statuses"] == {"200": row["requests"]}
+    assert sum(map(sum, row["per_second"].values())) == row["requests"] and row["latency_s"]["p50"] > 0
+    with pytest.raises(SystemExit):
+        main(["--url", "http://10.0.0.1:8000", "--rate", "1"])  # loopback only
+
+
+def test_a_replica_that_cannot_load_fails_the_start_with_its_own_error(cluster):
+    """A model that does not load: start() raises the replica's error (not Serve's generic one) and removes the app;
+    the other applications keep serving."""
+    from serve.cli import start
+    from serve.config import LaunchConfig, ServiceConfig
+
+    port = int(cluster["main"].rsplit(":", 1)[1])
+    with pytest.raises(RuntimeError, match="not found"):
+        start(ServiceConfig(model="/nonexistent/model", device="cpu"), LaunchConfig(port=port, replica_cpus=0.0),
+              "bad", "/bad")
+    from ray import serve
+
+    assert "bad" not in serve.status().applications
+    assert call(cluster["main"] + "/v1/health")[0] == 200

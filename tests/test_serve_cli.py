@@ -1,0 +1,187 @@
+"""`magnet serve` as a process: flags checked before anything starts, found by `magnet` through its entry point, and
+SIGTERM: in-flight requests answered, every process it started gone, and nothing ever listening off loopback.
+One Ray start (the subprocess's)."""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--max-batch", "0"], "--max-batch"),
+    (["--replicas", "2", "--autoscale", "1,2"], "--replicas"),
+    (["--autoscale", "3,1"], "--autoscale"),
+    (["--port", "70000"], "--port"),
+    (["--timeout", "nan"], "--timeout"),
+    (["--api-key-file", "/nonexistent/key"], "--api-key-file"),
+])
+def test_bad_flags_one_line_before_anything_starts(argv, flag, capsys):
+    from serve.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("magnet serve: error:") and flag in err and "\n" not in err
+
+
+def test_magnet_finds_serve_through_its_entry_point(monkeypatch, capsys):
+    """engine.cli imports nothing of serve: it finds the subcommand in the magnet_engine.commands group (setup.py)."""
+    from engine import cli
+
+    real = importlib.metadata.entry_points
+    ep = importlib.metadata.EntryPoint(name="serve", value="serve.cli:main", group=cli.COMMANDS_GROUP)
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda **kw: [ep] if kw.get("group") == cli.COMMANDS_GROUP else real(**kw))
+    assert cli.main(["--help"]) == 0 and "serve" in capsys.readouterr().out
+    assert cli.main(["serve", "--max-queue", "-1"]) == 2 and "--max-queue" in capsys.readouterr().err
+    assert "serve = serve.cli:main" in (REPO / "setup.py").read_text()
+
+
+def _tree(root: int) -> set[int]:
+    """root and every process below it (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        out.add(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _listening(pids: set[int]) -> list[tuple[str, int]]:
+    """(hex address as /proc/net shows it, pid) of every listening TCP socket the processes hold."""
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                link = os.readlink(fd)
+                if link.startswith("socket:["):
+                    inodes[link[8:-1]] = pid
+        except OSError:
+            continue
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # LISTEN
+                out.append((cols[1].split(":")[0], inodes[cols[9]]))
+    return out
+
+
+def _loopback(addr: str) -> bool:
+    # /proc/net/tcp: IPv4 as little-endian hex (127.x.x.x ends in 7F); tcp6: ::1 or ::ffff:127.x.x.x
+    return (len(addr) == 8 and addr.endswith("7F")) or addr == "0" * 24 + "01000000" or \
+        (addr.startswith("0000000000000000FFFF0000") and addr.endswith("7F"))
+
+
+def test_sigterm_finishes_in_flight_and_leaves_nothing_running(fixture_dir, tmp_path):
+    from serve import Client
+
+    (tmp_path / "key").write_text("k3y\n")
+    port = free_port()
+    out, err = (tmp_path / "out.log").open("w"), (tmp_path / "err.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", str(fixture_dir), "--device", "cpu",
+                             "--port", str(port), "--api-key-file", str(tmp_path / "key"), "--max-batch", "2"],
+                            stdout=out, stderr=err, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.monotonic() + 150
+        while "ready at" not in (tmp_path / "out.log").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err.log").read_text()[-3000:]
+            time.sleep(0.5)
+        assert f"http://127.0.0.1:{port}" in (tmp_path / "out.log").read_text()
+        started = _tree(proc.pid)
+        assert len(started) > 3  # Ray's own processes: gcs_server, raylet, workers
+        sockets = _listening(started)
+        assert sockets and all(_loopback(addr) for addr, _ in sockets), sockets
+        client = Client(f"http://127.0.0.1:{port}", api_key="k3y")
+        assert client.health()["status"] == "ok"
+        assert client.generate("metrics", seed=0, steps=[2, 1, 1, 1])[1] == 32000
+        # Prometheus: Ray Serve's own metrics and the replica's, at the address it printed (exported every few s)
+        metrics_url = next(w for w in (tmp_path / "out.log").read_text().split() if w.endswith("/metrics"))
+        names = ("ray_magnet_request_latency_s_bucket", "ray_magnet_batch_size_bucket", "ray_magnet_queue_length",
+                 "ray_serve_num_http_requests")
+        deadline, text = time.monotonic() + 60, ""
+        while not all(n in text for n in names) and time.monotonic() < deadline:
+            time.sleep(2)
+            text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+        assert all(n in text for n in names), [n for n in names if n not in text]
+        result: dict = {}
+
+        def slow() -> None:
+            result["audio"] = client.generate("in flight", steps=[150, 50, 50, 50], seed=1)
+
+        worker = threading.Thread(target=slow)
+        worker.start()
+        time.sleep(0.5)
+        started |= _tree(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, (tmp_path / "err.log").read_text()[-3000:]
+        worker.join(timeout=60)
+        assert result["audio"][1] == 32000  # the request in flight was answered, not dropped
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in started) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not [p for p in started if _alive(p)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        out.close()
+        err.close()
+
+
+def test_deployment_options_replicas_and_autoscaling():
+    """--replicas N: a fixed count; --autoscale MIN,MAX: Serve's autoscaler aiming at max_batch ongoing requests per
+    replica (a replica is full at max_batch decoding together); replicas hold their scheduler's queue plus room to
+    answer overflow with 503, and the router's queue is bounded."""
+    from serve.cli import parse
+    from serve.deployment import OVERFLOW, application
+
+    service, launch = parse(["--max-batch", "4", "--max-queue", "10", "--autoscale", "1,3", "--replica-cpus", "2"])
+    opts = application(service, launch)._bound_deployment._deployment_config
+    auto = opts.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 3, 4)
+    assert opts.max_ongoing_requests == 4 + 10 + OVERFLOW and opts.max_queued_requests == 4 + 10 + OVERFLOW
+    service, launch = parse(["--replicas", "3"])
+    bound = application(service, launch)._bound_deployment
+    assert bound._deployment_config.num_replicas == 3 and bound._deployment_config.autoscaling_config is None
+    assert bound.ray_actor_options["num_cpus"] == 1.0 and bound.init_args[0].threads == 1
+
+
+def test_magnet_help_imports_neither_serve_nor_ray():
+    """The entry point is read as metadata: `magnet --help` lists plug-in commands without importing them."""
+    code = ("import sys, contextlib, io; from engine.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()): main(['--help'])\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('serve', 'ray', 'fastapi')], 'imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
