@@ -306,11 +306,12 @@ def _plugin_commands() -> dict[str, Callable[[Sequence[str]], int]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {**_plugin_commands(), "generate": generate_main, "export": _export_main}
+    commands = {"generate": generate_main, "export": _export_main, **_plugin_commands()}
     names = ",".join(commands)
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: magnet {{{names}}} ...\n  generate  text -> WAV\n  export    ONNX export\n"
-              + "".join(f"  {n:<9} see magnet {n} --help\n" for n in commands if n not in ("generate", "export"))
+        what = {"generate": "text -> audio (.wav, .flac, .ogg)", "export": "ONNX export"}
+        print(f"usage: magnet {{{names}}} ...\n"
+              + "".join(f"  {n:<9} {what.get(n, f'see magnet {n} --help')}\n" for n in commands)
               + "Run `magnet generate --help` for the options.", file=sys.stderr if not argv else sys.stdout)
         return 2 if not argv else 0
     if argv[0] not in commands:
