@@ -22,13 +22,18 @@ with the model loaded and run in the same thread (main, or the loop thread), 2.6
 thread and run on another; with one intra-op thread everywhere 2.2-2.4 s. So pass a loader, `Scheduler(lambda:
 engine.load(...))`: it runs in the loop thread, and the model never touches another thread. An engine already
 loaded elsewhere works too, at the slower speed on such CPUs (bench/RESULTS.md has both).
+
+Streams (`stream()`: any duration, long pieces included) run in the same loop thread, one window per loop
+iteration between batched steps (`Engine.generate_stream`), so a long piece neither blocks the batch for minutes nor
+touches the model from another thread; its chunks reach the caller through a queue.
 """
 from __future__ import annotations
 
 import collections
+import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -42,7 +47,7 @@ from .model import CrossKV, Rows
 from .sampling import StepSampling
 
 if TYPE_CHECKING:
-    from .api import Engine, Generation
+    from .api import Chunk, Engine, Generation
     from .config import GenerationConfig
     from .request import Request
 
@@ -65,6 +70,46 @@ class _Request:
     started: float = 0.0
     dec: Decoding | None = None
     cross: CrossKV = field(default_factory=list)
+
+
+def _check_timeout(timeout: Any) -> float | None:
+    """A SettingError naming <timeout>, as every front end spells it."""
+    if timeout is None:
+        return None
+    return check_real("timeout", timeout, low=0.0, above=True, hint=" seconds (or omit it)")
+
+
+class Stream:
+    """A streamed request (`Scheduler.stream`): iterate it for its `Chunk`s as windows complete (blocking); a
+    failure (RequestTimeout, a loop error, shutdown) is raised by the iteration. `cancel()` when the consumer leaves
+    early (a client hung up): the loop drops the piece at its next window."""
+
+    def __init__(self, request: Request, deadline: float | None) -> None:
+        self.request, self.deadline = request, deadline
+        self.chunks: Iterator[Chunk] | None = None  # Engine.generate_stream, started and advanced by the loop thread
+        self._out: queue.Queue[Chunk | BaseException | None] = queue.Queue()
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def next_chunk(self, timeout: float | None = None) -> Chunk | None:
+        """The next chunk, None after the last; raises the request's failure (or queue.Empty past `timeout`)."""
+        item = self._out.get(timeout=timeout)
+        if isinstance(item, BaseException):
+            self._out.put(item)  # every later call raises it too
+            raise item
+        if item is None:
+            self._out.put(None)
+        return item
+
+    def __iter__(self) -> Iterator[Chunk]:
+        while (chunk := self.next_chunk()) is not None:
+            yield chunk
 
 
 def _pass_frames(gen: GenerationConfig, engine: Engine) -> int:
@@ -100,6 +145,7 @@ class Scheduler:
         self.max_batch, self.max_queue, self.max_frames = max_batch, max_queue, max_frames
         self._queue: collections.deque[_Request] = collections.deque()
         self._active: list[_Request] = []
+        self._streams: list[Stream] = []  # streamed requests, one window per loop iteration each
         self._cv = threading.Condition()
         self._closed = False
         self._cancel_pending = False
@@ -142,6 +188,9 @@ class Scheduler:
                 self._closed = True
                 stranded = self._active + list(self._queue)
                 self._active, self._queue = [], collections.deque()
+                streams, self._streams = self._streams, []
+            for st in streams:
+                st._out.put(RuntimeError(f"the scheduler's loop failed: {e!r}"))
             for req in stranded:
                 if not req.future.done() and (req.future.running() or req.future.set_running_or_notify_cancel()):
                     req.future.set_exception(RuntimeError(f"the scheduler's loop failed: {e!r}"))
@@ -161,9 +210,6 @@ class Scheduler:
         # not be reachable through `fields` (a front end forwards its clients' keys); named as unknown settings
         GenerationConfig.check_fields({k: v for k, v in fields.items() if k not in GENERATION_FIELDS})
         req = self.engine.request([prompt], **fields)
-        if is_long(self.engine.config, req.gen):
-            raise SettingError(f"<duration> {req.gen.duration:g}s is past the model's segment: long pieces are "
-                               "generated window by window by Engine.generate / generate_stream, not batched here")
         if req.prompt_codes is not None or req.prompt_audio is not None or req.rescorer or req.ar_model:
             raise SettingError("the scheduler serves text-to-audio requests: audio prompts (prompt_codes / "
                                "prompt_audio) and the quality levers (rescorer / ar_model) go through "
@@ -180,23 +226,43 @@ class Scheduler:
         """
         future: Future[Generation] = Future()
         try:
-            if timeout is not None:  # a SettingError naming <timeout>, as every front end spells it
-                timeout = check_real("timeout", timeout, low=0.0, above=True, hint=" seconds (or omit it)")
+            timeout = _check_timeout(timeout)
             gen = self.request(prompt, fields).gen
+            if is_long(self.engine.config, gen):
+                raise SettingError(f"<duration> {gen.duration:g}s is past the model's segment: long pieces are "
+                                   "generated window by window: use Scheduler.stream (or Engine.generate)")
         except (ValueError, TypeError) as e:
             future.set_exception(e)
             return future
         now = time.monotonic()
         req = _Request(prompt, gen, future, now, None if timeout is None else now + timeout)
         with self._cv:
-            if self._closed:
-                raise RuntimeError("the scheduler is closed: submit before close() or start a new one")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"{len(self._queue)} requests are waiting (max_queue={self.max_queue}); retry later "
-                                "or create the Scheduler with a larger max_queue")
+            self._check_room()
             self._queue.append(req)
             self._cv.notify()
         return future
+
+    def stream(self, prompt: str | None, *, timeout: float | None = None, **fields: Any) -> Stream:
+        """Queue one request of any duration (a long piece window by window) and get its chunks as they complete:
+        `for chunk in scheduler.stream(prompt, duration=60): ...`. The chunks are `Engine.generate_stream`'s for the
+        same settings and seed. Bad settings raise here (SettingError); QueueFull and RuntimeError as `submit`."""
+        timeout = _check_timeout(timeout)
+        req = self.request(prompt, fields)
+        stream = Stream(req, None if timeout is None else time.monotonic() + timeout)
+        with self._cv:
+            self._check_room()
+            self._streams.append(stream)
+            self._cv.notify()
+        return stream
+
+    def _check_room(self) -> None:
+        """Under the lock: refuse work once closed or when max_queue requests (streams included) are waiting."""
+        if self._closed:
+            raise RuntimeError("the scheduler is closed: submit before close() or start a new one")
+        waiting = len(self._queue) + sum(s.chunks is None for s in self._streams)
+        if waiting >= self.max_queue:
+            raise QueueFull(f"{waiting} requests are waiting (max_queue={self.max_queue}); retry later "
+                            "or create the Scheduler with a larger max_queue")
 
     def counts(self) -> tuple[int, int]:
         """(waiting, decoding) requests now, for metrics and health; racy by design (no lock taken)."""
@@ -222,13 +288,17 @@ class Scheduler:
         with torch.no_grad():
             while True:
                 with self._cv:
-                    while not (self._queue or self._active or self._closed):
+                    while not (self._queue or self._active or self._streams or self._closed):
                         self._cv.wait()
                     if self._cancel_pending:
                         while self._queue:
                             self._queue.popleft().future.cancel()
-                    if self._closed and not self._queue and not self._active:
+                        for st in [st for st in self._streams if st.chunks is None]:
+                            self._streams.remove(st)
+                            st._out.put(RuntimeError("the scheduler closed before the stream started"))
+                    if self._closed and not self._queue and not self._active and not self._streams:
                         return
+                    streams = list(self._streams)
                     admitted = []
                     frames = sum(_pass_frames(r.gen, self.engine) for r in self._active)
                     while self._queue and len(self._active) + len(admitted) < self.max_batch:
@@ -242,6 +312,8 @@ class Scheduler:
                 self._expire()
                 if self._active:
                     self._iterate()
+                for st in streams:
+                    self._advance(st)
 
     def _admit(self, req: _Request) -> None:
         """Text encoding and decoding state of one request (its own errors fail only it)."""
@@ -257,6 +329,27 @@ class Scheduler:
             req.future.set_exception(e)
             return
         self._active.append(req)
+
+    def _advance(self, st: Stream) -> None:
+        """One window of a streamed request (its first call starts it); its end or failure ends the stream."""
+        item: Chunk | BaseException | None
+        if st.cancelled:
+            item = RuntimeError("the stream was cancelled")
+        elif st.deadline is not None and time.monotonic() >= st.deadline:
+            item = RequestTimeout("the streamed request did not finish within its timeout")
+        else:
+            try:
+                if st.chunks is None:
+                    st.chunks = self.engine.generate_stream(st.request)
+                item = next(st.chunks, None)
+            except Exception as e:  # noqa: BLE001 - a failure of this piece is its own, the loop goes on
+                item = e
+            if item is not None and not isinstance(item, BaseException):
+                st._out.put(item)
+                return
+        with self._cv:
+            self._streams.remove(st)
+        st._out.put(item)
 
     def _expire(self) -> None:
         """Requests past their deadline leave: queued ones without starting, active ones mid-decoding."""

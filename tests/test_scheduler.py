@@ -274,3 +274,51 @@ def test_max_frames_budget_is_fifo(tiny, monkeypatch):
             f.result(timeout=60)
     # a + b = 114; c (+96) waits, and d (+18, would fit) does not overtake it; then c + d
     assert sizes == [2] * 8
+
+
+def test_stream_a_long_piece_beside_batched_requests(tiny):
+    """A long piece streams one window per loop iteration between batched steps: its chunks are Engine.
+    generate_stream's (so they join to generate's audio), and the short requests beside it stay token-identical."""
+    long_kw = dict(TINY, greedy=False, seed=7, duration=2.5)
+    short = [("piano", dict(TINY, greedy=True, duration=0.5)), (LONG, dict(TINY, greedy=False, seed=2))]
+    want = list(tiny.generate_stream([LONG], **long_kw))
+    solo = [tiny.generate([p], **kw).codes for p, kw in short]
+    with Scheduler(tiny, max_batch=4) as sched:
+        stream = sched.stream(LONG, **long_kw)
+        futures = [sched.submit(p, **kw) for p, kw in short]
+        got = list(stream)
+        outs = [f.result(timeout=60) for f in futures]
+    assert len(got) == len(want) > 1
+    for a, b in zip(got, want):
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.audio, b.audio)
+    assert torch.equal(torch.cat([c.audio for c in got], -1), tiny.generate([LONG], **long_kw).audio)
+    assert all(torch.equal(o.codes, s) for o, s in zip(outs, solo))
+
+
+def test_stream_refusals_timeout_and_cancel(tiny, monkeypatch):
+    with Scheduler(tiny, max_batch=2, max_queue=1) as sched:
+        with pytest.raises(ValueError, match="past the model's segment: .*Scheduler.stream"):
+            sched.submit("x", **TINY, duration=2.0).result(timeout=10)
+        with pytest.raises(ValueError, match="context"):
+            sched.stream("x", **TINY, duration=2.0, context=5.0)
+        with pytest.raises(ValueError, match="timeout"):
+            sched.stream("x", timeout=-1.0, **TINY)
+        late = sched.stream("x", timeout=1e-9, **TINY, duration=2.0)
+        with pytest.raises(RequestTimeout):
+            list(late)
+        gate = threading.Event()
+        real = tiny.generate_stream
+
+        def slow(*args, **kw):  # every window waits for the gate: the stream is still running when cancelled
+            for chunk in real(*args, **kw):
+                gate.wait(10)
+                yield chunk
+
+        monkeypatch.setattr(tiny, "generate_stream", slow)
+        gone = sched.stream("x", **TINY, duration=2.0)
+        gone.cancel()
+        gate.set()
+        with pytest.raises(RuntimeError, match="cancelled"):
+            list(gone)
+    with pytest.raises(RuntimeError, match="closed"):
+        sched.stream("x", **TINY)
