@@ -90,6 +90,10 @@ class Stream:
         self._out: queue.Queue[Chunk | BaseException | None] = queue.Queue()
         self._cancelled = threading.Event()
 
+    def put(self, item: Chunk | BaseException | None) -> None:
+        """From the loop thread: a chunk, None at the end, or the failure."""
+        self._out.put(item)
+
     def cancel(self) -> None:
         self._cancelled.set()
 
@@ -110,6 +114,24 @@ class Stream:
     def __iter__(self) -> Iterator[Chunk]:
         while (chunk := self.next_chunk()) is not None:
             yield chunk
+
+
+class _Collected(Stream):
+    """A long piece submitted with `submit`: its chunks are joined into the Generation its future resolves to."""
+
+    def __init__(self, request: Request, deadline: float | None, future: Future[Generation], sample_rate: int) -> None:
+        super().__init__(request, deadline)
+        self.future, self.sample_rate, self.parts = future, sample_rate, []
+
+    def put(self, item: Chunk | BaseException | None) -> None:
+        from .api import join
+
+        if isinstance(item, BaseException):
+            self.future.set_exception(item)
+        elif item is None:
+            self.future.set_result(join(self.parts, self.sample_rate))
+        else:
+            self.parts.append(item)
 
 
 def _pass_frames(gen: GenerationConfig, engine: Engine) -> int:
@@ -190,7 +212,7 @@ class Scheduler:
                 self._active, self._queue = [], collections.deque()
                 streams, self._streams = self._streams, []
             for st in streams:
-                st._out.put(RuntimeError(f"the scheduler's loop failed: {e!r}"))
+                st.put(RuntimeError(f"the scheduler's loop failed: {e!r}"))
             for req in stranded:
                 if not req.future.done() and (req.future.running() or req.future.set_running_or_notify_cancel()):
                     req.future.set_exception(RuntimeError(f"the scheduler's loop failed: {e!r}"))
@@ -219,7 +241,8 @@ class Scheduler:
     def submit(self, prompt: str | None, *, timeout: float | None = None, **fields: Any) -> Future[Generation]:
         """Queue one request; thread-safe. -> a Future of its Generation (audio [1, 1, samples], codes [1, K, T]).
 
-        `fields`: GenerationConfig fields, as for Engine.generate. Bad settings fail the returned future (ValueError
+        `fields`: GenerationConfig fields, as for Engine.generate (a long piece runs window by window beside the
+        batch, as `stream`, and resolves to the joined piece). Bad settings fail the returned future (ValueError
         or TypeError) without queueing; `timeout` seconds after submit an unfinished request leaves its batch and
         its future fails with RequestTimeout. Raises QueueFull when max_queue requests are waiting and
         RuntimeError once the scheduler is closed.
@@ -227,14 +250,21 @@ class Scheduler:
         future: Future[Generation] = Future()
         try:
             timeout = _check_timeout(timeout)
-            gen = self.request(prompt, fields).gen
-            if is_long(self.engine.config, gen):
-                raise SettingError(f"<duration> {gen.duration:g}s is past the model's segment: long pieces are "
-                                   "generated window by window: use Scheduler.stream (or Engine.generate)")
+            request = self.request(prompt, fields)
+            gen = request.gen
         except (ValueError, TypeError) as e:
             future.set_exception(e)
             return future
         now = time.monotonic()
+        if is_long(self.engine.config, gen):  # window by window beside the batch (`stream`), joined at the end
+            future.set_running_or_notify_cancel()
+            collected = _Collected(request, None if timeout is None else now + timeout, future,
+                                   self.engine.sample_rate)
+            with self._cv:
+                self._check_room()
+                self._streams.append(collected)
+                self._cv.notify()
+            return future
         req = _Request(prompt, gen, future, now, None if timeout is None else now + timeout)
         with self._cv:
             self._check_room()
@@ -295,7 +325,7 @@ class Scheduler:
                             self._queue.popleft().future.cancel()
                         for st in [st for st in self._streams if st.chunks is None]:
                             self._streams.remove(st)
-                            st._out.put(RuntimeError("the scheduler closed before the stream started"))
+                            st.put(RuntimeError("the scheduler closed before the stream started"))
                     if self._closed and not self._queue and not self._active and not self._streams:
                         return
                     streams = list(self._streams)
@@ -345,11 +375,11 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - a failure of this piece is its own, the loop goes on
                 item = e
             if item is not None and not isinstance(item, BaseException):
-                st._out.put(item)
+                st.put(item)
                 return
         with self._cv:
             self._streams.remove(st)
-        st._out.put(item)
+        st.put(item)
 
     def _expire(self) -> None:
         """Requests past their deadline leave: queued ones without starting, active ones mid-decoding."""

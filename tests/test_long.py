@@ -150,13 +150,14 @@ def test_prompt_codes_seed_the_first_window_only(tiny) -> None:
         tiny.request(["x"], duration=2.0, prompt_codes=torch.zeros(1, 4, 60, dtype=torch.long))
 
 
-def test_scheduler_refuses_long_pieces(tiny) -> None:
-    sched = Scheduler(tiny)
-    try:
-        with pytest.raises(SettingError, match="window by window"):
-            sched.submit("x", duration=3.0).result(timeout=5)
-    finally:
-        sched.close()
+def test_scheduler_submits_long_pieces_whole(tiny) -> None:
+    """`Scheduler.submit` of a long piece: its windows run beside the batch and the future holds the joined piece,
+    equal to Engine.generate's."""
+    kw = dict(duration=2.0, steps=(2, 1, 1, 1), seed=5)
+    with Scheduler(tiny) as sched:
+        out = sched.submit("x", **kw).result(timeout=60)
+    want = tiny.generate(["x"], **kw)
+    assert torch.equal(out.codes, want.codes) and torch.equal(out.audio, want.audio)
 
 
 def test_cli_long_shows_windows(tiny, fixture_dir: Path, tmp_path: Path, capsys) -> None:

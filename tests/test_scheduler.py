@@ -152,7 +152,7 @@ def test_deadline(tiny, monkeypatch):
 
 def test_bad_settings_fail_their_own_future(tiny):
     with Scheduler(tiny) as sched:
-        bad = [sched.submit("a", steps=(1, 2)), sched.submit("a", top_p=2.0), sched.submit("a", duration=99.0),
+        bad = [sched.submit("a", steps=(1, 2)), sched.submit("a", top_p=2.0), sched.submit("a", duration=5000.0),
                sched.submit("a", timeout=-1.0), sched.submit("a", hybrid_prefix=0.1), sched.submit(3),
                sched.submit("a", rescore_weight=0.5), sched.submit("a", unknown_field=1)]
         good = sched.submit("a", **dict(TINY, greedy=True, duration=0.2))
@@ -297,8 +297,6 @@ def test_stream_a_long_piece_beside_batched_requests(tiny):
 
 def test_stream_refusals_timeout_and_cancel(tiny, monkeypatch):
     with Scheduler(tiny, max_batch=2, max_queue=1) as sched:
-        with pytest.raises(ValueError, match="past the model's segment: .*Scheduler.stream"):
-            sched.submit("x", **TINY, duration=2.0).result(timeout=10)
         with pytest.raises(ValueError, match="context"):
             sched.stream("x", **TINY, duration=2.0, context=5.0)
         with pytest.raises(ValueError, match="timeout"):
