@@ -153,6 +153,29 @@ def audio_bytes(wav: torch.Tensor, sample_rate: int, suffix: str = ".wav", subty
     return buf.getvalue()
 
 
+def pcm16_bytes(wav: torch.Tensor) -> bytes:
+    """wav [C, samples] float -> interleaved 16-bit little-endian PCM, converted as `audio_bytes` converts (through
+    libsndfile), for a WAV sent a chunk at a time."""
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, wav.detach().cpu().float().clamp(-1, 1).numpy().T, 8000, subtype="PCM_16", format="RAW",
+             endian="LITTLE")  # RAW: the rate is not stored
+    return buf.getvalue()
+
+
+def wav_stream_header(sample_rate: int, channels: int = 1) -> bytes:
+    """The 44-byte header of a 16-bit PCM WAV whose length is not known yet (RIFF and data sizes 0xFFFFFFFF, as
+    streamed WAVs state it): players read the samples as they arrive."""
+    import struct
+
+    unknown = 0xFFFFFFFF
+    return (b"RIFF" + struct.pack("<I", unknown) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, channels, sample_rate,
+            sample_rate * channels * 2, channels * 2, 16) + b"data" + struct.pack("<I", unknown))
+
+
 def write_audio(path: Path, wav: torch.Tensor, sample_rate: int, subtype: str = "pcm16") -> None:
     """wav [C, samples] float -> `path` in the format its extension names (.wav in `subtype`, .flac, .ogg), written
     to a temporary name in the same folder first, so no half file is ever left under `path`."""

@@ -1,7 +1,8 @@
 """The HTTP API of one replica, without Ray: a `Service` (an Engine behind the request scheduler) and `build_app`, the
 FastAPI app around it. serve.deployment wraps both in a Ray Serve deployment.
 
-    POST /v1/generate  JSON {prompt, GenerationConfig fields, format, timeout} -> audio (or JSON with Accept)
+    POST /v1/generate  JSON {prompt, GenerationConfig fields, format, timeout, stream} -> audio (or JSON with
+                       Accept); "stream": true sends a WAV with chunked transfer, a window at a time
     GET  /v1/health    200 while the scheduler's loop runs
     GET  /v1/model     the model's config and generation defaults, the service's limits
     GET  /openapi.json the request schema, built from GenerationConfig
@@ -10,8 +11,8 @@ A request is checked once, by `Scheduler.submit` (engine.request); this module o
 JSON, the keys that are not generation settings) and spells the engine's SettingErrors with JSON keys.
 
 The generate route is three steps: `parse_job` (body -> Job), `Service.generate` (Job -> Generation, through the
-scheduler), `Service.render` (Generation -> Response). A streamed answer would be a fourth key read by parse_job
-and a generator in place of the last two, behind the same envelope and errors.
+scheduler), `Service.render` (Generation -> Response); a streamed one swaps the last two for `Service.stream`
+(Scheduler.stream's chunks as they complete, behind the same envelope and errors).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
-from engine.config import MAX_SEED, GenerationConfig, SettingError, SettingTypeError
+from engine.config import MAX_DURATION, MAX_SEED, GenerationConfig, SettingError, SettingTypeError
 
 from .config import HTTP_NAMES, ServiceConfig, scheduler_limits
 
@@ -71,6 +72,7 @@ class Job:
     suffix: str  # ".wav", ".flac", ".ogg"
     timeout: Any  # seconds (checked by the scheduler)
     received: float  # time.monotonic()
+    stream: bool = False  # send the audio as windows complete (a WAV of unstated length, chunked)
 
 
 def parse_job(raw: bytes, config: ServiceConfig, received: float) -> Job:
@@ -100,9 +102,15 @@ def parse_job(raw: bytes, config: ServiceConfig, received: float) -> Job:
     except SettingError as e:
         raise HTTPError.setting(e) from None
     timeout = body.pop("timeout", None)
+    stream = body.pop("stream", False)
+    if not isinstance(stream, bool):
+        raise HTTPError.setting(SettingTypeError(f"<stream> must be true or false, got {stream!r}"))
+    if stream and fmt.lower() != "wav":
+        raise HTTPError.setting(SettingError(f"<stream> sends WAV (PCM that plays as it arrives), not {fmt}: drop "
+                                             "\"format\" or turn streaming off"))
     if body.get("seed") is None:  # drawn here, so the response can say which seed reproduces it
         body["seed"] = secrets.randbelow(MAX_SEED + 1)
-    return Job(prompt, body, "." + fmt.lower(), config.timeout if timeout is None else timeout, received)
+    return Job(prompt, body, "." + fmt.lower(), config.timeout if timeout is None else timeout, received, stream)
 
 
 class Service:
@@ -158,6 +166,39 @@ class Service:
         self.latency_ewma = latency if not self.latency_ewma else 0.8 * self.latency_ewma + 0.2 * latency
         return out
 
+    def stream(self, job: Job) -> Response:
+        """The audio as windows complete: a 16-bit PCM WAV whose header leaves the length open (0xFFFFFFFF, as
+        streamed WAVs do), then each chunk's samples. Not normalised (the piece's peak is not known until its end):
+        the model's own level, clipped to [-1, 1]; the samples are those of `generate`'s audio."""
+        from starlette.responses import StreamingResponse
+
+        from engine.audio import pcm16_bytes, wav_stream_header
+        from engine.scheduler import QueueFull
+
+        try:
+            stream = self.scheduler.stream(job.prompt, timeout=job.timeout, **job.fields)
+        except SettingError as e:
+            raise HTTPError.setting(e) from None
+        except QueueFull as e:
+            raise HTTPError(503, str(e), headers={"Retry-After": str(self.retry_after())}) from None
+        except RuntimeError as e:  # closed: the replica is shutting down
+            raise HTTPError(503, f"the server is shutting down ({e}); retry", headers={"Retry-After": "1"}) from None
+        sr = self.engine.sample_rate
+
+        async def body() -> typing.AsyncIterator[bytes]:
+            try:
+                yield wav_stream_header(sr)
+                while (chunk := await asyncio.to_thread(stream.next_chunk)) is not None:
+                    if chunk.audio.shape[-1]:
+                        yield pcm16_bytes(chunk.audio[0])
+            except Exception:  # noqa: BLE001 - the status is sent: the answer ends short, the fault is logged
+                logging.getLogger("ray.serve").exception("magnet: a streamed request failed mid-way")
+            finally:
+                stream.cancel()  # a client that hung up frees the loop at the next window
+
+        headers = {"X-Seed": str(job.fields["seed"])} | ({"X-Replica": self.replica} if self.replica else {})
+        return StreamingResponse(body(), media_type=MEDIA_TYPES[".wav"], headers=headers)
+
     def retry_after(self) -> int:
         """Seconds until a queue slot frees, roughly: one request's latency."""
         return max(1, round(self.latency_ewma))
@@ -186,7 +227,7 @@ class Service:
         """GET /v1/model: what the replica serves and with which limits."""
         eng = self.engine
         return {"model": self.config.model or "default", "kind": eng.config.kind, "config": eng.config.to_dict(),
-                "sample_rate": eng.sample_rate, "max_duration": eng.config.segment_duration,
+                "sample_rate": eng.sample_rate, "segment": eng.config.segment_duration, "max_duration": MAX_DURATION,
                 "defaults": _json_ready(dataclasses.asdict(eng.defaults)),
                 "limits": {**scheduler_limits(self.config), "timeout": self.config.timeout,
                            "max_body": self.config.max_body, "max_prompt_chars": self.config.max_prompt_chars}}
@@ -225,6 +266,8 @@ def request_schema(config: ServiceConfig, defaults: GenerationConfig) -> dict[st
             "format": {"enum": [s.lstrip(".") for s in FORMATS], "default": "wav"},
             "timeout": {"type": "number", "exclusiveMinimum": 0, "default": config.timeout,
                         "description": "seconds from arrival; past it the request fails with 504"},
+            "stream": {"type": "boolean", "default": False,
+                       "description": "send a WAV as windows complete (chunked; not normalised)"},
             **fields,
         },
     }
@@ -289,6 +332,8 @@ def build_app(service: Service) -> FastAPI:
             if len(raw) > config.max_body:
                 raise HTTPError(413, f"the request body is over the limit of {config.max_body} bytes")
         job = parse_job(bytes(raw), config, received)
+        if job.stream:
+            return service.stream(job)
         out = await service.generate(job)
         return service.render(job, out, "application/json" in request.headers.get("accept", ""))
 

@@ -83,7 +83,8 @@ def test_ready_health_model_and_schema(cluster):
 
     _, _, body = call(cluster["main"] + "/openapi.json")
     schema = json.loads(body)["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert {f.name for f in fields(GenerationConfig)} | {"prompt", "format", "timeout"} == set(schema["properties"])
+    keys = {f.name for f in fields(GenerationConfig)} | {"prompt", "format", "timeout", "stream"}
+    assert keys == set(schema["properties"])
     assert schema["properties"]["steps"]["default"] == [20, 10, 10, 10] and schema["required"] == ["prompt"]
 
 
@@ -115,6 +116,30 @@ def test_same_seed_as_the_cli(cluster, tmp_path):
     status, headers, flac = call(cluster["main"] + "/v1/generate", {"prompt": "warm piano chords", **fields_,
                                                                      "format": "flac"})
     assert headers["content-type"] == "audio/flac" and flac == (tmp_path / "cli.flac").read_bytes()
+
+
+def test_long_piece_streamed_and_whole(cluster, tiny):
+    """Past the segment: "stream": true sends a WAV a window at a time (chunked, length left open), whose samples are
+    Engine.generate's for the same seed; without it the whole piece comes as one normalised WAV of the right length."""
+    import torch
+
+    from engine.audio import pcm16_bytes, wav_stream_header
+
+    fields_ = {"seed": 3, "steps": [2, 1, 1, 1], "duration": 2.5}
+    status, headers, body = call(cluster["main"] + "/v1/generate", {"prompt": "rain", **fields_, "stream": True})
+    assert status == 200 and headers["content-type"] == "audio/wav" and headers.get("transfer-encoding") == "chunked"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the replica (one Ray CPU)
+    try:
+        want = tiny.generate(["rain"], seed=3, steps=(2, 1, 1, 1), duration=2.5).audio[0]  # [1, samples]
+    finally:
+        torch.set_num_threads(threads)
+    assert want.shape[-1] == round(2.5 * tiny.config.frame_rate) * tiny.codec.config.hop_length
+    assert body[:44] == wav_stream_header(tiny.sample_rate) and body[44:] == pcm16_bytes(want)
+    status, headers, wav = call(cluster["main"] + "/v1/generate", {"prompt": "rain", **fields_})
+    assert status == 200 and float(headers["x-audio-duration"]) == pytest.approx(2.5)
+    status, _, body = call(cluster["main"] + "/v1/generate", {"prompt": "rain", "stream": True, "format": "flac"})
+    assert status == 422 and json.loads(body)["field"] == "stream"
 
 
 def test_concurrent_requests_and_the_client(cluster):
@@ -149,9 +174,11 @@ def test_concurrent_requests_and_the_client(cluster):
     ({"prompt": "x", "top_p": 2}, 422, "top_p"),
     ({"prompt": "x", "steps": [0, 1, 1, 1]}, 422, "steps"),
     ({"prompt": "x", "greedy": 1}, 422, "greedy"),
+    ({"prompt": "x", "stream": "yes"}, 422, "stream"),
+    ({"prompt": "x", "duration": 1e6}, 422, "duration"),
     (b'{"prompt": "x", "cfg": [NaN]}', 422, "cfg"),
     (b'{"prompt": "x", "duration": Infinity}', 422, "duration"),
-    ({"prompt": "x", "duration": 30}, 422, "duration"),
+    ({"prompt": "x", "duration": 30, "context": 5}, 422, "context"),  # context past the 1 s window
     ({"prompt": "x", "seed": -1}, 422, "seed"),
     ({"prompt": "x", "format": "mp3"}, 422, "format"),
     ({"prompt": "x", "timeout": 0}, 422, "timeout"),
@@ -163,7 +190,8 @@ def test_concurrent_requests_and_the_client(cluster):
     ({"prompt": "x", "pad": "a" * 70_000}, 413, None),
 ])
 def test_bad_input(cluster, body, status, field):
-    got, _, raw = call(cluster["main"] + "/v1/generate", body)
+    got, headers, raw = call(cluster["main"] + "/v1/generate", body)
+    assert headers.get("content-type") == "application/json", (got, headers)
     err = json.loads(raw)
     assert got == status, err
     assert set(err) <= {"error", "field"} and err["error"]
