@@ -258,12 +258,8 @@ class Scheduler:
         now = time.monotonic()
         if is_long(self.engine.config, gen):  # window by window beside the batch (`stream`), joined at the end
             future.set_running_or_notify_cancel()
-            collected = _Collected(request, None if timeout is None else now + timeout, future,
-                                   self.engine.sample_rate)
-            with self._cv:
-                self._check_room()
-                self._streams.append(collected)
-                self._cv.notify()
+            self._add_stream(_Collected(request, None if timeout is None else now + timeout, future,
+                                        self.engine.sample_rate))
             return future
         req = _Request(prompt, gen, future, now, None if timeout is None else now + timeout)
         with self._cv:
@@ -279,11 +275,14 @@ class Scheduler:
         timeout = _check_timeout(timeout)
         req = self.request(prompt, fields)
         stream = Stream(req, None if timeout is None else time.monotonic() + timeout)
+        self._add_stream(stream)
+        return stream
+
+    def _add_stream(self, stream: Stream) -> None:
         with self._cv:
             self._check_room()
             self._streams.append(stream)
             self._cv.notify()
-        return stream
 
     def _check_room(self) -> None:
         """Under the lock: refuse work once closed or when max_queue requests (streams included) are waiting."""
@@ -295,8 +294,9 @@ class Scheduler:
                             "or create the Scheduler with a larger max_queue")
 
     def counts(self) -> tuple[int, int]:
-        """(waiting, decoding) requests now, for metrics and health; racy by design (no lock taken)."""
-        return len(self._queue), len(self._active)
+        """(waiting, decoding) requests now, streams included, for metrics and health; racy by design (no lock)."""
+        started = sum(s.chunks is not None for s in self._streams)
+        return len(self._queue) + len(self._streams) - started, len(self._active) + started
 
     @property
     def alive(self) -> bool:
