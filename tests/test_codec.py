@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import FIXTURE
 
 from engine.codec import CodecConfig, Encodec, load_codec
 
-FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "magnet-tiny"
-CODEC_PATH = FIXTURES / "compression_state_dict.bin"
-
-pytestmark = pytest.mark.skipif(not CODEC_PATH.is_file(), reason=f"fixture {CODEC_PATH} not present")
+CODEC_PATH = FIXTURE / "compression_state_dict.bin"  # conftest stops the run when the fixture is missing
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +34,7 @@ def codec() -> Encodec:
 
 @pytest.fixture(scope="module")
 def expected() -> dict[str, np.ndarray]:
-    with np.load(FIXTURES / "expected_magnet.npz") as f:
+    with np.load(FIXTURE / "expected_magnet.npz") as f:
         return {k: f[k] for k in ("gen_nonoverlap_max", "decoded_wav", "encode_wav", "encode_codes")}
 
 
