@@ -249,13 +249,13 @@ class Engine:
         steps = [self._steps(req, w.gen, w.context if w.index else _length(run.prompt), w.index == 0)
                  for w in windows]
         stream = longform.StreamDecoder(self.codec) if decode else None
-        piece: torch.Tensor | None = None  # [B, K, frames so far]
+        tail: torch.Tensor | None = None  # [B, K, >= C] the piece's last frames: the window's codes up to its end
         for w in windows:
             report = None if progress is None else _offset(progress, sum(steps[:w.index]), sum(steps))
-            prompt = run.prompt if piece is None else piece[..., piece.shape[-1] - w.context:]
+            prompt = run.prompt if tail is None else tail[..., tail.shape[-1] - w.context:]
             codes, stats = self._segment(req, run, w.gen, prompt, report, first=w.index == 0)
             new = codes[..., w.context:w.context + (codes.shape[-1] if w.index == 0 else w.keep)]  # [B, K, new]
-            piece = new if piece is None else torch.cat([piece, new], dim=-1)
+            tail = codes[..., :w.context + new.shape[-1]]  # context + new: at least C frames, no growing copy
             last = w.index == len(windows) - 1
             audio = stream.push(new, last).float() if stream is not None else torch.empty(req.batch, 1, 0)
             yield Chunk(audio, new, w.index, len(windows), stats)

@@ -147,10 +147,14 @@ def audio_bytes(wav: torch.Tensor, sample_rate: int, suffix: str = ".wav", subty
     if subtype not in SUBTYPES:
         raise SettingError(f"unknown <wav_subtype> {subtype!r}: choose one of {', '.join(SUBTYPES)}")
     sub = SUBTYPES[subtype] if fmt[0] == "WAV" else fmt[1]
-    data = wav.detach().cpu().float().clamp(-1, 1).numpy().T  # [samples, C]
     buf = io.BytesIO()
-    sf.write(buf, data, sample_rate, subtype=sub, format=fmt[0])
+    sf.write(buf, _frames(wav), sample_rate, subtype=sub, format=fmt[0])
     return buf.getvalue()
+
+
+def _frames(wav: torch.Tensor) -> np.ndarray:
+    """wav [C, samples] float -> the [samples, C] float32 array soundfile writes, clipped to [-1, 1]."""
+    return wav.detach().cpu().float().clamp(-1, 1).numpy().T
 
 
 def pcm16_bytes(wav: torch.Tensor) -> bytes:
@@ -161,8 +165,7 @@ def pcm16_bytes(wav: torch.Tensor) -> bytes:
     import soundfile as sf
 
     buf = io.BytesIO()
-    sf.write(buf, wav.detach().cpu().float().clamp(-1, 1).numpy().T, 8000, subtype="PCM_16", format="RAW",
-             endian="LITTLE")  # RAW: the rate is not stored
+    sf.write(buf, _frames(wav), 8000, subtype="PCM_16", format="RAW", endian="LITTLE")  # RAW: no rate stored
     return buf.getvalue()
 
 

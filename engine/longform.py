@@ -157,7 +157,8 @@ class StreamDecoder:
         self.pre = nn.Sequential(*layers[:0 if cut is None else cut])  # frames -> frames, before the LSTM
         self.post = nn.Sequential(*layers[0 if cut is None else cut + 1:])  # frames -> samples
         self.pre_reach, self.post_reach = Reach.of(self.pre), Reach.of(self.post)
-        self.z: torch.Tensor | None = None  # [B, D, N] latents of every frame so far
+        self.z: torch.Tensor | None = None  # [B, D, N − z_start] latents, from the first frame still read
+        self.z_start = 0
         self.x: torch.Tensor | None = None  # [B, C, M] post-stack inputs (LSTM outputs), frames [x_start, M)
         self.x_start = 0
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None  # the LSTM's (h, c)
@@ -173,25 +174,37 @@ class StreamDecoder:
             return self.codec.decode(torch.cat(self.codes, dim=-1))
         z = self.codec.quantizer.decode(self.codec._check_codes(codes))  # [B, D, n]
         self.z = z if self.z is None else torch.cat([self.z, z], dim=-1)
-        n = self.z.shape[-1]
+        n = self.z_start + self.z.shape[-1]
         if self.lstm is None:
-            x, x_start, avail = self.z, 0, n
+            x, x_start, avail = self.z, self.z_start, n
         else:
             ready = n if last else n - self.pre_reach.ahead
             if ready > self.n_pre:
-                h = _window(self.pre, self.z, self.n_pre, ready, n, self.pre_reach, 1)  # [B, C, new]
+                h = _window(self.pre, self.z, self.n_pre - self.z_start, ready - self.z_start, n - self.z_start,
+                            self.pre_reach, 1)  # [B, C, new]
                 y, self.state = self.lstm.carry(h, self.state)
                 self.x = y if self.x is None else torch.cat([self.x, y], dim=-1)
                 self.n_pre = ready
             # the post stack reads back at most `back` frames before the next one to emit
-            drop = max(0, self.n_out - self.post_reach.back - self.x_start)
-            if self.x is not None and drop:
-                self.x, self.x_start = self.x[..., drop:], self.x_start + drop
+            self.x, self.x_start = _trim(self.x, self.x_start, self.n_out - self.post_reach.back)
             x, x_start, avail = self.x, self.x_start, self.n_pre
         ready = avail if last else avail - self.post_reach.ahead
         if x is None or ready <= self.n_out:
-            return self.z.new_zeros(self.z.shape[0], 1, 0)
-        wav = _window(self.post, x, self.n_out - x_start, ready - x_start, avail - x_start, self.post_reach,
-                      self.hop)
-        self.n_out = ready
+            wav = self.z.new_zeros(self.z.shape[0], 1, 0)
+        else:
+            wav = _window(self.post, x, self.n_out - x_start, ready - x_start, avail - x_start, self.post_reach,
+                          self.hop)
+            self.n_out = ready
+        # latents no later push reads: before the pre stack's reach (or, without an LSTM, the post stack's)
+        keep_from = self.n_out - self.post_reach.back if self.lstm is None else self.n_pre - self.pre_reach.back
+        self.z, self.z_start = _trim(self.z, self.z_start, keep_from)
         return wav
+
+
+def _trim(x: torch.Tensor | None, start: int, keep_from: int) -> tuple[torch.Tensor | None, int]:
+    """Frames [start, ...) of x -> those from `keep_from` on (nothing dropped when keep_from <= start), so that a
+    piece's decoding holds a bounded window of frames instead of copying the whole piece at every push."""
+    drop = keep_from - start
+    if x is None or drop <= 0:
+        return x, start
+    return x[..., drop:], start + drop

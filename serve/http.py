@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import logging
@@ -143,14 +144,10 @@ class Service:
 
     async def generate(self, job: Job) -> Generation:
         """Queue a job and wait for its audio; failures as HTTPError (4xx for the request, 5xx for the server)."""
-        from engine.scheduler import QueueFull, RequestTimeout
+        from engine.scheduler import RequestTimeout
 
-        try:
+        with self._queueing():
             future = self.scheduler.submit(job.prompt, timeout=job.timeout, **job.fields)
-        except QueueFull as e:
-            raise HTTPError(503, str(e), headers={"Retry-After": str(self.retry_after())}) from None
-        except RuntimeError as e:  # closed: the replica is shutting down
-            raise HTTPError(503, f"the server is shutting down ({e}); retry", headers={"Retry-After": "1"}) from None
         try:
             out = await asyncio.wrap_future(future)
         except SettingError as e:
@@ -173,16 +170,12 @@ class Service:
         from starlette.responses import StreamingResponse
 
         from engine.audio import pcm16_bytes, wav_stream_header
-        from engine.scheduler import QueueFull
 
-        try:
-            stream = self.scheduler.stream(job.prompt, timeout=job.timeout, **job.fields)
-        except SettingError as e:
-            raise HTTPError.setting(e) from None
-        except QueueFull as e:
-            raise HTTPError(503, str(e), headers={"Retry-After": str(self.retry_after())}) from None
-        except RuntimeError as e:  # closed: the replica is shutting down
-            raise HTTPError(503, f"the server is shutting down ({e}); retry", headers={"Retry-After": "1"}) from None
+        with self._queueing():
+            try:
+                stream = self.scheduler.stream(job.prompt, timeout=job.timeout, **job.fields)
+            except SettingError as e:  # `stream` checks at once (submit fails its future instead)
+                raise HTTPError.setting(e) from None
         sr = self.engine.sample_rate
 
         async def body() -> typing.AsyncIterator[bytes]:
@@ -198,6 +191,18 @@ class Service:
 
         headers = {"X-Seed": str(job.fields["seed"])} | ({"X-Replica": self.replica} if self.replica else {})
         return StreamingResponse(body(), media_type=MEDIA_TYPES[".wav"], headers=headers)
+
+    @contextlib.contextmanager
+    def _queueing(self) -> typing.Iterator[None]:
+        """Handing a request to the scheduler: a full queue or a closing replica -> 503 with Retry-After."""
+        from engine.scheduler import QueueFull
+
+        try:
+            yield
+        except QueueFull as e:
+            raise HTTPError(503, str(e), headers={"Retry-After": str(self.retry_after())}) from None
+        except RuntimeError as e:  # closed: the replica is shutting down
+            raise HTTPError(503, f"the server is shutting down ({e}); retry", headers={"Retry-After": "1"}) from None
 
     def retry_after(self) -> int:
         """Seconds until a queue slot frees, roughly: one request's latency."""
