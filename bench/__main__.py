@@ -1,4 +1,4 @@
-"""`python -m bench <subcommand> [args]`: one entry point for every benchmark.
+"""`python -m magnet_engine.bench <subcommand> [args]`: one entry point for every benchmark.
 
     e2e      end-to-end generation latency/throughput (bench.e2e)
     report   JSON lines -> Markdown table + PNG plots (bench.report)
@@ -23,22 +23,23 @@ import sys
 from collections.abc import Sequence
 
 SUBCOMMANDS = {
-    "e2e": ("bench.e2e", "end-to-end generation: text -> tokens -> audio"),
-    "report": ("bench.report", "JSON lines -> Markdown table and PNG plots"),
-    "kernels": ("bench.kernels", "Triton kernel micro-benchmarks"),
-    "onnx": ("bench.onnx", "ONNX export and onnxruntime benchmarks"),
-    "quant": ("bench.quant", "int8 vs fp32 ONNX exports: size, speed, logit error, token agreement"),
-    "band": ("bench.band", "banded attention (torch path) vs SDPA with a dense band mask"),
-    "levers": ("bench.levers", "latency of the quality levers: rescoring, hybrid, AR"),
-    "quality": ("bench.quality", "prompt adherence: tempo / key / instrument measured from the audio"),
-    "load": ("bench.load", "many requests at once: one at a time, static batching, the scheduler"),
-    "serve": ("bench.serve", "HTTP load on magnet serve: open/closed loop, latency, errors by status, faults"),
-    "long": ("bench.long", "long-form pieces: time to first audio, seams, prompt kept per window"),
+    "e2e": ("magnet_engine.bench.e2e", "end-to-end generation: text -> tokens -> audio"),
+    "report": ("magnet_engine.bench.report", "JSON lines -> Markdown table and PNG plots"),
+    "kernels": ("magnet_engine.bench.kernels", "Triton kernel micro-benchmarks"),
+    "onnx": ("magnet_engine.bench.onnx", "ONNX export and onnxruntime benchmarks"),
+    "quant": ("magnet_engine.bench.quant", "int8 vs fp32 ONNX exports: size, speed, logit error, token agreement"),
+    "band": ("magnet_engine.bench.band", "banded attention (torch path) vs SDPA with a dense band mask"),
+    "levers": ("magnet_engine.bench.levers", "latency of the quality levers: rescoring, hybrid, AR"),
+    "quality": ("magnet_engine.bench.quality", "prompt adherence: tempo / key / instrument measured from the audio"),
+    "load": ("magnet_engine.bench.load", "many requests at once: one at a time, static batching, the scheduler"),
+    "serve": ("magnet_engine.bench.serve",
+              "HTTP load on magnet serve: open/closed loop, latency, errors by status, faults"),
+    "long": ("magnet_engine.bench.long", "long-form pieces: time to first audio, seams, prompt kept per window"),
 }
 
 
 def usage() -> str:
-    lines = ["usage: python -m bench <subcommand> [args]   (python -m bench <subcommand> --help)", ""]
+    lines = ["usage: python -m magnet_engine.bench <subcommand> [args]   (<subcommand> --help for its own)", ""]
     lines += [f"  {name:<8} {desc}" for name, (_, desc) in SUBCOMMANDS.items()]
     lines += ["", "micro-benchmarks: python -m pytest bench/micro.py --benchmark-only"]
     return "\n".join(lines)

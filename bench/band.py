@@ -1,5 +1,6 @@
-"""`python -m bench band`: the torch path's banded attention (engine.ops.band_attention) against SDPA with a dense
-[T, T] boolean band mask and full attention, on CPU or GPU, for a few query-block sizes (engine.ops.BAND_BLOCK)."""
+"""`python -m magnet_engine.bench band`: the torch path's banded attention (engine.ops.band_attention) against SDPA
+with a dense [T, T] boolean band mask and full attention, on CPU or GPU, for a few query-block sizes
+(engine.ops.BAND_BLOCK)."""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +10,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-
-from engine import ops
+from magnet_engine.engine import ops
 
 
 def _median_ms(fn, repeats: int) -> float:  # noqa: ANN001 - a zero-argument callable
@@ -26,7 +26,7 @@ def _median_ms(fn, repeats: int) -> float:  # noqa: ANN001 - a zero-argument cal
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench band", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m magnet_engine.bench band", description=__doc__)
     p.add_argument("--n", type=int, default=2, help="rows (2B under guidance)")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--t", type=int, default=500)

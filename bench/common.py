@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def parse_generation_sets(items: Sequence[str]) -> dict[str, Any]:
     """['temperature=1.5', 'cfg=[3,1]'] -> generation overrides, checked (and typed) by GenerationConfig."""
-    from engine.config import GenerationConfig
-    from train.common import parse_sets as key_values
+    from magnet_engine.engine.config import GenerationConfig
+    from magnet_engine.train.common import parse_sets as key_values
 
     pairs = key_values(items)
     cfg = GenerationConfig.from_dict(pairs)  # unknown keys and bad values fail here, with the dataclass's message

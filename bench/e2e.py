@@ -1,4 +1,4 @@
-"""End-to-end generation benchmark: `python -m bench e2e --model PRESET|DIR --batch 1,4,16 ...`.
+"""End-to-end generation benchmark: `python -m magnet_engine.bench e2e --model PRESET|DIR --batch 1,4,16 ...`.
 
 One request = text encoding -> token generation -> codec decode, timed per stage by calling the engine's parts
 (`engine.text`, `engine.generate(decode=False)`, `engine.decode`) with device syncs only at the stage boundaries.
@@ -97,9 +97,9 @@ def parse_ints(text: str, what: str) -> list[int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from engine.backends import names as backend_names
+    from magnet_engine.engine.backends import names as backend_names
 
-    p = argparse.ArgumentParser(prog="python -m bench e2e", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m magnet_engine.bench e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny",
                    help="a preset: random weights at a released model's shapes (magnet-small-10secs, "
@@ -130,8 +130,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    from engine.api import parse_device, parse_dtype
-    from engine.config import GenerationConfig
+    from magnet_engine.engine.api import parse_device, parse_dtype
+    from magnet_engine.engine.config import GenerationConfig
 
     device = parse_device(args.device)
     if args.repeats < 1 or args.warmup < 0:

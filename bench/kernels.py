@@ -1,6 +1,6 @@
 """Micro-benchmarks of the Triton kernels against PyTorch on a CUDA GPU.
 
-    python -m bench.kernels [--json rows.jsonl] [--T 500 1500] [--B 1 4 16] [--dtypes fp16 bf16] ...
+    python -m magnet_engine.bench.kernels [--json rows.jsonl] [--T 500 1500] [--B 1 4 16] [--dtypes fp16 bf16] ...
 
 attention: `kernels.attention.attention` vs `F.scaled_dot_product_attention` (full and cross: its flash path;
 band: with a boolean [T, T] band mask, which is what a model without a band kernel does), for magnet-small (H=16)
@@ -96,9 +96,8 @@ def time_cuda(fn: Callable[[], object], repeats: int, warmup: int) -> float:
 
 def bench_attention(args: argparse.Namespace, env: dict[str, str]) -> list[Row]:
     import torch.nn.functional as F
-
-    from engine.ops import band_mask
-    from kernels.attention import attention
+    from magnet_engine.engine.ops import band_mask
+    from magnet_engine.kernels.attention import attention
 
     rows: list[Row] = []
     dev = torch.device(DEVICE)
@@ -136,8 +135,8 @@ def bench_attention(args: argparse.Namespace, env: dict[str, str]) -> list[Row]:
 
 
 def bench_sampling(args: argparse.Namespace, env: dict[str, str]) -> list[Row]:
-    from engine.sampling import StepSampling, sample_ref
-    from kernels.sampling import sample
+    from magnet_engine.engine.sampling import StepSampling, sample_ref
+    from magnet_engine.kernels.sampling import sample
 
     v = args.V
     modes = {  # audiocraft MAGNeT samples with top_p 0.9 by default; MusicGen with top_k 250
@@ -185,7 +184,7 @@ def markdown(rows: list[Row]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m magnet_engine.bench.kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--what", nargs="+", choices=("attention", "sampling"), default=["attention", "sampling"])
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
     p.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=["fp16", "bf16"])

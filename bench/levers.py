@@ -1,5 +1,6 @@
-"""`python -m bench levers`: latency of the paper's quality levers on the same models and prompts — plain MAGNeT,
-MAGNeT rescored by an AR model, Hybrid-MAGNeT with AR prefixes, and the AR model alone (defaults: the shipped
+"""`python -m magnet_engine.bench levers`: latency of the paper's quality levers on the same models and prompts —
+plain MAGNeT, MAGNeT rescored by an AR model, Hybrid-MAGNeT with AR prefixes, and the AR model alone (defaults: the
+shipped
 `default` and `default-ar`). Prints a Markdown table; median of --repeats after one warm-up request."""
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import torch
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import engine
+    import magnet_engine as me
 
-    p = argparse.ArgumentParser(prog="python -m bench levers", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m magnet_engine.bench levers", description=__doc__)
     p.add_argument("--model", default="default")
     p.add_argument("--ar-model", default="default-ar")
     p.add_argument("--batch", default="1,8")
@@ -23,8 +24,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    mag = engine.load(args.model, device=args.device)
-    ar = engine.load(args.ar_model, device=args.device)
+    mag = me.load(args.model, device=args.device)
+    ar = me.load(args.ar_model, device=args.device)
     variants = [("MAGNeT", mag, {}), ("MAGNeT + AR rescoring (W=0.5)", mag, {"rescorer": ar})]
     variants += [(f"Hybrid, {s:g} s AR prefix", mag, {"ar_model": ar, "hybrid_prefix": s})
                  for s in map(float, args.prefixes.split(","))]

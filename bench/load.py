@@ -1,4 +1,4 @@
-"""`python -m bench load`: many requests at once, served three ways on one engine.
+"""`python -m magnet_engine.bench load`: many requests at once, served three ways on one engine.
 
     sequential  one request at a time, in arrival order (`Engine.generate([prompt])`)
     static      static batching: wait for `--max-batch` requests (or `--static-wait` s after the first waits), decode
@@ -76,7 +76,7 @@ def run_sequential(eng: Any, trace: list[Request]) -> collections.Counter[int]:
 
 
 def run_static(eng: Any, trace: list[Request], max_batch: int, wait: float) -> collections.Counter[int]:
-    from engine.scheduler import decode_step, start_request
+    from magnet_engine.engine.scheduler import decode_step, start_request
 
     hist: collections.Counter[int] = collections.Counter()
     t0 = time.perf_counter()
@@ -110,7 +110,7 @@ def run_scheduler(eng: Any, traces: list[list[Request]], max_batch: int, warm: l
                   max_frames: int | None) -> list[collections.Counter[int]]:
     """`eng`: an Engine, or a loader that the scheduler's loop thread calls (all torch work in that thread). The
     warm-up requests run through the same scheduler (a second loop thread would not be the one that loaded)."""
-    from engine.scheduler import Scheduler
+    from magnet_engine.engine.scheduler import Scheduler
 
     hists = []
     queue = max(len(warm), *map(len, traces))
@@ -133,7 +133,7 @@ def run_scheduler(eng: Any, traces: list[list[Request]], max_batch: int, warm: l
 
 
 def percentiles(xs: Sequence[float]) -> dict[str, float]:
-    from bench.common import percentile
+    from magnet_engine.bench.common import percentile
 
     return {f"p{q}": round(percentile(xs, q), 4) for q in (50, 95, 99)}
 
@@ -144,7 +144,7 @@ def run_one(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     def load() -> Any:  # a shipped model, a checkpoint or export folder, or a preset's shape with random weights
-        from bench.presets import build
+        from magnet_engine.bench.presets import build
 
         return build(args.model, None, torch.device(args.device), None).engine
 
@@ -166,7 +166,7 @@ def run_one(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def summarize(args: argparse.Namespace, trace: list[Request], hist: collections.Counter[int], repeat: int
               ) -> dict[str, Any]:
-    from bench.common import git_sha, host, versions
+    from magnet_engine.bench.common import git_sha, host, versions
 
     first, last = min(r.arrival for r in trace), max(r.finish for r in trace)
     latency = [r.finish - r.arrival for r in trace]
@@ -186,7 +186,7 @@ def summarize(args: argparse.Namespace, trace: list[Request], hist: collections.
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench load", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m magnet_engine.bench load", description=__doc__.split("\n\n")[0])
     ap.add_argument("--policy", choices=POLICIES, default="scheduler")
     ap.add_argument("--all", action="store_true", help="run every policy, each in a fresh process")
     ap.add_argument("--trace", choices=("burst", "poisson"), default="burst")

@@ -1,4 +1,4 @@
-"""Long-form generation (engine.longform): `python -m bench long [--what speed,seam,quality] ...`.
+"""Long-form generation (engine.longform): `python -m magnet_engine.bench long [--what speed,seam,quality] ...`.
 
     speed    time to first audio (the first streamed chunk with samples) and total time of --durations pieces,
              against one plain segment, medians of --repeats runs after one warm-up
@@ -29,7 +29,7 @@ FFT = 512  # seam spectra: Hann frames of FFT samples, hop FFT // 2
 
 
 def captions(n: int) -> list[dict[str, Any]]:
-    from train.corpus import caption_and_mentions, labels, sample_spec, split_seeds
+    from magnet_engine.train.corpus import caption_and_mentions, labels, sample_spec, split_seeds
 
     out = []
     for s in split_seeds("test", n):
@@ -80,7 +80,7 @@ def jumps(audio: np.ndarray, point: int, span: int) -> tuple[float, float]:
 
 
 def seam(eng: Any, items: list[dict[str, Any]], duration: float, contexts: list[float]) -> list[dict[str, Any]]:
-    from engine import longform
+    from magnet_engine.engine import longform
 
     hop = eng.sample_rate // eng.config.frame_rate
     span = int(SPAN_S * eng.sample_rate)
@@ -113,7 +113,7 @@ def quality(eng: Any, items: list[dict[str, Any]], duration: float, slice_s: flo
             classifier: Any) -> list[dict[str, Any]]:
     """Per slice: accuracy against the caption (bench quality's metrics) and agreement with slice 0's estimates
     (the same key, instrument, tempo within 4%): does the piece keep what its first window set up?"""
-    from train.features import tempo_correct
+    from magnet_engine.train.features import tempo_correct
 
     from .quality import analyse, score_clip, summarise
 
@@ -145,9 +145,9 @@ def quality(eng: Any, items: list[dict[str, Any]], duration: float, slice_s: flo
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench long", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m magnet_engine.bench long", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="MAGNeT or MusicGen model (engine.load); default: the shipped one")
+    p.add_argument("--model", default=None, help="MAGNeT or MusicGen model (me.load); default: the shipped one")
     p.add_argument("--what", default=",".join(WHAT), help=f"subset of {','.join(WHAT)}")
     p.add_argument("--durations", default="30,60", help="speed: piece lengths in seconds")
     p.add_argument("--repeats", type=int, default=3, help="speed: runs per duration (medians)")
@@ -165,7 +165,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import engine
+    import magnet_engine as me
 
     from .common import git_sha, host, versions
 
@@ -176,8 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    eng = engine.load(args.model, device="cpu")
-    report: dict[str, Any] = {"command": "python -m bench long " + " ".join(argv or sys.argv[1:]), "host": host(),
+    eng = me.load(args.model, device="cpu")
+    command = "python -m magnet_engine.bench long " + " ".join(argv or sys.argv[1:])
+    report: dict[str, Any] = {"command": command, "host": host(),
                               "versions": versions(), "git": git_sha(), "model": args.model or "default"}
     if "speed" in what:
         report["speed"] = speed(eng, [float(x) for x in args.durations.split(",")], args.repeats, args.prompt)

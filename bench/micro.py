@@ -18,9 +18,9 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from bench.presets import get_preset, random_lm  # noqa: E402
-from engine.api import TorchStep  # noqa: E402 - after the skip guard
-from engine.sampling import StepSampling, sample_ref  # noqa: E402
+from magnet_engine.bench.presets import get_preset, random_lm  # noqa: E402
+from magnet_engine.engine.api import TorchStep  # noqa: E402 - after the skip guard
+from magnet_engine.engine.sampling import StepSampling, sample_ref  # noqa: E402
 
 FRAMES = 500  # 10 s at 50 Hz
 TEXT_LEN = 12
@@ -40,7 +40,7 @@ def magnet_step() -> Any:
 
 @pytest.fixture(scope="module")
 def ar_decoder() -> Any:
-    from engine.musicgen import ARDecoder
+    from magnet_engine.engine.musicgen import ARDecoder
 
     cfg = get_preset("tiny").model_config("ar")
     lm = random_lm(cfg, CPU, torch.float32)

@@ -1,4 +1,5 @@
-"""onnxruntime vs torch eager on CPU, same model and settings: `python -m bench onnx [--model M] [--export-dir DIR]`.
+"""onnxruntime vs torch eager on CPU, same model and settings:
+`python -m magnet_engine.bench onnx [--model M] [--export-dir DIR]`.
 
 For each backend the same greedy request runs `--repeats` times after `--warmup` requests:
   * tokens: `generate(decode=False)` with the prompts' text embeddings cached (decoding loop + cross k/v);
@@ -36,7 +37,7 @@ LEVELS = ("disable", "basic", "extended", "all")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench onnx", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m magnet_engine.bench onnx", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="torch model (folder or HF id); default: the export's source, "
                    "else the tiny fixture")
     p.add_argument("--export-dir", default=None, help="an existing `magnet export` folder (default: export --model "
@@ -104,7 +105,7 @@ def _measure(eng: Any, prompts: list[str], gen: dict[str, Any], repeats: int, wa
 
 def _step_ms(eng: Any, prompts: list[str], settings: Any, calls: int = 20) -> float:
     """Median ms of one step-function call alone (stage 1, all frames masked): the model without the loop."""
-    from engine.magnet import output_frames
+    from magnet_engine.engine.magnet import output_frames
 
     cfg = eng.config
     step = eng.make_step(eng.text(prompts))
@@ -162,12 +163,11 @@ def _run(args: argparse.Namespace, levels: list[str]) -> int:
 
 
 def _bench(args: argparse.Namespace, levels: list[str], work: Path) -> int:
+    import magnet_engine as me
     import onnxruntime as ort
-
-    import engine
-    from export.manifest import read_manifest
-    from export.onnx_export import export_model
-    from export.ort import OrtStep, load_engine
+    from magnet_engine.export.manifest import read_manifest
+    from magnet_engine.export.onnx_export import export_model
+    from magnet_engine.export.ort import OrtStep, load_engine
 
     if args.export_dir is None:
         model = args.model or str(FIXTURE)
@@ -202,7 +202,7 @@ def _bench(args: argparse.Namespace, levels: list[str], work: Path) -> int:
               f"{res['step_ms']:8.2f} {res['steps_per_s'] / base:7.2f}x {same:>7}", flush=True)
         rows.append({"variant": name, **res, "tokens_equal_torch": same})
 
-    torch_eng = engine.load(model, device="cpu", dtype="float32")
+    torch_eng = me.load(model, device="cpu", dtype="float32")
     header = (f"{'backend':<38} {'steps/s':>9} {'tokens s':>10} {'e2e s':>9} {'step ms':>8} {'vs torch':>8} "
               f"{'tokens=':>7}")
     print(header + "\n" + "-" * len(header))

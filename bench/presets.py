@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from magnet_engine.engine.api import Engine
+from magnet_engine.engine.config import ModelConfig
+from magnet_engine.engine.loading import SHIPPED
+from magnet_engine.engine.model import LM
+from magnet_engine.engine.text import TextConditioner
 from torch import nn
-
-from engine.api import Engine
-from engine.config import ModelConfig
-from engine.loading import SHIPPED
-from engine.model import LM
-from engine.text import TextConditioner
 
 from .common import REPO
 
@@ -167,7 +166,7 @@ def random_lm(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: 
 
 def random_codec(codec: dict[str, Any], device: torch.device, seed: int = 0) -> nn.Module:
     """EnCodec of the given config with PyTorch's default init and N(0, 1) codewords (decode cost is shape-only)."""
-    from engine.codec import CodecConfig, Encodec
+    from magnet_engine.engine.codec import CodecConfig, Encodec
 
     torch.manual_seed(seed)
     model = Encodec(CodecConfig(**codec))
@@ -193,8 +192,8 @@ def build(model: str, kind: str | None, device: torch.device, dtype: str | None,
     """A preset name -> random-weight engine on `backend` (its `adapt`); anything else -> `engine.load(model,
     backend)` (the shipped models, a local checkpoint or ONNX export folder). `dtype`: as the user gave it (None =
     the device's default, or the export's)."""
-    from engine import backends
-    from engine.api import load, parse_dtype
+    from magnet_engine.engine import backends
+    from magnet_engine.engine.api import load, parse_dtype
 
     if model in PRESETS:
         preset = PRESETS[model]
@@ -211,7 +210,7 @@ def build(model: str, kind: str | None, device: torch.device, dtype: str | None,
     if not Path(model).exists() and model not in SHIPPED:
         raise ValueError(f"{model!r} is neither a preset ({', '.join(PRESETS)}), nor a shipped model "
                          f"({', '.join(SHIPPED)}), nor a local checkpoint path")
-    engine = load(model, backend, device=str(device), dtype=dtype)
+    engine = load(model, backend=backend, device=str(device), dtype=dtype)
     got = "magnet" if engine.config.kind == "magnet" else "ar"
     if kind is not None and kind != got:
         raise ValueError(f"{model} holds a {got} model, not {kind}")

@@ -1,4 +1,5 @@
-"""Text-adherence benchmark: `python -m bench quality --model DIR [--ar-model DIR] [--n 100] [--json F] [--md F]`.
+"""Text-adherence benchmark:
+`python -m magnet_engine.bench quality --model DIR [--ar-model DIR] [--n 100] [--json F] [--md F]`.
 
 Held-out captions come from the corpus's "test" split (train/corpus.py). For each condition the audio is generated
 (or rendered), then tempo, key/mode and the lead instrument are measured from the audio alone (train/features.py)
@@ -65,7 +66,7 @@ def parse_steps(text: str | None, n_q: int) -> tuple[int, ...]:
 
 def analyse(audio: torch.Tensor | np.ndarray, sr: int, classifier: Any) -> dict[str, Any]:
     """One clip [samples] -> {"tempo": bpm, "key": tonic, "mode": ..., "instrument": ...}."""
-    from train.features import estimate_key, estimate_tempo
+    from magnet_engine.train.features import estimate_key, estimate_tempo
 
     a = audio.detach().cpu().float().numpy().reshape(-1) if isinstance(audio, torch.Tensor) else np.ravel(audio)
     key, mode = estimate_key(a, sr)
@@ -75,7 +76,7 @@ def analyse(audio: torch.Tensor | np.ndarray, sr: int, classifier: Any) -> dict[
 
 def score_clip(est: dict[str, Any], truth: dict[str, Any]) -> dict[str, float]:
     """Per-clip scores (0/1, or the MIREX weight) of every metric."""
-    from train.features import key_score, tempo_correct
+    from magnet_engine.train.features import key_score, tempo_correct
 
     strict, octave = tempo_correct(est["tempo"], truth["tempo_bpm"])
     return {"tempo_strict": float(strict), "tempo_octave": float(octave),
@@ -116,7 +117,7 @@ def run_condition(name: str, produce: Callable[[list[int]], tuple[torch.Tensor, 
 
 def load_classifier(path: str | None, n_clips: int, duration: float, log: Callable[[str], None]) -> Any:
     """Load the instrument classifier from `path` if it exists; else train one (and save it to `path` if given)."""
-    from train.features import InstrumentClassifier, train_instrument_classifier
+    from magnet_engine.train.features import InstrumentClassifier, train_instrument_classifier
 
     if path and Path(path).is_file():
         return InstrumentClassifier.load(path)
@@ -149,9 +150,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench quality", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m magnet_engine.bench quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="MAGNeT model folder or id (engine.load); default: the shipped model")
+    p.add_argument("--model", default=None, help="MAGNeT model folder or id (me.load); default: the shipped model")
     p.add_argument("--onnx-dir", default=None, help="run the MAGNeT conditions on this `magnet export` folder "
                    "(onnxruntime, e.g. an int8 export) instead of --model")
     p.add_argument("--ar-model", default=None, help="autoregressive (MusicGen-kind) model for the 'ar' condition")
@@ -182,8 +183,8 @@ def parser() -> argparse.ArgumentParser:
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse, run every condition, write the outputs; returns the report. Raises ValueError on bad input."""
-    import engine
-    from train.corpus import caption_and_mentions, labels, render, sample_spec, split_seeds
+    import magnet_engine as me
+    from magnet_engine.train.corpus import caption_and_mentions, labels, render, sample_spec, split_seeds
 
     from .common import git_sha, host, parse_generation_sets, versions
 
@@ -209,11 +210,11 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(msg, file=sys.stderr, flush=True)
 
     if args.onnx_dir is not None:
-        from export.ort import load_engine
+        from magnet_engine.export.ort import load_engine
 
         eng = load_engine(args.onnx_dir, device=args.device or "cpu")
     else:
-        eng = engine.load(args.model, device=args.device)
+        eng = me.load(args.model, device=args.device)
     if eng.config.kind != "magnet":
         raise ValueError(f"--model must be a MAGNeT model, got a {eng.config.kind} model (pass it as --ar-model)")
     duration = args.duration if args.duration is not None else min(10.0, float(eng.config.segment_duration))
@@ -270,7 +271,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for p in prefixes:
         producers[f"resynth-after-{p:g}s"], producers[f"continue-{p:g}s"] = after(p, False), after(p, True)
     if args.ar_model and any(c == "ar" or c == "rescore" or c.startswith("hybrid-") for c in conditions):
-        ar = engine.load(args.ar_model, device=args.device)
+        ar = me.load(args.ar_model, device=args.device)
         if ar.config.kind != "musicgen":
             raise ValueError(f"--ar-model must be an autoregressive (musicgen) model, got {ar.config.kind}")
         producers["ar"] = generator(ar, min(duration, float(ar.config.segment_duration)))

@@ -1,4 +1,5 @@
-"""int8 vs fp32 ONNX exports of one model, CPU: `python -m bench quant --fp32 DIR --int8 DIR [--threads 1,2]`.
+"""int8 vs fp32 ONNX exports of one model, CPU:
+`python -m magnet_engine.bench quant --fp32 DIR --int8 DIR [--threads 1,2]`.
 
 Both folders come from `magnet export` (the int8 one with `--quantize int8`; exports of the same model). Measured,
 per thread count, in one run so the two are compared on the same machine state:
@@ -33,7 +34,7 @@ PROMPTS = ("a fast techno beat with a deep bass", "slow sad piano ballad", "upbe
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench quant", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m magnet_engine.bench quant", description=__doc__.splitlines()[0])
     p.add_argument("--fp32", required=True, help="fp32 export folder")
     p.add_argument("--int8", required=True, help="int8 export folder of the same model")
     p.add_argument("--threads", default="1,2", help="intra-op thread counts, e.g. 1,2")
@@ -86,7 +87,7 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from export.ort import load_engine
+    from magnet_engine.export.ort import load_engine
 
     args = _parser().parse_args(argv)
     dirs = {"fp32": Path(args.fp32), "int8": Path(args.int8)}
@@ -98,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gen = engines["fp32"].default_generation()
         if args.duration is not None:
             gen = engines["fp32"].settings(duration=args.duration)
-        from engine.magnet import output_frames
+        from magnet_engine.engine.magnet import output_frames
 
         frames = output_frames(engines["fp32"].config, gen)
         row: dict[str, Any] = {"bench": "quant", "threads": threads, "frames": frames, "guided": gen.guided,
@@ -124,10 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 request()
             row[f"request_s_{name}"] = _median_ms(request, args.repeats) / 1e3
         if not args.no_tokens and threads == min(int(t) for t in args.threads.split(",")):
-            import engine
+            import magnet_engine as me
 
             prompts = list(PROMPTS[: args.prompts])
-            ref = engine.load(manifest["source"]["model"], device="cpu")
+            ref = me.load(manifest["source"]["model"], device="cpu")
             for mode, kw in (("sampled", {"seed": 0}), ("greedy", {"greedy": True})):
                 out = {k: e.generate(prompts, gen, decode=False, **kw).codes for k, e in engines.items()}
                 torch_codes = ref.generate(prompts, gen, decode=False, **kw).codes

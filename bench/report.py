@@ -1,5 +1,6 @@
-"""`python -m bench report rows.jsonl [more.jsonl] [--md FILE] [--plots DIR]`: benchmark rows -> a Markdown table,
-a MAGNeT-vs-AR comparison, and PNG plots of latency and throughput (samples/s) against batch size on log axes
+"""`python -m magnet_engine.bench report rows.jsonl [more.jsonl] [--md FILE] [--plots DIR]`: benchmark rows -> a
+Markdown table, a MAGNeT-vs-AR comparison, and PNG plots of latency and throughput (samples/s) against batch size on
+log axes
 (the paper's latency/throughput figure, measured). When a scenario appears more than once, the last row wins.
 """
 from __future__ import annotations
@@ -149,9 +150,9 @@ def plot(rows: Sequence[Row], out_dir: str | Path) -> list[Path]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench report", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m magnet_engine.bench report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="JSON-lines files written by `python -m bench e2e --json`")
+    p.add_argument("inputs", nargs="+", help="JSON-lines files written by `python -m magnet_engine.bench e2e --json`")
     p.add_argument("--md", default=None, help="write the Markdown here (default: stdout)")
     p.add_argument("--plots", default=None, help="write latency/throughput PNGs into this folder")
     return p

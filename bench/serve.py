@@ -1,4 +1,5 @@
-"""`python -m bench serve --url URL (--rate R | --concurrency C) --seconds S`: load on a running `magnet serve`.
+"""`python -m magnet_engine.bench serve --url URL (--rate R | --concurrency C) --seconds S`: load on a running
+`magnet serve`.
 
     open loop    --rate R: Poisson arrivals at R requests/s, drawn up front (a slow server does not slow them)
     closed loop  --concurrency C: C clients, each sends its next request when the previous one is answered
@@ -106,7 +107,7 @@ def closed_loop(args: argparse.Namespace, key: str | None, t0: float) -> list[Sh
 
 def kill_replica(address: str, after: float, t0: float, box: dict[str, float]) -> None:
     """At `after` s: ray.kill one replica actor of the magnet app (Serve's controller then starts a new one)."""
-    from serve.cli import ray_environment
+    from magnet_engine.serve.cli import ray_environment
 
     ray_environment()  # this driver's node address must be the loopback one the local cluster uses
     import ray
@@ -123,7 +124,7 @@ def kill_replica(address: str, after: float, t0: float, box: dict[str, float]) -
 
 
 def summarize(args: argparse.Namespace, shots: list[Shot], killed_at: float | None) -> dict[str, Any]:
-    from bench.common import cpu_model, git_sha, percentile
+    from magnet_engine.bench.common import cpu_model, git_sha, percentile
 
     ok = [s for s in shots if s.status == 200]
     end = max((s.sent + s.latency for s in shots), default=0.0)
@@ -191,7 +192,7 @@ def plot(shots: list[Shot], row: dict[str, Any], path: Path) -> None:
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench serve", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m magnet_engine.bench serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", required=True, help="the service, e.g. http://127.0.0.1:8000 (loopback only)")
     load = ap.add_mutually_exclusive_group(required=True)
     load.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")

@@ -316,7 +316,7 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
     return DTYPES[dtype]
 
 
-def load(model: str | Path | None = None, backend: str | None = None, *, text_encoder: str | Path | None = None,
+def load(model: str | Path | None = None, *, backend: str | None = None, text_encoder: str | Path | None = None,
          device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Engine:
     """Load a model on a backend (engine.backends): None = the one that reads `model` (an ONNX export folder goes
     to the onnxruntime backend, everything else to torch); "torch", "triton", "onnx" or another installed plug-in.

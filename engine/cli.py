@@ -226,7 +226,8 @@ def generate_main(argv: Sequence[str]) -> int:
                 prompt_codes = torch.from_numpy(np.load(args.prompt_codes, allow_pickle=False))
             except (OSError, ValueError) as e:
                 raise SettingError(f"cannot read <prompt_codes> {args.prompt_codes}: {e}") from e
-        eng = load(args.model, args.backend, text_encoder=args.text_encoder, device=args.device, dtype=args.dtype)
+        eng = load(args.model, backend=args.backend, text_encoder=args.text_encoder, device=args.device,
+                   dtype=args.dtype)
         companions = _load_companions(args)
     prompt_audio = None if args.prompt_audio is None else read_wav(args.prompt_audio, eng.sample_rate)
     request = eng.request(prompts, prompt_codes=prompt_codes, prompt_audio=prompt_audio, **companions, **overrides)
@@ -270,7 +271,7 @@ def _load_companions(args: argparse.Namespace) -> dict[str, Any]:
     for key, model in (("rescorer", args.rescorer), ("ar_model", args.ar_model)):
         if model is not None:
             same = next((e for k, e in out.items() if getattr(args, k) == model), None)
-            out[key] = same if same is not None else load(model, "torch", device=args.device, dtype=args.dtype)
+            out[key] = same if same is not None else load(model, backend="torch", device=args.device, dtype=args.dtype)
     return out
 
 
@@ -334,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _export_main(argv: Sequence[str]) -> int:
-    from export.cli import main as export_main
+    from magnet_engine.export.cli import main as export_main
 
     return export_main(list(argv))
 

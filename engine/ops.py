@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 # Queries per block of the banded path. A block attends to its own span plus `window` keys either side, so the
 # work is ~T·(16+2W) instead of T²: 3x faster than SDPA with a dense band mask at T = 500, W = 5 on 2 CPU cores;
-# blocks of 8-16 are best there (`python -m bench band`, bench/RESULTS.md).
+# blocks of 8-16 are best there (`python -m magnet_engine.bench band`, bench/RESULTS.md).
 BAND_BLOCK = 16
 
 

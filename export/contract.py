@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.config import GenerationConfig, ModelConfig
-from engine.magnet import output_frames
-from engine.masking import DONT_REMASK, stage_schedule
+from magnet_engine.engine.config import GenerationConfig, ModelConfig
+from magnet_engine.engine.magnet import output_frames
+from magnet_engine.engine.masking import DONT_REMASK, stage_schedule
 
 MAX_TABLE_STEPS = 64  # mask fractions are listed for every step count 1..64; a client refuses more
 

@@ -37,11 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from magnet_engine.engine.config import ModelConfig, default_generation
+from magnet_engine.engine.model import LM, attention_ops
+from magnet_engine.engine.ops import band_mask
 from torch import nn
-
-from engine.config import ModelConfig, default_generation
-from engine.model import LM, attention_ops
-from engine.ops import band_mask
 
 from .contract import client_contract
 from .manifest import FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST, TOKENIZER_DIR, sha256_file
@@ -329,7 +328,7 @@ def _random_codes(g: torch.Generator, shape: tuple[int, ...], card: int, mask_id
 
 def _source_info(model: str | Path, text_encoder: str | Path | None, cfg: ModelConfig) -> dict[str, Any]:
     """sha256 of the checkpoint files, and where the text encoder came from (as `engine.load` picks it)."""
-    from engine.loading import checkpoint_files
+    from magnet_engine.engine.loading import checkpoint_files
 
     paths = checkpoint_files(model)
     files = {p.name: {"path": str(p.resolve()), "sha256": sha256_file(p)} for p in paths}
@@ -364,7 +363,7 @@ def export_model(model: str | Path, out: str | Path, text_encoder: str | Path | 
     `quantize` "int8": after the checks, lm_step, cross_kv and text_encoder are quantized (export.quantize; the
     codec stays fp32) and the manifest records it. `log` receives one line per phase (the CLI prints them to stderr).
     """
-    from engine.api import load
+    from magnet_engine.engine.api import load
 
     from .quantize import QUANTIZE, quantize_export
 
@@ -381,7 +380,7 @@ def export_model(model: str | Path, out: str | Path, text_encoder: str | Path | 
         raise ValueError(f"--out {out} is a file; give a folder (it is created if missing)")
     say = log or (lambda msg: None)
     say(f"loading {model}")
-    eng = load(model, text_encoder, device="cpu", dtype="float32")
+    eng = load(model, text_encoder=text_encoder, device="cpu", dtype="float32")
     if eng.config.kind != "magnet" or eng.lm is None:
         raise ValueError(f"ONNX export supports MAGNeT models; {model} is a {eng.config.kind} model")
     out.mkdir(parents=True, exist_ok=True)

@@ -18,13 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from magnet_engine.engine.api import Engine, parse_device
+from magnet_engine.engine.codec import check_codes, check_wav
+from magnet_engine.engine.config import GenerationConfig, ModelConfig, SettingError, default_generation
+from magnet_engine.engine.magnet import Step, split_rows, step_rows
+from magnet_engine.engine.text import CACHE_SIZE, TextConditioner
 from torch import nn
-
-from engine.api import Engine, parse_device
-from engine.codec import check_codes, check_wav
-from engine.config import GenerationConfig, ModelConfig, SettingError, default_generation
-from engine.magnet import Step, split_rows, step_rows
-from engine.text import CACHE_SIZE, TextConditioner
 
 from .manifest import GRAPHS, is_export, read_manifest, reexport_hint
 

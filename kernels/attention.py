@@ -16,9 +16,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+from magnet_engine.engine.ops import attention as attention_ref
 from triton.runtime.jit import JITFunction
-
-from engine.ops import attention as attention_ref
 
 __all__ = ["INTERPRETED", "SUPPORTED_HEAD_DIMS", "attention", "attention_ref"]
 

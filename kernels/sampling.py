@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from magnet_engine.engine.sampling import GREEDY, TOP_K, TOP_P, StepSampling, row_tensors, sample_ref
 from triton.runtime.jit import JITFunction
-
-from engine.sampling import GREEDY, TOP_K, TOP_P, StepSampling, row_tensors, sample_ref
 
 __all__ = ["INTERPRETED", "MAX_VOCAB", "sample", "sample_ref"]
 

@@ -1,4 +1,4 @@
-"""`python -m serve`: the same as `magnet serve`."""
+"""`python -m magnet_engine.serve`: the same as `magnet serve`."""
 import sys
 
 from .cli import main

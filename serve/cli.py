@@ -1,5 +1,5 @@
 """`magnet serve`: the HTTP service on Ray Serve (registered with `magnet` through the entry-point group
-magnet_engine.commands; `python -m serve` runs the same).
+magnet_engine.commands; `python -m magnet_engine.serve` runs the same).
 
 Without --address it starts a local Ray pinned to 127.0.0.1 (no dashboard, no usage statistics) and stops it on
 exit; with --address it deploys onto that cluster and removes only its own application on exit. SIGINT / SIGTERM:
@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from engine.config import SettingError
+from magnet_engine.engine.config import SettingError
 
 from .config import LaunchConfig, ServiceConfig, key_digest
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from engine.config import SettingError, check_int, check_real
+from magnet_engine.engine.config import SettingError, check_int, check_real
 
 # How the names in a SettingError are spelled for an HTTP client: JSON keys. GenerationConfig fields are their own
 # keys; the request parts of engine.request get the HTTP key that carries them.
@@ -32,7 +32,7 @@ class ServiceConfig:
         check_int("max_body", self.max_body, low=1)
         check_int("max_prompt_chars", self.max_prompt_chars, low=1)
         check_int("threads", self.threads)
-        from engine.scheduler import Scheduler
+        from magnet_engine.engine.scheduler import Scheduler
 
         limits = scheduler_limits(self)
         Scheduler.check_limits(limits["max_batch"], limits["max_queue"])
@@ -54,7 +54,7 @@ def scheduler_limits(config: ServiceConfig) -> dict[str, int]:
     """max_batch and max_queue: the config's, or the Scheduler's defaults (read from its signature: written once)."""
     import inspect
 
-    from engine.scheduler import Scheduler
+    from magnet_engine.engine.scheduler import Scheduler
 
     params = inspect.signature(Scheduler.__init__).parameters
     return {name: getattr(config, name) if getattr(config, name) is not None else params[name].default

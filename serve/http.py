@@ -31,14 +31,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi import FastAPI, Request
+from magnet_engine.engine.config import MAX_DURATION, MAX_SEED, GenerationConfig, SettingError, SettingTypeError
 from starlette.responses import JSONResponse, Response
-
-from engine.config import MAX_DURATION, MAX_SEED, GenerationConfig, SettingError, SettingTypeError
 
 from .config import HTTP_NAMES, ServiceConfig, scheduler_limits
 
 if TYPE_CHECKING:
-    from engine.api import Engine, Generation
+    from magnet_engine.engine.api import Engine, Generation
 
 MEDIA_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg"}
 
@@ -78,7 +77,7 @@ class Job:
 
 def parse_job(raw: bytes, config: ServiceConfig, received: float) -> Job:
     """The request body -> a Job: size, JSON object, the HTTP keys; GenerationConfig fields are passed on as sent."""
-    from engine.audio import check_format
+    from magnet_engine.engine.audio import check_format
 
     if len(raw) > config.max_body:
         raise HTTPError(413, f"the request body is {len(raw)} bytes; the limit is {config.max_body}")
@@ -120,8 +119,8 @@ class Service:
 
     def __init__(self, config: ServiceConfig, metrics: Metrics | None = None, replica: str = "") -> None:
         """`replica`: a name for the X-Replica header (serve.deployment: node and replica id), for tracing routing."""
-        from engine.audio import OutputConfig
-        from engine.scheduler import Scheduler
+        from magnet_engine.engine.audio import OutputConfig
+        from magnet_engine.engine.scheduler import Scheduler
 
         self.config, self.metrics, self.replica = config, metrics, replica
         self.output = OutputConfig()  # what `magnet generate` writes by default: the same bytes for the same seed
@@ -130,13 +129,12 @@ class Service:
         self.latency_ewma = 0.0  # seconds, for Retry-After
 
     def _load(self) -> Engine:
+        import magnet_engine as me
         import torch
-
-        import engine
 
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        return engine.load(self.config.model, device=self.config.device)
+        return me.load(self.config.model, device=self.config.device)
 
     def close(self) -> None:
         """Finish what is queued and in flight, then stop the loop thread."""
@@ -144,7 +142,7 @@ class Service:
 
     async def generate(self, job: Job) -> Generation:
         """Queue a job and wait for its audio; failures as HTTPError (4xx for the request, 5xx for the server)."""
-        from engine.scheduler import RequestTimeout
+        from magnet_engine.engine.scheduler import RequestTimeout
 
         with self._queueing():
             future = self.scheduler.submit(job.prompt, timeout=job.timeout, **job.fields)
@@ -167,9 +165,8 @@ class Service:
         """The audio as windows complete: a 16-bit PCM WAV whose header leaves the length open (0xFFFFFFFF, as
         streamed WAVs do), then each chunk's samples. Not normalised (the piece's peak is not known until its end):
         the model's own level, clipped to [-1, 1]; the samples are those of `generate`'s audio."""
+        from magnet_engine.engine.audio import pcm16_bytes, wav_stream_header
         from starlette.responses import StreamingResponse
-
-        from engine.audio import pcm16_bytes, wav_stream_header
 
         with self._queueing():
             try:
@@ -195,7 +192,7 @@ class Service:
     @contextlib.contextmanager
     def _queueing(self) -> typing.Iterator[None]:
         """Handing a request to the scheduler: a full queue or a closing replica -> 503 with Retry-After."""
-        from engine.scheduler import QueueFull
+        from magnet_engine.engine.scheduler import QueueFull
 
         try:
             yield
@@ -210,7 +207,7 @@ class Service:
 
     def render(self, job: Job, out: Generation, as_json: bool) -> Response:
         """The audio as `magnet generate` writes it (same normalisation and WAV subtype), or JSON with the tokens."""
-        from engine.audio import audio_bytes, normalize
+        from magnet_engine.engine.audio import audio_bytes, normalize
 
         sr = out.sample_rate
         wav = normalize(out.audio[0].cpu(), sr, self.output.normalize)  # [1, samples]
@@ -258,7 +255,7 @@ def _json_type(tp: Any) -> dict[str, Any]:
 def request_schema(config: ServiceConfig, defaults: GenerationConfig) -> dict[str, Any]:
     """The JSON Schema of POST /v1/generate: the HTTP keys, then every GenerationConfig field with this model's
     default (documentation: the engine does the checking)."""
-    from engine.audio import FORMATS
+    from magnet_engine.engine.audio import FORMATS
 
     hints = typing.get_type_hints(GenerationConfig)
     fields = {f.name: {**_json_type(hints[f.name]), "default": _json_ready({"v": getattr(defaults, f.name)})["v"]}

@@ -41,9 +41,9 @@ def settings(fixture_dir: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny(fixture_dir: Path):
-    import engine
+    import magnet_engine as me
 
-    return engine.load(fixture_dir, device="cpu")
+    return me.load(fixture_dir, device="cpu")
 
 
 def run_settings(settings: dict, run: str) -> dict:

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from bench import __main__ as dispatcher
-from bench import e2e, report, schema
+from magnet_engine.bench import __main__ as dispatcher
+from magnet_engine.bench import e2e, report, schema
 
 # shortest useful request: 0.3 s = 15 frames (a multiple of the span 3: no trim), 5 MAGNeT passes, one thread
 FAST = ["--model", "tiny", "--duration", "0.3", "--repeats", "2", "--warmup", "1", "--threads", "1"]
@@ -104,9 +103,9 @@ def test_cli_errors_are_one_line(argv: list[str], message: str, capsys: pytest.C
 def test_dispatcher_routes_lazily(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     seen: dict[str, list[str]] = {}
     for name in ("kernels", "onnx"):
-        fake = types.ModuleType(f"bench.{name}")
+        fake = types.ModuleType(f"magnet_engine.bench.{name}")
         fake.main = lambda argv, name=name: seen.setdefault(name, list(argv)) and 0  # type: ignore[attr-defined]
-        monkeypatch.setitem(sys.modules, f"bench.{name}", fake)
+        monkeypatch.setitem(sys.modules, f"magnet_engine.bench.{name}", fake)
     assert dispatcher.main(["kernels", "--quick"]) == 0 and dispatcher.main(["onnx", "--x", "1"]) == 0
     assert seen == {"kernels": ["--quick"], "onnx": ["--x", "1"]}
     assert dispatcher.main(["nope"]) == 2
@@ -116,7 +115,7 @@ def test_dispatcher_routes_lazily(monkeypatch: pytest.MonkeyPatch, capsys: pytes
 
 def test_load_rows_and_plot(fixture_dir: Path, tmp_path: Path) -> None:
     """`bench load`: every request of the trace is served and counted once in the pass histogram; the rows plot."""
-    from bench import load
+    from magnet_engine.bench import load
 
     rows, threads = tmp_path / "load.jsonl", torch.get_num_threads()
     try:

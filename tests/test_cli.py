@@ -13,8 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 from conftest import run_settings
-
-from engine.cli import main
+from magnet_engine.engine.cli import main
 
 FLAGS = {"steps": "--steps", "top_k": "--top-k", "top_p": "--top-p", "temperature": "--temperature",
          "span_arrangement": "--span-arrangement", "span_scoring": "--span-scoring", "duration": "--duration"}
@@ -135,8 +134,8 @@ def test_cli_unwritable_output_checked_first(tmp_path, capsys):
 
 
 def test_console_script_runs(fixture_dir, tmp_path):
-    """The installed `magnet` entry point (or `python -m engine.cli`) exits 2 with one line on bad usage."""
-    proc = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--model", str(fixture_dir)],
+    """The installed `magnet` entry point (`python -m magnet_engine.engine.cli`) exits 2 with one line on bad usage."""
+    proc = subprocess.run([sys.executable, "-m", "magnet_engine.engine.cli", "generate", "--model", str(fixture_dir)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no prompt" in proc.stderr
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 import yaml
 from conftest import FIXTURE
-
-from engine.codec import CodecConfig, Encodec, load_codec
+from magnet_engine.engine.codec import CodecConfig, Encodec, load_codec
 
 CODEC_PATH = FIXTURE / "compression_state_dict.bin"  # conftest stops the run when the fixture is missing
 

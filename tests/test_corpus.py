@@ -5,9 +5,8 @@ import re
 
 import numpy as np
 import pytest
-
-from train import corpus
-from train.corpus import (
+from magnet_engine.train import corpus
+from magnet_engine.train.corpus import (
     DRUMS,
     DYNAMICS,
     INSTRUMENTS,

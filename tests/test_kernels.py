@@ -19,10 +19,10 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed: pip install 'triton>=3.2' (extra [triton])")
 
-import kernels.attention as kattn  # noqa: E402
-import kernels.sampling as ksamp  # noqa: E402
-from engine.ops import band_mask  # noqa: E402
-from engine.sampling import StepSampling  # noqa: E402
+import magnet_engine.kernels.attention as kattn  # noqa: E402
+import magnet_engine.kernels.sampling as ksamp  # noqa: E402
+from magnet_engine.engine.ops import band_mask  # noqa: E402
+from magnet_engine.engine.sampling import StepSampling  # noqa: E402
 
 if not (kattn.INTERPRETED and ksamp.INTERPRETED):
     # triton (its own tl.cumsum etc. included) was imported earlier in this process without the variable, and

@@ -4,14 +4,13 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import magnet_engine as me
 import pytest
 import torch
-
-import engine
-from engine import longform
-from engine.cli import main
-from engine.config import SettingError
-from engine.scheduler import Scheduler
+from magnet_engine.engine import longform
+from magnet_engine.engine.cli import main
+from magnet_engine.engine.config import SettingError
+from magnet_engine.engine.scheduler import Scheduler
 
 STEPS = (4, 2, 2, 2)  # the fixture's decoding steps: fast, and sampled with a seed below
 
@@ -30,8 +29,8 @@ def assert_audible(audio: torch.Tensor, sample_rate: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def default() -> engine.Engine:
-    return engine.load(device="cpu")
+def default() -> me.Engine:
+    return me.load(device="cpu")
 
 
 def test_default_model_30s(default) -> None:
@@ -117,8 +116,8 @@ def test_codecs_without_torch_decoder_decode_whole(tiny) -> None:
 
 
 @pytest.fixture(scope="module")
-def mg(fixture_dir: Path) -> engine.Engine:
-    return engine.load(fixture_dir / "musicgen_state_dict.bin", device="cpu")
+def mg(fixture_dir: Path) -> me.Engine:
+    return me.load(fixture_dir / "musicgen_state_dict.bin", device="cpu")
 
 
 @pytest.mark.parametrize("lever", ["rescorer", "hybrid"])

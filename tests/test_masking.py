@@ -5,8 +5,7 @@ import math
 
 import pytest
 import torch
-
-from engine.masking import DONT_REMASK, chunk_mask, least_probable_spans, stage_schedule
+from magnet_engine.engine.masking import DONT_REMASK, chunk_mask, least_probable_spans, stage_schedule
 
 
 def _reference_lps(scores: torch.Tensor, n_target: int, span: int) -> torch.Tensor:

@@ -7,19 +7,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from engine.config import GenerationConfig
-from engine.model import LM, CrossKV
-from engine.musicgen import UNKNOWN, ARDecoder, DelayPattern, generate_tokens_ar
+from magnet_engine.engine.config import GenerationConfig
+from magnet_engine.engine.model import LM, CrossKV
+from magnet_engine.engine.musicgen import UNKNOWN, ARDecoder, DelayPattern, generate_tokens_ar
 
 FRAMES = 25  # the fixture's max_gen_len: 0.5 s at 50 Hz
 
 
 @pytest.fixture(scope="module")
 def mg(fixture_dir: Path):
-    import engine
+    import magnet_engine as me
 
-    return engine.load(fixture_dir / "musicgen_state_dict.bin", device="cpu")
+    return me.load(fixture_dir / "musicgen_state_dict.bin", device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_settings
+from magnet_engine.engine.config import ModelConfig, default_generation
+from magnet_engine.engine.masking import stage_schedule
+from magnet_engine.engine.model import LM
+from magnet_engine.engine.ops import attention
+from magnet_engine.export import onnx_export
+from magnet_engine.export.cli import main as export_main
+from magnet_engine.export.manifest import FORMAT_VERSION, GRAPHS, MANIFEST, SCHEMA, read_manifest, sha256_file
+from magnet_engine.export.onnx_export import PROBES, ExportCheckError, MaskedAttention, export_model, onnx_attention
+from magnet_engine.export.ort import load_engine
+from magnet_engine.export.quantize import QUANTIZED_GRAPHS, quantize_export
 from test_cli import cli_args
-
-from engine.config import ModelConfig, default_generation
-from engine.masking import stage_schedule
-from engine.model import LM
-from engine.ops import attention
-from export import onnx_export
-from export.cli import main as export_main
-from export.manifest import FORMAT_VERSION, GRAPHS, MANIFEST, SCHEMA, read_manifest, sha256_file
-from export.onnx_export import PROBES, ExportCheckError, MaskedAttention, export_model, onnx_attention
-from export.ort import load_engine
-from export.quantize import QUANTIZED_GRAPHS, quantize_export
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_CLIENT = ROOT / "export" / "node" / "magnet.mjs"
@@ -250,13 +249,13 @@ def test_default_model_exports_and_runs(tmp_path: Path) -> None:
     many span scores saturate to (nearly) equal values, so a 1e-5 logit difference can reorder spans and the two
     runs diverge legitimately. What must hold is the per-step numerics, checked on the logits directly.
     """
-    import engine
+    import magnet_engine as me
 
     out = tmp_path / "default-onnx"
     manifest = export_model("default", out)
     for name in FLOAT_GRAPHS:
         assert manifest["graphs"][name]["check"]["passed"], name
-    ort, ref = load_engine(out), engine.load("default", device="cpu")
+    ort, ref = load_engine(out), me.load("default", device="cpu")
     # the model's own decoding (config.json "generation") travels in the manifest, not the reference defaults
     assert ort.default_generation() == ref.default_generation() != default_generation(ref.config)
     prompts = ["a fast techno beat with a deep bass"]
@@ -310,10 +309,10 @@ def test_manifest_validates_against_schema(exported: tuple[Path, dict]) -> None:
 def test_client_schedule_is_the_engines(exported: tuple[Path, dict], fixture_dir: Path) -> None:
     """Every default stated; the tables are stage_schedule's numbers for every span count, and the stated rule
     (float32 mask_p times n_gen, truncated) reproduces them without a cosine."""
-    import engine
+    import magnet_engine as me
 
     c = exported[1]["client"]
-    gen = engine.load(fixture_dir, device="cpu").default_generation()
+    gen = me.load(fixture_dir, device="cpu").default_generation()
     assert c["defaults"]["steps"] == list(gen.steps) and c["defaults"]["cfg"] == list(gen.cfg)
     assert c["defaults"]["top_p"] == gen.top_p and c["defaults"]["output_frames"] == 48
     assert c["mask_id"] == c["vocab"] == 2048 and c["limits"]["frames"] == [1, 50]
@@ -502,10 +501,10 @@ def test_cli_quantize_usage(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
 
 def test_export_folder_is_a_model(exported: tuple[Path, dict], settings: dict, expected: dict, tmp_path: Path) -> None:
     """`--model EXPORT_DIR` alone runs onnxruntime (engine.backends: the export folder claims its backend)."""
-    import engine
-    from engine.cli import main
+    import magnet_engine as me
+    from magnet_engine.engine.cli import main
 
-    eng = engine.load(exported[0])
+    eng = me.load(exported[0])
     assert eng.backend == "onnx" and eng.lm is None
     tokens = tmp_path / "t.npy"
     argv = ["generate", *settings["prompts"], "--model", str(exported[0]), "-o", str(tmp_path / "out"), "--quiet",
@@ -513,4 +512,4 @@ def test_export_folder_is_a_model(exported: tuple[Path, dict], settings: dict, e
     assert main(argv) == 0
     np.testing.assert_array_equal(np.load(tokens), expected["gen_nonoverlap_max"])
     with pytest.raises(ValueError, match="runs the dtype the export was made in"):
-        engine.load(exported[0], dtype="float16")
+        me.load(exported[0], dtype="float16")

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import json
 
+import magnet_engine as me
 import numpy as np
 import pytest
 from conftest import run_settings
-
-import engine
-from engine.loading import save_pretrained
+from magnet_engine.engine.loading import save_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +18,7 @@ def saved(tiny, tmp_path_factory):
 
 
 def test_round_trip_token_exact(saved, fixture_dir, settings, expected):
-    eng = engine.load(saved, text_encoder=fixture_dir / "t5", device="cpu")
+    eng = me.load(saved, text_encoder=fixture_dir / "t5", device="cpu")
     kw = run_settings(settings, "gen_stride1")
     np.testing.assert_array_equal(eng.generate(settings["prompts"], **kw).codes.numpy(), expected["gen_stride1"])
     assert eng.default_generation().steps == (4, 2, 2, 2) and eng.default_generation().greedy
@@ -34,12 +33,12 @@ def test_damaged_own_format(saved, tmp_path, fixture_dir):
         (tmp_path / name).write_bytes((saved / name).read_bytes())
     (tmp_path / "lm.safetensors").write_bytes((saved / "lm.safetensors").read_bytes()[:1000])
     with pytest.raises(ValueError, match="truncated"):
-        engine.load(tmp_path, text_encoder=fixture_dir / "t5", device="cpu")
+        me.load(tmp_path, text_encoder=fixture_dir / "t5", device="cpu")
     cfg = json.loads((saved / "config.json").read_text())
     cfg["version"] = 99
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="v1 config"):
-        engine.load(tmp_path, text_encoder=fixture_dir / "t5", device="cpu")
+        me.load(tmp_path, text_encoder=fixture_dir / "t5", device="cpu")
 
 
 def test_hub_id_resolves_offline_from_the_cache(tmp_path, monkeypatch, fixture_dir, settings, expected):
@@ -58,16 +57,16 @@ def test_hub_id_resolves_offline_from_the_cache(tmp_path, monkeypatch, fixture_d
     shutil.copytree(fixture_dir / "t5", snap / "t5")
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)  # read at import: patch the constant, not the env
-    eng = engine.load("facebook/magnet-tiny", device="cpu")
+    eng = me.load("facebook/magnet-tiny", device="cpu")
     kw = run_settings(settings, "gen_nonoverlap_max")
     np.testing.assert_array_equal(eng.generate(settings["prompts"], **kw).codes.numpy(), expected["gen_nonoverlap_max"])
     with pytest.raises(ValueError, match="cannot fetch"):
-        engine.load("facebook/not-cached-here", device="cpu")
+        me.load("facebook/not-cached-here", device="cpu")
 
 
 def test_generation_overrides_round_trip():
     """A model's `generation` section (config.json, ONNX manifest) is its defaults' difference from the reference's."""
-    from engine.config import GenerationConfig
+    from magnet_engine.engine.config import GenerationConfig
 
     base = GenerationConfig()
     ours = GenerationConfig(steps=(1, 4, 4, 4), temperature=1.0, anneal_temp=False, cfg=(1.0,))

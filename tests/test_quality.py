@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from train import features as F
-from train.corpus import INSTRUMENTS, SAMPLE_RATE, render, sample_spec, split_seeds
+from magnet_engine.train import features as F
+from magnet_engine.train.corpus import INSTRUMENTS, SAMPLE_RATE, render, sample_spec, split_seeds
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +97,7 @@ def test_instrument_classifier_trains_saves_and_loads(tmp_path: Path, one_thread
 
 def test_quality_bench_end_to_end(fixture_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                   one_thread: None) -> None:
-    from bench import quality
+    from magnet_engine.bench import quality
 
     js, md, clf = tmp_path / "q.json", tmp_path / "q.md", tmp_path / "clf.safetensors"
     conditions = list(quality.CONDITIONS)
@@ -126,7 +125,7 @@ def test_quality_bench_end_to_end(fixture_dir: Path, tmp_path: Path, capsys: pyt
 
 def test_quality_bench_levers(fixture_dir: Path, tmp_path: Path, one_thread: None) -> None:
     """The lever conditions expand per prefix, run through the rescorer / hybrid paths, and need an AR model."""
-    from bench import quality
+    from magnet_engine.bench import quality
 
     js, clf = tmp_path / "q.json", tmp_path / "clf.safetensors"
     base = ["--model", str(fixture_dir), "--n", "2", "--batch", "2", "--duration", "0.5", "--device", "cpu",
@@ -140,7 +139,7 @@ def test_quality_bench_levers(fixture_dir: Path, tmp_path: Path, one_thread: Non
     assert report["settings"]["prefixes"] == [0.1, 0.2] and 0 < report["settings"]["rescore_weight"] < 1
     assert report["settings"]["split"] == "valid"
     assert report["settings"]["overrides"] == {"temperature": 1.5, "cfg": [3, 1]}
-    from train.corpus import split_seeds
+    from magnet_engine.train.corpus import split_seeds
 
     assert [c["seed"] for c in report["conditions"][0]["clips"]] == split_seeds("valid", 2)
     assert all(c["n"] == 2 and len(c["clips"]) == 2 for c in report["conditions"])
@@ -154,7 +153,7 @@ def test_quality_bench_continuation(fixture_dir: Path, tmp_path: Path, one_threa
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """"continue" expands to the resynthesised rest and MAGNeT's continuation per prefix, needs no AR model, scores
     only the audio after the prefix, and refuses a prefix that leaves nothing to generate."""
-    from bench import quality
+    from magnet_engine.bench import quality
 
     scored: list[int] = []
     analyse = quality.analyse
@@ -175,7 +174,7 @@ def test_quality_bench_continuation(fixture_dir: Path, tmp_path: Path, one_threa
 
 
 def test_quality_steps_parsing() -> None:
-    from bench.quality import parse_steps
+    from magnet_engine.bench.quality import parse_steps
 
     assert parse_steps(None, 4) == (4, 2, 2, 2) and parse_steps("8, 4,2,1", 4) == (8, 4, 2, 1)
     for bad in ("4,2", "4,2,2,0", "a,b,c,d"):

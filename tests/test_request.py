@@ -9,17 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import magnet_engine as me
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 from conftest import FIXTURES_ENV, run_settings
-
-import engine
-from engine import backends
-from engine.cli import CLI_NAMES, build_parser, main
-from engine.config import GenerationConfig, SettingError
-from engine.request import Request
+from magnet_engine.engine import backends
+from magnet_engine.engine.cli import CLI_NAMES, build_parser, main
+from magnet_engine.engine.config import GenerationConfig, SettingError
+from magnet_engine.engine.request import Request
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,34 +137,35 @@ def test_prompts_checked(tiny) -> None:
 
 def test_backends_by_name(fixture_dir, settings, expected) -> None:
     assert backends.names()[0] == "torch" and {"triton", "onnx"} <= set(backends.names())
-    eng = engine.load(fixture_dir, "triton", device="cpu")
+    eng = me.load(fixture_dir, "triton", device="cpu")
     assert eng.backend == "triton"
-    assert all(layer.self_attn.attend.__module__ == "kernels.attention" for layer in eng.lm.layers)
+    assert all(layer.self_attn.attend.__module__ == "magnet_engine.kernels.attention" for layer in eng.lm.layers)
     out = eng.generate(settings["prompts"], decode=False, **run_settings(settings, "gen_stride1"))
     np.testing.assert_array_equal(out.codes.numpy(), expected["gen_stride1"])
     with pytest.raises(SettingError, match="unknown backend 'nope': installed are torch"):
-        engine.load(fixture_dir, "nope")
+        me.load(fixture_dir, "nope")
     with pytest.raises(SettingError, match="reads an export folder"):
-        engine.load(fixture_dir, "onnx")
+        me.load(fixture_dir, "onnx")
 
 
 def test_import_engine_pulls_nothing_above_it(fixture_dir) -> None:
     """engine/ depends on nothing above it: importing it and loading the default model import neither the plug-ins
     (export, kernels) nor their runtimes, nor transformers' modelling code (its BERT is engine.bert); a released
     checkpoint's T5 needs transformers (which may import triton itself), still no plug-in."""
-    code = ("import sys, engine, engine.api, engine.cli; engine.cli.build_parser(); engine.load(device='cpu')\n"
-            "def above(names): return [m for m in sys.modules if m.split('.')[0] in names]\n"
-            "assert not above(('export', 'kernels', 'onnxruntime', 'triton')), above(('export', 'kernels', "
-            "'onnxruntime', 'triton'))\n"
+    code = ("import sys, magnet_engine as me, magnet_engine.engine.api, magnet_engine.engine.cli\n"
+            "magnet_engine.engine.cli.build_parser(); me.load(device='cpu')\n"
+            "def above(runtimes): return [m for m in sys.modules if m.split('.')[0] in runtimes or "
+            "m.startswith(('magnet_engine.export', 'magnet_engine.kernels'))]\n"
+            "assert not above(('onnxruntime', 'triton')), above(('onnxruntime', 'triton'))\n"
             "assert 'transformers.modeling_utils' not in sys.modules\n"
-            f"engine.load({str(fixture_dir)!r}, device='cpu')\n"
-            "assert not above(('export', 'kernels', 'onnxruntime')), above(('export', 'kernels', 'onnxruntime'))")
+            f"me.load({str(fixture_dir)!r}, device='cpu')\n"
+            "assert not above(('onnxruntime',)), above(('onnxruntime',))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_help_and_argument_errors_import_no_torch() -> None:
-    code = ("import sys; from engine.cli import main; rc = main(['generate', '--duration', 'nan', 'x']); "
+    code = ("import sys; from magnet_engine.engine.cli import main; rc = main(['generate', '--duration', 'nan', 'x']); "
             "assert rc == 2; assert 'torch' not in sys.modules, 'torch imported'; "
             "import contextlib, io; buf = io.StringIO()\n"
             "with contextlib.redirect_stdout(buf): main(['generate', '--help'])\n"
@@ -175,7 +175,7 @@ def test_help_and_argument_errors_import_no_torch() -> None:
 
 
 def test_companion_is_what_the_levers_take(fixture_dir, tiny) -> None:
-    mg = engine.load(fixture_dir / "musicgen_state_dict.bin", device="cpu")
+    mg = me.load(fixture_dir / "musicgen_state_dict.bin", device="cpu")
     comp = mg.companion()
     assert comp.config.kind == "musicgen" and comp.lm is mg.lm
     req = tiny.request(["x"], rescorer=mg, greedy=True, steps=(2, 1, 1, 1), duration=0.5)
@@ -256,7 +256,7 @@ def test_help_says_whose_defaults() -> None:
 def test_status_line_on_a_slow_load(monkeypatch, capsys) -> None:
     import time
 
-    from engine import cli
+    from magnet_engine.engine import cli
 
     class Tty:
         def __init__(self) -> None:
@@ -283,7 +283,7 @@ def test_status_line_on_a_slow_load(monkeypatch, capsys) -> None:
 
 
 def test_train_writes_the_shipped_models_only_by_name(monkeypatch, tmp_path) -> None:
-    import train.__main__ as train_main
+    import magnet_engine.train.__main__ as train_main
 
     seen: list[Path] = []
     monkeypatch.setattr(train_main.lm_stage, "export", lambda work, assets: seen.append(assets) or {})

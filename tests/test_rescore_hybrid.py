@@ -13,20 +13,19 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_settings
-
-from engine.api import Engine
-from engine.cli import main
-from engine.model import LM
-from engine.rescore import ARRescorer
+from magnet_engine.engine.api import Engine
+from magnet_engine.engine.cli import main
+from magnet_engine.engine.model import LM
+from magnet_engine.engine.rescore import ARRescorer
 
 PREFIX = 0.3  # seconds -> 15 frames of the 48 that MAGNeT returns for 1 s
 
 
 @pytest.fixture(scope="module")
 def mg(fixture_dir: Path):
-    import engine
+    import magnet_engine as me
 
-    return engine.load(fixture_dir / "musicgen_state_dict.bin", device="cpu")
+    return me.load(fixture_dir / "musicgen_state_dict.bin", device="cpu")
 
 
 @pytest.fixture(scope="module")

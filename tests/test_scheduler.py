@@ -1,14 +1,13 @@
-"""engine.Scheduler: requests batched at every decoding step, each token-identical to its solo `generate` run."""
+"""me.Scheduler: requests batched at every decoding step, each token-identical to its solo `generate` run."""
 from __future__ import annotations
 
 import threading
 from types import SimpleNamespace
 
+import magnet_engine as me
 import pytest
 import torch
-
-import engine
-from engine.scheduler import QueueFull, RequestTimeout, Scheduler
+from magnet_engine.engine.scheduler import QueueFull, RequestTimeout, Scheduler
 
 LONG = "upbeat electronic dance track with a heavy bass line at 128 bpm"
 
@@ -32,7 +31,7 @@ TINY = dict(steps=(4, 2, 2, 2), temperature=3.0, top_p=0.9, top_k=0, cfg=(10.0, 
 
 @pytest.fixture(scope="module")
 def default_engine():
-    return engine.load(device="cpu")
+    return me.load(device="cpu")
 
 
 def check_identical(eng, requests: list[tuple[str | None, dict]], max_batch: int) -> Scheduler:
@@ -54,7 +53,7 @@ def test_mixed_requests_token_identical_tiny(tiny, max_batch):
 
 
 def test_mixed_requests_token_identical_default(default_engine):
-    d = dict(default_engine.default_generation().overrides(engine.GenerationConfig()))
+    d = dict(default_engine.default_generation().overrides(me.GenerationConfig()))
     d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
     reqs = [(p, {**kw, "duration": min(kw.get("duration") or 1.0, 1.0)}) for p, kw in mixed_requests(d)]
     reqs += [("a calm ambient pad", dict(d, seed=11, duration=1.0)), ("rock", dict(d, seed=12, duration=0.4))]
@@ -64,7 +63,7 @@ def test_mixed_requests_token_identical_default(default_engine):
 def test_forward_packed_small_passes_get_their_own_gemm(tiny):
     """A 3-frame unguided request is a 3-row GEMM alone, which MKL computes with another kernel than the same rows
     inside a big GEMM (GEMM_MIN_ROWS); the packed pass must still equal each request's own pass."""
-    from engine.model import Rows
+    from magnet_engine.engine.model import Rows
 
     g = torch.Generator().manual_seed(0)
     parts = [Rows(torch.randint(0, 2049, (n, 4, t), generator=g), stage, tiny.lm.cross_kv(tiny.text([text])))
@@ -236,9 +235,9 @@ def test_triton_backend_token_identical(fixture_dir):
     """kernels.apply swaps the attention op (used per request by the packed pass) and the sampler (called once per
     iteration with per-row parameters): the scheduler on that engine equals its solo runs (Triton interpreter)."""
     pytest.importorskip("triton", reason="triton is not installed: pip install 'triton>=3.2' (extra [triton])")
-    import kernels
+    from magnet_engine.kernels.backend import apply as triton_apply
 
-    eng = kernels.apply(engine.load(fixture_dir, device="cpu"))
+    eng = triton_apply(me.load(fixture_dir, device="cpu"))
     reqs = mixed_requests(dict(TINY, steps=(2, 1, 1, 1)))
     check_identical(eng, [(p, {**kw, "steps": (2, 1, 1, 1)}) for p, kw in reqs[:4]], max_batch=4)
 
@@ -250,7 +249,7 @@ def test_loader_runs_in_the_loop_thread(fixture_dir, tiny):
 
     def load():
         threads.append(threading.current_thread().name)
-        return engine.load(fixture_dir, device="cpu")
+        return me.load(fixture_dir, device="cpu")
 
     kw = dict(TINY, greedy=False, seed=2, duration=0.4)
     with Scheduler(load, max_batch=2) as sched:

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from serve.cli import ray_environment
+from magnet_engine.serve.cli import ray_environment
 
 ray_environment()  # before `import ray`: Ray reads it once
 
@@ -45,11 +44,10 @@ def call(url: str, body: bytes | dict | None = None, headers: dict | None = None
 @pytest.fixture(scope="module")
 def cluster(fixture_dir: Path):
     import ray
+    from magnet_engine.serve.cli import start
+    from magnet_engine.serve.config import LaunchConfig, ServiceConfig, key_digest
     from ray import serve
     from ray.cluster_utils import Cluster
-
-    from serve.cli import start
-    from serve.config import LaunchConfig, ServiceConfig, key_digest
 
     c = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     c.add_node(num_cpus=1)
@@ -79,7 +77,7 @@ def test_ready_health_model_and_schema(cluster):
     assert status == 200 and info["config"]["n_q"] == 4 and info["sample_rate"] == 32000
     assert info["limits"]["max_batch"] == 4 and info["defaults"]["steps"] == [20, 10, 10, 10]
     # the request schema is built from GenerationConfig: every field, with the model's default
-    from engine.config import GenerationConfig
+    from magnet_engine.engine.config import GenerationConfig
 
     _, _, body = call(cluster["main"] + "/openapi.json")
     schema = json.loads(body)["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
@@ -91,8 +89,7 @@ def test_ready_health_model_and_schema(cluster):
 def test_same_seed_as_the_cli(cluster, tmp_path):
     """The same bytes as `magnet generate PROMPT --seed S` with the same fields; the JSON answer's tokens too."""
     import torch
-
-    from engine.cli import main
+    from magnet_engine.engine.cli import main
 
     fields_ = {"seed": 7, "steps": [4, 2, 2, 2], "cfg": [3.0, 1.0], "duration": 0.5}
     status, headers, wav = call(cluster["main"] + "/v1/generate", {"prompt": "warm piano chords", **fields_})
@@ -122,8 +119,7 @@ def test_long_piece_streamed_and_whole(cluster, tiny):
     """Past the segment: "stream": true sends a WAV a window at a time (chunked, length left open), whose samples are
     Engine.generate's for the same seed; without it the whole piece comes as one normalised WAV of the right length."""
     import torch
-
-    from engine.audio import pcm16_bytes, wav_stream_header
+    from magnet_engine.engine.audio import pcm16_bytes, wav_stream_header
 
     fields_ = {"seed": 3, "steps": [2, 1, 1, 1], "duration": 2.5}
     status, headers, body = call(cluster["main"] + "/v1/generate", {"prompt": "rain", **fields_, "stream": True})
@@ -145,7 +141,7 @@ def test_long_piece_streamed_and_whole(cluster, tiny):
 def test_concurrent_requests_and_the_client(cluster):
     """Requests decoded together give what each gives alone (same seed, same bytes); no seed: one is drawn and
     returned, and it reproduces the audio."""
-    from serve import Client
+    from magnet_engine.serve import Client
 
     def one(i: int) -> tuple[int, dict, bytes]:
         return call(cluster["main"] + "/v1/generate", {"prompt": f"drums {i % 3}", "seed": i % 3, **FAST})
@@ -249,8 +245,8 @@ def test_two_nodes_one_replica_each(cluster):
 
 
 def test_bench_serve_closed_loop(cluster, capsys):
-    """python -m bench serve against the running service: every request counted, by status."""
-    from bench.serve import main
+    """python -m magnet_engine.bench serve against the running service: every request counted, by status."""
+    from magnet_engine.bench.serve import main
 
     assert main(["--url", cluster["main"], "--concurrency", "2", "--seconds", "2", "--steps", "2,1,1,1",
                  "--duration", "0.5"]) == 0
@@ -264,8 +260,8 @@ def test_bench_serve_closed_loop(cluster, capsys):
 def test_a_replica_that_cannot_load_fails_the_start_with_its_own_error(cluster):
     """A model that does not load: start() raises the replica's error (not Serve's generic one) and removes the app;
     the other applications keep serving."""
-    from serve.cli import start
-    from serve.config import LaunchConfig, ServiceConfig
+    from magnet_engine.serve.cli import start
+    from magnet_engine.serve.config import LaunchConfig, ServiceConfig
 
     port = int(cluster["main"].rsplit(":", 1)[1])
     with pytest.raises(RuntimeError, match="not found"):

@@ -34,7 +34,7 @@ def free_port() -> int:
     (["--api-key-file", "/nonexistent/key"], "--api-key-file"),
 ])
 def test_bad_flags_one_line_before_anything_starts(argv, flag, capsys):
-    from serve.cli import main
+    from magnet_engine.serve.cli import main
 
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -43,10 +43,10 @@ def test_bad_flags_one_line_before_anything_starts(argv, flag, capsys):
 
 def test_magnet_finds_serve_through_its_entry_point(monkeypatch, capsys):
     """engine.cli imports nothing of serve: it finds the subcommand in the magnet_engine.commands group (setup.py)."""
-    from engine import cli
+    from magnet_engine.engine import cli
 
     real = importlib.metadata.entry_points
-    ep = importlib.metadata.EntryPoint(name="serve", value="serve.cli:main", group=cli.COMMANDS_GROUP)
+    ep = importlib.metadata.EntryPoint(name="serve", value="magnet_engine.serve.cli:main", group=cli.COMMANDS_GROUP)
     monkeypatch.setattr(importlib.metadata, "entry_points",
                         lambda **kw: [ep] if kw.get("group") == cli.COMMANDS_GROUP else real(**kw))
     assert cli.main(["--help"]) == 0 and "serve" in capsys.readouterr().out
@@ -105,13 +105,14 @@ def _loopback(addr: str) -> bool:
 
 
 def test_sigterm_finishes_in_flight_and_leaves_nothing_running(fixture_dir, tmp_path):
-    from serve import Client
+    from magnet_engine.serve import Client
 
     (tmp_path / "key").write_text("k3y\n")
     port = free_port()
     out, err = (tmp_path / "out.log").open("w"), (tmp_path / "err.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", str(fixture_dir), "--device", "cpu",
-                             "--port", str(port), "--api-key-file", str(tmp_path / "key"), "--max-batch", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "magnet_engine.serve", "--model", str(fixture_dir),
+                             "--device", "cpu", "--port", str(port), "--api-key-file", str(tmp_path / "key"),
+                             "--max-batch", "2"],
                             stdout=out, stderr=err, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         deadline = time.monotonic() + 150
@@ -164,8 +165,8 @@ def test_deployment_options_replicas_and_autoscaling():
     """--replicas N: a fixed count; --autoscale MIN,MAX: Serve's autoscaler aiming at max_batch ongoing requests per
     replica (a replica is full at max_batch decoding together); replicas hold their scheduler's queue plus room to
     answer overflow with 503, and the router's queue is bounded."""
-    from serve.cli import parse
-    from serve.deployment import OVERFLOW, application
+    from magnet_engine.serve.cli import parse
+    from magnet_engine.serve.deployment import OVERFLOW, application
 
     service, launch = parse(["--max-batch", "4", "--max-queue", "10", "--autoscale", "1,3", "--replica-cpus", "2"])
     opts = application(service, launch)._bound_deployment._deployment_config

@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from engine import ops
-from engine.model import LM
-from train import codec as codec_stage
-from train import common
-from train import lm as lm_stage
+from magnet_engine.engine import ops
+from magnet_engine.engine.model import LM
+from magnet_engine.train import codec as codec_stage
+from magnet_engine.train import common
+from magnet_engine.train import lm as lm_stage
 
 ASSETS = Path(__file__).resolve().parents[1] / "engine" / "assets"
 
@@ -172,7 +171,7 @@ def test_caption_swap(work: Path, text_encoder: str) -> None:
 
 def test_swap_attribute() -> None:
     """Each edit changes only its attribute, in every phrasing the captions use."""
-    from train import corpus
+    from magnet_engine.train import corpus
 
     found = dict.fromkeys(corpus.SWAPS, 0)
     for seed in range(200):
@@ -206,7 +205,7 @@ def test_swap_attribute() -> None:
 def test_random_foils() -> None:
     """With an rng, each foil changes one stated attribute to another value: any other tonic, the other mode, or a
     bpm in range more than FOIL_BPM_GAP away; every other word is kept."""
-    from train import corpus
+    from magnet_engine.train import corpus
 
     rng = np.random.default_rng(0)
     shifts, gaps = set(), []
@@ -399,15 +398,15 @@ def test_magnet_inputs_hybrid_rows() -> None:
 
 
 def test_export_roundtrip(work: Path, tmp_path: Path, text_encoder: str) -> None:
-    """Exported folders load with engine.load and generate (the tiny BERT stands in when MiniLM is absent)."""
-    import engine
+    """Exported folders load with me.load and generate (the tiny BERT stands in when MiniLM is absent)."""
+    import magnet_engine as me
 
     for kind in ("magnet", "musicgen"):
         if not (lm_stage.stage_folder(work, kind) / "ckpt.json").is_file():
             test_lm_smoke_and_resume(work, kind, text_encoder)
     folders = lm_stage.export(work, tmp_path)
     for kind, folder in folders.items():
-        e = engine.load(folder, text_encoder=text_encoder, device="cpu")
+        e = me.load(folder, text_encoder=text_encoder, device="cpu")
         steps = {"steps": (2, 1, 1, 1)} if kind == "magnet" else {"top_k": 0}  # tiny vocabulary: 16
         g = e.generate(["a fast beat"], duration=0.3, greedy=True, **steps)
         assert torch.isfinite(g.audio).all() and g.codes.shape[1] == 4
@@ -431,12 +430,12 @@ def test_shipped_sizes() -> None:
 
 
 def test_default_magnet_generates_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine
+    import magnet_engine as me
 
     _shipped("magnet")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    e = engine.load(device="cpu")
+    e = me.load(device="cpu")
     assert e.config.kind == "magnet" and e.sample_rate == 16000
     g = e.generate(["a fast techno beat with a deep bass"], duration=0.5, greedy=True)
     assert g.codes.shape[:2] == (1, 4) and torch.isfinite(g.audio).all()
@@ -444,12 +443,12 @@ def test_default_magnet_generates_offline(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_default_musicgen_generates_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine
+    import magnet_engine as me
 
     folder = _shipped("musicgen")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    e = engine.load(folder, device="cpu")
+    e = me.load(folder, device="cpu")
     assert e.config.kind == "musicgen"
     g = e.generate(["a slow piano melody"], duration=0.5, greedy=True)
     assert g.codes.shape == (1, 4, 25) and torch.isfinite(g.audio).all()

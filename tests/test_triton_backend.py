@@ -1,25 +1,24 @@
 """`--backend triton` (kernels.apply) reproduces the reference tokens through the Triton interpreter on CPU."""
 from __future__ import annotations
 
+import magnet_engine as me
 import numpy as np
 import pytest
 from conftest import run_settings
+from magnet_engine.engine.cli import main
+from magnet_engine.engine.model import SelfAttention
+from magnet_engine.kernels.backend import apply as triton_apply
 from test_cli import cli_args
-
-import engine
-import kernels
-from engine.cli import main
-from engine.model import SelfAttention
 
 
 @pytest.fixture(scope="module")
 def tiny_triton(fixture_dir):
-    return kernels.apply(engine.load(fixture_dir, device="cpu"))
+    return triton_apply(me.load(fixture_dir, device="cpu"))
 
 
 def test_apply_swaps_ops(tiny_triton):
-    from kernels.attention import attention
-    from kernels.sampling import sample
+    from magnet_engine.kernels.attention import attention
+    from magnet_engine.kernels.sampling import sample
 
     attends = [m.attend for m in tiny_triton.lm.modules() if isinstance(m, SelfAttention)]
     assert attends and all(a is attention for a in attends)

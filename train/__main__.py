@@ -1,4 +1,5 @@
-"""`python -m train codec|tokens|magnet|ar|export|all --work runs/default [--set key=value ...] [--assets DIR]`.
+"""`python -m magnet_engine.train codec|tokens|magnet|ar|export|all --work runs/default [--set key=value ...]
+[--assets DIR]`.
 
 Every stage resumes from its checkpoint in the work folder; `--set` overrides a field of the stage's config
 dataclass (CodecTrainConfig, TokensConfig, LMTrainConfig), e.g. `--set steps=400 --set max_minutes=20`.
@@ -62,7 +63,7 @@ def run_stage(stage: str, work: Path, sets: list[str], assets: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m magnet_engine.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=STAGES)
     p.add_argument("--work", type=Path, default=Path("runs/default"), help="work folder (checkpoints, tokens)")

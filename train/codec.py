@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from magnet_engine.engine.codec import CodecConfig, Encodec
 from torch import nn
-
-from engine.codec import CodecConfig, Encodec
 
 from . import common
 
@@ -304,7 +303,8 @@ def load_trained_codec(work: Path) -> Encodec:
     """The codec of `work/codec/ckpt` (config from its JSON), eval mode."""
     got = common.load_checkpoint(work / "codec", "ckpt")
     if got is None:
-        raise ValueError(f"no codec checkpoint in {work / 'codec'}: run `python -m train codec --work {work}` first")
+        raise ValueError(f"no codec checkpoint in {work / 'codec'}: run "
+                         f"`python -m magnet_engine.train codec --work {work}` first")
     tensors, meta = got
     codec = Encodec(CodecConfig.from_dict(meta["codec"]))
     codec.load_state_dict({k[len("codec."):]: v for k, v in tensors.items() if k.startswith("codec.")})

@@ -153,7 +153,7 @@ def corpus() -> ModuleType:
 
             return mod
         except ModuleNotFoundError as e:
-            if e.name != "train.corpus":
+            if e.name != "magnet_engine.train.corpus":
                 raise
     from . import standin_corpus
 
@@ -188,7 +188,7 @@ def captions_for(seeds: Sequence[int], variants: int) -> list[list[str]]:
 
 def load_frozen_text_encoder(name: str = TEXT_ENCODER) -> tuple[Any, nn.Module]:
     """The frozen text encoder the engine will use (`engine.text.load_text_encoder`), on CPU, no grads."""
-    from engine.text import load_text_encoder
+    from magnet_engine.engine.text import load_text_encoder
 
     tok, enc = load_text_encoder(name, torch.device("cpu"))
     for p in enc.parameters():

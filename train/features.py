@@ -359,11 +359,12 @@ def evaluate(n: int = 100, duration: float = 10.0, sample_rate: int = SAMPLE_RAT
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m train.features [--n 100] [--sr 16000] [--classifier FILE]`: the estimators' accuracy on rendered
-    "test" clips; trains the instrument classifier first (saved to --classifier if it does not exist yet)."""
+    """`python -m magnet_engine.train.features [--n 100] [--sr 16000] [--classifier FILE]`: the estimators' accuracy
+    on rendered "test" clips; trains the instrument classifier first (saved to --classifier if it does not exist
+    yet)."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m train.features", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m magnet_engine.train.features", description=main.__doc__)
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--sr", type=int, default=SAMPLE_RATE)

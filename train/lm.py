@@ -36,10 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from engine.config import ModelConfig
-from engine.model import LM, CrossKV, restore_attention, set_attention
-from engine.musicgen import DelayPattern
+from magnet_engine.engine.config import ModelConfig
+from magnet_engine.engine.model import LM, CrossKV, restore_attention, set_attention
+from magnet_engine.engine.musicgen import DelayPattern
 
 from . import common
 
@@ -523,11 +522,11 @@ def train_lm(work: Path, cfg: LMTrainConfig) -> LM:
     init_lm(lm, cfg.seed, cfg.emb_std)
     if (cfg.contrast_weight > 0 or cfg.marginal_weight > 0) and cfg.kind != "magnet":
         raise ValueError("contrast_weight and marginal_weight are MAGNeT objectives: set them only for "
-                         "`python -m train magnet`")
+                         "`python -m magnet_engine.train magnet`")
     if not 0 <= cfg.marginal_soft <= 1:
         raise ValueError(f"marginal_soft mixes two targets: give a value in [0, 1], got {cfg.marginal_soft}")
     if cfg.init:  # fine-tuning: the starting weights of a trained model (same sizes), fresh optimizer and schedule
-        from engine.loading import read_own_format
+        from magnet_engine.engine.loading import read_own_format
 
         lm.load_state_dict({k: v.float() for k, v in read_own_format(Path(cfg.init))[1].items()})
     soft = (code_histograms(train, cfg.soft_labels, mcfg.card)
@@ -609,14 +608,15 @@ AR_GENERATION: dict[str, Any] = {}
 def export(work: Path, assets: Path, kinds: tuple[str, ...] | None = None) -> dict[str, Path]:
     """Engine-format folders `assets/magnet-default` and `assets/musicgen-default` (LM fp16, codec fp32). `kinds`
     None: every LM trained in `work` (a fine-tuning folder holds only MAGNeT)."""
-    from engine.loading import save_pretrained
+    from magnet_engine.engine.loading import save_pretrained
 
     from .codec import load_trained_codec
 
     if kinds is None:
         kinds = tuple(k for k in ("magnet", "musicgen") if common.has_checkpoint(stage_folder(work, k), "ckpt"))
         if not kinds:
-            raise ValueError(f"no trained LM in {work}: run `python -m train magnet` (or `ar`) there first")
+            raise ValueError(f"no trained LM in {work}: run `python -m magnet_engine.train magnet` (or `ar`) there "
+                             "first")
     codec = load_trained_codec(work)
     out = {}
     for kind in kinds:

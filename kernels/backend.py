@@ -17,8 +17,8 @@ def apply(engine: Any) -> Any:
     model's KV-cached causal path keeps PyTorch) and the per-step sampler. Returns the engine. On CPU tensors the
     kernels need `TRITON_INTERPRET=1` (slow; for tests).
     """
-    from engine.config import SettingError
-    from engine.model import set_attention
+    from magnet_engine.engine.config import SettingError
+    from magnet_engine.engine.model import set_attention
 
     from .attention import attention
     from .sampling import sample
@@ -41,7 +41,7 @@ class TritonBackend:
         return False  # reads what torch reads
 
     def load(self, source: Any, *, device: Any, dtype: Any, text_encoder: Any) -> Any:
-        from engine.backends import TorchBackend
+        from magnet_engine.engine.backends import TorchBackend
 
         return self.adapt(TorchBackend().load(source, device=device, dtype=dtype, text_encoder=text_encoder))
 
