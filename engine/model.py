@@ -78,7 +78,7 @@ def sin_embedding_at(positions: torch.Tensor, dim: int, max_period: float = 1000
 
 
 class SelfAttention(nn.Module):
-    """Packed q|k|v projection without bias. `attend` is the attention op, swapped from outside (kernels.apply)."""
+    """Packed q|k|v projection without bias. `attend` is the attention op, swapped from outside (set_attention)."""
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -89,32 +89,24 @@ class SelfAttention(nn.Module):
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[N, T, dim] -> q, k, v [N, H, T, D] (features ordered (q|k|v, head, head_dim) as in audiocraft)."""
-        n, t, dim = x.shape
-        qkv = F.linear(x, self.in_proj_weight).view(n, t, 3, self.num_heads, dim // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        return q, k, v
+        return split_qkv(F.linear(x, self.in_proj_weight), self.num_heads)
 
     def merge(self, o: torch.Tensor) -> torch.Tensor:
         """[N, H, T, D] -> out_proj([N, T, H·D])."""
-        n, h, t, d = o.shape
-        return self.out_proj(o.transpose(1, 2).reshape(n, t, h * d))
+        return self.out_proj(merge_heads(o))
 
-    def forward(self, x: torch.Tensor, window: int | None) -> torch.Tensor:
-        q, k, v = self.qkv(x)
-        return self.merge(self.attend(q, k, v, window))
 
-    def forward_cached(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, index: torch.Tensor,
-                       mask: torch.Tensor) -> torch.Tensor:
-        """Causal attention against a static KV cache (MusicGen's AR path; MAGNeT never calls this).
+def split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, T, 3·dim] packed projections -> q, k, v [N, H, T, D]."""
+    n, t, three_dim = qkv.shape
+    q, k, v = qkv.view(n, t, 3, heads, three_dim // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
 
-        x [N, n, dim] holds the frames at positions `index` [n] (int64, on the device); their k/v are written into
-        cache_k / cache_v [N, H, T_max, D] in place, then the queries attend to the whole cache under `mask`
-        [n, T_max] bool (key position <= query position), so shapes never depend on the step.
-        """
-        q, k, v = self.qkv(x)
-        cache_k.index_copy_(2, index, k.to(cache_k.dtype))
-        cache_v.index_copy_(2, index, v.to(cache_v.dtype))
-        return self.merge(F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask))
+
+def merge_heads(o: torch.Tensor) -> torch.Tensor:
+    """[N, H, T, D] -> [N, T, H·D]."""
+    n, h, t, d = o.shape
+    return o.transpose(1, 2).reshape(n, t, h * d)
 
 
 class CrossAttention(SelfAttention):
@@ -129,11 +121,115 @@ class CrossAttention(SelfAttention):
         v = F.linear(cond, w[2 * dim:]).view(shape).transpose(1, 2)
         return k, v
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        n, t, dim = x.shape
-        q = F.linear(x, self.in_proj_weight[:dim]).view(n, t, self.num_heads, -1).transpose(1, 2)
+
+class Mixing:
+    """How the rows of one LM pass are laid out, which is all a layer needs besides its weights: the linear op
+    (plain, or row-invariant when requests share the pass), self-attention over the right keys, and which rows have
+    text. The layer maths (`Layer.forward`) exists once; MAGNeT's pass (`Dense`), the AR decoder's KV-cached pass
+    (`Cached`) and the scheduler's packed pass (`Packed`) differ only here.
+
+    Dense and Cached hold x as [N, T, dim] with the conditional rows first: the other rows' text is the null
+    condition, all-zero embeddings and bias-free projections, so their cross-attention is exactly 0 and is skipped.
+    """
+
+    def __init__(self, cross: CrossKV) -> None:
+        self.cross = cross  # per layer: k, v [B, H, L, D] of the conditional rows
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight)
+
+    def self_attention(self, layer: int, attn: SelfAttention, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv [.., 3·dim] -> attention output [.., dim] before out_proj."""
+        raise NotImplementedError
+
+    def cond_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x -> its rows with text (None: there are none)."""
+        b = self.cross[0][0].shape[0] if self.cross else 0
+        return x[:b] if b else None
+
+    def put_cond_rows(self, x: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
+        b = xc.shape[0]
+        return xc if b == x.shape[0] else torch.cat([xc, x[b:]], dim=0)
+
+    def cross_attention(self, layer: int, attn: CrossAttention, q: torch.Tensor) -> torch.Tensor:
+        """q [B, T, dim] of the conditional rows -> [B, T, dim] before out_proj."""
+        k, v = self.cross[layer]
+        qh = q.view(q.shape[0], q.shape[1], attn.num_heads, -1).transpose(1, 2)  # [B, H, T, D]
         # no key mask: padded text positions are zero keys that still take softmax weight, as in training
-        return self.merge(self.attend(q, k, v, None))
+        return merge_heads(attn.attend(qh, k, v, None))
+
+
+class Dense(Mixing):
+    """One request's MAGNeT pass: x [N, T, dim], self-attention full or banded (`window`)."""
+
+    def __init__(self, cross: CrossKV, window: int | None) -> None:
+        super().__init__(cross)
+        self.window = window
+
+    def self_attention(self, layer: int, attn: SelfAttention, qkv: torch.Tensor) -> torch.Tensor:
+        q, k, v = split_qkv(qkv, attn.num_heads)
+        return merge_heads(attn.attend(q, k, v, self.window))
+
+
+class Cached(Mixing):
+    """The AR decoder's pass against a static KV cache (MusicGen, the rescorer): x [N, n, dim] holds the frames at
+    positions `index` [n] (int64 on the device); their k/v are written into each layer's cache [N, H, T_max, D] in
+    place, then the queries attend to the whole cache under `mask` [n, T_max] (key position <= query position), so
+    shapes never depend on the step."""
+
+    def __init__(self, cross: CrossKV, caches: Sequence[tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor,
+                 mask: torch.Tensor) -> None:
+        super().__init__(cross)
+        self.caches, self.index, self.mask = caches, index, mask
+
+    def self_attention(self, layer: int, attn: SelfAttention, qkv: torch.Tensor) -> torch.Tensor:
+        q, k, v = split_qkv(qkv, attn.num_heads)
+        cache_k, cache_v = self.caches[layer]
+        cache_k.index_copy_(2, self.index, k.to(cache_k.dtype))
+        cache_v.index_copy_(2, self.index, v.to(cache_v.dtype))
+        return merge_heads(F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=self.mask))
+
+
+class Packed(Mixing):
+    """Several requests in one pass (`LM.forward_packed`), each at its own stage, length and text: x [ΣN·T, dim].
+    Linears run on the whole pack (`packed_linear`: each row's output as in its request's own call); attention runs
+    per request over its own rows, frames and text (no padded key, no other request's key)."""
+
+    def __init__(self, parts: Sequence[Rows], windows: Sequence[int | None], device: torch.device) -> None:
+        super().__init__([])
+        self.parts, self.windows = parts, windows
+        self.sizes = [p.n * p.t for p in parts]
+        self.cond_parts = [p for p in parts if p.cond_rows]
+        self.cond_sizes = [p.cond_rows * p.t for p in self.cond_parts]
+        starts = [sum(self.sizes[:i]) for i in range(len(parts))]
+        # the pack's row indices of every request's conditional rows, in order
+        self.cond_index = torch.cat([torch.arange(s, s + p.cond_rows * p.t) for s, p in zip(starts, parts)]
+                                    ).to(device)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        sizes = self.sizes if x.shape[0] == sum(self.sizes) else self.cond_sizes
+        return packed_linear(x, weight, sizes)
+
+    def self_attention(self, layer: int, attn: SelfAttention, qkv: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for piece, p, window in zip(qkv.split(self.sizes), self.parts, self.windows):
+            q, k, v = split_qkv(piece.view(p.n, p.t, -1), attn.num_heads)  # [N, H, T, D] each
+            outs.append(merge_heads(attn.attend(q, k, v, window)).reshape(p.n * p.t, -1))
+        return torch.cat(outs)
+
+    def cond_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        return x.index_select(0, self.cond_index) if self.cond_parts else None  # [ΣB·T, dim]
+
+    def put_cond_rows(self, x: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
+        return x.index_copy(0, self.cond_index, xc)
+
+    def cross_attention(self, layer: int, attn: CrossAttention, q: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for piece, p in zip(q.split(self.cond_sizes), self.cond_parts):
+            k, v = p.cross[layer]
+            qh = piece.view(p.cond_rows, p.t, attn.num_heads, -1).transpose(1, 2)  # [B, H, T, D]
+            outs.append(merge_heads(attn.attend(qh, k, v, None)).reshape(p.cond_rows * p.t, -1))
+        return torch.cat(outs)
 
 
 class Layer(nn.Module):
@@ -148,57 +244,17 @@ class Layer(nn.Module):
         self.norm_cross = nn.LayerNorm(d, eps=1e-5)
         self.norm2 = nn.LayerNorm(d, eps=1e-5)
 
-    def forward(self, x: torch.Tensor, window: int | None, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x [N, T, dim]; kv for the first B <= N rows (the conditional half). The other rows' text is the null
-        condition, all-zero embeddings and bias-free projections: their cross-attention is exactly 0, so skip it."""
-        x = x + self.self_attn(self.norm1(x), window)
-        x = self.cross(x, kv)
-        return x + self.linear2(F.gelu(self.linear1(self.norm2(x))))
-
-    def forward_cached(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], cache_k: torch.Tensor,
-                       cache_v: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """`forward` with causal self-attention over a static KV cache (see `SelfAttention.forward_cached`)."""
-        x = x + self.self_attn.forward_cached(self.norm1(x), cache_k, cache_v, index, mask)
-        x = self.cross(x, kv)
-        return x + self.linear2(F.gelu(self.linear1(self.norm2(x))))
-
-    def forward_packed(self, x: torch.Tensor, parts: Sequence[Rows], layer: int, windows: Sequence[int | None],
-                       cond_index: torch.Tensor) -> torch.Tensor:
-        """`forward` for several requests packed along the rows: x [ΣN·T, dim]. Linears, norms and the MLP run
-        on the whole pack; attention runs per request over its own rows, frames and text (no padded key, no
-        other request's key); every op matches `forward` on that request alone, bit for bit (see GEMM_MIN_ROWS).
-        cond_index: the pack's row indices of every request's conditional rows, in order."""
-        sa, ca = self.self_attn, self.cross_attention
-        h, d = sa.num_heads, x.shape[-1] // sa.num_heads
-        sizes = [p.n * p.t for p in parts]
-        qkv = packed_linear(self.norm1(x), sa.in_proj_weight, sizes)  # [M, 3·dim]
-        outs = []
-        for piece, p, window in zip(qkv.split(sizes), parts, windows):
-            q, k, v = piece.view(p.n, p.t, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # [N, H, T, D] each
-            outs.append(sa.attend(q, k, v, window).transpose(1, 2).reshape(p.n * p.t, h * d))
-        x = x + packed_linear(torch.cat(outs), sa.out_proj.weight, sizes)
-        cond_parts = [p for p in parts if p.cond_rows]
-        if cond_parts:  # cross-attention on the conditional rows only (the null text's is exactly 0, see forward)
-            csizes = [p.cond_rows * p.t for p in cond_parts]
-            xc = x.index_select(0, cond_index)  # [ΣB·T, dim]
-            q_all = packed_linear(self.norm_cross(xc), ca.in_proj_weight[:x.shape[-1]], csizes)
-            outs = []
-            for piece, p in zip(q_all.split(csizes), cond_parts):
-                q = piece.view(p.cond_rows, p.t, h, d).transpose(1, 2)  # [B, H, T, D]
-                k, v = p.cross[layer]
-                outs.append(ca.attend(q, k, v, None).transpose(1, 2).reshape(p.cond_rows * p.t, h * d))
-            xc = xc + packed_linear(torch.cat(outs), ca.out_proj.weight, csizes)
-            x = x.index_copy(0, cond_index, xc)
-        ffn = packed_linear(F.gelu(packed_linear(self.norm2(x), self.linear1.weight, sizes)), self.linear2.weight,
-                            sizes)
-        return x + ffn
-
-    def cross(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        b = kv[0].shape[0]
-        if b == 0:
-            return x
-        h = x[:b] + self.cross_attention(self.norm_cross(x[:b]), *kv)
-        return h if b == x.shape[0] else torch.cat([h, x[b:]], dim=0)
+    def forward(self, x: torch.Tensor, mix: Mixing, index: int) -> torch.Tensor:
+        """Pre-LN self-attention, cross-attention to the text (rows with text only), GELU MLP. x [.., dim] laid out
+        as `mix` says; `index`: this layer's place in the stack (its text k/v, its KV cache)."""
+        sa, ca, lin = self.self_attn, self.cross_attention, mix.linear
+        x = x + lin(mix.self_attention(index, sa, lin(self.norm1(x), sa.in_proj_weight)), sa.out_proj.weight)
+        xc = mix.cond_rows(x)
+        if xc is not None:
+            q = lin(self.norm_cross(xc), ca.in_proj_weight[:x.shape[-1]])
+            xc = xc + lin(mix.cross_attention(index, ca, q), ca.out_proj.weight)
+            x = mix.put_cond_rows(x, xc)
+        return x + lin(F.gelu(lin(self.norm2(x), self.linear1.weight)), self.linear2.weight)
 
 
 class LM(nn.Module):
@@ -249,17 +305,26 @@ class LM(nn.Module):
         """[N, T, dim] -> logits [N, T, V] fp32 of one codebook: generation never needs the others."""
         return self.linears[stage](self.out_norm(x.float()))
 
+    def hidden(self, x: torch.Tensor, mix: Mixing) -> torch.Tensor:
+        """Embedded rows x (laid out as `mix` says) through every layer."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mix, i)
+        return x
+
     def forward(self, codes: torch.Tensor, stage: int, cross: CrossKV) -> torch.Tensor:
         """MAGNeT pass: codes [N, K, T] (mask token = card), stage s -> logits of codebook s [N, T, V] fp32.
 
         Self-attention is full for s = 0 and banded |Δt| <= subcodes_context for s >= 1. `cross` holds k/v for
         the first B rows; rows past B are the unconditional half.
         """
-        window = self.cfg.window(stage)
-        x = self.embed(codes).to(self.dtype)
-        for layer, kv in zip(self.layers, cross):
-            x = layer(x, window, kv)
+        x = self.hidden(self.embed(codes).to(self.dtype), Dense(cross, self.cfg.window(stage)))
         return self.head(x, stage)
+
+    def forward_cached(self, tokens: torch.Tensor, index: torch.Tensor, mix: Cached) -> torch.Tensor:
+        """The AR decoder's pass: tokens [B, K, n] at positions `index` [n], the same rows under both conditions
+        ([cond; uncond] = 2B rows, k/v written into `mix`'s caches) -> hidden states [2B, n, dim]."""
+        x = self.embed_at(tokens, index).to(self.dtype)  # [B, n, dim]
+        return self.hidden(torch.cat([x, x]), mix)
 
     def forward_packed(self, parts: Sequence[Rows]) -> list[torch.Tensor]:
         """One MAGNeT pass over several requests, each at its own stage, length and text: -> per request the
@@ -270,19 +335,15 @@ class LM(nn.Module):
         runs per request over exactly its own keys (padded keys, even masked, change softmax sums by ~1e-7).
         """
         dim = self.cfg.dim
-        sizes = [p.n * p.t for p in parts]
+        mix = Packed(parts, [self.cfg.window(p.stage) for p in parts], self.out_norm.weight.device)
         x = torch.cat([self.embed(p.codes).to(self.dtype).reshape(-1, dim) for p in parts])  # [ΣN·T, dim]
-        starts = torch.tensor([0] + sizes[:-1]).cumsum(0).tolist()
-        cond_index = torch.cat([torch.arange(s, s + p.cond_rows * p.t) for s, p in zip(starts, parts)]).to(x.device)
-        windows = [self.cfg.window(p.stage) for p in parts]
-        for i, layer in enumerate(self.layers):
-            x = layer.forward_packed(x, parts, i, windows, cond_index)
-        y = self.out_norm(x.float()).split(sizes)
+        y = self.out_norm(self.hidden(x, mix).float()).split(mix.sizes)
         logits: list[torch.Tensor | None] = [None] * len(parts)
         for stage in sorted({p.stage for p in parts}):  # one head GEMM per codebook among the requests
             idx = [i for i, p in enumerate(parts) if p.stage == stage]
-            out = packed_linear(torch.cat([y[i] for i in idx]), self.linears[stage].weight, [sizes[i] for i in idx])
-            for i, o in zip(idx, out.split([sizes[i] for i in idx])):
+            sizes = [mix.sizes[i] for i in idx]
+            out = packed_linear(torch.cat([y[i] for i in idx]), self.linears[stage].weight, sizes)
+            for i, o in zip(idx, out.split(sizes)):
                 logits[i] = o.view(parts[i].n, parts[i].t, -1)
         return logits  # type: ignore[return-value]
 

@@ -27,7 +27,7 @@ import torch
 
 from .config import GenerationConfig, ModelConfig
 from .magnet import Progress, Sampler
-from .model import LM, CrossKV
+from .model import LM, Cached, CrossKV
 from .sampling import StepSampling, sample_ref
 
 UNKNOWN = -1  # a pattern cell not generated yet (audiocraft's `unknown_token`)
@@ -113,10 +113,7 @@ class ARDecoder:
         n = tokens.shape[-1]
         index = pos.reshape(1) + torch.arange(n, device=tokens.device)  # [n]
         mask = self.key_pos[None, :] <= index[:, None]  # [n, T_max]: causal over the cache
-        x = lm.embed_at(tokens, index).to(lm.dtype)  # [B, n, dim]
-        x = torch.cat([x, x])  # [2B, n, dim]: the same tokens under both conditions
-        for layer, kv, (ck, cv) in zip(lm.layers, self.cross, self.caches):
-            x = layer.forward_cached(x, kv, ck, cv, index, mask)
+        x = lm.forward_cached(tokens, index, Cached(self.cross, self.caches, index, mask))  # [2B, n, dim]
         h = lm.out_norm(x[:, -1].float())  # [2B, dim]
         logits = torch.stack([lin(h) for lin in lm.linears], dim=1)  # [2B, K, V]
         return logits[: self.batch], logits[self.batch:]

@@ -18,7 +18,7 @@ While MAGNeT fills codebook s, codebooks > s hold its mask token; MAGNeT's mask 
 both `card`, so the AR model reads them as "empty" cells (it never saw such cells mid-sequence in training; this is
 the approximation rescoring a partial stage implies). Only the positions MAGNeT re-masks read p_ar.
 
-The forward is the AR decoder's prefill (`Layer.forward_cached` over a static cache sized S − 1, causal mask), the
+The forward is the AR decoder's prefill (`LM.forward_cached` over a static cache sized S − 1, causal mask), the
 very path `generate_tokens_ar` uses for audio prompts: no per-token loop, no host sync. Per-call wall time is kept
 by `StepTimer` (CUDA events, read once after the loop; perf_counter on CPU, where kernels run synchronously).
 """
@@ -30,6 +30,7 @@ import torch
 
 from .config import GenerationConfig, ModelConfig
 from .magnet import output_frames
+from .model import Cached
 from .musicgen import ARCompanion, ARDecoder, DelayPattern
 from .sampling import guide
 
@@ -102,11 +103,7 @@ class ARRescorer:
         seq = codes.gather(2, self.gather_idx.expand(codes.shape[0], -1, -1))  # [B, K, S-1]: pattern.build
         seq = seq.masked_fill(~self.valid, self.special)
         index = dec.key_pos  # [S-1]: positions 0 .. S-2 on the device
-        x = lm.embed_at(seq, index).to(lm.dtype)  # [B, S-1, dim]
-        x = torch.cat([x, x])  # [2B, S-1, dim]: [cond; uncond]
-        for layer, kv, (ck, cv) in zip(lm.layers, dec.cross, dec.caches):
-            x = layer.forward_cached(x, kv, ck, cv, index, self.causal)
-        return x
+        return lm.forward_cached(seq, index, Cached(dec.cross, dec.caches, index, self.causal))  # [2B, S-1, dim]
 
     @torch.no_grad()
     def probs(self, codes: torch.Tensor, stage: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from magnet_engine.engine.config import ModelConfig, default_generation
-from magnet_engine.engine.model import LM, attention_ops
+from magnet_engine.engine.model import LM, Dense, attention_ops
 from magnet_engine.engine.ops import band_mask
 from torch import nn
 
@@ -196,9 +196,8 @@ class LMStepGraph(nn.Module):
     def forward(self, codes: torch.Tensor, stage: torch.Tensor, *cross: torch.Tensor) -> torch.Tensor:
         if self.window is not None:
             self.self_attend.mask = band_mask(codes.shape[-1], self.window, codes.device) | (stage == 0)  # [T, T]
-        x = self.lm.embed(codes).to(self.lm.dtype)
-        for i, layer in enumerate(self.lm.layers):
-            x = layer(x, None, (cross[2 * i], cross[2 * i + 1]))
+        kv = [(cross[2 * i], cross[2 * i + 1]) for i in range(len(self.lm.layers))]
+        x = self.lm.hidden(self.lm.embed(codes).to(self.lm.dtype), Dense(kv, None))  # the mask picks the band
         head = torch.index_select(self.heads, 0, stage.reshape(1)).squeeze(0)  # [V, dim]
         return F.linear(self.lm.out_norm(x.float()), head)
 

@@ -66,7 +66,10 @@ def full_causal_logits(lm: LM, seq: torch.Tensor, cross: CrossKV) -> torch.Tenso
     for layer, kv in zip(lm.layers, cross):
         q, k, v = layer.self_attn.qkv(layer.norm1(x))
         x = x + layer.self_attn.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
-        x = layer.cross(x, kv)
+        b, ca = kv[0].shape[0], layer.cross_attention  # text on the first B rows; the null text's is exactly 0
+        q = F.linear(layer.norm_cross(x[:b]), ca.in_proj_weight[:x.shape[-1]])
+        q = q.view(b, q.shape[1], ca.num_heads, -1).transpose(1, 2)
+        x = torch.cat([x[:b] + ca.merge(F.scaled_dot_product_attention(q, *kv)), x[b:]])
         x = x + layer.linear2(F.gelu(layer.linear1(layer.norm2(x))))
     h = lm.out_norm(x.float())
     return torch.stack([lin(h) for lin in lm.linears], dim=1)

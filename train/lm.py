@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from magnet_engine.engine.config import ModelConfig
-from magnet_engine.engine.model import LM, CrossKV, restore_attention, set_attention
+from magnet_engine.engine.model import LM, CrossKV, Dense, restore_attention, set_attention
 from magnet_engine.engine.musicgen import DelayPattern
 
 from . import common
@@ -167,10 +167,7 @@ def text_cross(lm: LM, bank: common.TextBank, ids: torch.Tensor) -> CrossKV:
 
 def run_layers(lm: LM, codes: torch.Tensor, offset: int, cross: CrossKV) -> torch.Tensor:
     """codes [N, K, T] at positions offset.. -> final hidden states after out_norm [N, T, dim]."""
-    x = lm.embed(codes, offset)
-    for layer, kv in zip(lm.layers, cross):
-        x = layer(x, None, kv)
-    return lm.out_norm(x)
+    return lm.out_norm(lm.hidden(lm.embed(codes, offset), Dense(cross, None)))
 
 
 def magnet_inputs(codes: torch.Tensor, card: int, span_len: int, g: torch.Generator, prefix_prob: float = 0.0
