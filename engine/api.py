@@ -20,7 +20,7 @@ from .loading import (
     resolve_files,
     resolve_named,
 )
-from .model import LM
+from .model import LM, CrossKV, Rows
 from .musicgen import ARCompanion
 from .request import Request, build_request
 from .rescore import build_rescorer
@@ -31,19 +31,38 @@ TEXT_PROJ_KEY = "condition_provider.conditioners.description.output_proj."
 
 
 class TorchStep:
-    """Text embeddings [B, L, dim] -> a step function, with the text's cross-attention k/v computed once."""
+    """Text embeddings [B, L, dim] -> the request's step (`TorchRequestStep`), its cross-attention k/v computed once."""
 
     def __init__(self, lm: LM) -> None:
         self.lm = lm
 
-    def __call__(self, cond: torch.Tensor) -> magnet.Step:
-        cross = self.lm.cross_kv(cond)
+    def __call__(self, cond: torch.Tensor) -> TorchRequestStep:
+        return TorchRequestStep(self.lm, self.lm.cross_kv(cond))
 
-        def step(codes: torch.Tensor, stage: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
-            # rows past the text's B are unconditional (LM.forward): none when unguided
-            return magnet.split_rows(self.lm(magnet.step_rows(codes, guided), stage, cross), guided)
 
-        return step
+class TorchRequestStep:
+    """One request's `magnet.Step` on the torch LM: codes [B, K, T] -> (cond, uncond) logits [B, T, V]."""
+
+    def __init__(self, lm: LM, cross: CrossKV) -> None:
+        self.lm, self.cross = lm, cross
+
+    def __call__(self, codes: torch.Tensor, stage: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        # rows past the text's B are unconditional (LM.forward): none when unguided
+        return magnet.split_rows(self.lm(magnet.step_rows(codes, guided), stage, self.cross), guided)
+
+
+class PackedPass:
+    """The torch backend's `magnet.Pass`: several requests in one LM pass packed along the rows
+    (`LM.forward_packed`: each request's logits bit for bit its own pass's); one request alone runs its own step."""
+
+    def __init__(self, lm: LM) -> None:
+        self.lm = lm
+
+    def __call__(self, decs: Sequence[magnet.Decoding]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if len(decs) == 1:
+            return magnet.each_alone(decs)
+        parts = [Rows(magnet.step_rows(d.codes, d.guided), d.stage, d.step.cross) for d in decs]
+        return [magnet.split_rows(lg, d.guided) for d, lg in zip(decs, self.lm.forward_packed(parts))]
 
 
 @dataclass
@@ -117,6 +136,8 @@ class Engine:
             assert lm is not None, "an Engine needs an LM or a step factory"
             make_step = TorchStep(lm)
         self.make_step = make_step
+        # several requests' steps in one LM pass (the scheduler); a backend without one runs each alone
+        self.lm_pass: magnet.Pass = PackedPass(lm) if lm is not None else magnet.each_alone
 
     @property
     def sample_rate(self) -> int:

@@ -1,15 +1,23 @@
-"""MAGNeT's decoding loop: codebook stages one after another, each filled in parallel over a few mask-predict steps.
+"""MAGNeT's decoding: codebook stages one after another, each filled in parallel over a few mask-predict steps.
 
-One loop serves every backend: it only sees `Step` (codes -> cond/uncond logits of one codebook) and `Sampler`
-(the fused guidance/temperature/sampling op, `engine.sampling.sample_ref` or a Triton kernel). The schedule is
-computed on the host before the loop, so the loop never waits on the device (no .item(), no data-dependent
-Python branches).
+One step exists once (`decode_step`): re-mask → LM pass → guidance and sampling → span scores. It advances one
+request (`generate_tokens`: the plain run, long-form windows, the quality levers) or many at once (the scheduler)
+through the same code, behind two interfaces a backend provides: `Step` (one request's LM pass, from its text) with
+a `Pass` that runs several requests' steps together, and `Sampler` (`engine.sampling.sample_ref` or a Triton kernel).
 
-The loop is a state machine per request (`Decoding`: prepare -> LM pass -> sample -> advance), so the same code
-decodes one call's batch (`generate_tokens`) or many requests interleaved step by step (engine.scheduler).
+A request's decoding is a static program (`Decoding`), fixed by its shape (rows, frames, steps, guided, span
+arrangement, sampling mode, dtype, device) before the first step:
+- every buffer (codes, the codebook row being filled, span scores) is allocated up front and updated in place;
+- the noise of every step is drawn before the loop, from each row's own generator in its solo order;
+- the schedule (spans to re-mask, guidance and temperature per step) and the sampler's parameters are device
+  tensors;
+- re-masking and span scoring are fixed-shape device ops (a rank comparison against the step's count).
+Inside the loop nothing reads the device (no .item(), .tolist(), nonzero) and nothing branches on data, so the whole
+program can be captured once as a CUDA graph (engine.graph) and compiled whole by torch.compile.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -17,7 +25,7 @@ import torch
 
 from .config import GenerationConfig, ModelConfig
 from .masking import DONT_REMASK, chunk_mask, chunk_scores, least_probable_spans, stage_schedule
-from .sampling import StepSampling
+from .sampling import RowParams, StepSampling, row_tensors
 
 Progress = Callable[[int, int], None]
 
@@ -27,6 +35,18 @@ class Step(Protocol):
         """codes [B, K, T] -> (cond, uncond) logits of codebook `stage`, each [B, T, V]. guided=False: only the
         conditional rows run and cond is returned twice (the sampler's guidance then gives cond exactly)."""
         ...
+
+
+class Pass(Protocol):
+    def __call__(self, decs: Sequence[Decoding]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One LM pass of several requests, each at its own stage (`prepare()` done): their (cond, uncond) logits,
+        each request's as its own `step` gives them."""
+        ...
+
+
+def each_alone(decs: Sequence[Decoding]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The `Pass` of a backend that cannot batch requests (onnxruntime: one text length per call): each its own."""
+    return [d.step(d.codes, d.stage, d.guided) for d in decs]
 
 
 def step_rows(codes: torch.Tensor, guided: bool) -> torch.Tensor:
@@ -41,7 +61,7 @@ def split_rows(logits: torch.Tensor, guided: bool) -> tuple[torch.Tensor, torch.
 
 class Sampler(Protocol):
     def __call__(self, cond: torch.Tensor, uncond: torch.Tensor, current: torch.Tensor, mask_id: int,
-                 params: StepSampling, uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 params: StepSampling | RowParams, uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         ...
 
 
@@ -72,99 +92,158 @@ def row_generators(seed: int | None, batch: int, device: torch.device) -> list[t
     return [torch.Generator(device=device).manual_seed(seed + b) for b in range(batch)]
 
 
+def draw_noise(steps: int, batch: int, frames: int, device: torch.device,
+               generators: Sequence[torch.Generator] | None) -> torch.Tensor:
+    """Every step's uniform noise [S, B, T] fp32, drawn before the loop: row b's from its own generator, one [T] draw
+    per step in step order, which is the order the draws had when each step drew its own (so a request's tokens do
+    not depend on when its noise is drawn, nor on its batchmates)."""
+    if generators is None:
+        return torch.rand(steps, batch, frames, device=device)
+    noise = torch.empty(steps, batch, frames, device=device)
+    for b, g in enumerate(generators):
+        for s in range(steps):
+            noise[s, b].uniform_(generator=g)  # = torch.rand(frames, generator=g): one contiguous [T] draw
+    return noise
+
+
 class Decoding:
-    """One request's MAGNeT decoding as a state machine, advanced one step at a time (vLLM style), so a scheduler
+    """One request's MAGNeT decoding as a static program, advanced one step at a time (vLLM style) so a scheduler
     can interleave many requests in one LM pass per step; `generate_tokens` drives one alone through the same code.
 
-    A step is: `prepare()` (re-mask this step's spans, -> the codes [B, K, T] the LM pass reads, at `stage`, with
-    or without the unconditional half as `guided` says), the caller's LM pass and sampling with `params()` and
-    `noise()`, then `advance(tokens, probs)` (span scores for the next step; next stage after the last step).
-    Everything here is host-side bookkeeping or tensors of this request only; no device sync.
+    A step is `prepare()` (re-mask this step's spans -> the codes [B, K, T] the LM pass reads at `stage`, with or
+    without the unconditional half as `guided` says), the LM pass (`step`, or a `Pass` over several requests) and the
+    sampler with `params()` and `noise()`, then `advance(tokens, probs)` (span scores for the next step). The host
+    only counts steps: which stage and which schedule entry a step uses is known before the loop (module docstring).
     """
 
     def __init__(self, model: ModelConfig, gen: GenerationConfig, batch: int, device: torch.device,
                  prompt: torch.Tensor | None = None, generators: Sequence[torch.Generator] | None = None,
-                 rescore: Rescore | None = None) -> None:
+                 rescore: Rescore | None = None, step: Step | None = None) -> None:
         self.model, self.gen, self.batch, self.device, self.rescore = model, gen, batch, device, rescore
+        self.step = step  # this request's LM pass (its text's cross-attention bound in), for `Pass`es
         self.frames = t = output_frames(model, gen)
         self.n_prompt = p = 0 if prompt is None else prompt.shape[-1]
         if p >= t:
             raise ValueError(f"the audio prompt ({p} frames) must be shorter than the generation ({t} frames)")
         if generators is not None and len(generators) != batch:
             raise ValueError(f"{len(generators)} generators for {batch} rows: give one per row")
-        self.prompt, self.generators = prompt, generators
-        self.codes = torch.full((batch, model.n_q, t), model.card, dtype=torch.long, device=device)
+        span, card = model.span_len, model.card
+        self.mask_id = card
+        self.chunked = gen.span_arrangement == "nonoverlap" or span == 1  # span 1: tokens are their own chunks
+        self.guided = gen.guided  # a setting, not data: fixed for the whole request
+        # the static sequence of steps: (stage, its step index), in order
+        self.order = [(stage, i) for stage, n in enumerate(gen.steps) for i in range(n)]
+        self.total, self.done = len(self.order), 0
+
+        # buffers, allocated once
+        self.codes = torch.full((batch, model.n_q, t), card, dtype=torch.long, device=device)  # [B, K, T]
         if prompt is not None:
             self.codes[..., :p] = prompt
-        # span 1: tokens are their own chunks
-        self.chunked = gen.span_arrangement == "nonoverlap" or model.span_len == 1
-        self.guided = gen.guided  # a setting, not data: fixed for the whole request
-        self.total, self.done = sum(gen.steps), 0
-        self.stage = -1
-        self._next_stage()
+        self.prompt_codes = self.codes.clone() if p else None  # [B, K, T]: the prompt, re-imposed after masking
+        self.prompt_frames = torch.arange(t, device=device) < p  # [T] bool
+        self.row = torch.full((batch, t), card, dtype=torch.long, device=device)  # codebook `stage`, [B, T]
+        n_prompt, n_scores = (p // span, t // span) if self.chunked else (p, t)
+        self.first_scores = torch.zeros(batch, n_scores, device=device)  # a stage's scores before its first step
+        self.first_scores[:, :n_prompt] = DONT_REMASK
+        self.scores = self.first_scores.clone()  # [B, C]: chunks (nonoverlap) or frames (stride1)
+        self.chunks = torch.zeros(batch, n_scores, dtype=torch.bool, device=device)  # this step's re-masked chunks
+
+        # the schedule, as device tensors indexed by the step
+        plans = [plan for n in gen.steps for plan in stage_schedule(n, n_scores - n_prompt, gen.cfg_max, gen.cfg_min,
+                                                                     gen.temperature, gen.anneal_temp)]
+        self.n_mask = torch.tensor([plan.n_mask for plan in plans], dtype=torch.long, device=device)  # [S]
+        base = row_tensors(StepSampling(0.0, 1.0, gen.top_k, gen.top_p, gen.greedy), batch, device)
+        cfg = torch.tensor([plan.cfg_coef for plan in plans], dtype=torch.float32, device=device)  # [S]
+        temp = torch.tensor([plan.temperature for plan in plans], dtype=torch.float32, device=device)
+        # [S, B], materialised: a sampler reads row b's value at offset b (kernels take contiguous [B] rows)
+        self.cfg, self.temperature = cfg[:, None].repeat(1, batch), temp[:, None].repeat(1, batch)
+        self.step_params = [dataclasses.replace(base, cfg_coef=self.cfg[s], temperature=self.temperature[s])
+                            for s in range(self.total)]
+        self.uniform = None if gen.greedy else draw_noise(self.total, batch, t, device, generators)  # [S, B, T]
 
     @property
     def finished(self) -> bool:
-        return self.stage >= len(self.gen.steps)
+        return self.done >= self.total
 
-    def _next_stage(self) -> None:
-        self.stage += 1
-        self.stage_step = 0  # index into this stage's plans
-        if self.finished:
-            return
-        b, t, span, p = self.batch, self.frames, self.model.span_len, self.n_prompt
-        self.row = torch.full((b, t), self.model.card, dtype=torch.long, device=self.device)  # codebook `stage`
-        n_prompt, n_scores = (p // span, t // span) if self.chunked else (p, t)
-        self.scores = torch.zeros(b, n_scores, device=self.device)
-        self.scores[:, :n_prompt] = DONT_REMASK
-        self.plans = stage_schedule(self.gen.steps[self.stage], n_scores - n_prompt, self.gen.cfg_max,
-                                    self.gen.cfg_min, self.gen.temperature, self.gen.anneal_temp)
+    @property
+    def stage(self) -> int:
+        """The codebook this step fills."""
+        return self.order[min(self.done, self.total - 1)][0]
 
     def prepare(self) -> torch.Tensor:
         """Re-mask the spans this step re-decodes; -> codes [B, K, T] for the LM pass (codebook `stage` updated)."""
         assert not self.finished, "prepare() after the last step"
-        plan, mask_id, span = self.plans[self.stage_step], self.model.card, self.model.span_len
+        s, (stage, i) = self.done, self.order[self.done]
+        if i == 0:  # a stage starts from all-masked frames and flat scores (the prompt's fixed)
+            self.row.fill_(self.mask_id)
+            self.scores.copy_(self.first_scores)
         if self.chunked:
-            self.chunks, remask = chunk_mask(self.scores, plan.n_mask, span)
+            chunks, remask = chunk_mask(self.scores, self.n_mask[s], self.model.span_len)
+            self.chunks.copy_(chunks)
         else:
-            remask = least_probable_spans(self.scores, plan.n_mask, span)
-        self.row = self.row.masked_fill(remask, mask_id)
-        if self.prompt is not None:
-            self.row[:, :self.n_prompt] = self.prompt[:, self.stage]
-        self.codes[:, self.stage] = self.row
+            remask = least_probable_spans(self.scores, self.n_mask[s], self.model.span_len)
+        self.row.masked_fill_(remask, self.mask_id)
+        if self.prompt_codes is not None:
+            self.row.copy_(torch.where(self.prompt_frames, self.prompt_codes[:, stage], self.row))
+        self.codes[:, stage] = self.row
         return self.codes
 
-    def params(self) -> StepSampling:
-        plan, gen = self.plans[self.stage_step], self.gen
-        return StepSampling(plan.cfg_coef, plan.temperature, gen.top_k, gen.top_p, gen.greedy)
+    def params(self) -> RowParams:
+        """This step's sampling parameters (device tensors, built before the loop)."""
+        return self.step_params[self.done]
 
     def noise(self) -> torch.Tensor | None:
-        """This step's uniform noise [B, T] (None when greedy): row b from its own generator, in the solo order."""
-        if self.gen.greedy:
-            return None
-        b, t = self.batch, self.frames
-        if self.generators is None:
-            return torch.rand(b, t, device=self.device)
-        return torch.stack([torch.rand(t, generator=g, device=self.device) for g in self.generators])
+        """This step's uniform noise [B, T] (None when greedy), drawn before the loop."""
+        return None if self.uniform is None else self.uniform[self.done]
 
     def advance(self, tokens: torch.Tensor, probs: torch.Tensor) -> None:
         """The sampler's tokens [B, T] (written where masked) and chosen probabilities [B, T] -> the next step."""
-        masked = None if self.chunked else self.row == self.model.card  # stride1 scores only the positions sampled now
-        self.row = tokens
-        self.codes[:, self.stage] = tokens
-        last = self.stage_step == len(self.plans) - 1
-        if self.rescore is not None and not last:  # host-side test: no sync; the last step's scores are never read
+        stage, i = self.order[self.done]
+        last = i == self.gen.steps[stage] - 1
+        masked = None if self.chunked else self.row == self.mask_id  # stride1 scores only the frames sampled now
+        self.row.copy_(tokens)
+        self.codes[:, stage] = tokens
+        if self.rescore is not None and not last:  # a setting, not data; the last step's scores are never read
             w = self.gen.rescore_weight
-            probs = w * probs + (1.0 - w) * self.rescore(self.codes, self.stage)  # [B, T]
+            probs = w * probs + (1.0 - w) * self.rescore(self.codes, stage)  # [B, T]
         if self.chunked:
-            self.scores = chunk_scores(probs, self.model.span_len, self.gen.span_scoring).masked_fill(
-                ~self.chunks, DONT_REMASK)
+            self.scores.copy_(chunk_scores(probs, self.model.span_len, self.gen.span_scoring).masked_fill(
+                ~self.chunks, DONT_REMASK))
         else:
-            self.scores = (-torch.log(probs)).masked_fill(~masked, DONT_REMASK)
+            self.scores.copy_((-torch.log(probs)).masked_fill(~masked, DONT_REMASK))
         self.done += 1
-        self.stage_step += 1
-        if last:
-            self._next_stage()
+
+
+def decode_step(lm_pass: Pass, sample: Sampler, decs: Sequence[Decoding]) -> None:
+    """One decoding step of every request in `decs`, whatever stage and step each is at: re-mask, one LM pass
+    (`lm_pass`), one sampler call per group of requests of equal length (no padded position: the sampler costs as
+    much as the LM on small models) with each row's own parameters and noise, span scores. Each request's numbers
+    are those of its solo run: the pass and the sampler are row-invariant, and noise and parameters are its own."""
+    for d in decs:
+        d.prepare()
+    logits = lm_pass(decs)
+    if len(decs) == 1:
+        (d,), ((cond, uncond),) = decs, logits
+        d.advance(*sample(cond, uncond, d.row, d.mask_id, d.params(), d.noise()))
+        return
+    groups: dict[int, list[int]] = {}
+    for i, d in enumerate(decs):
+        groups.setdefault(d.frames, []).append(i)
+    for idx in groups.values():
+        group = [decs[i] for i in idx]
+        cond = torch.cat([logits[i][0] for i in idx])  # [R, T, V]
+        uncond = torch.cat([logits[i][1] for i in idx])
+        noise = [d.noise() for d in group]
+        uniform = None
+        if any(n is not None for n in noise):  # a greedy row's noise is never read: zeros
+            uniform = torch.cat([n if n is not None else torch.zeros_like(d.row, dtype=torch.float32)
+                                 for n, d in zip(noise, group)])
+        params = RowParams.concat([d.params() for d in group])
+        tokens, probs = sample(cond, uncond, torch.cat([d.row for d in group]), group[0].mask_id, params, uniform)
+        start = 0
+        for d in group:
+            d.advance(tokens[start:start + d.batch], probs[start:start + d.batch])
+            start += d.batch
 
 
 @torch.no_grad()
@@ -179,11 +258,9 @@ def generate_tokens(step: Step, sample: Sampler, model: ModelConfig, gen: Genera
     W = gen.rescore_weight. Skipped at a stage's last step, whose scores nothing reads. W = 1 gives plain MAGNeT
     token for token (1·p + 0·p_ar == p exactly).
     """
-    dec = Decoding(model, gen, batch, device, prompt, generators, rescore)
+    dec = Decoding(model, gen, batch, device, prompt, generators, rescore, step)
     while not dec.finished:
-        codes = dec.prepare()
-        cond, uncond = step(codes, dec.stage, dec.guided)
-        dec.advance(*sample(cond, uncond, dec.row, model.card, dec.params(), dec.noise()))
+        decode_step(each_alone, sample, [dec])
         if progress is not None:
             progress(dec.done, dec.total)
     return dec.codes

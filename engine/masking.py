@@ -40,10 +40,23 @@ def stage_schedule(steps: int, n_gen: int, cfg_max: float, cfg_min: float, tempe
     return plans
 
 
-def chunk_mask(scores: torch.Tensor, n_mask: int, span_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def descending_rank(scores: torch.Tensor) -> torch.Tensor:
+    """scores [B, C] -> rank [B, C] int64: each entry's place in descending order, equal scores by lower index first
+    (a stable sort: the tie rule, whatever the device)."""
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    positions = torch.arange(order.shape[-1], device=scores.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, positions)
+
+
+def top_n(scores: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
+    """scores [B, C] -> bool [B, C]: the n highest of each row (ties: lower index first). n may be a device tensor
+    (0-d or [B, 1]), so the shape never depends on the step."""
+    return descending_rank(scores) < n
+
+
+def chunk_mask(scores: torch.Tensor, n_mask: torch.Tensor | int, span_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """scores [B, C] chunk scores -> (chunks [B, C] bool: the n_mask highest, frames [B, C·span_len] bool)."""
-    top = scores.topk(n_mask, dim=-1).indices
-    chunks = torch.zeros_like(scores, dtype=torch.bool).scatter(1, top, True)
+    chunks = top_n(scores, n_mask)
     return chunks, chunks.repeat_interleave(span_len, dim=-1)
 
 
@@ -65,38 +78,36 @@ def _cover(rank: torch.Tensor, u: torch.Tensor | int, t: int, span_len: int) -> 
     return mask
 
 
-def least_probable_spans(scores: torch.Tensor, n_target: int, span_len: int) -> torch.Tensor:
+def least_probable_spans(scores: torch.Tensor, n_target: torch.Tensor | int, span_len: int) -> torch.Tensor:
     """stride1 masking: scores [B, T] (−log p, DONT_REMASK for fixed) -> [B, T] bool frames to re-mask.
 
     Same result as the reference's per-item binary search, including its quirks: the search runs over the number u
-    of top windows in [m // L, m − L + 1] from round-half-even midpoints, and returns the *last evaluated* union.
-    Items run in lockstep; an item whose search has ended keeps its mask.
+    of top windows in [m // L, m − L + 1] from round-half-even midpoints, and returns the
+    *last evaluated* union. Items run in lockstep; an item whose search has ended keeps its mask. `n_target` may be
+    a device tensor: the search always runs its largest possible number of rounds (the interval is at most T wide),
+    finished rounds changing nothing, so neither shapes nor control flow depend on data.
     """
     b, t = scores.shape
     span_scores = scores.unfold(-1, span_len, 1).sum(dim=-1)  # [B, W]
+    # the reference's order: torch.argsort, not stable (equal sums, e.g. of windows over fixed frames, come in the
+    # order torch's sort leaves them, which is what the reference's tokens were computed with)
     order = torch.argsort(span_scores, dim=-1, descending=True)
     positions = torch.arange(order.shape[-1], device=scores.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(1, order, positions)  # rank[b, start] = place in score order
 
-    m = max(n_target, span_len)
+    n = torch.as_tensor(n_target, device=scores.device)
+    m = torch.clamp(n, min=span_len).view(1, 1).expand(b, 1)  # [B, 1]
     lo, hi = m // span_len, m - span_len + 1
-    mid = round(0.5 * (lo + hi))
-    if mid in (lo, hi):
-        return _cover(rank, mid, t, span_len)
-
-    def as_col(v: int) -> torch.Tensor:
-        return torch.full((b, 1), v, dtype=torch.long, device=scores.device)
-
-    lo_t, hi_t, mid_t = as_col(lo), as_col(hi), as_col(mid)
-    active = torch.ones(b, 1, dtype=torch.bool, device=scores.device)
-    mask = torch.zeros(b, t, dtype=torch.bool, device=scores.device)
+    mid = torch.round((lo + hi).float() * 0.5).long()  # exact for ints < 2**24; round half to even as Python
+    mask = _cover(rank, mid, t, span_len)
+    active = (mid > lo) & (mid < hi)  # [B, 1]: the reference returns at once when mid is an end
     # the interval at least halves every round and the search stops once it is < 2 wide
-    for _ in range((hi - lo).bit_length() + 1):
-        evaluated = _cover(rank, mid_t, t, span_len)
+    for _ in range(t.bit_length() + 1):
+        evaluated = _cover(rank, mid, t, span_len)
         mask = torch.where(active, evaluated, mask)
         over = evaluated.sum(dim=-1, keepdim=True) > m
-        hi_t = torch.where(active & over, mid_t, hi_t)
-        lo_t = torch.where(active & ~over, mid_t, lo_t)
-        mid_t = torch.where(active, torch.round((lo_t + hi_t).float() * 0.5).long(), mid_t)
-        active = active & (mid_t > lo_t) & (mid_t < hi_t)
+        hi = torch.where(active & over, mid, hi)
+        lo = torch.where(active & ~over, mid, lo)
+        mid = torch.where(active, torch.round((lo + hi).float() * 0.5).long(), mid)
+        active = active & (mid > lo) & (mid < hi)
     return mask

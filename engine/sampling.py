@@ -64,11 +64,36 @@ class StepSampling:
         return StepSampling(*(tuple(col) for col in zip(*rows)))
 
 
-def row_tensors(params: StepSampling, b: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """-> cfg_coef, temperature [B] fp32, top_k [B] int64, top_p [B] fp32, mode [B] int64 on `device`.
+@dataclass(frozen=True)
+class RowParams:
+    """A step's sampling parameters as device tensors, one value per row: what the sampler reads. The static decoding
+    program (engine.magnet) builds them once per request, so a step's sampler call does no host work and no copy.
+    `modes` and `k_max` are host-side facts of the request, not data: they pick the code a call runs."""
 
-    The solo decoding loop and the scheduler both go through these tensors, so one request's arithmetic is the
-    same whether its parameters came alone or beside other rows' (a Python scalar operand can round differently:
+    cfg_coef: torch.Tensor  # [B] fp32
+    temperature: torch.Tensor  # [B] fp32
+    top_k: torch.Tensor  # [B] int64
+    top_p: torch.Tensor  # [B] fp32
+    mode: torch.Tensor  # [B] int64: GREEDY, MULTINOMIAL, TOP_K or TOP_P
+    modes: frozenset[int]  # the modes some row takes
+    k_max: int  # the largest k of a TOP_K row (0: none)
+
+    @staticmethod
+    def concat(parts: Sequence[RowParams]) -> RowParams:
+        """Several requests' rows, in order, as one (the scheduler's sampler call over requests of equal length)."""
+        if len(parts) == 1:
+            return parts[0]
+        names = ("cfg_coef", "temperature", "top_k", "top_p", "mode")
+        cols = [torch.cat([getattr(p, name) for p in parts]) for name in names]
+        return RowParams(*cols, modes=frozenset().union(*(p.modes for p in parts)),
+                         k_max=max(p.k_max for p in parts))
+
+
+def row_tensors(params: StepSampling, b: int, device: torch.device) -> RowParams:
+    """-> the parameters of `b` rows on `device` (RowParams).
+
+    The decoding loop and the scheduler both go through these tensors, so one request's arithmetic is the same
+    whether its parameters came alone or beside other rows' (a Python scalar operand can round differently:
     CUDA divides by a host scalar as a multiply by its reciprocal). Without a device sync: a value shared by every
     row is a fill; per-row values go through pinned memory with a non-blocking copy.
     """
@@ -82,8 +107,10 @@ def row_tensors(params: StepSampling, b: int, device: torch.device) -> tuple[tor
 
     modes = params.modes(b)
     mode = modes[0] if len(set(modes)) == 1 else tuple(modes)
-    return (column(params.cfg_coef, torch.float32), column(params.temperature, torch.float32),
-            column(params.top_k, torch.long), column(params.top_p, torch.float32), column(mode, torch.long))
+    k_max = max((row[2] for row, m in zip(params.per_row(b), modes) if m == TOP_K), default=0)
+    return RowParams(column(params.cfg_coef, torch.float32), column(params.temperature, torch.float32),
+                     column(params.top_k, torch.long), column(params.top_p, torch.float32), column(mode, torch.long),
+                     modes=frozenset(modes), k_max=k_max)
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, cfg_coef: float | torch.Tensor) -> torch.Tensor:
@@ -114,36 +141,36 @@ def inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return idx.clamp_(max=weights.shape[-1] - 1)
 
 
-def sample_ref(cond: torch.Tensor, uncond: torch.Tensor, current: torch.Tensor, mask_id: int, params: StepSampling,
-               uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_ref(cond: torch.Tensor, uncond: torch.Tensor, current: torch.Tensor, mask_id: int,
+               params: StepSampling | RowParams, uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose tokens for one step.
 
     cond, uncond [B, T, V] logits; current [B, T] int64 tokens (mask_id where masked); uniform [B, T] fp32 in [0, 1)
-    (None when every row is greedy; a greedy row's noise is not read). `params` holds one value or one per row
-    (B). Returns (tokens [B, T]: sampled where current == mask_id, current elsewhere; probs [B, T] fp32: the sampled
+    (None when every row is greedy; a greedy row's noise is not read). `params`: the rows' device tensors
+    (RowParams, what the decoding program passes), or host values (StepSampling: one value or one per row, B).
+    Returns (tokens [B, T]: sampled where current == mask_id, current elsewhere; probs [B, T] fp32: the sampled
     token's probability, which is what span scoring reads).
 
     Every operation is elementwise or reduces over V within a position, so a row's result does not depend on the
     other rows (the scheduler's batch invariance; the modes are selected per row with `where`, never mixed).
     """
     b = cond.shape[0]
-    cfg, temp, top_k, top_p, mode = row_tensors(params, b, cond.device)
-    modes = set(params.modes(b))
-    logits = guide(cond, uncond, cfg.view(b, 1, 1))  # [B, T, V]
-    probs = torch.softmax(logits / temp.view(b, 1, 1), dim=-1)
+    rp = params if isinstance(params, RowParams) else row_tensors(params, b, cond.device)
+    modes = rp.modes
+    logits = guide(cond, uncond, rp.cfg_coef.view(b, 1, 1))  # [B, T, V]
+    probs = torch.softmax(logits / rp.temperature.view(b, 1, 1), dim=-1)
     sampled = logits.argmax(dim=-1)  # greedy rows
     if modes != {GREEDY}:
         assert uniform is not None, "sampling needs uniform noise"
         weights, chosen_from = probs, probs  # multinomial rows
-        row_mode = mode.view(b, 1, 1)
+        row_mode = rp.mode.view(b, 1, 1)
         if TOP_P in modes:
-            nucleus = probs * top_p_keep(probs, top_p.view(b, 1, 1))
+            nucleus = probs * top_p_keep(probs, rp.top_p.view(b, 1, 1))
             weights = torch.where(row_mode == TOP_P, nucleus, weights)
         if TOP_K in modes:
             # k-th largest per row (the reference's topk(...).values[..., -1]); rows not in top-k mode read k = 1
-            k = torch.where(mode == TOP_K, top_k, 1)
-            k_max = max(row[2] for row, m in zip(params.per_row(b), params.modes(b)) if m == TOP_K)
-            top = torch.topk(probs, k_max, dim=-1).values  # [B, T, k_max], descending
+            k = torch.where(rp.mode == TOP_K, rp.top_k, 1)
+            top = torch.topk(probs, rp.k_max, dim=-1).values  # [B, T, k_max], descending
             kth = top.gather(-1, (k - 1).view(b, 1, 1).expand(b, probs.shape[1], 1))
             # the reference renormalises top-k in place, so the *renormalised* probability scores the spans
             kept = probs * (probs >= kth)
@@ -151,7 +178,7 @@ def sample_ref(cond: torch.Tensor, uncond: torch.Tensor, current: torch.Tensor, 
             weights = torch.where(row_mode == TOP_K, kept, weights)
             chosen_from = torch.where(row_mode == TOP_K, kept, chosen_from)
         drawn = inverse_cdf(weights, uniform)
-        sampled = torch.where(mode.view(b, 1) == GREEDY, sampled, drawn)
+        sampled = torch.where(rp.mode.view(b, 1) == GREEDY, sampled, drawn)
         probs = chosen_from
     chosen = probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
     tokens = torch.where(current == mask_id, sampled, current)

@@ -33,18 +33,16 @@ import collections
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import SettingError, check_int, check_real
 from .longform import is_long
-from .magnet import Decoding, output_frames, row_generators, split_rows, step_rows
-from .model import CrossKV, Rows
-from .sampling import StepSampling
+from .magnet import Decoding, decode_step, output_frames, row_generators
 
 if TYPE_CHECKING:
     from .api import Chunk, Engine, Generation
@@ -69,7 +67,6 @@ class _Request:
     deadline: float | None
     started: float = 0.0
     dec: Decoding | None = None
-    cross: CrossKV = field(default_factory=list)
 
 
 def _check_timeout(timeout: Any) -> float | None:
@@ -140,11 +137,6 @@ def _pass_frames(gen: GenerationConfig, engine: Engine) -> int:
 
 
 def _check_engine(engine: Engine) -> None:
-    if getattr(engine, "lm", None) is None:
-        raise ValueError("the scheduler needs a torch LM: its pass packs rows of requests at different stages, "
-                         "lengths and text lengths (LM.forward_packed), which this engine's step (onnxruntime: "
-                         "one fixed [2B or B, K, T] batch, one stage, one text length per call) cannot take; "
-                         "load the model with engine.load(...) instead")
     if engine.config.kind != "magnet":
         raise ValueError(f"the scheduler batches MAGNeT decoding; this is a {engine.config.kind} model")
 
@@ -354,7 +346,7 @@ class Scheduler:
             return
         try:
             req.started = time.monotonic()
-            req.dec, req.cross = start_request(self.engine, req.prompt, req.gen)
+            req.dec = start_request(self.engine, req.prompt, req.gen)
         except Exception as e:  # noqa: BLE001 - any failure belongs to this request's future, the loop goes on
             req.future.set_exception(e)
             return
@@ -402,7 +394,7 @@ class Scheduler:
         active = list(self._active)
         self.batch_sizes[len(active)] += 1
         try:
-            decode_step(self.engine, [r.dec for r in active], [r.cross for r in active])
+            decode_step(self.engine.lm_pass, self.engine.sample, [r.dec for r in active])
         except Exception as e:  # noqa: BLE001 - the pass touched every active request: fail them, keep serving
             for req in active:
                 self._active.remove(req)
@@ -426,32 +418,8 @@ class Scheduler:
                                          stats=stats))
 
 
-@torch.no_grad()
-def decode_step(eng: Engine, decs: Sequence[Decoding], crosses: Sequence[CrossKV]) -> None:
-    """One decoding step of several one-row requests (each a `magnet.Decoding` with its text's `LM.cross_kv`),
-    whatever stage and step each is at: one packed LM pass, then one sampler call with per-row parameters for each
-    group of requests of equal length (no padded position: the sampler costs as much as the LM on small models),
-    and each request's `advance`. Each request's numbers are those of its solo run (module docstring)."""
-    parts = [Rows(step_rows(d.prepare(), d.guided), d.stage, c) for d, c in zip(decs, crosses)]
-    logits = [split_rows(lg, d.guided) for d, lg in zip(decs, eng.lm.forward_packed(parts))]  # ([1, T, V],) * 2
-    groups: dict[int, list[int]] = {}
-    for i, d in enumerate(decs):
-        groups.setdefault(d.frames, []).append(i)
-    for t, idx in groups.items():
-        group = [decs[i] for i in idx]
-        cond = torch.cat([logits[i][0] for i in idx])  # [R, T, V]
-        uncond = torch.cat([logits[i][1] for i in idx])
-        noise = [d.noise() for d in group]  # each from its request's generator, in its solo order
-        uniform = None
-        if any(n is not None for n in noise):  # a greedy row's noise is never read: zeros
-            uniform = torch.cat([n if n is not None else torch.zeros(1, t, device=eng.device) for n in noise])
-        params = StepSampling.concat([(d.params(), 1) for d in group])
-        tokens, probs = eng.sample(cond, uncond, torch.cat([d.row for d in group]), eng.config.card, params, uniform)
-        for j, d in enumerate(group):
-            d.advance(tokens[j:j + 1], probs[j:j + 1])
-
-
-def start_request(eng: Engine, prompt: str | None, gen: GenerationConfig) -> tuple[Decoding, CrossKV]:
-    """A one-prompt request's decoding state and text k/v, as `Engine.generate([prompt])` builds them."""
-    cross = eng.lm.cross_kv(eng.text([prompt]))
-    return Decoding(eng.config, gen, 1, eng.device, None, row_generators(gen.seed, 1, eng.device)), cross
+def start_request(eng: Engine, prompt: str | None, gen: GenerationConfig) -> Decoding:
+    """A one-prompt request's decoding program with its step (its text's k/v), as `Engine.generate([prompt])`
+    builds them."""
+    step = eng.make_step(eng.text([prompt]))
+    return Decoding(eng.config, gen, 1, eng.device, None, row_generators(gen.seed, 1, eng.device), step=step)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from magnet_engine.engine.sampling import GREEDY, TOP_K, TOP_P, StepSampling, row_tensors, sample_ref
+from magnet_engine.engine.sampling import GREEDY, TOP_K, TOP_P, RowParams, StepSampling, row_tensors, sample_ref
 from triton.runtime.jit import JITFunction
 
 __all__ = ["INTERPRETED", "MAX_VOCAB", "sample", "sample_ref"]
@@ -38,7 +38,7 @@ def _sample_step(
     TOKENS,  # [B, T] int64 out, contiguous
     PROBS,  # [B, T] fp32 out, contiguous
     CFG, TEMP, TOP_P,  # [B] fp32 per-row guidance, temperature, nucleus mass
-    TOP_K, ROW_MODE,  # [B] int32 per-row k and mode (0 greedy, 1 multinomial, 2 top-k, 3 top-p)
+    TOP_K, ROW_MODE,  # [B] int64 per-row k and mode (0 greedy, 1 multinomial, 2 top-k, 3 top-p)
     scb, sct, scv,  # cond strides
     sub, sut, suv,  # uncond strides
     smb, smt,  # current strides
@@ -150,18 +150,25 @@ def _check(cond: torch.Tensor, uncond: torch.Tensor, current: torch.Tensor, mask
         raise ValueError(f"sample: current must be [B, T] = {(B, T)}, got {tuple(current.shape)}")
     if current.dtype != torch.int64:
         raise TypeError(f"sample: current must be int64 tokens, got {current.dtype}; call .long()")
-    if not isinstance(params, StepSampling):
-        raise TypeError(f"sample: params must be an engine.sampling.StepSampling, got {type(params).__name__}")
     if isinstance(mask_id, bool) or not isinstance(mask_id, int):
         raise TypeError(f"sample: mask_id must be an int, got {type(mask_id).__name__}")
     if V < 1 or V > MAX_VOCAB:
         raise ValueError(f"sample: vocabulary V = {V} must be in 1..{MAX_VOCAB} (a row is held on chip); "
                          "use engine.sampling.sample_ref for larger V")
-    rows = params.per_row(B)  # ValueError when a per-row tuple does not have B values
-    if not all(temp > 0.0 for _, temp, _, _, _ in rows):
-        raise ValueError(f"sample: temperature must be > 0, got {params.temperature}")
+    if isinstance(params, RowParams):  # the decoding program's tensors: their values were checked with the request
+        _check_rows(params, B, cond.device)
+        sampled, k_max = params.modes != {GREEDY}, params.k_max
+    elif isinstance(params, StepSampling):
+        rows = params.per_row(B)  # ValueError when a per-row tuple does not have B values
+        if not all(temp > 0.0 for _, temp, _, _, _ in rows):
+            raise ValueError(f"sample: temperature must be > 0, got {params.temperature}")
+        sampled = params.any_sampled
+        k_max = max((k for (_, _, k, _, _), m in zip(rows, params.modes(B)) if m == TOP_K), default=0)
+    else:
+        raise TypeError(f"sample: params must be an engine.sampling.StepSampling or RowParams, got "
+                        f"{type(params).__name__}")
     devices = {cond.device, uncond.device, current.device}
-    if params.any_sampled:
+    if sampled:
         if uniform is None:
             raise ValueError("sample: uniform noise [B, T] is required unless every row is greedy")
         if not isinstance(uniform, torch.Tensor):
@@ -171,9 +178,8 @@ def _check(cond: torch.Tensor, uncond: torch.Tensor, current: torch.Tensor, mask
         if uniform.dtype != torch.float32:
             raise TypeError(f"sample: uniform must be float32, got {uniform.dtype}; call .float()")
         devices.add(uniform.device)
-        for (_, _, k, _, _), mode in zip(rows, params.modes(B)):
-            if mode == TOP_K and k > V:
-                raise ValueError(f"sample: top_k = {k} exceeds the vocabulary V = {V}")
+        if k_max > V:
+            raise ValueError(f"sample: top_k = {k_max} exceeds the vocabulary V = {V}")
     if len(devices) > 1:
         raise ValueError(f"sample: inputs are on different devices {sorted(map(str, devices))}; move them to one")
     if cond.device.type != "cuda" and not INTERPRETED:
@@ -181,8 +187,18 @@ def _check(cond: torch.Tensor, uncond: torch.Tensor, current: torch.Tensor, mask
                          "engine.sampling.sample_ref on CPU or set TRITON_INTERPRET=1 before importing triton")
 
 
-def sample(cond: torch.Tensor, uncond: torch.Tensor, current: torch.Tensor, mask_id: int, params: StepSampling,
-           uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_rows(params: RowParams, b: int, device: torch.device) -> None:
+    """RowParams: shapes, dtypes and device only (reading their values would synchronise with the device)."""
+    for name, dtype in (("cfg_coef", torch.float32), ("temperature", torch.float32), ("top_k", torch.int64),
+                        ("top_p", torch.float32), ("mode", torch.int64)):
+        x = getattr(params, name)
+        if x.shape != (b,) or x.dtype != dtype or x.device != device or (b > 1 and x.stride(0) != 1):
+            raise ValueError(f"sample: params.{name} must be a contiguous [B] = [{b}] {dtype} tensor on {device}, "
+                             f"got {tuple(x.shape)} {x.dtype} (stride {x.stride()}) on {x.device}")
+
+
+def sample(cond: torch.Tensor, uncond: torch.Tensor, current: torch.Tensor, mask_id: int,
+           params: StepSampling | RowParams, uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose tokens for one step; same contract as `engine.sampling.sample_ref` (= `sample_ref`).
 
     cond, uncond [B, T, V] logits (fp32/fp16/bf16, any strides); current [B, T] int64 (mask_id where masked);
@@ -197,8 +213,8 @@ def sample(cond: torch.Tensor, uncond: torch.Tensor, current: torch.Tensor, mask
     R = B * T
     if R == 0:
         return tokens, probs
-    cfg, temp, top_k, top_p, mode = row_tensors(params, B, cond.device)
-    modes = set(params.modes(B))
+    rp = params if isinstance(params, RowParams) else row_tensors(params, B, cond.device)
+    modes = rp.modes
     block_v = triton.next_power_of_2(V)
     # Registers bound a GPU program to ~4k row elements; the interpreter pays per program, so it takes more rows.
     budget = 65536 if INTERPRETED else 4096
@@ -206,7 +222,7 @@ def sample(cond: torch.Tensor, uncond: torch.Tensor, current: torch.Tensor, mask
     noise = uniform if uniform is not None else probs  # a placeholder pointer: greedy rows never read it
     _sample_step[(triton.cdiv(R, rows),)](
         cond, uncond, current, noise, tokens, probs,
-        cfg, temp, top_p, top_k.to(torch.int32), mode.to(torch.int32),
+        rp.cfg_coef, rp.temperature, rp.top_p, rp.top_k, rp.mode,
         cond.stride(0), cond.stride(1), cond.stride(2),
         uncond.stride(0), uncond.stride(1), uncond.stride(2),
         current.stride(0), current.stride(1),

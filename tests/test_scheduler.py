@@ -74,17 +74,17 @@ def test_forward_packed_small_passes_get_their_own_gemm(tiny):
 
 
 def count_passes(eng, monkeypatch, hook=None) -> list[int]:
-    """Record the number of requests in every packed LM pass; `hook(call_index)` runs before each pass."""
+    """Record the number of requests in every LM pass (Engine.lm_pass); `hook(call_index)` runs before each pass."""
     sizes: list[int] = []
-    forward = eng.lm.forward_packed
+    forward = eng.lm_pass
 
-    def counted(parts):
+    def counted(decs):
         if hook is not None:
             hook(len(sizes))
-        sizes.append(len(parts))
-        return forward(parts)
+        sizes.append(len(decs))
+        return forward(decs)
 
-    monkeypatch.setattr(eng.lm, "forward_packed", counted)
+    monkeypatch.setattr(eng, "lm_pass", counted)
     return sizes
 
 
@@ -225,9 +225,22 @@ def test_engine_generate_one_seed_per_prompt(tiny):
     assert torch.equal(both[1], tiny.generate(["piano"], seed=8, **kw).codes[0])
 
 
-def test_engine_without_torch_lm_is_refused():
-    fake = SimpleNamespace(lm=None, config=SimpleNamespace(kind="magnet"))
-    with pytest.raises(ValueError, match="onnxruntime"):
+def test_onnx_engine_token_identical(fixture_dir, tmp_path_factory):
+    """The scheduler drives every backend through the one decoding step: an onnxruntime engine (whose pass runs
+    each request alone, `magnet.each_alone`) serves mixed requests, each equal to its solo run."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install -e '.[onnx]'")
+    from magnet_engine.export.onnx_export import export_model
+
+    out = tmp_path_factory.mktemp("scheduler-onnx") / "export"
+    export_model(fixture_dir, out)
+    eng = me.load(out, device="cpu")
+    assert eng.backend == "onnx" and eng.lm is None
+    check_identical(eng, [(p, {**kw, "steps": (2, 1, 1, 1)}) for p, kw in mixed_requests(TINY)[:4]], max_batch=4)
+
+
+def test_engine_of_another_kind_is_refused():
+    fake = SimpleNamespace(lm=None, config=SimpleNamespace(kind="musicgen"))
+    with pytest.raises(ValueError, match="musicgen"):
         Scheduler(fake)  # type: ignore[arg-type]
 
 
