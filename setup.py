@@ -1,19 +1,21 @@
 from setuptools import find_namespace_packages, setup
 
-# The repository's folders install as subpackages of the one import name `magnet_engine` (the root's __init__.py).
-# They have no __init__.py of their own, so that run from the root (`python -m pytest`, `python -m magnet_engine.bench`)
-# a folder such as kernels/ never shadows another distribution's top-level package of that name.
+# The repository's folders install as subpackages of the one import name `magnet_engine` (magnet_engine/__init__.py;
+# in a checkout it reaches its sibling folders itself). They have no __init__.py of their own, so that run from the
+# root (`python -m pytest`, `python -m magnet_engine.bench`) a folder such as kernels/ never shadows another
+# distribution's top-level package of that name.
 SUBPACKAGES = ("engine", "kernels", "export", "bench", "serve", "train")
+FOUND = find_namespace_packages(include=[f"{s}{tail}" for s in SUBPACKAGES for tail in ("", ".*")],
+                                exclude=["*.assets", "*.assets.*", "*.results", "*.results.*", "*.node", "*.node.*",
+                                         "*__pycache__*"])
 
 setup(
     name="magnet-engine",
     version="0.1.0",
     description="Inference engine for MAGNeT (masked non-autoregressive audio generation): CPU, GPU, Triton, ONNX",
     python_requires=">=3.10",
-    package_dir={"magnet_engine": "."},
-    packages=["magnet_engine", *(f"magnet_engine.{p}" for p in find_namespace_packages(
-        include=[f"{s}{tail}" for s in SUBPACKAGES for tail in ("", ".*")],
-        exclude=["*.assets", "*.assets.*", "*.results", "*.results.*", "*.node", "*.node.*", "*__pycache__*"]))],
+    package_dir={"magnet_engine": "magnet_engine", **{f"magnet_engine.{p}": p.replace(".", "/") for p in FOUND}},
+    packages=["magnet_engine", *(f"magnet_engine.{p}" for p in FOUND)],
     # the shipped default models (safetensors + config.json); the ONNX manifest's schema
     package_data={"magnet_engine.engine": ["assets/*/*"], "magnet_engine.export": ["manifest.schema.json"]},
     install_requires=[

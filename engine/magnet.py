@@ -165,6 +165,23 @@ class Decoding:
     def finished(self) -> bool:
         return self.done >= self.total
 
+    def shape_key(self) -> tuple:
+        """What fixes this program's operations (not its numbers): requests with equal keys can replay one captured
+        program (engine.graph) after `inputs()` are copied in."""
+        gen = self.gen
+        return (self.batch, self.frames, self.n_prompt, self.model.n_q, gen.steps, self.guided, self.chunked,
+                gen.span_scoring, self.step_params[0].modes, self.step_params[0].k_max, self.rescore is not None,
+                str(self.device))
+
+    def inputs(self) -> list[torch.Tensor]:
+        """The tensors that hold this request's numbers (its prompt, schedule, parameters, noise), in a fixed order:
+        copied into a captured program's own (`engine.graph`), they make it this request's program. Everything else
+        a step reads is reset at its stage's first step."""
+        base = self.step_params[0]
+        out = [self.codes, self.first_scores, self.n_mask, self.cfg, self.temperature, base.top_k, base.top_p,
+               base.mode]
+        return out + [t for t in (self.prompt_codes, self.uniform) if t is not None]
+
     @property
     def stage(self) -> int:
         """The codebook this step fills."""
@@ -263,4 +280,13 @@ def generate_tokens(step: Step, sample: Sampler, model: ModelConfig, gen: Genera
         decode_step(each_alone, sample, [dec])
         if progress is not None:
             progress(dec.done, dec.total)
+    return dec.codes
+
+
+def run_program(dec: Decoding, lm_pass: Pass, sample: Sampler) -> torch.Tensor:
+    """Every step of one request's program from its first, on its own buffers -> dec.codes [B, K, T]. The unit a CUDA
+    graph captures (engine.graph): the host only counts steps."""
+    dec.done = 0
+    while not dec.finished:
+        decode_step(lm_pass, sample, [dec])
     return dec.codes

@@ -1,6 +1,6 @@
 """One import name: everything installs under `magnet_engine`, and the repository's folders shadow nothing.
 
-The folders (engine/, kernels/, ...) are subpackages of `magnet_engine` (setup.py's package_dir) without an
+The folders (engine/, kernels/, ...) are subpackages of `magnet_engine` (magnet_engine/__init__.py) without an
 `__init__.py` of their own: run from the repository root, where `python -m pytest` and `python -m magnet_engine.bench`
 put the root first on sys.path, such a folder is only a namespace portion, and a regular package of the same name
 (Hugging Face's `kernels`, which transformers imports) still wins (PEP 420).
@@ -39,7 +39,7 @@ def test_no_bare_import_of_a_folder_name() -> None:
 
 def test_folders_are_namespace_portions() -> None:
     assert not [f for f in FOLDERS if (REPO / f / "__init__.py").exists()]
-    assert (REPO / "__init__.py").is_file()  # magnet_engine itself (package_dir maps it to the root)
+    assert (REPO / "magnet_engine" / "__init__.py").is_file() and not (REPO / "__init__.py").exists()
 
 
 def test_repository_root_first_on_the_path_shadows_nothing() -> None:
@@ -58,7 +58,7 @@ def test_repository_root_first_on_the_path_shadows_nothing() -> None:
     ours = {n: o for n, o in origins.items() if o is not None and Path(o).is_relative_to(REPO)}
     assert not ours, f"these folder names import code from the checkout: {ours}"
     assert kernels_file is not None and not Path(kernels_file).is_relative_to(REPO), kernels_file
-    assert Path(package_file).resolve() == REPO / "__init__.py"
+    assert Path(package_file).resolve() == REPO / "magnet_engine" / "__init__.py"
 
 
 def test_top_level_api_without_torch() -> None:
