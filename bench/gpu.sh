@@ -76,7 +76,7 @@ if [ "$QUICK" = 1 ]; then
   FIXTURE_RUNS=gen_nonoverlap_max; CHECK_QUICK=--quick
 else
   [ "$HAS_CUDA" = 1 ] || { echo "bench/gpu.sh: no CUDA device (torch.cuda.is_available() is False); --quick is the CPU dry run" >&2; exit 2; }
-  DEV=cuda
+  DEV=cuda; unset TRITON_INTERPRET  # compiled kernels
   MAGNET=magnet-small-10secs; AR=musicgen-small; DTYPE=float16; BATCH=1,4,16; DURATION=10
   RUNS_MAGNET="--repeats 5 --warmup 2"; RUNS_AR="--repeats 3 --warmup 1"; RUNS_PEER="--repeats 2 --warmup 1"
   FIXTURE_RUNS=gen_nonoverlap_max,gen_nonoverlap_prod,gen_stride1,gen_cfg3_temp1,gen_continuation; CHECK_QUICK=
