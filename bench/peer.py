@@ -52,9 +52,23 @@ def build_peer(preset: Any, device: torch.device, dtype: torch.dtype, seed: int 
     model = MusicgenForConditionalGeneration(musicgen_config(preset))
     model.decoder.to(dtype)  # the LM in the asked dtype; text encoder and codec stay fp32, as in our engine
     proj = getattr(model, "enc_to_dec_proj", None)  # only when the text width differs from the LM's
+    if proj is not None:
+        proj.to(dtype)  # counted with the LM below: it maps the text states into the decoder's width
+    # The fp32 encoder's states meet `dtype` weights next (the projection, else cross-attention): without this cast a
+    # half LM fails with "expected mat1 and mat2 to have the same dtype, float != c10::Half"
+    model.text_encoder.register_forward_hook(_states_to(dtype))
     params = sum(p.numel() for p in model.decoder.parameters())
     params += 0 if proj is None else sum(p.numel() for p in proj.parameters())
     return model.to(device).eval(), round(params / 1e6, 2)
+
+
+def _states_to(dtype: torch.dtype) -> Callable[..., Any]:
+    """A forward hook: the text encoder's `last_hidden_state` [B, L, text dim] cast to `dtype`."""
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+        output.last_hidden_state = output.last_hidden_state.to(dtype)
+        return output
+
+    return hook
 
 
 def _timed(clock: StageClock, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -137,15 +137,15 @@ def test_prompts_checked(tiny) -> None:
 
 def test_backends_by_name(fixture_dir, settings, expected) -> None:
     assert backends.names()[0] == "torch" and {"triton", "onnx"} <= set(backends.names())
-    eng = me.load(fixture_dir, "triton", device="cpu")
+    eng = me.load(fixture_dir, backend="triton", device="cpu")
     assert eng.backend == "triton"
     assert all(layer.self_attn.attend.__module__ == "magnet_engine.kernels.attention" for layer in eng.lm.layers)
     out = eng.generate(settings["prompts"], decode=False, **run_settings(settings, "gen_stride1"))
     np.testing.assert_array_equal(out.codes.numpy(), expected["gen_stride1"])
     with pytest.raises(SettingError, match="unknown backend 'nope': installed are torch"):
-        me.load(fixture_dir, "nope")
+        me.load(fixture_dir, backend="nope")
     with pytest.raises(SettingError, match="reads an export folder"):
-        me.load(fixture_dir, "onnx")
+        me.load(fixture_dir, backend="onnx")
 
 
 def test_import_engine_pulls_nothing_above_it(fixture_dir) -> None:

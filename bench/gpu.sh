@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# The project on a GPU in one call, from the repository root, nothing installed: the Triton kernels against their
+# references on the device, the fixture's tokens through the CLI (torch and Triton backends, fp32), `bench e2e` for
+# MAGNeT (torch, Triton) and AR (eager, CUDA graph) at the magnet-small / musicgen-small shapes with random weights in
+# fp16 at B=1,4,16, Hugging Face's MusicGen (bench/peer.py) and `bench kernels`.
+#
+#   bash bench/gpu.sh --prepare   # here, before a device call: the fixture into .gpu/fixtures, soundfile's cp312
+#                                 # wheels into .gpu/wheels (the device has neither, nor a registry)
+#   bash bench/gpu.sh             # on the GPU machine: device tool run(command="bash bench/gpu.sh", carry=[".gpu"])
+#   bash bench/gpu.sh --quick     # (or QUICK=1) a CPU dry run: tiny shapes, B=1, Triton's interpreter; stages that
+#                                 # need CUDA are reported as skipped, with the reason
+#
+# Environment: OUT (results; default a new tmp dir), MAGNET_FIXTURES (the folder holding magnet-tiny/; default
+# .gpu/fixtures, else ../shared/fixtures), PYTHON (default python3), BUDGET (seconds for all stages, default 540:
+# a stage gets at most what is left, so the script ends and reports inside a 10-minute device call).
+# Results in $OUT (at most 8 files, what a device call brings back): stages.jsonl (an "env" line, then one line per
+# stage: status ok | failed | timeout | skipped, rc, seconds, the skip reason), stages.log (every stage's output),
+# kernel_check.jsonl, fixture.jsonl and fixture_tokens.npz, e2e.jsonl, kernels.jsonl. A failing stage does not stop
+# the others; the exit status is 1 when one failed or timed out.
+set -u
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+QUICK=${QUICK:-0}
+PREPARE=0
+for arg in "$@"; do
+  case $arg in
+    --quick) QUICK=1 ;;
+    --prepare) PREPARE=1 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "bench/gpu.sh: unknown argument $arg (use --quick, --prepare or --help)" >&2; exit 2 ;;
+  esac
+done
+
+if [ "$PREPARE" = 1 ]; then
+  src=${MAGNET_FIXTURES:-$ROOT/../shared/fixtures}/magnet-tiny
+  [ -d "$src" ] || { echo "bench/gpu.sh --prepare: no fixture at $src; set MAGNET_FIXTURES=DIR (holding magnet-tiny/)" >&2; exit 2; }
+  rm -rf .gpu/fixtures && mkdir -p .gpu/fixtures/magnet-tiny .gpu/wheels || exit 1
+  # the MusicGen files are left out: no stage reads them, and the tree that travels is capped at 64 MiB
+  cp -r --no-preserve=mode "$src"/. .gpu/fixtures/magnet-tiny/ && rm -f .gpu/fixtures/magnet-tiny/*musicgen* || exit 1
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d .gpu/wheels soundfile cffi pycparser || exit 1
+  du -sh .gpu && echo "now: device run(command=\"bash bench/gpu.sh\", carry=[\".gpu\"], timeout_s=600)"
+  exit 0
+fi
+
+OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/magnet-gpu.XXXXXX")}
+mkdir -p "$OUT" || exit 1
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/magnet-gpu-work.XXXXXX") || exit 1
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$WORK/p" "$WORK/site" "$WORK/logs"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# carried wheels (soundfile, cffi, pycparser) where soundfile is missing: the device has no registry
+if ls .gpu/wheels/*.whl >/dev/null 2>&1 && ! "$PY" -c "import soundfile" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
+    .gpu/wheels/*.whl || echo "bench/gpu.sh: installing .gpu/wheels failed; stages that write audio will fail" >&2
+fi
+# The checkout is the package magnet_engine (its root holds the package's __init__.py): a link named so on the path,
+# and a dist-info with setup.py's entry points beside it, so the backends and subcommands are found uninstalled.
+ln -s "$ROOT" "$WORK/p/magnet_engine"
+export PYTHONPATH="$WORK/p:$WORK/site"
+"$PY" -m magnet_engine.bench.gpu_check dist-info "$WORK/p" >/dev/null || { echo "bench/gpu.sh: no dist-info" >&2; exit 1; }
+
+if [ -n "${MAGNET_FIXTURES:-}" ]; then FIXTURES=$MAGNET_FIXTURES
+elif [ -d .gpu/fixtures/magnet-tiny ]; then FIXTURES=$ROOT/.gpu/fixtures
+else FIXTURES=$ROOT/../shared/fixtures; fi
+export MAGNET_FIXTURES=$FIXTURES  # the tests' conftest reads it too
+FIXTURE=$FIXTURES/magnet-tiny
+
+HAS_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+if [ "$QUICK" = 1 ]; then
+  DEV=cpu; export TRITON_INTERPRET=1  # Triton's interpreter runs the kernels on CPU tensors
+  MAGNET="tiny --kind magnet"; AR="tiny --kind ar"; DTYPE=bfloat16; BATCH=1; DURATION=0.5
+  RUNS_MAGNET="--steps 2,1,1,1 --repeats 1 --warmup 0"; RUNS_AR="--repeats 1 --warmup 0"; RUNS_PEER=$RUNS_AR
+  FIXTURE_RUNS=gen_nonoverlap_max; CHECK_QUICK=--quick
+else
+  [ "$HAS_CUDA" = 1 ] || { echo "bench/gpu.sh: no CUDA device (torch.cuda.is_available() is False); --quick is the CPU dry run" >&2; exit 2; }
+  DEV=cuda; unset TRITON_INTERPRET  # compiled kernels
+  MAGNET=magnet-small-10secs; AR=musicgen-small; DTYPE=float16; BATCH=1,4,16; DURATION=10
+  RUNS_MAGNET="--repeats 5 --warmup 2"; RUNS_AR="--repeats 3 --warmup 1"; RUNS_PEER="--repeats 2 --warmup 1"
+  FIXTURE_RUNS=gen_nonoverlap_max,gen_nonoverlap_prod,gen_stride1,gen_cfg3_temp1,gen_continuation; CHECK_QUICK=
+fi
+E2E="$PY -m magnet_engine.bench e2e --device $DEV --dtype $DTYPE --batch $BATCH --duration $DURATION --json $OUT/e2e.jsonl"
+CHECK="$PY -m magnet_engine.bench.gpu_check"
+FIX="$CHECK fixture --fixture $FIXTURE --device $DEV --dtype float32 --runs $FIXTURE_RUNS --json $OUT/fixture.jsonl --tokens $OUT/fixture_tokens.npz"
+
+# One stage a line: name | time limit (s) | needs (comma-separated: cuda, file=PATH, e2e-flag=FLAG; - for none) | command
+STAGES=(
+  "kernels-check|120|-|$CHECK kernels --device $DEV $CHECK_QUICK --json $OUT/kernel_check.jsonl"
+  "fixture-torch-fp32|90|-|$FIX --backend torch"
+  "fixture-triton-fp32|150|-|$FIX --backend triton"
+  "e2e-magnet-torch|90|-|$E2E --model $MAGNET --backend torch $RUNS_MAGNET"
+  "e2e-magnet-triton|120|-|$E2E --model $MAGNET --backend triton $RUNS_MAGNET"
+  "e2e-ar-eager|120|-|$E2E --model $AR --ar-mode eager $RUNS_AR"
+  "e2e-ar-graph|90|cuda|$E2E --model $AR --ar-mode graph $RUNS_AR"
+  "e2e-hf-musicgen|90|-|$PY -m magnet_engine.bench e2e --model $AR --kind hf-musicgen --device $DEV --dtype $DTYPE --batch 1 --duration $DURATION --json $OUT/e2e.jsonl $RUNS_PEER"
+  "bench-kernels|60|cuda|$PY -m magnet_engine.bench kernels --json $OUT/kernels.jsonl"
+  # HOOK (lead): MAGNeT as one whole-program CUDA graph, run once `bench e2e` has --cuda-graph
+  "e2e-magnet-cuda-graph|90|e2e-flag=--cuda-graph,cuda|$E2E --model $MAGNET --backend torch --cuda-graph $RUNS_MAGNET"
+  # HOOK (lead): the determinism tests on the device, run once tests/test_determinism.py exists
+  "determinism|150|file=tests/test_determinism.py,cuda|$PY -m pytest -q -p no:cacheprovider tests/test_determinism.py"
+)
+
+jline() {  # KEY=VALUE ... -> one JSON line on stages.jsonl (integers as numbers, empty as null)
+  "$PY" - "$@" >>"$OUT/stages.jsonl" <<'PY'
+import json, sys
+row = {}
+for kv in sys.argv[1:]:
+    key, _, value = kv.partition("=")
+    row[key] = int(value) if value.lstrip("-").isdigit() else (value or None)
+print(json.dumps(row))
+PY
+}
+
+why_skip() {  # NEEDS -> the reason this stage cannot run here, or nothing
+  local need
+  IFS=, read -ra needs <<<"$1"
+  for need in "${needs[@]}"; do
+    case $need in
+      -|"") ;;
+      cuda)
+        if [ "$QUICK" = 1 ]; then echo "needs CUDA: the --quick dry run runs on the CPU"; return; fi ;;
+      file=*)
+        [ -e "${need#file=}" ] || { echo "hook not wired: ${need#file=} is not in this checkout yet"; return; } ;;
+      e2e-flag=*)
+        "$PY" -m magnet_engine.bench e2e --help 2>/dev/null | grep -q -- "${need#e2e-flag=}" \
+          || { echo "hook not wired: bench e2e has no ${need#e2e-flag=} yet"; return; } ;;
+      *) echo "unknown need $need"; return ;;
+    esac
+  done
+}
+
+T0=$(date +%s)
+BUDGET=${BUDGET:-540}
+FAILED=0
+run_stage() {  # NAME LIMIT NEEDS COMMAND
+  local name=$1 limit=$2 needs=$3 cmd=$4 reason left rc t0 status
+  reason=$(why_skip "$needs")
+  left=$(( BUDGET - ($(date +%s) - T0) ))
+  if [ -z "$reason" ] && [ "$left" -lt 10 ]; then reason="the ${BUDGET}s budget is spent"; FAILED=1; fi
+  if [ -n "$reason" ]; then
+    echo "== $(date +%T) $name: skipped ($reason)"
+    jline stage="$name" status=skipped skipped="$reason" command="$cmd"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $(date +%T) $name (limit ${limit}s)"
+  t0=$(date +%s)
+  timeout -k 10 "$limit" bash -c "$cmd" >"$WORK/logs/$name.log" 2>&1
+  rc=$?
+  case $rc in 0) status=ok ;; 124|137) status=timeout ;; *) status=failed; FAILED=1 ;; esac
+  [ "$status" = timeout ] && FAILED=1
+  echo "   $status rc=$rc $(( $(date +%s) - t0 ))s"; tail -n "${TAIL:-4}" "$WORK/logs/$name.log" | sed 's/^/   /'
+  { echo "===== $name: $status rc=$rc $(( $(date +%s) - t0 ))s: $cmd"; cat "$WORK/logs/$name.log"; } >>"$OUT/stages.log"
+  jline stage="$name" status="$status" rc="$rc" seconds="$(( $(date +%s) - t0 ))" limit_s="$limit" \
+    command="$cmd" last_line="$(grep -v '^\s*$' "$WORK/logs/$name.log" | tail -n 1 | cut -c1-300)"
+}
+
+: >"$OUT/stages.jsonl"
+: >"$OUT/stages.log"
+"$PY" - "$DEV" "$QUICK" "$FIXTURE" >>"$OUT/stages.jsonl" <<'PY'
+import json, platform, sys
+import numpy, torch, transformers
+try:
+    import triton
+    triton_version = triton.__version__
+except ImportError:
+    triton_version = None
+cuda = torch.cuda.is_available()
+print(json.dumps({"stage": "env", "device": sys.argv[1], "quick": sys.argv[2] == "1", "fixture": sys.argv[3],
+                  "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                  "gpu": torch.cuda.get_device_name(0) if cuda else None, "triton": triton_version,
+                  "transformers": transformers.__version__, "numpy": numpy.__version__}))
+PY
+tail -n 1 "$OUT/stages.jsonl"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+
+for line in "${STAGES[@]}"; do
+  IFS='|' read -r name limit needs cmd <<<"$line"
+  run_stage "$name" "$limit" "$needs" "$cmd"
+done
+
+echo "== $(date +%T) summary ($(( $(date +%s) - T0 ))s; results in $OUT)"
+"$PY" - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+for r in map(json.loads, (out / "stages.jsonl").read_text().splitlines()[1:]):
+    print(f"  {r['stage']:24s} {r['status']:8s} {r.get('skipped') or r.get('last_line') or ''}"[:150])
+if (out / "e2e.jsonl").is_file():
+    for r in map(json.loads, (out / "e2e.jsonl").read_text().splitlines()):
+        stages = {k: round(v * 1000, 1) for k, v in (r.get("stages_s") or {}).items()}
+        print(f"  {r['scenario']:64s} {r['latency_s']['median'] * 1000:9.1f} ms  {stages}")
+PY
+exit "$FAILED"
