@@ -5,7 +5,7 @@ A client with onnxruntime, a tokenizer that reads `tokenizer/tokenizer.json`, an
 rule, the span rules, continuation, the limits, and the mask schedule as stored numbers (float32 mask fractions and
 the number of spans to re-mask for every span count), so that no client evaluates a cosine. The numbers come from
 the engine's own `stage_schedule`; the rules below are `engine.magnet.generate_tokens` in words. Schema:
-`export/manifest.schema.json`; clients that follow it: `tests/onnx_client.py`, `export/node/magnet.mjs`.
+`export/manifest.schema.json`; clients that follow it: `export/client.py`, `export/node/magnet.mjs`.
 
 Sampling stays in the client, not in the graph: README, "ONNX: the export, driven from any language", says why.
 """

@@ -422,7 +422,8 @@ def _versions() -> dict[str, str]:
 
 
 def export_model(model: str | Path, out: str | Path, text_encoder: str | Path | None = None, dtype: str = "float32",
-                 opset: int | None = None, *, quantize: str | None = None, log: Log | None = None) -> dict[str, Any]:
+                 opset: int | None = None, *, quantize: str | None = None, conformance: bool = False,
+                 log: Log | None = None) -> dict[str, Any]:
     """Export `model` (a folder, an LM package file or a Hugging Face id, as `engine.load` takes) to `out`.
 
     Writes the five graphs, the tokenizer and `manifest.json` (returned). `dtype` float16 exports the transformer
@@ -430,7 +431,8 @@ def export_model(model: str | Path, out: str | Path, text_encoder: str | Path | 
     run through onnxruntime (CPU) on random inputs of other shapes than the export's and compared with the PyTorch
     path; if any disagrees beyond tolerance, ExportCheckError (a ValueError) is raised and no manifest is written.
     `quantize` "int8": after the checks, lm_step, cross_kv and text_encoder are quantized (export.quantize; the
-    codec stays fp32) and the manifest records it. `log` receives one line per phase (the CLI prints them to stderr).
+    codec stays fp32) and the manifest records it. `conformance`: write conformance/ (export.conformance), after
+    quantizing if asked. `log` receives one line per phase (the CLI prints them to stderr).
     """
     from magnet_engine.engine.api import load
 
@@ -487,9 +489,16 @@ def export_model(model: str | Path, out: str | Path, text_encoder: str | Path | 
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(text_json)
     os.replace(tmp, out / MANIFEST)  # atomic: the manifest appears only once everything is in place
+    result = json.loads(text_json)  # exactly what a reader of manifest.json sees (tuples become lists)
     if quantize is not None:  # rewrites three graphs, records "quantization", writes the manifest again
-        return quantize_export(out, json.loads(text_json), quantize, log=say)
-    return json.loads(text_json)  # exactly what a reader of manifest.json sees (tuples become lists)
+        result = quantize_export(out, result, quantize, log=say)
+    if conformance:
+        from . import conformance as vectors
+        from .ort import load_engine
+
+        say("writing conformance vectors")
+        vectors.write(out, load_engine(out))
+    return result
 
 
 class _Exporter:

@@ -134,8 +134,8 @@ def check_lm_step(codes: Any, stage: Any, kv: Sequence[Any], names: Sequence[str
         raise ValueError(f"a guided step's codes hold [cond; uncond] = 2B rows, got {n}")
     kv_rows = getattr(kv[0], "shape", [None])[0] if kv else None
     if kv_rows is not None and kv_rows != batch and n in (kv_rows, 2 * kv_rows):
-        raise ValueError(f"cross k/v have {kv_rows} rows for a{'' if guided else 'n un'}guided step of {n} codes "
-                         f"rows: they must have {batch} (the prompts' own rows; never pass [cond; null])")
+        raise ValueError(f"cross k/v have {kv_rows} rows for {'a guided' if guided else 'an unguided'} step of {n} "
+                         f"codes rows: they must have {batch} (the prompts' own rows; never pass [cond; null])")
     if kv_rows is not None and n not in (kv_rows, 2 * kv_rows):
         raise ValueError(f"codes have {n} rows against cross k/v of {kv_rows}: lm_step takes {kv_rows} (unguided) "
                          f"or {2 * kv_rows} (guided: [cond; uncond])")
