@@ -1,5 +1,5 @@
 """`magnet export --model DIR|ID [--text-encoder DIR] --out DIR [--dtype float32|float16] [--quantize int8]
-[--opset N]`.
+[--opset N] [--conformance]`.
 
 Exit codes: 0 done, 1 the export or a check failed, 2 bad usage. Errors are one line on stderr, never a traceback;
 progress goes to stderr, the summary line to stdout.
@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: onnxruntime dynamic int8 quantization of the text encoder, cross k/v and LM step "
                    "(the codec stays float32) for CPU; measured against float32 and recorded in the manifest")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's; >= 18)")
+    p.add_argument("--conformance", action="store_true", help="also write OUT/conformance/: greedy runs' inputs, "
+                   "tokens, per-step span scores and logits, for a client in any language to prove itself against "
+                   "(runners: export/conformance.py, export/node/conformance.mjs)")
     return p
 
 
@@ -58,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .onnx_export import export_model
 
         manifest = export_model(args.model, args.out, text_encoder=args.text_encoder, dtype=args.dtype,
-                                opset=args.opset, quantize=args.quantize, log=log)
+                                opset=args.opset, quantize=args.quantize,
+                                conformance=args.conformance, log=log)
     except (ValueError, TypeError, OSError) as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 1
@@ -71,8 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     worst = max(g["check"].get("max_abs_err", 0.0) for g in manifest["graphs"].values())
     quant = "" if not manifest["quantization"] else ", int8 weights (see the manifest's quantization)"
+    vectors = ", conformance vectors in conformance/" if args.conformance else ""
     print(f"exported {args.model} to {args.out}: {len(manifest['graphs'])} graphs, opset {manifest['opset']}, "
-          f"{manifest['dtype']}{quant}, all checks passed (max abs err {worst:.2e})")
+          f"{manifest['dtype']}{quant}, all checks passed (max abs err {worst:.2e}){vectors}")
     return 0
 
 

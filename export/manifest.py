@@ -25,8 +25,9 @@ from typing import Any
 
 FORMAT = "magnet-onnx"
 # bump when graph names, inputs or semantics change: old exports are then refused. 2: the "client" section (the
-# decoding contract), a tokenizer.json without padding/truncation, optional int8 graphs ("quantization")
-FORMAT_VERSION = 2
+# decoding contract), a tokenizer.json without padding/truncation, optional int8 graphs ("quantization"). 3: graphs
+# that refuse inputs outside their contract (client.boundary), client.longform, the tie and rounding rules
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 SCHEMA = Path(__file__).with_name("manifest.schema.json")  # the manifest's JSON schema (draft 2020-12)

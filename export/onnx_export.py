@@ -152,6 +152,51 @@ def _translations() -> dict[Callable, Any]:
     return {operator.floordiv: aten_floor_divide}
 
 
+# ----------------------------------------------------------------------------------------------- input guards
+
+GUARD = "input_contract"  # the guard's table and, after export, its Gather node's name stem (see `stamp`)
+GUARDED = ("text_encoder", "lm_step", "codec_decode")  # the graphs with a Guard
+
+
+def guard_node(graph: str) -> str:
+    """The name of a graph's input-guard node: onnxruntime's error on a refused input names it."""
+    return f"{GUARD}_violated__see_manifest_client_boundary_{graph}"
+
+
+GUARD_RULE = (f"text_encoder, lm_step and codec_decode check their own inputs against these rules (all but the "
+              f"guided/unguided choice, which is not an input) and fail the run, before computing anything, at "
+              f"the Gather node named {guard_node('<graph>')} (onnxruntime's error "
+              f"names it); cross_kv and codec_encode rely on their static dims (dim, channels)")
+
+
+class Guard(nn.Module):
+    """The graph's own input contract, with no clamp: `guard(ok)` gathers index 0 of a one-element zero table when
+    the bool scalar `ok` holds and index 1 (out of bounds) when not, so onnxruntime fails the run at that node,
+    whose name says so (`stamp`). The int64 zero it returns is added to the graph's inputs, so every other
+    node depends on it and runs after it: a bad input fails here, never deeper in the graph or silently."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer(GUARD, torch.zeros(1, dtype=torch.long), persistent=False)
+
+    def forward(self, ok: torch.Tensor) -> torch.Tensor:
+        return torch.index_select(getattr(self, GUARD), 0, (~ok).long().reshape(1)).reshape(())  # [] int64 zero
+
+
+def dim_of(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x.shape[dim] as int64 data, not as a symbolic size: the exporter neither specialises nor unifies it (a sum
+    over the other dims, not an index, so that an empty dim elsewhere does not fail first)."""
+    other = [d for d in range(x.dim()) if d != dim]
+    return torch.ones_like(x.sum(dim=other) if other else x, dtype=torch.long).sum()
+
+
+def in_range(x: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """All of the integer tensor x in [low, high] (inclusive), as a bool scalar; an empty x passes (its size is
+    checked on its own). A zero is appended so that min/max never reduce an empty tensor; low <= 0 <= high."""
+    flat = torch.cat([x.flatten(), x.new_zeros(1)])
+    return (flat.min() >= low) & (flat.max() <= high)
+
+
 # ----------------------------------------------------------------------------------------------------- graphs
 
 
@@ -159,11 +204,17 @@ class TextEncoderGraph(nn.Module):
     """input_ids, attention_mask [B, L] int64 -> text_embeds [B, L, dim] fp32: encoder, the LM's `text_proj`,
     padded positions zeroed (what the LM's cross-attention reads)."""
 
-    def __init__(self, encoder: nn.Module, proj: nn.Linear) -> None:
+    def __init__(self, encoder: nn.Module, proj: nn.Linear, vocab: int, max_tokens: int) -> None:
         super().__init__()
-        self.encoder, self.proj = encoder, proj
+        self.encoder, self.proj, self.vocab, self.max_tokens = encoder, proj, vocab, max_tokens
+        self.guard = Guard()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        length = dim_of(input_ids, 1)
+        ok = ((length >= 1) & (length <= self.max_tokens) & (dim_of(attention_mask, 0) == dim_of(input_ids, 0))
+              & (dim_of(attention_mask, 1) == length) & in_range(input_ids, 0, self.vocab - 1))
+        g = self.guard(ok)
+        input_ids, attention_mask = input_ids + g, attention_mask + g
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.proj(states.float()) * attention_mask.unsqueeze(-1).to(torch.float32)
 
@@ -192,8 +243,23 @@ class LMStepGraph(nn.Module):
         self.lm, self.self_attend = lm, self_attend
         self.window = lm.cfg.window(1)  # band for stages >= 1; None: the model attends fully at every stage
         self.register_buffer("heads", torch.stack([h.weight.detach() for h in lm.linears]), persistent=False)
+        self.guard = Guard()
+
+    def contract(self, codes: torch.Tensor, stage: torch.Tensor, cross: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The step's input contract as a bool scalar (manifest client.boundary.lm_step): codes in [0, mask_id],
+        stage in [0, K), 1 <= T <= max_frames, every cross k/v with the rows B and text length of cross_k_0, and
+        N = B (unguided) or 2B (guided)."""
+        cfg = self.lm.cfg
+        n, t, b, length = dim_of(codes, 0), dim_of(codes, 2), dim_of(cross[0], 0), dim_of(cross[0], 2)
+        ok = in_range(codes, 0, cfg.card) & (stage >= 0) & (stage < cfg.n_q)
+        ok = ok & (t >= 1) & (t <= cfg.max_frames) & ((n == b) | (n == 2 * b))
+        for kv in cross[1:]:
+            ok = ok & (dim_of(kv, 0) == b) & (dim_of(kv, 2) == length)
+        return ok
 
     def forward(self, codes: torch.Tensor, stage: torch.Tensor, *cross: torch.Tensor) -> torch.Tensor:
+        g = self.guard(self.contract(codes, stage, cross))
+        codes, stage = codes + g, stage + g
         if self.window is not None:
             self.self_attend.mask = band_mask(codes.shape[-1], self.window, codes.device) | (stage == 0)  # [T, T]
         kv = [(cross[2 * i], cross[2 * i + 1]) for i in range(len(self.lm.layers))]
@@ -208,8 +274,11 @@ class CodecDecodeGraph(nn.Module):
     def __init__(self, codec: nn.Module) -> None:
         super().__init__()
         self.codec = codec
+        self.guard = Guard()
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        ok = in_range(codes, 0, int(self.codec.config.bins) - 1) & (dim_of(codes, 2) >= 1)
+        codes = codes + self.guard(ok)
         return self.codec.decoder(self.codec.quantizer.decode(codes))
 
 
@@ -352,7 +421,8 @@ def _versions() -> dict[str, str]:
 
 
 def export_model(model: str | Path, out: str | Path, text_encoder: str | Path | None = None, dtype: str = "float32",
-                 opset: int | None = None, *, quantize: str | None = None, log: Log | None = None) -> dict[str, Any]:
+                 opset: int | None = None, *, quantize: str | None = None, conformance: bool = False,
+                 log: Log | None = None) -> dict[str, Any]:
     """Export `model` (a folder, an LM package file or a Hugging Face id, as `engine.load` takes) to `out`.
 
     Writes the five graphs, the tokenizer and `manifest.json` (returned). `dtype` float16 exports the transformer
@@ -360,7 +430,8 @@ def export_model(model: str | Path, out: str | Path, text_encoder: str | Path | 
     run through onnxruntime (CPU) on random inputs of other shapes than the export's and compared with the PyTorch
     path; if any disagrees beyond tolerance, ExportCheckError (a ValueError) is raised and no manifest is written.
     `quantize` "int8": after the checks, lm_step, cross_kv and text_encoder are quantized (export.quantize; the
-    codec stays fp32) and the manifest records it. `log` receives one line per phase (the CLI prints them to stderr).
+    codec stays fp32) and the manifest records it. `conformance`: write conformance/ (export.conformance), after
+    quantizing if asked. `log` receives one line per phase (the CLI prints them to stderr).
     """
     from magnet_engine.engine.api import load
 
@@ -395,10 +466,6 @@ def export_model(model: str | Path, out: str | Path, text_encoder: str | Path | 
     codec = {"sample_rate": int(codec_cfg.sample_rate), "hop_length": int(codec_cfg.hop_length),
              "frame_rate": int(codec_cfg.frame_rate), "n_q": int(codec_cfg.n_q), "bins": int(codec_cfg.bins),
              "channels": int(getattr(codec_cfg, "channels", 1))}
-    enc_cfg = getattr(eng.text.encoder, "config", None)
-    # absolute position embeddings cap the prompt's tokens (BERT-like encoders); T5's relative ones do not
-    text_max = None if getattr(enc_cfg, "model_type", "t5") == "t5" else getattr(enc_cfg, "max_position_embeddings",
-                                                                               None)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -415,15 +482,22 @@ def export_model(model: str | Path, out: str | Path, text_encoder: str | Path | 
         "cross_kv_names": x.kv_names,
         "graphs": {name: x.graphs[name] for name in GRAPHS},
         "quantization": None,
-        "client": client_contract(cfg, eng.default_generation(), codec, text_max),
+        "client": client_contract(cfg, eng.default_generation(), codec, *text_limits(eng.text.encoder), GUARD_RULE),
     }
     text_json = json.dumps(manifest, indent=2) + "\n"
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(text_json)
     os.replace(tmp, out / MANIFEST)  # atomic: the manifest appears only once everything is in place
+    result = json.loads(text_json)  # exactly what a reader of manifest.json sees (tuples become lists)
     if quantize is not None:  # rewrites three graphs, records "quantization", writes the manifest again
-        return quantize_export(out, json.loads(text_json), quantize, log=say)
-    return json.loads(text_json)  # exactly what a reader of manifest.json sees (tuples become lists)
+        result = quantize_export(out, result, quantize, log=say)
+    if conformance:
+        from . import conformance as vectors
+        from .ort import load_engine
+
+        say("writing conformance vectors")
+        vectors.write(out, load_engine(out))
+    return result
 
 
 class _Exporter:
@@ -454,8 +528,7 @@ class _Exporter:
         path = self.out / f"{name}.onnx"
         self.say(f"exporting {name}")
         seconds = _export(module, args, path, inputs, outputs, dyn, self.opset)
-        if meta:
-            stamp(path, meta)
+        stamp(path, meta or {}, name)
         self.graphs[name] = {"file": path.name, "files": _files(self.out, path.name), "dtype": graph_dtype,
                              "dynamic_axes": axes, "opset": _opset(path), "export_seconds": round(seconds, 2)}
 
@@ -526,16 +599,17 @@ class _Exporter:
     def export_text_encoder(self) -> None:
         """input_ids, attention_mask [B, L] -> text_embeds [B, L, dim]; fp32, as the engine runs it."""
         g, encoder, proj = self.g, self.text.encoder, self.text.proj
-        vocab = int(getattr(encoder.config, "vocab_size", 32))
+        vocab, max_tokens = text_limits(encoder)
         ids_ex = torch.randint(2, vocab, (self.b_ex, self.l_ex), generator=g)
         dims = {0: self.batch, 1: self.text_len}
-        self.export_one("text_encoder", TextEncoderGraph(encoder, proj), (ids_ex, torch.ones_like(ids_ex)),
+        self.export_one("text_encoder", TextEncoderGraph(encoder, proj, vocab, max_tokens),
+                        (ids_ex, torch.ones_like(ids_ex)),
                         ["input_ids", "attention_mask"], ["text_embeds"], (dims, dims),
                         {"batch": [1, None], "text_len": [1, None]}, "float32")
 
         def check(sess: Any) -> dict[str, Any]:
             cases: list[dict] = []
-            te = TextEncoderGraph(encoder, proj).eval()
+            te = TextEncoderGraph(encoder, proj, vocab, max_tokens).eval()
             for b, n in ((2, 9), (1, 4)):
                 lens = torch.randint(1, n + 1, (b,), generator=g)
                 lens[0] = n  # the batch's longest prompt fills the length, as with real padding
@@ -606,6 +680,19 @@ class _Exporter:
         return result
 
 
+T5_MAX_TOKENS = 512  # T5's relative positions take any length; it was trained on 512 tokens, the export's limit
+
+
+def text_limits(encoder: nn.Module) -> tuple[int, int]:
+    """-> (vocabulary, most tokens per prompt) of a text encoder: BERT-like encoders' absolute positions cap the
+    prompt; T5 takes T5_MAX_TOKENS (the torch engine encodes longer prompts, the export refuses them)."""
+    cfg = getattr(encoder, "config", None)
+    vocab = int(getattr(cfg, "vocab_size", 32))
+    if getattr(cfg, "model_type", "t5") == "t5":
+        return vocab, T5_MAX_TOKENS
+    return vocab, int(getattr(cfg, "max_position_embeddings", T5_MAX_TOKENS))
+
+
 def _brief(result: dict[str, Any]) -> str:
     if "max_abs_err" in result:
         return f"max abs err {result['max_abs_err']:.2e}"
@@ -623,14 +710,21 @@ def step_meta_of(path: Path) -> dict[str, int]:
     return {p.key: int(p.value) for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
-def stamp(path: Path, meta: dict[str, int]) -> None:
-    """Write `meta` into the graph's metadata_props (onnxruntime: `get_modelmeta().custom_metadata_map`)."""
+def stamp(path: Path, meta: dict[str, int], graph: str) -> None:
+    """Write `meta` into the graph's metadata_props (onnxruntime: `get_modelmeta().custom_metadata_map`) and name
+    its input guard's node, so that the error of a run it refuses says why (`guard_node`)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     del model.metadata_props[:]
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=str(value))
+    guards = [n for n in model.graph.node if n.op_type == "Gather" and any(GUARD in i for i in n.input[:1])]
+    if len(guards) != (graph in GUARDED):
+        raise ExportCheckError(f"{path.name}: expected one input-guard Gather, found {len(guards)}; the exporter "
+                               "rewrote the guard. Report this with the versions of torch, onnx and onnxscript")
+    for node in guards:
+        node.name = guard_node(graph)
     onnx.save(model, str(path))  # external data (past 2 GB) stays where it is: only the graph proto is rewritten
 
 

@@ -70,6 +70,128 @@ class StepLimits:
             raise ValueError(f"lm_step.onnx lacks its limits metadata ({e}); re-export it with `magnet export`") from e
 
 
+# ------------------------------------------------------------------------ the boundary (manifest client.boundary)
+
+
+def _int64(name: str, x: Any, rank: int, layout: str) -> np.ndarray:
+    if not isinstance(x, np.ndarray) or x.dtype != np.int64:
+        raise TypeError(f"{name} must be an int64 numpy array {layout}, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.ndim != rank:
+        raise ValueError(f"{name} must be {layout}, got shape {list(x.shape)}")
+    return x
+
+
+def _values_in(name: str, x: np.ndarray, low: int, high: int, meaning: str) -> None:
+    if x.size and (int(x.min()) < low or int(x.max()) > high):
+        bad = int(x.min()) if int(x.min()) < low else int(x.max())
+        raise ValueError(f"{name} must lie in [{low}, {high}] ({meaning}), found {bad}")
+
+
+def check_text_ids(input_ids: Any, attention_mask: Any, max_tokens: int, vocab: int) -> None:
+    """text_encoder's boundary: one prompt's ids and mask [1, l], the same shape, 1 <= l <= max_tokens."""
+    ids = _int64("input_ids", input_ids, 2, "[1, l]")
+    mask = _int64("attention_mask", attention_mask, 2, "[1, l]")
+    if ids.shape != mask.shape:
+        raise ValueError(f"input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} differ in shape; give "
+                         "one mask entry per token")
+    if ids.shape[0] != 1:
+        raise ValueError(f"text_encoder takes one prompt per run ([1, l]), got {ids.shape[0]} rows; encode each "
+                         "prompt alone and zero-pad (manifest client.text.rule)")
+    if not 1 <= ids.shape[1] <= max_tokens:
+        raise ValueError(f"a prompt of {ids.shape[1]} tokens; the text encoder takes 1 to {max_tokens}: "
+                         f"{'shorten it' if ids.shape[1] else 'tokenize with the special tokens (EOS)'}")
+    _values_in("input_ids", ids, 0, vocab - 1, "the tokenizer's vocabulary")
+
+
+def check_cross_kv(kv: Sequence[Any], names: Sequence[str], batch: int) -> None:
+    """lm_step's text inputs: one cross_kv run's outputs, each [B, H, L, D] with the prompts' B and one L."""
+    if len(kv) != len(names):
+        raise ValueError(f"{len(kv)} cross k/v tensors for {len(names)} inputs ({', '.join(names)}); pass all of "
+                         "one cross_kv run's outputs")
+    first = kv[0].shape
+    for name, x in zip(names, kv):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must be [B, H, L, D], got {list(getattr(x, 'shape', []))}")
+        if x.shape[0] != batch:
+            raise ValueError(f"{name} has {x.shape[0]} rows for {batch} prompts: cross k/v hold the prompts' rows "
+                             "only (the unconditional rows are the codes' rows past them; never pass [cond; null])")
+        if x.shape != first:
+            raise ValueError(f"{name} is {list(x.shape)}, {names[0]} is {list(first)}: every k/v must come from "
+                             "one cross_kv run")
+
+
+def check_lm_step(codes: Any, stage: Any, kv: Sequence[Any], names: Sequence[str], guided: bool,
+                  limits: StepLimits) -> None:
+    """lm_step's whole boundary on numpy inputs: codes [N, K, T] with N = 2B guided or B unguided, B = the k/v
+    rows; values, frames and stage in range; the k/v of one cross_kv run."""
+    k, max_t = limits.codebooks, limits.max_frames
+    codes = _int64("codes", codes, 3, f"[N, {k}, T]")
+    n = codes.shape[0]
+    batch = n // 2 if guided else n
+    if codes.shape[1] != k:
+        raise ValueError(f"codes must be [N, {k}, T] ({k} codebooks), got {list(codes.shape)}")
+    if n < 1 or (guided and n % 2):
+        raise ValueError(f"a guided step's codes hold [cond; uncond] = 2B rows, got {n}")
+    kv_rows = getattr(kv[0], "shape", [None])[0] if kv else None
+    if kv_rows is not None and kv_rows != batch and n in (kv_rows, 2 * kv_rows):
+        raise ValueError(f"cross k/v have {kv_rows} rows for {'a guided' if guided else 'an unguided'} step of {n} "
+                         f"codes rows: they must have {batch} (the prompts' own rows; never pass [cond; null])")
+    if kv_rows is not None and n not in (kv_rows, 2 * kv_rows):
+        raise ValueError(f"codes have {n} rows against cross k/v of {kv_rows}: lm_step takes {kv_rows} (unguided) "
+                         f"or {2 * kv_rows} (guided: [cond; uncond])")
+    check_cross_kv(kv, names, batch)
+    if not 1 <= codes.shape[2] <= max_t:
+        raise ValueError(f"codes have {codes.shape[2]} frames; lm_step takes 1 to {max_t} (the model's segment): "
+                         "generate a long piece window by window (manifest client.longform)")
+    if isinstance(stage, bool) or not isinstance(stage, (int, np.integer)) or not 0 <= stage < k:
+        raise ValueError(f"stage must be an int in [0, {k}) (the codebook being decoded), got {stage!r}")
+    _values_in("codes", codes, 0, limits.mask_id, f"tokens, or {limits.mask_id} = masked")
+
+
+class Graphs:
+    """The graphs' CPU calls on numpy arrays, each checked at the boundary first (manifest client.boundary): the
+    Python client's refusals, one line each, before onnxruntime runs anything. OrtStep, OrtCodec and the text
+    encoder of `load_engine` call the graphs through it."""
+
+    def __init__(self, sessions: dict[str, Any], manifest: dict[str, Any]) -> None:
+        self.sessions, self.kv_names = sessions, list(manifest["cross_kv_names"])
+        limits = manifest["client"]["limits"]
+        self.max_tokens, self.text_vocab = int(limits["text_tokens_max"]), int(limits["text_ids"][1]) + 1
+        self.codec_vocab, self.codebooks = int(limits["codec_codes"][1]) + 1, int(manifest["client"]["codebooks"])
+        self.limits = StepLimits.of(sessions["cross_kv"], sessions["lm_step"])
+
+    def text_encoder(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """[1, l] int64 x2 -> text_embeds [1, l, dim] fp32."""
+        check_text_ids(input_ids, attention_mask, self.max_tokens, self.text_vocab)
+        return self.sessions["text_encoder"].run(["text_embeds"], {"input_ids": input_ids,
+                                                                   "attention_mask": attention_mask})[0]
+
+    def cross_kv(self, text_embeds: np.ndarray) -> list[np.ndarray]:
+        """[B, L, dim] fp32 -> cross_k_i, cross_v_i [B, H, L, D] per layer."""
+        dim = self.limits.dim
+        if not isinstance(text_embeds, np.ndarray) or text_embeds.dtype != np.float32:
+            raise TypeError(f"text_embeds must be a float32 numpy array [B, L, {dim}], got "
+                            f"{getattr(text_embeds, 'dtype', type(text_embeds).__name__)}")
+        if text_embeds.ndim != 3 or min(text_embeds.shape[:2]) < 1 or text_embeds.shape[2] != dim:
+            raise ValueError(f"text_embeds must be [B, L, {dim}] with B, L >= 1, got {list(text_embeds.shape)}")
+        return self.sessions["cross_kv"].run(self.kv_names, {"text_embeds": text_embeds})
+
+    def lm_step(self, codes: np.ndarray, stage: int, kv: Sequence[np.ndarray], guided: bool) -> np.ndarray:
+        """codes [N, K, T] (N = 2B guided, B not), stage, the k/v [B, H, L, D] -> logits [N, T, V] fp32."""
+        check_lm_step(codes, stage, kv, self.kv_names, guided, self.limits)
+        feeds = {**dict(zip(self.kv_names, kv)), "codes": codes, "stage": np.array(stage, dtype=np.int64)}
+        return self.sessions["lm_step"].run(["logits"], feeds)[0]
+
+    def codec_decode(self, codes: np.ndarray) -> np.ndarray:
+        """codes [B, K, T] in [0, vocab) -> audio [B, 1, T·hop] fp32."""
+        k = self.codebooks
+        codes = _int64("codes", codes, 3, f"[B, {k}, T]")
+        if codes.shape[0] < 1 or codes.shape[1] != k or codes.shape[2] < 1:
+            raise ValueError(f"codes to decode must be [B, {k}, T] with B, T >= 1, got {list(codes.shape)}")
+        _values_in("codes", codes, 0, self.codec_vocab - 1, f"finished tokens; {self.codec_vocab} is the mask id")
+        return self.sessions["codec_decode"].run(["audio"], {"codes": codes})[0]
+
+
 def check_text_embeds(cond: Any, limits: StepLimits) -> None:
     """The cross_kv boundary: text embeddings [B, L, dim] floating point."""
     if not isinstance(cond, torch.Tensor) or not cond.is_floating_point():
@@ -108,8 +230,8 @@ class OrtCodec:
 
     Runs through host memory even on CUDA: once per request, and the audio goes to the host anyway."""
 
-    def __init__(self, decode: Any, encode: Any, info: CodecInfo, device: torch.device) -> None:
-        self._decode, self._encode, self.config, self.device = decode, encode, info, device
+    def __init__(self, graphs: Graphs, encode: Any, info: CodecInfo, device: torch.device) -> None:
+        self.graphs, self._encode, self.config, self.device = graphs, encode, info, device
 
     @property
     def sample_rate(self) -> int:
@@ -122,7 +244,7 @@ class OrtCodec:
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, K, T] integer in [0, bins) -> audio [B, 1, T·hop] fp32 on the engine's device."""
         check_codes(codes, self.config.n_q, self.config.bins)
-        audio = self._decode.run(["audio"], {"codes": codes.detach().cpu().long().numpy()})[0]
+        audio = self.graphs.codec_decode(codes.detach().cpu().long().numpy())
         return torch.from_numpy(audio).to(self.device)
 
     def encode(self, audio: torch.Tensor) -> torch.Tensor:
@@ -136,16 +258,15 @@ class _OrtTextEncoder:
     """Stands in for the Hugging Face encoder inside `TextConditioner`: runs text_encoder.onnx, which already
     applies the LM's text projection (hence `_Projected` as the conditioner's projection)."""
 
-    def __init__(self, session: Any, device: torch.device) -> None:
-        self.session, self.device = session, device
+    def __init__(self, graphs: Graphs, device: torch.device) -> None:
+        self.graphs, self.device = graphs, device
 
     def eval(self) -> _OrtTextEncoder:
         return self
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
         """[1, l] int64 x2 -> .last_hidden_state [1, l, dim] fp32."""
-        emb = self.session.run(["text_embeds"], {"input_ids": input_ids.cpu().long().numpy(),
-                                                 "attention_mask": attention_mask.cpu().long().numpy()})[0]
+        emb = self.graphs.text_encoder(input_ids.cpu().long().numpy(), attention_mask.cpu().long().numpy())
         return SimpleNamespace(last_hidden_state=torch.from_numpy(emb).to(self.device))
 
 
@@ -170,26 +291,26 @@ class OrtStep:
     CPU: numpy in/out without copies. CUDA: IO binding; the cross k/v stay on the GPU between steps, the codes are
     bound from the torch tensor and the logits written into a torch tensor, on torch's current stream."""
 
-    def __init__(self, cross_kv: Any, lm_step: Any, kv_names: Sequence[str], device: torch.device) -> None:
-        self.cross_kv, self.lm_step, self.kv_names, self.device = cross_kv, lm_step, list(kv_names), device
-        kv_type = {i.name: i.type for i in lm_step.get_inputs()}[self.kv_names[0]]
+    def __init__(self, graphs: Graphs, device: torch.device) -> None:
+        self.graphs, self.device = graphs, device
+        self.cross_kv, self.lm_step = graphs.sessions["cross_kv"], graphs.sessions["lm_step"]
+        self.kv_names = graphs.kv_names
+        kv_type = {i.name: i.type for i in self.lm_step.get_inputs()}[self.kv_names[0]]
         self.kv_dtype = _NP_DTYPES[kv_type]
-        self.vocab = int(lm_step.get_outputs()[0].shape[-1])
-        self.limits = StepLimits.of(cross_kv, lm_step)
+        self.vocab = int(self.lm_step.get_outputs()[0].shape[-1])
+        self.limits = graphs.limits
 
     def __call__(self, cond: torch.Tensor) -> Step:
         check_text_embeds(cond, self.limits)
         if self.device.type == "cuda":
             return self._cuda_step(cond)
-        kv = self.cross_kv.run(self.kv_names, {"text_embeds": cond.detach().cpu().float().numpy()})
-        feeds: dict[str, np.ndarray] = dict(zip(self.kv_names, kv))
+        kv = self.graphs.cross_kv(cond.detach().cpu().float().numpy())
         batch = cond.shape[0]
 
         def step(codes: torch.Tensor, stage: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
             check_step_inputs(codes, stage, batch, self.limits)
-            feeds["codes"] = step_rows(codes, guided).numpy()  # [2B or B, K, T]
-            feeds["stage"] = np.array(stage, dtype=np.int64)
-            return split_rows(torch.from_numpy(self.lm_step.run(["logits"], feeds)[0]), guided)  # [2B or B, T, V]
+            logits = self.graphs.lm_step(step_rows(codes, guided).numpy(), stage, kv, guided)  # [2B or B, T, V]
+            return split_rows(torch.from_numpy(logits), guided)
 
         return step
 
@@ -310,10 +431,10 @@ def load_engine(export_dir: str | Path, device: str | torch.device = "cpu", prov
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load the tokenizer saved in {export_dir / manifest['tokenizer']} ({e}); "
                          f"{reexport_hint(export_dir, manifest)}") from e
-    text = TextConditioner(tokenizer, _OrtTextEncoder(sessions["text_encoder"], dev), _Projected(cfg.dim, dev),
-                           cache_size=cache_size)
-    codec = OrtCodec(sessions["codec_decode"], sessions["codec_encode"], info, dev)
-    step = OrtStep(sessions["cross_kv"], sessions["lm_step"], kv_names, dev)
+    graphs = Graphs(sessions, manifest)
+    text = TextConditioner(tokenizer, _OrtTextEncoder(graphs, dev), _Projected(cfg.dim, dev), cache_size=cache_size)
+    codec = OrtCodec(graphs, sessions["codec_encode"], info, dev)
+    step = OrtStep(graphs, dev)
     try:  # exports before the manifest carried "generation" decode with the reference defaults, as they did
         defaults = GenerationConfig.from_dict(manifest.get("generation", {}), default_generation(cfg))
     except (TypeError, ValueError) as e:

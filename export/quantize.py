@@ -122,8 +122,7 @@ def quantize_export(export_dir: str | Path, manifest: dict[str, Any], method: st
                 shutil.move(stale, Path(tmp) / stale.name)
             say(f"quantizing {name} (int8)")
             _quantize(fp32_path, path, Path(tmp))
-            if name == "lm_step":
-                stamp(path, step_meta_of(fp32_path))
+            stamp(path, step_meta_of(fp32_path), name)  # its limits metadata and named input guard, as fp32's
             result = _compare(_session(fp32_path), _session(path), probes[name], argmax=name == "lm_step")
             files = [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
                      for p in sorted(export_dir.glob(path.name + "*")) if p.is_file()]

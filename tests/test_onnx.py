@@ -3,13 +3,16 @@ greedy generation token-exact with the reference, text embeddings and audio to 1
 the `magnet export` command's error contract. The fixture is exported once per module (about a minute on 2 cores).
 
 The manifest's client contract: it validates against export/manifest.schema.json, its schedule tables are the
-engine's, and two clients that read only the export folder are token-exact on the fixture: tests/onnx_client.py
+engine's, and two clients that read only the export folder are token-exact on the fixture: export/client.py
 (numpy + onnxruntime + tokenizers) and export/node/magnet.mjs (Node.js; `npm ci --prefix export/node` first).
+The boundary: every bad input of export/README.md's table is refused by the graph, the Python backend and the Node
+client. The conformance vectors (`magnet export --conformance`) pass both runners.
 """
 from __future__ import annotations
 
 import ast
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,8 +25,9 @@ from magnet_engine.engine.config import ModelConfig, default_generation
 from magnet_engine.engine.masking import stage_schedule
 from magnet_engine.engine.model import LM
 from magnet_engine.engine.ops import attention
-from magnet_engine.export import onnx_export
+from magnet_engine.export import conformance, onnx_export
 from magnet_engine.export.cli import main as export_main
+from magnet_engine.export.client import Client
 from magnet_engine.export.manifest import FORMAT_VERSION, GRAPHS, MANIFEST, SCHEMA, read_manifest, sha256_file
 from magnet_engine.export.onnx_export import PROBES, ExportCheckError, MaskedAttention, export_model, onnx_attention
 from magnet_engine.export.ort import load_engine
@@ -40,7 +44,7 @@ FLOAT_GRAPHS = ["text_encoder", "cross_kv", "lm_step", "codec_decode"]
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory, fixture_dir: Path) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("onnx") / "magnet-tiny-onnx"
-    return out, export_model(fixture_dir, out)
+    return out, export_model(fixture_dir, out, conformance=True)
 
 
 @pytest.fixture(scope="module")
@@ -335,7 +339,7 @@ def test_tokenizer_json_has_no_padding_or_truncation(exported: tuple[Path, dict]
 
 
 def test_independent_client_imports_nothing_of_the_engine() -> None:
-    tree = ast.parse((ROOT / "tests" / "onnx_client.py").read_text())
+    tree = ast.parse((ROOT / "export" / "client.py").read_text())
     names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert names <= {"__future__", "json", "pathlib", "typing", "numpy", "onnxruntime", "tokenizers"}, names
@@ -351,8 +355,6 @@ def _run_kwargs(settings: dict, run: str) -> dict:
 @pytest.mark.parametrize("run", GREEDY_RUNS)
 def test_independent_client_token_exact(exported: tuple[Path, dict], settings: dict, expected: dict,
                                         run: str) -> None:
-    from onnx_client import Client
-
     client = Client(exported[0])
     prompt = expected["prompt_codes"] if run == "gen_continuation" else None
     codes = client.generate(settings["prompts"], prompt_codes=prompt, **_run_kwargs(settings, run))
@@ -362,8 +364,6 @@ def test_independent_client_token_exact(exported: tuple[Path, dict], settings: d
 def test_independent_client_unguided_matches_backend(exported: tuple[Path, dict], ort_engine, settings: dict
                                                      ) -> None:
     """Guidance 1 at every step: lm_step runs B rows (the manifest's rows.unguided); a null prompt is zeros."""
-    from onnx_client import Client
-
     kw = {**_run_kwargs(settings, "gen_nonoverlap_max"), "cfg": [1.0]}
     prompts = [settings["prompts"][1], None]
     want = ort_engine.generate(prompts, decode=False, greedy=True, **{**kw, "steps": tuple(kw["steps"]),
@@ -453,7 +453,8 @@ def test_node_client_sampling_is_seeded(exported: tuple[Path, dict], tmp_path: P
 
 
 def test_node_client_refusals(exported: tuple[Path, dict], tmp_path: Path) -> None:
-    for flags, match in [(["--duration", "5"], "exceeds the model's segment of 1s"),
+    for flags, match in [(["--duration", "4000"], "--duration must be in (0, 3600]"),
+                         (["--duration", "5", "--context", "1"], "--context 1s must be at least one frame"),
                          (["--steps", "1,2"], "--steps needs 4 positive integers"),
                          (["--top-p", "2"], "--top-p must be in [0, 1]"),
                          (["--span-arrangement", "wide"], "nonoverlap or stride1"),
@@ -513,3 +514,210 @@ def test_export_folder_is_a_model(exported: tuple[Path, dict], settings: dict, e
     np.testing.assert_array_equal(np.load(tokens), expected["gen_nonoverlap_max"])
     with pytest.raises(ValueError, match="runs the dtype the export was made in"):
         me.load(exported[0], dtype="float16")
+
+
+# ------------------------------------------------------------------ the boundary (export/README.md's table)
+
+PROMPTS_2 = ["slow sad piano", "upbeat electronic dance track with a heavy bass line at 128 bpm"]
+
+
+def _bad_inputs(exported: tuple[Path, dict]) -> dict[str, tuple[str, dict]]:
+    """Every bad input of the table as raw graph feeds: name -> (graph, feeds). B = 2 prompts, guided unless said;
+    "kv_2b" is the guided step with [cond; null] k/v of 2B rows (the graph cannot tell it from 2B prompts)."""
+    client = Client(exported[0])
+    names = exported[1]["cross_kv_names"]
+    kv = dict(zip(names, client.sessions["cross_kv"].run(names, {"text_embeds": client.text(PROMPTS_2)})))
+    kv_2b = dict(zip(names, client.sessions["cross_kv"].run(names, {"text_embeds": client.text(
+        PROMPTS_2 + [None, None])})))
+
+    def step(n: int = 4, t: int = 12, stage: int = 0, feeds: dict | None = None, code: int = 2048) -> dict:
+        codes = np.full((n, 4, t), 2048, dtype=np.int64)
+        codes[0, 0, 0] = code
+        return {**(feeds or kv), "codes": codes, "stage": np.array(stage, dtype=np.int64)}
+
+    one_layer = {**kv, names[2]: kv[names[2]][:1]}
+    ids = np.ones((1, 4), dtype=np.int64)
+    return {
+        "lm_step_code_-1": ("lm_step", step(code=-1)),
+        "codec_code_-1": ("codec_decode", {"codes": np.full((1, 4, 3), -1, dtype=np.int64)}),
+        "stage_-1": ("lm_step", step(stage=-1)),
+        "frames_60": ("lm_step", step(t=60)),
+        "rows_3": ("lm_step", step(n=3)),
+        "rows_6": ("lm_step", step(n=6)),
+        "kv_2b": ("lm_step", step(n=4, feeds=kv_2b)),
+        "kv_layer_rows": ("lm_step", step(feeds=one_layer)),
+        "text_0_tokens": ("text_encoder", {"input_ids": ids[:, :0], "attention_mask": ids[:, :0]}),
+        "text_batch_mismatch": ("text_encoder", {"input_ids": np.ones((2, 4), dtype=np.int64),
+                                                 "attention_mask": ids}),
+        "text_5000_tokens": ("text_encoder", {"input_ids": np.ones((1, 5000), dtype=np.int64),
+                                              "attention_mask": np.ones((1, 5000), dtype=np.int64)}),
+    }
+
+
+# what each client says (a regex, also read by the Node test): one line, before any graph runs
+REFUSALS = {
+    "lm_step_code_-1": r"codes must lie in \[0, 2048\] .*found -1",
+    "codec_code_-1": r"codes must lie in \[0, 2047\] .*found -1",
+    "stage_-1": r"stage must be an int\w* in \[0, 4\).*got -1",
+    "frames_60": r"codes have 60 frames; lm_step takes 1 to 50 .*window by window",
+    "rows_3": r"guided step's codes hold \[cond; uncond\] = 2B rows, got 3",
+    "rows_6": r"codes have 6 rows against cross k/v of 2: lm_step takes 2 \(unguided\) or 4",
+    "kv_2b": r"cross k/v have 4 rows for a guided step of 4 codes rows: they must have 2 .*never pass \[cond; null\]",
+    "kv_layer_rows": r"cross_k_1 .*1.*(rows for 2 prompts|one (cross_kv|crossKV) run)",
+    "text_0_tokens": r"a prompt of 0 tokens; the text encoder takes 1 to 512",
+    "text_batch_mismatch": r"input_ids \[2, ?4\] and attention_mask \[1, ?4\] differ in shape",
+    "text_5000_tokens": r"a prompt of 5000 tokens; the text encoder takes 1 to 512: shorten it",
+}
+
+
+def test_graphs_refuse_bad_inputs_themselves(exported: tuple[Path, dict]) -> None:
+    """Raw onnxruntime runs: every bad input fails at the graph's named guard node, except [cond; null] k/v, which
+    is a well-formed unguided step of 2B prompts to the graph (the table says so; the clients refuse it)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    sessions = {g: ort.InferenceSession(str(exported[0] / f"{g}.onnx"), so, providers=["CPUExecutionProvider"])
+                for g in ("text_encoder", "lm_step", "codec_decode")}
+    for name, (graph, feeds) in _bad_inputs(exported).items():
+        if name == "kv_2b":
+            assert sessions[graph].run(None, feeds)[0].shape == (4, 12, 2048)
+            continue
+        with pytest.raises(Exception, match=onnx_export.guard_node(graph)):  # onnxruntime's own exception types
+            sessions[graph].run(None, feeds)
+    assert exported[1]["client"]["boundary"]["graph_guard"].count(onnx_export.guard_node("<graph>")) == 1
+
+
+def test_python_backend_refuses_bad_inputs(exported: tuple[Path, dict], ort_engine) -> None:
+    graphs = ort_engine.codec.graphs  # the checked graph calls every part of the backend goes through
+    for name, (graph, feeds) in _bad_inputs(exported).items():
+        with pytest.raises(ValueError, match=REFUSALS[name]) as e:
+            if graph == "lm_step":
+                kv = [feeds[n] for n in graphs.kv_names]
+                graphs.lm_step(feeds["codes"], int(feeds["stage"]), kv, guided=True)
+            elif graph == "codec_decode":
+                graphs.codec_decode(feeds["codes"])
+            else:
+                graphs.text_encoder(feeds["input_ids"], feeds["attention_mask"])
+        assert "\n" not in str(e.value), name
+    with pytest.raises(ValueError, match=r"a prompt of \d+ tokens; the text encoder takes 1 to 512"):  # Engine.text
+        ort_engine.text(["piano " * 5000])
+
+
+def test_node_client_refuses_bad_inputs(exported: tuple[Path, dict], tmp_path: Path) -> None:
+    """The same table through the Node client's graph calls (encodeText, step, decode): its messages."""
+    feeds = {name: (graph, {k: [list(v.shape), v.ravel().tolist()] for k, v in f.items()})
+             for name, (graph, f) in _bad_inputs(exported).items()}
+    (tmp_path / "feeds.json").write_text(json.dumps(feeds))
+    script = f"""
+import fs from "node:fs";
+import * as ort from "onnxruntime-node";
+import {{ MagnetClient }} from {json.dumps(NODE_CLIENT.as_uri())};
+const c = await MagnetClient.load({json.dumps(str(exported[0]))});
+const feeds = JSON.parse(fs.readFileSync({json.dumps(str(tmp_path / "feeds.json"))}, "utf8"));
+const i64 = ([dims, data]) => new ort.Tensor("int64", BigInt64Array.from(data, BigInt), dims);
+const f32 = ([dims, data]) => new ort.Tensor("float32", Float32Array.from(data), dims);
+const out = {{}};
+for (const [name, [graph, f]] of Object.entries(feeds)) {{
+  try {{
+    if (graph === "lm_step") {{
+      const kv = Object.fromEntries(c.kvNames.map((n) => [n, f32(f[n])]));
+      await c.step(BigInt64Array.from(f.codes[1], BigInt), f.codes[0], f.stage[1][0], kv, true);
+    }} else if (graph === "codec_decode") await c.decode(Int32Array.from(f.codes[1]), f.codes[0]);
+    else await c.encodeText(i64(f.input_ids), i64(f.attention_mask));
+    out[name] = "RAN";
+  }} catch (e) {{ out[name] = e.message; }}
+}}
+console.log(JSON.stringify(out));
+"""
+    done = subprocess.run(["node", "--input-type=module", "-e", script], capture_output=True, text=True,
+                          timeout=300, cwd=NODE_CLIENT.parent)
+    assert done.returncode == 0, done.stderr
+    said = json.loads(done.stdout)
+    for name, pattern in REFUSALS.items():
+        assert re.search(pattern, said[name]) and "\n" not in said[name], (name, said[name])
+
+
+# ------------------------------------------------------------------------------------ conformance vectors
+
+
+def test_conformance_vectors_are_the_fixtures(exported: tuple[Path, dict], expected: dict, settings: dict) -> None:
+    """The vectors' greedy runs are the reference's tokens where the fixture has the same run; every case has a
+    trace step per decoding step; the long piece has three windows, the continuation prompt ends mid-chunk."""
+    vectors = exported[0] / conformance.FOLDER
+    index = json.loads((vectors / "index.json").read_text())
+    assert index["cases"] == ["nonoverlap_max", "nonoverlap_prod", "stride1", "unguided", "continuation",
+                              "long_piece"]
+    cases = {n: json.loads((vectors / f"{n}.json").read_text()) for n in index["cases"]}
+    assert cases["nonoverlap_max"]["prompts"] == settings["prompts"]
+    for name, run in (("nonoverlap_max", "gen_nonoverlap_max"), ("nonoverlap_prod", "gen_nonoverlap_prod"),
+                      ("stride1", "gen_stride1")):
+        np.testing.assert_array_equal(np.array(cases[name]["expected"]["codes"]), expected[run])
+        assert len(cases[name]["expected"]["trace"]) == sum(settings["generate_defaults"]["decoding_steps"])
+    assert len(cases["continuation"]["prompt_codes"][0][0]) % 3 != 0
+    assert np.array(cases["long_piece"]["expected"]["codes"]).shape == (1, 4, 75)
+    assert {s["window"] for s in cases["long_piece"]["expected"]["trace"]} == {0, 1, 2}
+    assert json.dumps(cases).count("Infinity") == 0  # plain JSON for any language
+
+
+def test_conformance_python_runner(exported: tuple[Path, dict], tmp_path: Path) -> None:
+    vectors = exported[0] / conformance.FOLDER
+    client = Client(exported[0])
+    assert conformance.check(vectors, lambda case: conformance.reference_run(client, case)) == []
+    broken = Path(shutil.copytree(vectors, tmp_path / "v"))  # a runner that cannot fail proves nothing
+    case = json.loads((broken / "stride1.json").read_text())
+    row = case["expected"]["trace"][2]["scores"][0]
+    row[next(i for i, x in enumerate(row) if x > -1e3)] += 0.01  # a sampled frame's score, not dont_remask
+    (broken / "stride1.json").write_text(json.dumps(case))
+    errors = conformance.check(broken, lambda case: conformance.reference_run(client, case))
+    assert errors == ["stride1: step 2 (window 0, stage 0, step 2): span scores differ beyond tolerance"]
+
+
+def test_conformance_node_runner(exported: tuple[Path, dict], tmp_path: Path) -> None:
+    runner = NODE_CLIENT.parent / "conformance.mjs"
+    done = subprocess.run(["node", str(runner), str(exported[0])], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout) == {"cases": json.loads((exported[0] / "conformance" / "index.json").read_text())[
+        "cases"], "failures": []}
+    broken = Path(shutil.copytree(exported[0] / conformance.FOLDER, tmp_path / "v"))
+    case = json.loads((broken / "long_piece.json").read_text())
+    case["expected"]["codes"][0][2][70] = (case["expected"]["codes"][0][2][70] + 1) % 2048
+    (broken / "long_piece.json").write_text(json.dumps(case))
+    done = subprocess.run(["node", str(runner), str(exported[0]), str(broken)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1 and json.loads(done.stdout)["failures"] == ["long_piece: codes differ"]
+
+
+def test_node_client_long_piece_is_the_engines(exported: tuple[Path, dict], tiny, settings: dict,
+                                               tmp_path: Path) -> None:
+    """Past the segment the Node client windows as engine.longform does: token-equal to the torch engine's long
+    piece (2 s of a 1 s model), and its first window is the plain run."""
+    r = run_settings(settings, "gen_nonoverlap_max")
+    flags = ["--model", str(exported[0]), "--greedy", "--quiet", "--steps", ",".join(map(str, r["steps"])),
+             "--duration", "2", "-o", str(tmp_path / "wav"), "--tokens-out", str(tmp_path / "t.json")]
+    done = _node([*flags, *settings["prompts"]], tmp_path)
+    assert done.returncode == 0, done.stderr
+    got = np.array(json.loads((tmp_path / "t.json").read_text()))
+    want = tiny.generate(settings["prompts"], **{**r, "duration": 2.0}, decode=False).codes.numpy()
+    assert got.shape == (2, 4, 100)
+    np.testing.assert_array_equal(got, want)
+    plain = tiny.generate(settings["prompts"], **r, decode=False).codes.numpy()
+    np.testing.assert_array_equal(got[..., :plain.shape[-1]], plain)
+
+
+def test_manifest_schema_requires_the_new_fields(exported: tuple[Path, dict]) -> None:
+    import jsonschema
+
+    c = exported[1]["client"]
+    assert c["longform"]["context_frames_default"] == 25 and c["limits"]["text_tokens_max"] == 512
+    assert "cfg[0]" in c["decoding"]["cfg_order"] and "float32(cfg)" in c["decoding"]["guidance"]
+    assert "lower index" in c["spans"]["ties"] and "never pass k/v of [cond; null]" in c["rows"]["cross_kv"].lower()
+    for path in (("longform",), ("boundary",), ("spans", "ties"), ("rows", "cross_kv"), ("limits", "text_ids"),
+                 ("decoding", "cfg_order"), ("longform", "context_frames_default")):
+        broken = json.loads(json.dumps(exported[1]))
+        node = broken["client"]
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+        with pytest.raises(jsonschema.ValidationError, match=path[-1]):
+            _validate(broken)

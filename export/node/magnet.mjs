@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // MAGNeT text-to-audio from a `magnet export` folder, with onnxruntime-node: the manifest's "client" section
-// (format_version 2) in JavaScript. Greedy runs are token-exact with `magnet generate --backend onnx`.
+// (format_version 3) in JavaScript. Greedy runs are token-exact with `magnet generate --backend onnx`.
 //
 //   node magnet.mjs --model EXPORT_DIR "80s synth pop" "slow sad piano" --greedy -o out/ --tokens-out t.json
 //
@@ -13,7 +13,7 @@ import { pathToFileURL } from "node:url";
 import * as ort from "onnxruntime-node";
 import { Tokenizer } from "@huggingface/tokenizers";
 
-export const FORMAT_VERSION = 2;
+export const FORMAT_VERSION = 3;
 const f32 = Math.fround;
 
 export class UsageError extends Error {}
@@ -39,15 +39,32 @@ export function resolveSettings(client, given = {}) {
   if (!["nonoverlap", "stride1"].includes(s.span_arrangement))
     fail(`--span-arrangement must be nonoverlap or stride1, got ${s.span_arrangement}`);
   if (!["max", "prod"].includes(s.span_scoring)) fail(`--span-scoring must be max or prod, got ${s.span_scoring}`);
-  if (!(s.duration > 0)) fail(`--duration must be > 0 seconds, got ${s.duration}`);
+  const maxSeconds = c.limits.duration_seconds[1];
+  if (!(s.duration > 0 && s.duration <= maxSeconds)) fail(`--duration must be in (0, ${maxSeconds}] seconds, got ${s.duration}`);
   const frames = roundHalfEven(s.duration * c.frame_rate);
   const [, maxT] = c.limits.frames;
-  if (frames > maxT) fail(`--duration ${s.duration}s exceeds the model's segment of ${maxT / c.frame_rate}s`);
   if (frames < 1) fail(`--duration ${s.duration}s is shorter than one frame (1/${c.frame_rate}s)`);
-  let t = frames;
-  if (s.span_arrangement === "nonoverlap" && c.span_len > 1) t -= t % c.span_len;
+  const multiple = s.span_arrangement === "nonoverlap" ? c.span_len : 1;
+  const window = maxT - (maxT % multiple);  // one segment's output frames (frames_rule)
+  const long = frames > maxT;  // longform: window by window, exactly `frames` frames
+  const t = long ? frames : frames - (frames % multiple);
   if (t < 1) fail(`--duration ${s.duration}s is shorter than one span of ${c.span_len} frames`);
-  return { ...s, frames: t, guided: !(s.cfg[0] === 1 && s.cfg[s.cfg.length - 1] === 1) };
+  const seconds = s.context ?? c.longform.context_seconds_default;
+  const context = roundHalfEven(seconds * c.frame_rate);
+  if (long && !(context >= 1 && context < window))
+    fail(`--context ${seconds}s must be at least one frame and shorter than the window of ${window / c.frame_rate}s`);
+  return { ...s, frames: t, long, window, context, multiple, guided: !(s.cfg[0] === 1 && s.cfg[s.cfg.length - 1] === 1) };
+}
+
+/** longform's rule: [length, keep] of every window after the first (whose length is the window, all kept). */
+export function longformPlan(s) {
+  const out = [];
+  for (let end = s.window; end < s.frames;) {
+    const keep = Math.min(s.frames - end, s.window - s.context);
+    out.push([Math.min(s.window, Math.ceil((s.context + keep) / s.multiple) * s.multiple), keep]);
+    end += keep;
+  }
+  return out;
 }
 
 /** Python's round(): half to even. */
@@ -94,12 +111,45 @@ export class MagnetClient {
   tokenize(text) {
     const ids = this.tokenizer.encode(text, { add_special_tokens: this.c.text.add_special_tokens }).ids;
     const max = this.c.limits.text_tokens_max;
-    if (max !== null && ids.length > max)
-      throw new UsageError(`a prompt has ${ids.length} tokens; the text encoder takes at most ${max}: shorten it`);
+    if (ids.length > max)
+      throw new UsageError(`a prompt of ${ids.length} tokens; the text encoder takes 1 to ${max}: shorten it`);
     return ids;
   }
 
-  /** The padding rule: each prompt alone, zero-padded to the longest; null = an all-zero row. -> [B, L, dim]. */
+  // ---- the graph calls, each refusing an input outside manifest client.boundary (one line) before it runs
+
+  /** text_encoder: ids and mask [1, l] (ort int64 tensors) -> text_embeds data [l * dim]. */
+  async encodeText(ids, mask) {
+    const [lo, hi] = this.c.limits.text_ids, max = this.c.limits.text_tokens_max;
+    if (ids.dims.length !== 2 || mask.dims.length !== 2 || ids.dims.some((d, i) => d !== mask.dims[i]))
+      throw new RangeError(`input_ids [${ids.dims}] and attention_mask [${mask.dims}] differ in shape; give one ` +
+        "mask entry per token");
+    if (ids.dims[0] !== 1) throw new RangeError(`text_encoder takes one prompt per run ([1, l]), got [${ids.dims}]`);
+    const l = ids.dims[1];
+    if (l < 1 || l > max) throw new RangeError(`a prompt of ${l} tokens; the text encoder takes 1 to ${max}: ` +
+      (l ? "shorten it" : "tokenize with the special tokens (EOS)"));
+    for (const x of ids.data) if (x < lo || x > hi) throw new RangeError(`input_ids must lie in [${lo}, ${hi}], found ${x}`);
+    return (await this.sessions.text_encoder.run({ input_ids: ids, attention_mask: mask })).text_embeds.data;
+  }
+
+  /** cross_kv: text_embeds [B, L, dim] -> { cross_k_i, cross_v_i } [B, H, L, D]. */
+  async crossKV(embeds) {
+    const [b, l, d] = embeds.dims;
+    if (embeds.type !== "float32" || embeds.dims.length !== 3 || b < 1 || l < 1 || d !== this.dim)
+      throw new RangeError(`text_embeds must be float32 [B, L, ${this.dim}] with B, L >= 1, got [${embeds.dims}]`);
+    return this.sessions.cross_kv.run({ text_embeds: embeds });
+  }
+
+  /** lm_step: codes BigInt64Array [N, K, T] (N = 2B guided, B not), stage, kv of one crossKV run ([B, ...] each)
+   *  -> logits Float32Array [N, T, V]. */
+  async step(codes, dims, stage, kv, guided) {
+    this.checkStep(codes, dims, stage, kv, guided);
+    const feeds = { ...kv, codes: new ort.Tensor("int64", codes, dims),
+                    stage: new ort.Tensor("int64", BigInt64Array.of(BigInt(stage)), []) };
+    return (await this.sessions.lm_step.run(feeds, ["logits"])).logits.data;
+  }
+
+  /** The text rule: each prompt alone, zero-padded to the longest; null = an all-zero row. -> [B, L, dim]. */
   async text(prompts) {
     const embeds = [];
     for (const p of prompts) {
@@ -108,8 +158,7 @@ export class MagnetClient {
       const l = ids.length;
       const idT = new ort.Tensor("int64", BigInt64Array.from(ids, BigInt), [1, l]);
       const maskT = new ort.Tensor("int64", new BigInt64Array(l).fill(1n), [1, l]);
-      const out = await this.sessions.text_encoder.run({ input_ids: idT, attention_mask: maskT });
-      embeds.push(out.text_embeds.data);
+      embeds.push(await this.encodeText(idT, maskT));
     }
     const L = Math.max(1, ...embeds.filter((e) => e !== null).map((e) => e.length / this.dim));
     const data = new Float32Array(prompts.length * L * this.dim);
@@ -133,37 +182,81 @@ export class MagnetClient {
     });
   }
 
-  /** Refusals at the lm_step boundary: what the graph takes, said before onnxruntime fails inside it. */
-  checkStep(codes, dims, stage, batch) {
-    const [b, k, t] = dims;
+  /** Refusals at the lm_step boundary (manifest client.boundary.lm_step), before onnxruntime runs. */
+  checkStep(codes, dims, stage, kv, guided) {
     const c = this.c;
     if (!(codes instanceof BigInt64Array)) throw new TypeError("lm_step codes must be a BigInt64Array (int64)");
-    if (dims.length !== 3 || b !== batch || k !== c.codebooks)
-      throw new RangeError(`lm_step codes must be [${batch}, ${c.codebooks}, T], got [${dims}]`);
+    const [n, k, t] = dims;
+    if (dims.length !== 3 || k !== c.codebooks || codes.length !== n * k * t)
+      throw new RangeError(`lm_step codes must be [N, ${c.codebooks}, T], got [${dims}]`);
+    if (n < 1 || (guided && n % 2)) throw new RangeError(`a guided step's codes hold [cond; uncond] = 2B rows, got ${n}`);
+    const batch = guided ? n / 2 : n;
+    const first = kv[this.kvNames[0]]?.dims;
+    if (!first) throw new RangeError(`cross k/v must hold ${this.kvNames.join(", ")}: pass one crossKV run's outputs`);
+    const rows = first[0];
+    if (rows !== batch && (n === rows || n === 2 * rows))
+      throw new RangeError(`cross k/v have ${rows} rows for ${guided ? "a guided" : "an unguided"} step of ${n} codes rows: ` +
+        `they must have ${batch} (the prompts' own rows; never pass [cond; null])`);
+    if (n !== rows && n !== 2 * rows)
+      throw new RangeError(`codes have ${n} rows against cross k/v of ${rows}: lm_step takes ${rows} (unguided) or ` +
+        `${2 * rows} (guided: [cond; uncond])`);
+    for (const name of this.kvNames) {
+      const d = kv[name]?.dims;
+      if (!d || d.length !== 4 || d.some((x, i) => x !== first[i]))
+        throw new RangeError(`${name} is [${d}], ${this.kvNames[0]} is [${first}]: every k/v must come from one ` +
+          "crossKV run");
+    }
     if (t < 1 || t > c.limits.frames[1])
-      throw new RangeError(`codes have ${t} frames; this export takes 1 to ${c.limits.frames[1]}: ask for a shorter ` +
-        "duration");
-    if (!Number.isInteger(stage) || stage < 0 || stage >= c.codebooks)
+      throw new RangeError(`codes have ${t} frames; lm_step takes 1 to ${c.limits.frames[1]} (the model's segment): ` +
+        "generate a long piece window by window (manifest client.longform)");
+    if (!Number.isInteger(stage) || stage < c.limits.stage[0] || stage > c.limits.stage[1])
       throw new RangeError(`stage must be an integer in [0, ${c.codebooks}), got ${stage}`);
+    const [lo, hi] = c.limits.lm_step_codes;
+    for (const x of codes) if (x < lo || x > hi)
+      throw new RangeError(`codes must lie in [${lo}, ${hi}] (tokens, or ${hi} = masked), found ${x}`);
   }
 
-  /** -> { codes: Int32Array [B, K, T], dims }. `promptCodes`: nested [B or 1][K][P] ints to continue. */
-  async generate(prompts, settings, { promptCodes = null, progress = null } = {}) {
+  /** -> { codes: Int32Array [B, K, T], dims }. `promptCodes`: nested [B or 1][K][P] ints to continue. Past the
+   *  segment, window by window (manifest client.longform). `trace`: an array that receives one entry per step, as
+   *  the conformance vectors state them (export/conformance.py). */
+  async generate(prompts, settings, { promptCodes = null, progress = null, trace = null } = {}) {
     const s = resolveSettings(this, settings);
-    const c = this.c;
-    const B = prompts.length, K = c.codebooks, T = s.frames, V = c.vocab, span = c.span_len, maskId = c.mask_id;
+    const B = prompts.length, K = this.c.codebooks;
     if (B < 1) throw new UsageError("no prompt given: pass at least one text");
-    const P = promptCodes ? checkPrompt(promptCodes, B, K, V, T) : 0;
     const rand = mulberry32(s.seed ?? Math.floor(Math.random() * 2 ** 32));
-    const kv = await this.sessions.cross_kv.run({ text_embeds: await this.text(prompts) });
-    const feeds = Object.fromEntries(this.kvNames.map((n) => [n, kv[n]]));
+    const kv = await this.crossKV(await this.text(prompts));
+    const later = s.long ? longformPlan(s) : [];
+    const total = s.steps.reduce((a, x) => a + x, 0) * (1 + later.length);
+    let done = 0;
+    const tick = progress && (() => progress(++done, total));
+    const first = s.long ? s.window : s.frames;
+    let piece = await this.segment(kv, B, first, promptCodes, s, rand, trace, 0, tick);
+    let T = first;
+    for (const [w, [length, keep]] of later.entries()) {  // each continues from the piece's last C frames
+      const C = s.context;
+      const prompt = nested(piece, [B, K, T]).map((item) => item.map((r) => r.slice(T - C)));
+      const out = await this.segment(kv, B, length, prompt, s, rand, trace, w + 1, tick);
+      const next = new Int32Array(B * K * (T + keep));
+      for (let b = 0; b < B; b++) for (let k = 0; k < K; k++) {
+        next.set(piece.subarray((b * K + k) * T, (b * K + k + 1) * T), (b * K + k) * (T + keep));
+        next.set(out.subarray((b * K + k) * length + C, (b * K + k) * length + C + keep), (b * K + k) * (T + keep) + T);
+      }
+      piece = next;
+      T += keep;
+    }
+    return { codes: piece, dims: [B, K, T] };
+  }
+
+  /** One segment of T frames, the prompt's included -> Int32Array [B, K, T]. */
+  async segment(kv, B, T, promptCodes, s, rand, trace, window, tick) {
+    const c = this.c;
+    const K = c.codebooks, V = c.vocab, span = c.span_len, maskId = c.mask_id;
+    const P = promptCodes ? checkPrompt(promptCodes, B, K, V, T) : 0;
     const codes = new Int32Array(B * K * T).fill(maskId);
     const at = (b, k, t) => (b * K + k) * T + t;
     const promptAt = (b, k, t) => promptCodes[promptCodes.length === 1 ? 0 : b][k][t];
     for (let b = 0; b < B; b++) for (let k = 0; k < K; k++) for (let t = 0; t < P; t++) codes[at(b, k, t)] = promptAt(b, k, t);
     const chunked = s.span_arrangement === "nonoverlap" || span === 1;
-    const total = s.steps.reduce((a, x) => a + x, 0);
-    let done = 0;
     for (let stage = 0; stage < K; stage++) {
       const row = new Int32Array(B * T).fill(maskId);
       const units = chunked ? T / span : T;  // nonoverlap: T is a multiple of span
@@ -172,13 +265,13 @@ export class MagnetClient {
       for (let b = 0; b < B; b++) scores.fill(c.spans.dont_remask, b * units, b * units + nPrompt);
       const nGen = units - nPrompt;
       let chunks = null;
-      for (const [nMask, coef, temp] of this.plan(stage, s.steps[stage], nGen, s)) {
-        let remask;
+      for (const [i, [nMask, coef, temp]] of this.plan(stage, s.steps[stage], nGen, s).entries()) {
+        let remask, picked;
         if (chunked) {
-          chunks = topN(scores, B, units, nMask);
+          picked = chunks = topN(scores, B, units, nMask);
           remask = (b, t) => chunks[b * units + Math.floor(t / span)];
         } else {
-          const m = leastProbableSpans(scores, B, T, nMask, span);
+          const m = picked = leastProbableSpans(scores, B, T, nMask, span);
           remask = (b, t) => m[b * T + t];
         }
         for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) {
@@ -188,12 +281,9 @@ export class MagnetClient {
         }
         const n = s.guided ? 2 * B : B;
         const input = new BigInt64Array(n * K * T);
-        for (let i = 0; i < codes.length; i++) input[i] = BigInt(codes[i]);
+        for (let j = 0; j < codes.length; j++) input[j] = BigInt(codes[j]);
         if (s.guided) input.copyWithin(B * K * T, 0, B * K * T);  // [cond; uncond]: the same codes twice
-        this.checkStep(input, [n, K, T], stage, n);
-        feeds.codes = new ort.Tensor("int64", input, [n, K, T]);
-        feeds.stage = new ort.Tensor("int64", BigInt64Array.of(BigInt(stage)), []);
-        const logits = (await this.sessions.lm_step.run(feeds, ["logits"])).logits.data;  // [N, T, V]
+        const logits = await this.step(input, [n, K, T], stage, kv, s.guided);  // [N, T, V]
         const probs = new Float32Array(B * T);  // the chosen token's probability
         const masked = new Uint8Array(B * T);
         const cf = f32(coef), tf = f32(temp);
@@ -211,27 +301,44 @@ export class MagnetClient {
         }
         scores = new Float32Array(B * units);
         for (let b = 0; b < B; b++) for (let u = 0; u < units; u++) {
-          const i = b * units + u;
+          const j = b * units + u;
           if (chunked) {
-            scores[i] = chunks[i] ? chunkScore(probs, b * T + u * span, span, s.span_scoring) : c.spans.dont_remask;
+            scores[j] = chunks[j] ? chunkScore(probs, b * T + u * span, span, s.span_scoring) : c.spans.dont_remask;
           } else {
-            scores[i] = masked[i] ? f32(-Math.log(probs[i])) : c.spans.dont_remask;
+            scores[j] = masked[j] ? f32(-Math.log(probs[j])) : c.spans.dont_remask;
           }
         }
-        done += 1;
-        if (progress) progress(done, total);
+        if (trace) trace.push(traceStep(window, stage, i, nMask, picked, scores, logits, B, units, [n, T, V]));
+        if (tick) tick();
       }
     }
-    return { codes, dims: [B, K, T] };
+    return codes;
   }
 
   /** codes [B, K, T] -> audio Float32Array [B, 1, T·hop]. */
   async decode(codes, dims) {
-    for (const x of codes) if (x < 0 || x >= this.c.vocab)
-      throw new RangeError(`codes must lie in [0, ${this.c.vocab}) to decode; found ${x}`);
+    const K = this.c.codebooks, [lo, hi] = this.c.limits.codec_codes;
+    if (dims.length !== 3 || dims[0] < 1 || dims[1] !== K || dims[2] < 1 || codes.length !== dims[0] * K * dims[2])
+      throw new RangeError(`codes to decode must be [B, ${K}, T] with B, T >= 1, got [${dims}]`);
+    for (const x of codes) if (x < lo || x > hi)
+      throw new RangeError(`codes must lie in [${lo}, ${hi}] to decode (finished tokens; ${hi + 1} is the mask id), ` +
+        `found ${x}`);
     const t = new ort.Tensor("int64", BigInt64Array.from(codes, BigInt), dims);
     return (await this.sessions.codec_decode.run({ codes: t })).audio.data;
   }
+}
+
+/** One conformance trace entry (export/conformance.py): re-masked units and scores per row, a few raw logits. */
+function traceStep(window, stage, step, nMask, picked, scores, logits, B, units, [N, T, V]) {
+  const perRow = (a, f) => Array.from({ length: B }, (_, b) => f(Array.from(a.subarray(b * units, (b + 1) * units))));
+  const probes = [];
+  for (const r of [...new Set([0, N - 1])]) for (const t of [...new Set([0, T - 1])]) {
+    let arg = 0;
+    for (let v = 1; v < V; v++) if (logits[(r * T + t) * V + v] > logits[(r * T + t) * V + arg]) arg = v;
+    for (const v of [...new Set([0, arg])].sort((a, b) => a - b)) probes.push([r, t, v, logits[(r * T + t) * V + v]]);
+  }
+  return { window, stage, step, n_mask: nMask, remasked: perRow(picked, (r) => r.flatMap((x, u) => (x ? [u] : []))),
+           scores: perRow(scores, (r) => r), logits: probes };
 }
 
 function checkPrompt(pc, B, K, V, T) {
@@ -389,6 +496,7 @@ const USAGE = `usage: node magnet.mjs --model EXPORT_DIR [options] PROMPT [PROMP
   --no-anneal-temp --span-arrangement nonoverlap|stride1   --span-scoring max|prod
   --duration SEC   --seed N   -o FILE.wav | DIR   --tokens-out FILE.json ([B][K][T] ints)
   --prompt-codes FILE.json ([B or 1][K][P] ints to continue)   --threads N   --quiet
+  --context SEC    past the segment: seconds each window continues from (manifest client.longform)
 Defaults: the export's manifest (client.defaults).`;
 
 export function parseArgs(argv) {
@@ -417,6 +525,7 @@ export function parseArgs(argv) {
       case "--span-scoring": out.settings.span_scoring = next(); break;
       case "--duration": out.settings.duration = num(a, next()); break;
       case "--seed": out.settings.seed = num(a, next(), true); break;
+      case "--context": out.settings.context = num(a, next()); break;
       case "-o": case "--output": out.output = next(); break;
       case "--tokens-out": out.tokensOut = next(); break;
       case "--prompt-codes": out.promptCodes = next(); break;
@@ -433,7 +542,7 @@ export function parseArgs(argv) {
   return out;
 }
 
-function nested(codes, [B, K, T]) {
+export function nested(codes, [B, K, T]) {
   return Array.from({ length: B }, (_, b) => Array.from({ length: K }, (_, k) =>
     Array.from(codes.subarray((b * K + k) * T, (b * K + k + 1) * T))));
 }

@@ -1,7 +1,10 @@
 """An independent MAGNeT client of a `magnet export` folder, as a product engineer writes one in any language: it
 reads only the folder (manifest.json's "client" section, the graphs, tokenizer/tokenizer.json) and uses only
-onnxruntime, numpy and `tokenizers`. Nothing of the engine or of `export` is imported (a test checks this), so a
-test that it is token-exact on the fixture tests the manifest's contract, not the engine against itself.
+onnxruntime, numpy and `tokenizers`. Nothing of the engine or of the rest of `export` is imported (a test checks
+this), so a test that it is token-exact on the fixture tests the manifest's contract, not the engine against itself.
+
+Greedy decoding only (the manifest's sampling rule is the Node client's, export/node/magnet.mjs). `trace` collects
+what the conformance vectors state per step (export/conformance.py): re-masked units, span scores, a few logits.
 
 Shapes: B prompts, K codebooks, T frames, L text tokens, V vocabulary, C span chunks.
 """
@@ -68,21 +71,40 @@ class Client:
     def generate(self, prompts: list[str | None], *, steps: list[int] | None = None, cfg: list[float] | None = None,
                  temperature: float | None = None, anneal_temp: bool | None = None,
                  span_arrangement: str | None = None, span_scoring: str | None = None,
-                 duration: float | None = None, prompt_codes: np.ndarray | None = None) -> np.ndarray:
-        """Greedy decoding -> codes [B, K, T] int64."""
+                 duration: float | None = None, context: float | None = None, prompt_codes: np.ndarray | None = None,
+                 trace: list[dict] | None = None) -> np.ndarray:
+        """Greedy decoding -> codes [B, K, T] int64; past the segment, window by window (manifest longform)."""
         c, d = self.c, self.c["defaults"]
-        steps = steps or d["steps"]
-        cfg = cfg or d["cfg"]
-        temperature = d["temperature"] if temperature is None else temperature
-        anneal = d["anneal_temp"] if anneal_temp is None else anneal_temp
-        arrangement, scoring = span_arrangement or d["span_arrangement"], span_scoring or d["span_scoring"]
-        span, mask_id, k, dont = c["span_len"], c["mask_id"], c["codebooks"], c["spans"]["dont_remask"]
-        t = round((duration or d["duration"]) * c["frame_rate"])  # Python's round: half to even, as the rule says
-        if arrangement == "nonoverlap" and span > 1:
-            t -= t % span
-        b = len(prompts)
-        guided = not all(x == 1.0 for x in cfg)
+        span, max_t = c["span_len"], c["limits"]["frames"][1]
+        arrangement = span_arrangement or d["span_arrangement"]
+        kw = dict(steps=steps or d["steps"], cfg=cfg or d["cfg"],
+                  temperature=d["temperature"] if temperature is None else temperature,
+                  anneal=d["anneal_temp"] if anneal_temp is None else anneal_temp, arrangement=arrangement,
+                  scoring=span_scoring or d["span_scoring"])
+        n = round((duration or d["duration"]) * c["frame_rate"])  # Python's round: half to even, as the rule says
+        s = span if arrangement == "nonoverlap" else 1
+        w = max_t - max_t % s
         kv = self.sessions["cross_kv"].run(self.kv_names, {"text_embeds": self.text(prompts)})
+        if n <= max_t:
+            return self._segment(kv, len(prompts), n - n % s, prompt_codes, trace, window=0, **kw)
+        ctx = round((c["longform"]["context_seconds_default"] if context is None else context) * c["frame_rate"])
+        piece = self._segment(kv, len(prompts), w, prompt_codes, trace, window=0, **kw)
+        index = 0
+        while piece.shape[-1] < n:  # each window continues from the piece's last ctx frames
+            keep = min(n - piece.shape[-1], w - ctx)
+            length = min(w, -(-(ctx + keep) // s) * s)
+            index += 1
+            out = self._segment(kv, len(prompts), length, piece[..., -ctx:], trace, index, **kw)
+            piece = np.concatenate([piece, out[..., ctx:ctx + keep]], axis=-1)
+        return piece
+
+    def _segment(self, kv: list[np.ndarray], b: int, t: int, prompt_codes: np.ndarray | None,
+                 trace: list[dict] | None, window: int, steps: list[int], cfg: list[float], temperature: float,
+                 anneal: bool, arrangement: str, scoring: str) -> np.ndarray:
+        """One segment of T frames (the prompt's included) -> codes [B, K, T]."""
+        c = self.c
+        span, mask_id, k, dont = c["span_len"], c["mask_id"], c["codebooks"], c["spans"]["dont_remask"]
+        guided = not (cfg[0] == 1.0 and cfg[-1] == 1.0)
         feeds: dict[str, Any] = dict(zip(self.kv_names, kv))
         codes = np.full((b, k, t), mask_id, dtype=np.int64)
         p = 0 if prompt_codes is None else prompt_codes.shape[-1]
@@ -95,13 +117,14 @@ class Client:
             scores = np.zeros((b, t // span if chunked else t), dtype=np.float32)
             scores[:, :n_prompt] = dont
             n_gen = scores.shape[1] - n_prompt
-            for n_mask, coef, temp in self.plan(stage, n_steps, n_gen, cfg, temperature, anneal):
+            for i, (n_mask, coef, temp) in enumerate(self.plan(stage, n_steps, n_gen, cfg, temperature, anneal)):
                 if chunked:
                     chunks = np.zeros(scores.shape, dtype=bool)
                     np.put_along_axis(chunks, np.argsort(-scores, axis=1, kind="stable")[:, :n_mask], True, axis=1)
                     remask = np.repeat(chunks, span, axis=1)
                 else:
                     remask = least_probable_spans(scores, n_mask, span)
+                units = chunks if chunked else remask
                 row[remask] = mask_id
                 if prompt_codes is not None:
                     row[:, :p] = prompt_codes[:, stage]
@@ -125,10 +148,26 @@ class Client:
                     scores = np.where(chunks, s, np.float32(dont)).astype(np.float32)
                 else:
                     scores = np.where(masked, -np.log(chosen), np.float32(dont)).astype(np.float32)
+                if trace is not None:
+                    trace.append({"window": window, "stage": stage, "step": i, "n_mask": n_mask,
+                                  "remasked": [np.flatnonzero(u).tolist() for u in units],
+                                  "scores": scores.tolist(), "logits": probes(logits)})
         return codes
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         return self.sessions["codec_decode"].run(["audio"], {"codes": codes})[0]
+
+
+def probes(logits: np.ndarray) -> list[list[float]]:
+    """A few of a step's raw lm_step logits [N, T, V], as [row, frame, token, value]: the first and last row and
+    frame, at token 0 and at the row-frame's argmax."""
+    n, t, _ = logits.shape
+    out = []
+    for r in sorted({0, n - 1}):
+        for f in sorted({0, t - 1}):
+            for v in sorted({0, int(logits[r, f].argmax())}):
+                out.append([r, f, v, float(logits[r, f, v])])
+    return out
 
 
 def least_probable_spans(scores: np.ndarray, n_target: int, span: int) -> np.ndarray:
