@@ -56,10 +56,9 @@ if ls .gpu/wheels/*.whl >/dev/null 2>&1 && ! "$PY" -c "import soundfile" 2>/dev/
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
     .gpu/wheels/*.whl || echo "bench/gpu.sh: installing .gpu/wheels failed; stages that write audio will fail" >&2
 fi
-# The checkout is the package magnet_engine (its root holds the package's __init__.py): a link named so on the path,
-# and a dist-info with setup.py's entry points beside it, so the backends and subcommands are found uninstalled.
-ln -s "$ROOT" "$WORK/p/magnet_engine"
-export PYTHONPATH="$WORK/p:$WORK/site"
+# The checkout's root on the path (magnet_engine/ reaches its sibling folders in a checkout), and a dist-info with
+# setup.py's entry points beside it, so the backends and subcommands are found uninstalled.
+export PYTHONPATH="$ROOT:$WORK/p:$WORK/site"
 "$PY" -m magnet_engine.bench.gpu_check dist-info "$WORK/p" >/dev/null || { echo "bench/gpu.sh: no dist-info" >&2; exit 1; }
 
 if [ -n "${MAGNET_FIXTURES:-}" ]; then FIXTURES=$MAGNET_FIXTURES
