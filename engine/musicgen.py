@@ -26,9 +26,10 @@ from typing import Literal
 import torch
 
 from .config import GenerationConfig, ModelConfig
+from .graph import Captured, ProgramCache
 from .magnet import Progress, Sampler
 from .model import LM, Cached, CrossKV
-from .sampling import StepSampling, sample_ref
+from .sampling import GREEDY, RowParams, StepSampling, row_tensors, sample_ref
 
 UNKNOWN = -1  # a pattern cell not generated yet (audiocraft's `unknown_token`)
 
@@ -176,12 +177,14 @@ def sampling_params(gen: GenerationConfig) -> StepSampling:
 def generate_tokens_ar(lm: LM, cond: torch.Tensor, gen: GenerationConfig, batch: int, device: torch.device,
                        prompt: torch.Tensor | None = None, generator: torch.Generator | None = None,
                        progress: Progress | None = None, sample: Sampler = sample_ref,
-                       mode: Literal["eager", "graph", "compile"] = "eager") -> torch.Tensor:
+                       mode: Literal["eager", "graph", "compile", "program"] = "eager",
+                       programs: ProgramCache | None = None) -> torch.Tensor:
     """MusicGen generation -> codes [B, K, T] int64, T = gen.frames(model) including the prompt.
 
     cond: text embeddings [B, L, dim] (after `text_proj`, padding zeroed); prompt [B, K, P] fixes the first P
     frames (continuation, P < T). Random draws: one uniform per (step, row, codebook) from `generator`, drawn
-    up front. `sample` is the engine's sampler (`sample_ref` semantics). `mode` picks the step (`make_step`).
+    up front. `sample` is the engine's sampler (`sample_ref` semantics). `mode` picks the step (`make_step`), or
+    "program": the whole frame loop captured once per shape as one CUDA graph in `programs` (engine.graph).
     """
     model: ModelConfig = lm.cfg
     if model.kind != "musicgen" or len(model.delays) != model.n_q:
@@ -198,15 +201,41 @@ def generate_tokens_ar(lm: LM, cond: torch.Tensor, gen: GenerationConfig, batch:
     seq = pattern.build(codes, special)  # [B, K, S]: special / prompt / UNKNOWN
     n_cols = pattern.steps
     start = pattern.first_step(p)  # first column to sample; columns before it are all known
-
-    decoder = ARDecoder(lm, lm.cross_kv(cond), batch, n_cols - 1)
-    step = make_step(decoder, mode, k)  # capture (if any) before the prefill writes the cache
-    params = sampling_params(gen)
+    cross = lm.cross_kv(cond)
+    params = row_tensors(sampling_params(gen), batch, device)  # [B] each: built once, read by every step
     n_steps = n_cols - start
-    uniforms = None if params.greedy else torch.rand(n_steps, batch, k, generator=generator, device=device)
-    all_mask = torch.full((batch, k), special, dtype=torch.long, device=device)  # sampler fills every cell
-    positions = torch.arange(n_cols, device=device)  # on-device step counters: no host→device copy per step
+    uniforms = None if params.modes == {GREEDY} else torch.rand(n_steps, batch, k, generator=generator,
+                                                                 device=device)
+    if mode == "program":
+        if programs is None:
+            raise ValueError("mode 'program' keeps its captured loops in a ProgramCache: pass programs=")
+        key = ("ar", batch, t, start, tuple(cross[0][0].shape) if cross else (), params.modes, params.k_max)
+        values = [seq, params.cfg_coef, params.temperature, params.top_k, params.top_p, params.mode,
+                  *([] if uniforms is None else [uniforms]), *(x for kv in cross for x in kv)]
 
+        def build() -> Captured[torch.Tensor]:
+            static_cross = [(a.clone(), b.clone()) for a, b in cross]
+            decoder = ARDecoder(lm, static_cross, batch, n_cols - 1)
+            return Captured(lambda: _frame_loop(decoder, decoder.step, sample, seq, start, params, uniforms),
+                            values[:len(values) - 2 * len(cross)] + [x for kv in static_cross for x in kv], device)
+
+        out = programs.run(key, build, values).clone()  # the program's buffers serve the next request
+        if progress is not None:
+            progress(n_steps, n_steps)
+        return pattern.revert(out)
+    decoder = ARDecoder(lm, cross, batch, n_cols - 1)
+    step = make_step(decoder, mode, k)  # capture (if any) before the prefill writes the cache
+    return pattern.revert(_frame_loop(decoder, step, sample, seq, start, params, uniforms, progress))
+
+
+def _frame_loop(decoder: ARDecoder, step: StepFn, sample: Sampler, seq: torch.Tensor, start: int, params: RowParams,
+                uniforms: torch.Tensor | None, progress: Progress | None = None) -> torch.Tensor:
+    """Columns start .. S-1 of seq [B, K, S] (UNKNOWN where sampled), one frame step each, in place -> seq. No host
+    synchronisation and no data-dependent branch: the whole loop can be captured (mode "program")."""
+    b, k, n_cols = seq.shape
+    special = decoder.lm.cfg.card
+    all_mask = torch.full((b, k), special, dtype=torch.long, device=seq.device)  # sampler fills every cell
+    positions = torch.arange(n_cols, device=seq.device)  # on-device step counters: no host→device copy per step
     # prefill: columns 0 .. start-1 (just the special column without a prompt) at positions 0 .. start-1
     cond_logits, uncond_logits = decoder.step(seq[..., :start], positions[0])
     for i, col in enumerate(range(start, n_cols)):
@@ -217,5 +246,5 @@ def generate_tokens_ar(lm: LM, cond: torch.Tensor, gen: GenerationConfig, batch:
         known = seq[..., col]
         seq[..., col] = torch.where(known == UNKNOWN, sampled, known)  # keep special and prompt cells
         if progress is not None:
-            progress(i + 1, n_steps)
-    return pattern.revert(seq)
+            progress(i + 1, n_cols - start)
+    return seq

@@ -502,8 +502,9 @@ def test_cli_quantize_usage(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
 
 def test_export_folder_is_a_model(exported: tuple[Path, dict], settings: dict, expected: dict, tmp_path: Path) -> None:
     """`--model EXPORT_DIR` alone runs onnxruntime (engine.backends: the export folder claims its backend)."""
-    import magnet_engine as me
     from magnet_engine.engine.cli import main
+
+    import magnet_engine as me
 
     eng = me.load(exported[0])
     assert eng.backend == "onnx" and eng.lm is None

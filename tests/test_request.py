@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import magnet_engine as me
 import numpy as np
 import pytest
 import soundfile as sf
@@ -19,6 +18,8 @@ from magnet_engine.engine import backends
 from magnet_engine.engine.cli import CLI_NAMES, build_parser, main
 from magnet_engine.engine.config import GenerationConfig, SettingError
 from magnet_engine.engine.request import Request
+
+import magnet_engine as me
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,151 @@
+"""The static decoding program (engine.magnet): no host synchronisation in the loop, one program replayed for many
+requests (engine.graph; on CPU the replay runs eagerly on the same static buffers), and a step that compiles whole.
+
+The token references are the solo eager runs (which tests/test_magnet.py holds against the reference fixture).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_settings
+from magnet_engine.engine import magnet
+from magnet_engine.engine.sampling import sample_ref
+from torch.utils._python_dispatch import TorchDispatchMode
+
+SYNCS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.item.default"}
+TINY = dict(steps=(3, 2, 2, 2), temperature=3.0, top_p=0.9, top_k=0, cfg=(10.0, 1.0), anneal_temp=True, duration=0.6)
+
+
+class OpLog(TorchDispatchMode):
+    """Every aten op dispatched while active (what `bench overhead` counts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kw", [dict(TINY, greedy=False, seed=3),
+                                dict(TINY, greedy=False, seed=4, top_p=0.0, top_k=5, span_arrangement="stride1"),
+                                dict(TINY, greedy=True, prompt_codes=True)], ids=["top_p", "top_k-stride1", "prompt"])
+def test_no_host_sync_inside_the_loop(tiny, kw):
+    """After the program is built (noise drawn, schedule on the device), no step reads the device: no .item(),
+    .tolist() or nonzero, whatever the sampling mode, span arrangement or prompt."""
+    kw = dict(kw)
+    prompt = torch.randint(0, 2048, (1, 4, 7)) if kw.pop("prompt_codes", False) else None
+    req = tiny.request(["a piano"], **kw)
+    step = tiny.make_step(tiny.text(list(req.prompts)))
+    dec = magnet.Decoding(tiny.config, req.gen, 1, tiny.device, prompt,
+                          magnet.row_generators(req.gen.seed, 1, tiny.device), step=step)
+    with torch.no_grad(), OpLog() as log:
+        while not dec.finished:
+            magnet.decode_step(tiny.lm_pass, tiny.sample, [dec])
+    assert log.ops and not SYNCS & set(log.ops), sorted(SYNCS & set(log.ops))
+    want = tiny.generate(["a piano"], prompt_codes=prompt, **kw).codes
+    assert torch.equal(dec.codes, want)
+
+
+def replayed(eng, requests: list[tuple[list[str], dict]]) -> list[torch.Tensor]:
+    """The requests' tokens through captured programs (Engine.graph; eager replay on a CPU)."""
+    eng.graph = True  # set_graph refuses a CPU engine; the replay contract is the same without a graph
+    try:
+        return [eng.generate(prompts, **kw).codes for prompts, kw in requests]
+    finally:
+        eng.graph = False
+
+
+def test_program_replays_each_request(tiny, expected, settings):
+    """One program per shape serves every request of that shape: the second, third, ... request's numbers
+    (text, seed, guidance, temperature, nucleus, prompt) reach it only through the inputs copied in, and its tokens
+    equal the eager run's. The fixture's greedy runs too."""
+    prompts = settings["prompts"]
+    same_len = ["a piano", "a drums"]  # equal token counts: one text length, one program
+    requests = [(same_len[:1], dict(TINY, greedy=False, seed=1)),
+                (same_len[1:], dict(TINY, greedy=False, seed=2, temperature=1.5, top_p=0.5, cfg=(3.0, 1.0))),
+                (same_len[:1], dict(TINY, greedy=False, seed=3, top_p=0.0, top_k=7)),
+                (same_len[:1], dict(TINY, greedy=True, prompt_codes=torch.randint(0, 2048, (1, 4, 7)))),
+                (same_len[1:], dict(TINY, greedy=True, prompt_codes=torch.randint(0, 2048, (1, 4, 7))))]
+    for run in ("gen_nonoverlap_max", "gen_stride1", "gen_continuation"):
+        kw = run_settings(settings, run)
+        if run == "gen_continuation":
+            kw["prompt_codes"] = torch.from_numpy(expected["prompt_codes"])
+        requests.append((prompts, kw))
+    eager = [tiny.generate(p, **kw).codes for p, kw in requests]
+    before = tiny.programs.captures
+    got = replayed(tiny, requests)
+    for (p, kw), a, b in zip(requests, eager, got):
+        assert torch.equal(a, b), f"{p} {kw}: the replayed program's tokens differ from the eager run"
+    for run, codes in zip(("gen_nonoverlap_max", "gen_stride1", "gen_continuation"), got[-3:]):
+        np.testing.assert_array_equal(codes.numpy(), expected[run])
+    # top-p and top-k requests are different programs (the sampler's code differs), the two prompt lengths alike
+    assert tiny.programs.captures - before >= 4
+
+
+def test_ar_program_replays_each_request(fixture_dir):
+    """The AR baseline's whole frame loop as one program per shape (mode "program"): the same tokens as the eager
+    loop for requests with other seeds and settings, the reference's greedy run among them."""
+    import magnet_engine as me
+
+    mg = me.load(fixture_dir / "musicgen_state_dict.bin", device="cpu")
+    want = np.load(fixture_dir / "expected_musicgen.npz")["gen_greedy"]
+    frames = want.shape[-1]
+    kw = dict(duration=frames / mg.config.frame_rate)
+    prompts = ["a piano", "a drums"]
+    requests = [(prompts, dict(kw, greedy=True, cfg=(3.0, 3.0))),
+                (prompts, dict(kw, greedy=False, seed=5, temperature=1.0, top_k=20, top_p=0.0)),
+                (prompts, dict(kw, greedy=False, seed=6, temperature=0.7, top_k=20, top_p=0.0, cfg=(2.0, 2.0)))]
+    eager = [mg.generate(p, **k).codes for p, k in requests]
+    got = replayed(mg, requests)
+    for a, b in zip(eager, got):
+        assert torch.equal(a, b)
+    assert mg.programs.captures == 2  # greedy and top-k: two shapes
+
+
+def test_set_graph_needs_cuda(tiny):
+    from magnet_engine.engine.config import SettingError
+
+    with pytest.raises(SettingError, match="CUDA"):
+        tiny.set_graph(True)
+    assert tiny.set_graph(False).graph is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (none here): on CPU the "
+                    "replay contract is tested by test_program_replays_each_request")
+def test_cuda_graph_token_equal(fixture_dir, expected, settings):  # pragma: no cover - GPU only
+    import magnet_engine as me
+
+    eng = me.load(fixture_dir, device="cuda", dtype="float32")
+    graphed = me.load(fixture_dir, device="cuda", dtype="float32", graph=True)
+    for run in ("gen_nonoverlap_max", "gen_stride1", "gen_nonoverlap_prod"):
+        kw = run_settings(settings, run)
+        for _ in range(2):  # capture, then replay
+            np.testing.assert_array_equal(graphed.generate(settings["prompts"], **kw).codes.cpu().numpy(),
+                                          eng.generate(settings["prompts"], **kw).codes.cpu().numpy())
+    kw = dict(TINY, greedy=False, seed=9)
+    assert torch.equal(graphed.generate(["a piano"], **kw).codes, eng.generate(["a piano"], **kw).codes)
+
+
+def test_step_compiles_whole(tiny):
+    """torch.compile(fullgraph=True) of a decoding step (re-mask, LM pass, guidance and sampling, span scores)
+    compiles without a graph break (fullgraph raises on one), and the compiled step equals the eager one. (A stage
+    and step index are host facts of the static program: each step of a program is its own graph, so one step is
+    compiled here, the first, which also resets the stage.)"""
+    torch._dynamo.reset()
+    req = tiny.request(["a piano"], **dict(TINY, greedy=False, seed=3))
+
+    def program() -> magnet.Decoding:
+        step = tiny.make_step(tiny.text(list(req.prompts)))
+        return magnet.Decoding(tiny.config, req.gen, 1, tiny.device, None,
+                               magnet.row_generators(req.gen.seed, 1, tiny.device), step=step)
+
+    compiled, eager = program(), program()
+    with torch.no_grad():
+        torch.compile(lambda: magnet.decode_step(magnet.each_alone, sample_ref, [compiled]), fullgraph=True)()
+        magnet.decode_step(magnet.each_alone, sample_ref, [eager])
+    assert compiled.done == eager.done == 1
+    assert torch.equal(compiled.codes, eager.codes) and torch.equal(compiled.row, eager.row)
+    torch.testing.assert_close(compiled.scores, eager.scores)  # fused kernels may round a score differently
