@@ -70,6 +70,7 @@ def run_engine(s: Settings) -> list[dict[str, Any]]:
     built = build(s.model, s.kind, s.device, s.dtype_arg, s.seed, backend=s.backend)
     engine = built.engine
     engine.ar_mode = s.ar_mode
+    engine.set_graph(s.cuda_graph)
     overrides = generation_overrides(built.kind, s)
     notes = TEXT_NOTE if built.weights == "random" else ""
     rows = []
@@ -79,9 +80,14 @@ def run_engine(s: Settings) -> list[dict[str, Any]]:
         prompts = prompts_for(batch)
         timed = time_requests(engine_request(engine, prompts, overrides), s.device, s.repeats, s.warmup,
                               lambda frames: lm_steps(engine, built.kind, overrides, frames))
-        rows.append(make_row(s, model=built.model, kind=built.kind, backend=engine.backend, batch=batch,
+        backend, row_notes = engine.backend, notes
+        if engine.graph:  # its own scenario; the capture is paid by the warm-up request
+            backend += "+graph"
+            row_notes = f"{notes}; " * bool(notes) + (f"whole-program CUDA graphs: {engine.programs.captures} "
+                                                      f"captured in {engine.programs.capture_s:.2f} s so far")
+        rows.append(make_row(s, model=built.model, kind=built.kind, backend=backend, batch=batch,
                              timed=timed, frame_rate=engine.config.frame_rate, params_m=built.params_m,
-                             weights=built.weights, text_encoder=built.text_encoder, notes=notes))
+                             weights=built.weights, text_encoder=built.text_encoder, notes=row_notes))
         print_row(rows[-1])
     return rows
 
@@ -122,6 +128,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ar-mode", choices=("eager", "graph", "compile"), default=Settings.ar_mode,
                    help="AR (MusicGen) step: eager, a CUDA graph, or torch.compile (graph needs CUDA)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture each request shape's whole program (MAGNeT: every step; AR: the frame loop) as one "
+                        "CUDA graph, replayed per request (the warm-up request pays the capture)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="GenerationConfig field, JSON value (e.g. cfg=[3,1], temperature=1.5); repeatable")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -142,7 +151,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
                     dtype=parse_dtype(args.dtype, device), dtype_arg=args.dtype,
                     batches=parse_ints(args.batch, "--batch"),
                     duration=args.duration, steps=steps, repeats=args.repeats, warmup=args.warmup,
-                    greedy=args.greedy, seed=args.seed, ar_mode=args.ar_mode,
+                    greedy=args.greedy, seed=args.seed, ar_mode=args.ar_mode, cuda_graph=args.cuda_graph,
                     sets=parse_generation_sets(args.sets))
 
 

@@ -95,9 +95,13 @@ STAGES=(
   "e2e-ar-graph|90|cuda|$E2E --model $AR --ar-mode graph $RUNS_AR"
   "e2e-hf-musicgen|90|-|$PY -m magnet_engine.bench e2e --model $AR --kind hf-musicgen --device $DEV --dtype $DTYPE --batch 1 --duration $DURATION --json $OUT/e2e.jsonl $RUNS_PEER"
   "bench-kernels|60|cuda|$PY -m magnet_engine.bench kernels --json $OUT/kernels.jsonl"
-  # HOOK (lead): MAGNeT as one whole-program CUDA graph, run once `bench e2e` has --cuda-graph
+  # whole programs as one CUDA graph per request shape (MAGNeT: every stage and step; AR: the frame loop)
   "e2e-magnet-cuda-graph|90|e2e-flag=--cuda-graph,cuda|$E2E --model $MAGNET --backend torch --cuda-graph $RUNS_MAGNET"
-  # HOOK (lead): the determinism tests on the device, run once tests/test_determinism.py exists
+  "e2e-magnet-triton-graph|120|e2e-flag=--cuda-graph,cuda|$E2E --model $MAGNET --backend triton --cuda-graph $RUNS_MAGNET"
+  "e2e-ar-program|90|e2e-flag=--cuda-graph,cuda|$E2E --model $AR --cuda-graph $RUNS_AR"
+  # the static program's and determinism's token tests on the device (fp16/bf16 batch invariance, graph equality)
+  "static|120|cuda|$PY -m pytest -q -p no:cacheprovider tests/test_static.py"
+  "determinism|150|file=tests/test_determinism.py,cuda|$PY -m pytest -q -p no:cacheprovider tests/test_determinism.py"
   "determinism|150|file=tests/test_determinism.py,cuda|$PY -m pytest -q -p no:cacheprovider tests/test_determinism.py"
 )
 

@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu.sh"
 RUN_ON_CPU = {"kernels-check", "fixture-torch-fp32", "fixture-triton-fp32", "e2e-magnet-torch", "e2e-magnet-triton",
               "e2e-ar-eager", "e2e-hf-musicgen"}
-CUDA_ONLY = {"e2e-ar-graph", "bench-kernels"}
-HOOKS = {"e2e-magnet-cuda-graph": "--cuda-graph", "determinism": "tests/test_determinism.py"}  # wired later
+CUDA_ONLY = {"e2e-ar-graph", "bench-kernels", "e2e-magnet-cuda-graph", "e2e-magnet-triton-graph", "e2e-ar-program",
+             "static"}
+HOOKS = {"determinism": "tests/test_determinism.py"}  # a stage that runs once its file exists
 MAX_FILES_BACK = 8  # what a device call brings back from $OUT
 
 
