@@ -102,7 +102,6 @@ STAGES=(
   # the static program's and determinism's token tests on the device (fp16/bf16 batch invariance, graph equality)
   "static|120|cuda|$PY -m pytest -q -p no:cacheprovider tests/test_static.py"
   "determinism|150|file=tests/test_determinism.py,cuda|$PY -m pytest -q -p no:cacheprovider tests/test_determinism.py"
-  "determinism|150|file=tests/test_determinism.py,cuda|$PY -m pytest -q -p no:cacheprovider tests/test_determinism.py"
 )
 
 jline() {  # KEY=VALUE ... -> one JSON line on stages.jsonl (integers as numbers, empty as null)
