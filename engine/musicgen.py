@@ -28,7 +28,7 @@ import torch
 from .config import GenerationConfig, ModelConfig
 from .graph import Captured, ProgramCache
 from .magnet import Progress, Sampler
-from .model import LM, Cached, CrossKV
+from .model import LM, CrossKV
 from .sampling import GREEDY, RowParams, StepSampling, row_tensors, sample_ref
 
 UNKNOWN = -1  # a pattern cell not generated yet (audiocraft's `unknown_token`)
@@ -114,7 +114,7 @@ class ARDecoder:
         n = tokens.shape[-1]
         index = pos.reshape(1) + torch.arange(n, device=tokens.device)  # [n]
         mask = self.key_pos[None, :] <= index[:, None]  # [n, T_max]: causal over the cache
-        x = lm.forward_cached(tokens, index, Cached(self.cross, self.caches, index, mask))  # [2B, n, dim]
+        x = lm.forward_cached(tokens, index, self.cross, self.caches, mask)  # [2B, n, dim]
         h = lm.out_norm(x[:, -1].float())  # [2B, dim]
         logits = torch.stack([lin(h) for lin in lm.linears], dim=1)  # [2B, K, V]
         return logits[: self.batch], logits[self.batch:]

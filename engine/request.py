@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .config import GenerationConfig, ModelConfig, SettingError, SettingTypeError
+from .config import MAX_SEED, GenerationConfig, ModelConfig, SettingError, SettingTypeError
 
 if TYPE_CHECKING:  # torch and the decoding modules are imported where used: the CLI checks prompts without them
     import torch
@@ -27,7 +28,7 @@ class Request:
 
     model: ModelConfig  # what it was validated for
     prompts: tuple[str | None, ...]  # B texts; None = unconditional
-    gen: GenerationConfig  # the model's defaults, then the caller's config and fields
+    gen: GenerationConfig  # the model's defaults, then the caller's config and fields; its seed always set
     prompt_codes: torch.Tensor | None = None  # [B, K, P] int64 in [0, V): the first P frames are fixed
     prompt_audio: torch.Tensor | None = None  # [B, 1, samples] fp32 at the codec's rate, encoded when generating
     rescorer: ARCompanion | None = None  # engine.rescore's AR model
@@ -38,10 +39,12 @@ class Request:
         return len(self.prompts)
 
     def split(self, size: int) -> list[Request]:
-        """Requests of at most `size` prompts each (their prompt rows with them), in order, without re-checking."""
+        """Requests of at most `size` prompts each (their prompt rows with them), in order, without re-checking.
+        Prompt b keeps its seed + b: a part starting at prompt i has seed + i."""
         if size <= 0:
             raise SettingError(f"<batch_size> must be positive, got {size}")
         return [dataclasses.replace(self, prompts=self.prompts[i:i + size],
+                                    gen=dataclasses.replace(self.gen, seed=self.gen.seed + i),
                                     prompt_codes=_rows(self.prompt_codes, i, size),
                                     prompt_audio=_rows(self.prompt_audio, i, size))
                 for i in range(0, self.batch, size)]
@@ -85,6 +88,8 @@ def build_request(model: ModelConfig, defaults: GenerationConfig, *, sample_rate
                               **GenerationConfig.check_fields(fields))
     gen.check_for(model)
     check_levers(gen, fields, has_rescorer=rescorer is not None, has_ar_model=ar_model is not None)
+    if gen.seed is None:  # every request has a seed, drawn here per request: reported with the answer, reproducible
+        gen = dataclasses.replace(gen, seed=secrets.randbelow(MAX_SEED - len(texts) + 2))  # prompt b: seed + b
     res = None if rescorer is None else companion_of(rescorer, "rescorer", model, sample_rate, device)
     ar = None if ar_model is None else companion_of(ar_model, "ar_model", model, sample_rate, device)
     # a long piece (engine.longform): the levers and a prompt act on its first window, one plain segment

@@ -30,7 +30,6 @@ import torch
 
 from .config import GenerationConfig, ModelConfig
 from .magnet import output_frames
-from .model import Cached
 from .musicgen import ARCompanion, ARDecoder, DelayPattern
 from .sampling import guide
 
@@ -103,7 +102,7 @@ class ARRescorer:
         seq = codes.gather(2, self.gather_idx.expand(codes.shape[0], -1, -1))  # [B, K, S-1]: pattern.build
         seq = seq.masked_fill(~self.valid, self.special)
         index = dec.key_pos  # [S-1]: positions 0 .. S-2 on the device
-        return lm.forward_cached(seq, index, Cached(dec.cross, dec.caches, index, self.causal))  # [2B, S-1, dim]
+        return lm.forward_cached(seq, index, dec.cross, dec.caches, self.causal)  # [2B, S-1, dim]
 
     @torch.no_grad()
     def probs(self, codes: torch.Tensor, stage: int) -> torch.Tensor:

@@ -126,7 +126,7 @@ class _Collected(Stream):
         if isinstance(item, BaseException):
             self.future.set_exception(item)
         elif item is None:
-            self.future.set_result(join(self.parts, self.sample_rate))
+            self.future.set_result(join(self.parts, self.sample_rate, self.request.gen.seed))
         else:
             self.parts.append(item)
 
@@ -415,7 +415,7 @@ class Scheduler:
         done = time.monotonic()
         stats = {"queue_s": req.started - req.submitted, "latency_s": done - req.submitted}
         req.future.set_result(Generation(audio=audio, codes=req.dec.codes, sample_rate=self.engine.sample_rate,
-                                         stats=stats))
+                                         seed=req.gen.seed, stats=stats))
 
 
 def start_request(eng: Engine, prompt: str | None, gen: GenerationConfig) -> Decoding:
