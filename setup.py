@@ -33,9 +33,10 @@ setup(
         "triton": ["triton>=3.7.1"],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "bench": ["matplotlib", "pytest-benchmark"],
-        "serve": ["ray[serve]>=2.60.0"],  # magnet serve: Ray Serve brings FastAPI and uvicorn
+        "serve": ["ray[serve]>=2.60.0,<2.61"],  # magnet serve: Ray Serve brings FastAPI and uvicorn; the range CI tests
+        # (serve/deployment.py patches one private function of it: RAY_TESTED)
         "test": ["pytest", "ruff", "triton>=3.7.1", "onnx", "onnxruntime", "onnxscript", "matplotlib",
-                 "pytest-benchmark", "jsonschema", "ray[serve]>=2.60.0"],
+                 "pytest-benchmark", "jsonschema", "ray[serve]>=2.60.0,<2.61"],
     },
     entry_points={
         "console_scripts": ["magnet=magnet_engine.engine.cli:main"],
