@@ -279,7 +279,7 @@ def build_app(service: Service) -> FastAPI:
     config = service.config
     bearer = HTTPBearer(auto_error=False, description="the key of --api-key-file (when the server has one)")
 
-    def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
         if not config.key_matches(None if credentials is None else credentials.credentials):
             raise HTTPError(401, "missing or wrong API key: send the header Authorization: Bearer KEY",
                             headers={"WWW-Authenticate": "Bearer"})
@@ -289,11 +289,10 @@ def build_app(service: Service) -> FastAPI:
         body = {"error": e.message} | ({"field": e.field} if e.field else {})
         return JSONResponse(body, status_code=e.status, headers=e.headers)
 
-    # Registered for BaseException, not Exception: Starlette hands an Exception handler to its outermost middleware,
-    # which answers and then re-raises into the server; this one is looked up along the error's MRO and ends there.
-    @app.exception_handler(BaseException)
-    async def server_fault(request: Request, e: BaseException) -> Response:
-        """A server fault: the client gets a request id and a generic message, the log the traceback."""
+    @app.exception_handler(Exception)
+    async def server_fault(request: Request, e: Exception) -> Response:
+        """A server fault: the client gets a request id and a generic message, the log the traceback. (Starlette
+        then re-raises it to the server, which logs it as a failed request: the answer is already sent.)"""
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         log.error("magnet: request %s (%s %s) failed", rid, request.method, request.url.path, exc_info=e)
         return JSONResponse({"error": f"internal error (request id {rid}); the server logged it",
@@ -305,7 +304,11 @@ def build_app(service: Service) -> FastAPI:
         @app.middleware("http")
         async def timed(request: Request, call_next: Any) -> Response:
             t0 = time.monotonic()
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception:
+                metrics.request(500, time.monotonic() - t0)  # answered by `server_fault`
+                raise
             metrics.request(response.status_code, time.monotonic() - t0)
             return response
 

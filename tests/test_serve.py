@@ -141,7 +141,7 @@ def test_long_piece_streamed_and_whole(cluster, tiny):
 def test_concurrent_requests_and_the_client(cluster):
     """Requests decoded together give what each gives alone (same seed, same bytes); no seed: one is drawn and
     returned, and it reproduces the audio."""
-    from magnet_engine.serve import Client
+    from magnet_engine.serve.client import Client
 
     def one(i: int) -> tuple[int, dict, bytes]:
         return call(cluster["main"] + "/v1/generate", {"prompt": f"drums {i % 3}", "seed": i % 3, **FAST})

@@ -108,7 +108,7 @@ def _loopback(addr: str) -> bool:
 def test_sigterm_to_the_group_finishes_in_flight_and_leaves_nothing_running(fixture_dir, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from magnet_engine.serve import Client
+    from magnet_engine.serve.client import Client
 
     (tmp_path / "key").write_text("k3y\n")
     port = free_port()
