@@ -72,6 +72,10 @@ class QueueFull(RuntimeError):
     """`Scheduler.submit` past `max_queue` waiting requests: retry later or raise max_queue."""
 
 
+class SchedulerClosed(RuntimeError):
+    """Work handed to a Scheduler after `close()`."""
+
+
 class RequestTimeout(TimeoutError):
     """A request's `timeout` (seconds from submit) passed before it finished; it left its batch."""
 
@@ -360,7 +364,7 @@ class Scheduler:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("the scheduler is closed: submit before close() or start a new one")
+            raise SchedulerClosed("the scheduler is closed: submit before close() or start a new one")
 
     def _check_room(self) -> None:
         """Under the lock: refuse a request once closed, or when the batch's free slots and max_queue are used up

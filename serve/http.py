@@ -201,14 +201,14 @@ class Service:
     @contextlib.contextmanager
     def _queueing(self) -> typing.Iterator[None]:
         """Handing a request to the scheduler: a full queue or a closing replica -> 503 with Retry-After."""
-        from magnet_engine.engine.scheduler import QueueFull
+        from magnet_engine.engine.scheduler import QueueFull, SchedulerClosed
 
         try:
             yield
         except QueueFull as e:
             raise HTTPError(503, str(e), headers={"Retry-After": str(self.retry_after())}) from None
-        except RuntimeError as e:  # closed: the replica is shutting down
-            raise HTTPError(503, f"the server is shutting down ({e}); retry", headers={"Retry-After": "1"}) from None
+        except SchedulerClosed:  # the replica is shutting down
+            raise HTTPError(503, "the server is shutting down; retry", headers={"Retry-After": "1"}) from None
 
     def retry_after(self) -> int:
         """Seconds until a queue slot frees, roughly: one request's latency."""
