@@ -11,6 +11,8 @@ FOUND = find_namespace_packages(include=[f"{s}{tail}" for s in SUBPACKAGES for t
 TRITON = ["triton>=3.9.0"]
 ONNX = ["onnx>=1.23.2", "onnxruntime>=1.32.0", "onnxscript>=0.7.2"]
 BENCH = ["matplotlib>=3.11.2", "pytest-benchmark>=5.2.3"]
+# the range CI tests: serve/deployment.py patches one private function of Ray Serve (RAY_TESTED there)
+RAY = "ray[serve]>=2.60.0,<2.61"
 
 setup(
     name="magnet-engine",
@@ -46,9 +48,9 @@ setup(
         "triton": TRITON,
         "onnx": ONNX,
         "bench": BENCH,
-        "serve": ["ray[serve]>=2.60.0"],  # magnet serve: Ray Serve brings FastAPI and uvicorn
+        "serve": [RAY],  # magnet serve: Ray Serve brings FastAPI and uvicorn
         "test": ["pytest>=9.0.3", "ruff>=0.17.6", "jsonschema>=4.26.0", *TRITON, *ONNX, *BENCH,
-                 "ray[serve]>=2.60.0"],
+                 RAY],
     },
     entry_points={
         "console_scripts": ["magnet=magnet_engine.engine.cli:main"],

@@ -281,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.all:
         rest = [a for a in (sys.argv[2:] if argv is None else argv) if a != "--all"]
         for policy in POLICIES:  # the last --policy wins
-            cmd = [sys.executable, "-m", "bench", "load", *rest, "--policy", policy]
+            cmd = [sys.executable, "-m", "magnet_engine.bench", "load", *rest, "--policy", policy]
             if subprocess.run(cmd, check=False).returncode:
                 return 1
         return 0

@@ -9,7 +9,9 @@ is sent and those in flight get up to --drain s. Output: one JSON line (throughp
 answered-with-audio requests, errors by status, per-second series), a Markdown table, and with --plot a PNG of
 latency over time by status and answers per second. --kill-at T kills one replica's actor at T s (ray.kill
 through --ray-address) and measures the recovery: from the kill to the first audio answer to a request sent after
-it. Loopback only: the URL must name 127.0.0.1, ::1 or localhost.
+it. Once a second a sampler reads the replicas' queue (`GET /v1/health`: waiting, decoding) and the resident memory
+of this machine's Serve replica processes (/proc), reported as their ranges ("nothing lost, memory flat" under
+overload). Loopback only: the URL must name 127.0.0.1, ::1 or localhost.
 """
 from __future__ import annotations
 
@@ -123,7 +125,34 @@ def kill_replica(address: str, after: float, t0: float, box: dict[str, float]) -
     ray.kill(actor)
 
 
-def summarize(args: argparse.Namespace, shots: list[Shot], killed_at: float | None) -> dict[str, Any]:
+def replica_rss_mb() -> float:
+    """Resident memory of this machine's Serve replica processes (`ray::ServeReplica...`), MB."""
+    total = 0
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if not (proc / "cmdline").read_bytes().startswith(b"ray::ServeReplica"):
+                continue
+            status = (proc / "status").read_text()
+        except OSError:
+            continue
+        total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    return round(total / 1024, 1)
+
+
+def sample(url: str, stop: threading.Event, out: list[dict[str, Any]], t0: float) -> None:
+    """Once a second until `stop`: the health endpoint's queue counts and the replicas' memory."""
+    while not stop.wait(1.0):
+        point: dict[str, Any] = {"t": round(time.perf_counter() - t0, 1), "rss_mb": replica_rss_mb()}
+        try:
+            with urllib.request.urlopen(url + "/v1/health", timeout=2) as r:
+                point |= {k: v for k, v in json.loads(r.read()).items() if k in ("waiting", "decoding")}
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+        out.append(point)
+
+
+def summarize(args: argparse.Namespace, shots: list[Shot], killed_at: float | None,
+              samples: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     from magnet_engine.bench.common import cpu_model, git_sha, percentile
 
     ok = [s for s in shots if s.status == 200]
@@ -144,6 +173,12 @@ def summarize(args: argparse.Namespace, shots: list[Shot], killed_at: float | No
         if shots else None,
         "per_second": dict(per_second), "label": args.label, "cpu": cpu_model(), "git": git_sha(),
     }
+    if samples:
+        waiting = [p["waiting"] for p in samples if "waiting" in p]
+        rss = [p["rss_mb"] for p in samples if p["rss_mb"]]
+        row["max_waiting"] = max(waiting, default=None)
+        row["replica_rss_mb"] = [min(rss), max(rss)] if rss else None
+        row["samples"] = list(samples)
     if killed_at is not None:
         row["killed_at_s"] = round(killed_at, 2)
         after = [s for s in ok if s.sent >= killed_at]
@@ -229,10 +264,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.kill_at is not None:
         killer = threading.Thread(target=kill_replica, args=(args.ray_address, args.kill_at, t0, box), daemon=True)
         killer.start()
-    shots = open_loop(args, key, t0) if args.rate else closed_loop(args, key, t0)
+    samples: list[dict[str, Any]] = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample, args=(args.url, stop, samples, t0), daemon=True)
+    sampler.start()
+    try:
+        shots = open_loop(args, key, t0) if args.rate else closed_loop(args, key, t0)
+    finally:
+        stop.set()
+        sampler.join(timeout=5)
     if killer is not None:
         killer.join(timeout=5)
-    row = summarize(args, shots, box.get("killed_at"))
+    row = summarize(args, shots, box.get("killed_at"), samples)
     line = json.dumps(row)
     print(line, flush=True)
     if args.out is not None:

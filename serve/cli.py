@@ -1,15 +1,24 @@
 """`magnet serve`: the HTTP service on Ray Serve (registered with `magnet` through the entry-point group
 magnet_engine.commands; `python -m magnet_engine.serve` runs the same).
 
-Without --address it starts a local Ray pinned to 127.0.0.1 (no dashboard, no usage statistics) and stops it on
-exit; with --address it deploys onto that cluster and removes only its own application on exit. SIGINT / SIGTERM:
-Serve stops routing, each replica finishes (or times out) what it holds, then Serve and the Ray it started shut down.
+Without --address it starts a local Ray head pinned to 127.0.0.1 (`ray start --head --block`: no dashboard, no usage
+statistics) in a session of its own, and stops it on exit; with --address it deploys onto that cluster and removes
+only its own application on exit. SIGINT / SIGTERM: Serve stops routing, each replica finishes (or times out) what it
+holds, then Serve and the Ray it started shut down, and the process exits 0.
+
+Ray's processes run in their own session so that a supervisor's SIGTERM to this process group (a terminal's Ctrl-C,
+`kill -TERM -PGID`) reaches only this process, which drains and then stops Ray; otherwise the raylet and the
+replicas would die at once under the requests in flight. Under systemd use KillMode=mixed (SIGTERM to the main
+process, SIGKILL to what is left after it exits): the default control-group mode signals every process of the unit.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -41,6 +50,9 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
                                                          "scheduler's)"}),
     "max_queue": ("--max-queue", {"type": int, "help": "requests waiting per replica; past it: 503 (default: "
                                                          "the scheduler's)"}),
+    "max_streams": ("--max-streams", {"type": int, "help": "streamed requests (\"stream\": true or past the "
+                                                             "segment) per replica; past it: 503 (default: the "
+                                                             "scheduler's)"}),
     "timeout": ("--timeout", {"type": float, "help": "seconds: a request's deadline unless it sends one; then 504"}),
     "max_body": ("--max-body", {"type": int, "help": "bytes of a request body; past it: 413"}),
     "max_prompt_chars": ("--max-prompt-chars", {"type": int, "help": "longest prompt in characters"}),
@@ -105,16 +117,71 @@ class Running:
     url: str
     app_name: str
     owns_ray: bool
+    head: LocalHead | None = None  # the Ray head started here
 
     def stop(self) -> None:
         """Delete the application (its replicas drain first); with a Ray of our own, shut Serve and Ray down too."""
         import ray
         from ray import serve
 
-        serve.delete(self.app_name)  # replicas finish what they hold while the proxy still answers
-        if self.owns_ray:
-            serve.shutdown()
-            ray.shutdown()
+        try:
+            serve.delete(self.app_name)  # replicas finish what they hold while the proxy still answers
+            if self.owns_ray:
+                serve.shutdown()
+        finally:
+            if self.owns_ray:
+                ray.shutdown()
+                if self.head is not None:
+                    self.head.stop()
+
+
+@dataclass
+class LocalHead:
+    """`ray start --head --block` in a session of its own (module docstring), on loopback; stopped by its pid."""
+
+    process: subprocess.Popen
+    address: str  # GCS host:port
+
+    @classmethod
+    def start(cls, launch: LaunchConfig, timeout_s: float = 120.0) -> LocalHead:
+        ray_cli = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
+        if ray_cli is None:
+            raise RuntimeError("the `ray` command is not installed beside this Python; pip install -e \".[serve]\"")
+        with socket.socket() as s:  # a free port for the GCS (another Ray on this machine may hold Ray's default)
+            s.bind((LOOPBACK, 0))
+            port = s.getsockname()[1]
+        cmd = [ray_cli, "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={port}",
+               "--include-dashboard=false", "--disable-usage-stats"]
+        if launch.metrics_port is not None:
+            cmd.append(f"--metrics-export-port={launch.metrics_port}")
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        head = cls(proc, f"{LOOPBACK}:{port}")
+        deadline = time.monotonic() + timeout_s
+        while True:  # the GCS answers once the head is up
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace").strip().splitlines() if proc.stderr else []
+                raise RuntimeError(f"`ray start` exited with status {proc.returncode}: {err[-1] if err else ''}")
+            try:
+                socket.create_connection((LOOPBACK, port), timeout=1).close()
+                return head
+            except OSError:
+                if time.monotonic() > deadline:
+                    head.stop()
+                    raise RuntimeError(f"the local Ray head did not start within {timeout_s:.0f} s") from None
+                time.sleep(0.2)
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """SIGTERM to `ray start --block`, which stops the processes it started; SIGKILL to its session if it hangs."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self.process.stderr is not None:
+            self.process.stderr.close()
 
 
 def ray_environment() -> None:
@@ -138,22 +205,27 @@ def start(service: ServiceConfig, launch: LaunchConfig, app_name: str | None = N
     import ray
     from ray import serve
 
-    from .deployment import APP_NAME, application
+    from .deployment import APP_NAME, application, check_ray_supported
 
-    owns = False
+    check_ray_supported()
+    owns, head = False, None
     if not ray.is_initialized():
         if launch.address is not None:
             ray.init(address=launch.address, log_to_driver=False)
         else:  # Ray's own ports on loopback: the node's address is what its services bind
-            ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, log_to_driver=False,
-                     _metrics_export_port=launch.metrics_port)
+            head = LocalHead.start(launch)
+            try:
+                ray.init(address=head.address, log_to_driver=False)
+            except BaseException:
+                head.stop()
+                raise
             owns = True
-    running = Running(_url(launch.host, launch.port, route_prefix), app_name or APP_NAME, owns)
+    running = Running(_url(launch.host, launch.port, route_prefix), app_name or APP_NAME, owns, head)
     try:
         # one HTTP proxy, on the head node: on a one-machine test cluster per-node proxies would share one port
         serve.start(proxy_location="HeadOnly", http_options={"host": launch.host, "port": launch.port})
-        running.url = _serving_url(route_prefix) or running.url
         serve.run(application(service, launch), name=running.app_name, route_prefix=route_prefix)
+        _check_serving(running.url)
     except BaseException as e:
         why = _deploy_failure(running.app_name) if isinstance(e, Exception) else None
         running.stop()
@@ -167,16 +239,24 @@ def _url(host: str, port: int, route_prefix: str) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}{route_prefix.rstrip('/')}"
 
 
-def _serving_url(route_prefix: str) -> str | None:
-    """The URL Serve really answers on: on a cluster where Serve already ran (--address), its HTTP options stay and
-    ours are ignored. Read through Serve's client (private in Ray 2.60), None if that changes."""
-    from ray.serve import context
+def _check_serving(url: str, timeout_s: float = 30.0) -> None:
+    """The application answers at `url`: on a cluster where Serve already runs (--address), Serve keeps its own
+    HTTP address and ignores ours, which would otherwise print a URL nothing answers on."""
+    import urllib.error
+    import urllib.request
 
-    try:
-        http = context._get_global_client().http_config
-        return _url(http.host, http.port, route_prefix)
-    except AttributeError:
-        return None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/v1/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the service does not answer at {url}: on a cluster where Serve already runs, its "
+                               "HTTP host and port stay as they were; pass those as --host / --port")
+        time.sleep(0.5)
 
 
 def _deploy_failure(app_name: str) -> str | None:

@@ -21,6 +21,7 @@ class ServiceConfig:
     device: str | None = None  # None: cuda when available
     max_batch: int | None = None  # None: the scheduler's default (engine.scheduler.Scheduler)
     max_queue: int | None = None  # None: the scheduler's default
+    max_streams: int | None = None  # streamed requests held at once (None: the scheduler's default); past it: 503
     timeout: float = 120.0  # seconds: a request's deadline when it names none
     max_body: int = 64 * 1024  # bytes of a request body
     max_prompt_chars: int = 2000  # the text encoder truncates long prompts; longer ones are refused, not cut
@@ -35,7 +36,7 @@ class ServiceConfig:
         from magnet_engine.engine.scheduler import Scheduler
 
         limits = scheduler_limits(self)
-        Scheduler.check_limits(limits["max_batch"], limits["max_queue"])
+        Scheduler.check_limits(limits["max_batch"], limits["max_queue"], max_streams=limits["max_streams"])
 
     def key_matches(self, token: str | None) -> bool:
         """Constant-time comparison of a bearer token with the configured key (True when none is configured)."""
@@ -51,14 +52,15 @@ def key_digest(key: str) -> str:
 
 
 def scheduler_limits(config: ServiceConfig) -> dict[str, int]:
-    """max_batch and max_queue: the config's, or the Scheduler's defaults (read from its signature: written once)."""
+    """max_batch, max_queue and max_streams: the config's, or the Scheduler's defaults (read from its signature:
+    written once)."""
     import inspect
 
     from magnet_engine.engine.scheduler import Scheduler
 
     params = inspect.signature(Scheduler.__init__).parameters
     return {name: getattr(config, name) if getattr(config, name) is not None else params[name].default
-            for name in ("max_batch", "max_queue")}
+            for name in ("max_batch", "max_queue", "max_streams")}
 
 
 @dataclass(frozen=True)

@@ -42,16 +42,35 @@ class RayMetrics:
         self.requests.inc(tags={"status": str(status)})
 
 
+# Ray Serve has no setting for the address of a replica's inter-deployment gRPC server (`grpc_options` configures the
+# gRPC *proxy*; ray-project/ray#64544 asks for one): it binds [::]. `_pin_internal_grpc` patches the one private
+# function that binds it, so the Ray range is pinned in setup.py to the versions tested, and a Ray without that
+# function fails the start with this message instead of silently listening on every interface.
+RAY_TESTED = "ray[serve]>=2.60.0,<2.61"
+
+
+def check_ray_supported() -> None:
+    """Raise (before anything starts) when this Ray lacks the function `_pin_internal_grpc` patches."""
+    import ray
+    from ray.serve._private import replica
+
+    if not callable(getattr(replica, "add_port_to_grpc_server", None)):
+        raise RuntimeError(f"Ray {ray.__version__} is not supported by magnet serve: its Serve replica no longer "
+                           "binds its gRPC server through ray.serve._private.replica.add_port_to_grpc_server, which "
+                           f"magnet serve patches to keep that server off [::]; install {RAY_TESTED!r}")
+
+
 def _pin_internal_grpc() -> None:
     """Ray Serve 2.60 binds each replica's inter-deployment gRPC server to [::] (ray/serve/_private/replica.py,
     `add_port_to_grpc_server(self._server, "[::]:0")`, no setting): bind the node's own address instead (loopback
     on a local Ray, see serve.cli.ray_environment). Our one deployment is reached through Ray actor calls, which this
-    server does not carry. Called in the replica before Serve starts that server; a no-op if Ray renames it."""
+    server does not carry. Called in the replica before Serve starts that server; raises if Ray renamed it."""
     import ray
     from ray.serve._private import replica
 
-    original = getattr(replica, "add_port_to_grpc_server", None)
-    if original is None or getattr(original, "pinned", False):
+    check_ray_supported()
+    original = replica.add_port_to_grpc_server
+    if getattr(original, "pinned", False):
         return
     node_ip = ray.util.get_node_ip_address()
 
@@ -64,7 +83,8 @@ def _pin_internal_grpc() -> None:
     replica.add_port_to_grpc_server = pinned
 
 
-@serve.ingress()  # the app is built per replica, after the model loaded (__serve_build_asgi_app__)
+@serve.ingress()  # the app is built per replica, after the model loaded (`__serve_build_asgi_app__`: the late-bound
+# app that serve.ingress documents for a call without an app)
 class Replica:
     def __init__(self, config: ServiceConfig) -> None:
         _pin_internal_grpc()
@@ -108,7 +128,7 @@ class Replica:
 def application(service: ServiceConfig, launch: LaunchConfig) -> Any:
     """The bound Serve application: `serve.run(application(...))`."""
     limits = scheduler_limits(service)
-    in_replica = limits["max_batch"] + limits["max_queue"]
+    in_replica = limits["max_batch"] + limits["max_queue"] + limits["max_streams"]
     options: dict[str, Any] = {
         "name": "Magnet",
         "ray_actor_options": {"num_cpus": launch.replica_cpus, "num_gpus": launch.replica_gpus},

@@ -10,9 +10,15 @@ FastAPI app around it. serve.deployment wraps both in a Ray Serve deployment.
 A request is checked once, by `Scheduler.submit` (engine.request); this module only reads the HTTP envelope (size,
 JSON, the keys that are not generation settings) and spells the engine's SettingErrors with JSON keys.
 
-The generate route is three steps: `parse_job` (body -> Job), `Service.generate` (Job -> Generation, through the
-scheduler), `Service.render` (Generation -> Response); a streamed one swaps the last two for `Service.stream`
-(Scheduler.stream's chunks as they complete, behind the same envelope and errors).
+The generate route is two steps: `parse_job` (body -> Job), `Service.generate` (Job -> Response: the scheduler
+decodes, and its loop thread renders the audio with `Service.render`, so normalisation and encoding never run on
+the event loop, nor torch on a second thread); a streamed one uses `Service.stream` (Scheduler.stream's chunks as
+they complete, turned into PCM by the loop thread, behind the same envelope and errors).
+
+Errors: an `HTTPError` is answered as JSON {"error", "field"} by an exception handler; anything else is a 500
+whose body carries only a request id and a generic message, the traceback going to the log under that id. The
+API key is checked by an HTTPBearer dependency; the OpenAPI request schema is a pydantic model generated from
+GenerationConfig's fields (`request_model`), documentation only: the engine does the checking (engine.request).
 """
 from __future__ import annotations
 
@@ -20,18 +26,20 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import secrets
 import time
-import types
 import typing
-from collections.abc import Callable
+import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from magnet_engine.engine.config import MAX_DURATION, MAX_SEED, GenerationConfig, SettingError, SettingTypeError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 from starlette.responses import JSONResponse, Response
 
 from .config import HTTP_NAMES, ServiceConfig, scheduler_limits
@@ -40,6 +48,7 @@ if TYPE_CHECKING:
     from magnet_engine.engine.api import Engine, Generation
 
 MEDIA_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg"}
+log = logging.getLogger("ray.serve")
 
 
 class Metrics(Protocol):
@@ -129,8 +138,9 @@ class Service:
         self.latency_ewma = 0.0  # seconds, for Retry-After
 
     def _load(self) -> Engine:
-        import magnet_engine as me
         import torch
+
+        import magnet_engine as me
 
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
@@ -140,14 +150,16 @@ class Service:
         """Finish what is queued and in flight, then stop the loop thread."""
         self.scheduler.close()
 
-    async def generate(self, job: Job) -> Generation:
-        """Queue a job and wait for its audio; failures as HTTPError (4xx for the request, 5xx for the server)."""
+    async def generate(self, job: Job, as_json: bool = False) -> Response:
+        """Queue a job and wait for its answer, rendered by the scheduler's loop thread (`render`); failures as
+        HTTPError (4xx for the request, 5xx for the server)."""
         from magnet_engine.engine.scheduler import RequestTimeout
 
         with self._queueing():
-            future = self.scheduler.submit(job.prompt, timeout=job.timeout, **job.fields)
+            future = self.scheduler.submit(job.prompt, timeout=job.timeout,
+                                           render=functools.partial(self.render, job, as_json=as_json), **job.fields)
         try:
-            out = await asyncio.wrap_future(future)
+            return await asyncio.wrap_future(future)
         except SettingError as e:
             raise HTTPError.setting(e) from None
         except RequestTimeout as e:
@@ -157,9 +169,6 @@ class Service:
                 raise HTTPError(503, "the server shut down before the request started; retry",
                                 headers={"Retry-After": "1"}) from None
             raise
-        latency = out.stats.get("latency_s", 0.0)
-        self.latency_ewma = latency if not self.latency_ewma else 0.8 * self.latency_ewma + 0.2 * latency
-        return out
 
     def stream(self, job: Job) -> Response:
         """The audio as windows complete: a 16-bit PCM WAV whose header leaves the length open (0xFFFFFFFF, as
@@ -169,8 +178,9 @@ class Service:
         from starlette.responses import StreamingResponse
 
         with self._queueing():
-            try:
-                stream = self.scheduler.stream(job.prompt, timeout=job.timeout, **job.fields)
+            try:  # the loop thread turns each chunk into PCM: no tensor work on the event loop
+                stream = self.scheduler.stream(job.prompt, timeout=job.timeout,
+                                               render=lambda chunk: pcm16_bytes(chunk.audio[0]), **job.fields)
             except SettingError as e:  # `stream` checks at once (submit fails its future instead)
                 raise HTTPError.setting(e) from None
         sr = self.engine.sample_rate
@@ -178,11 +188,11 @@ class Service:
         async def body() -> typing.AsyncIterator[bytes]:
             try:
                 yield wav_stream_header(sr)
-                while (chunk := await asyncio.to_thread(stream.next_chunk)) is not None:
-                    if chunk.audio.shape[-1]:
-                        yield pcm16_bytes(chunk.audio[0])
+                while (pcm := await asyncio.to_thread(stream.next_chunk)) is not None:
+                    if pcm:
+                        yield pcm
             except Exception:  # noqa: BLE001 - the status is sent: the answer ends short, the fault is logged
-                logging.getLogger("ray.serve").exception("magnet: a streamed request failed mid-way")
+                log.exception("magnet: a streamed request failed mid-way")
             finally:
                 stream.cancel()  # a client that hung up frees the loop at the next window
 
@@ -192,23 +202,26 @@ class Service:
     @contextlib.contextmanager
     def _queueing(self) -> typing.Iterator[None]:
         """Handing a request to the scheduler: a full queue or a closing replica -> 503 with Retry-After."""
-        from magnet_engine.engine.scheduler import QueueFull
+        from magnet_engine.engine.scheduler import QueueFull, SchedulerClosed
 
         try:
             yield
         except QueueFull as e:
             raise HTTPError(503, str(e), headers={"Retry-After": str(self.retry_after())}) from None
-        except RuntimeError as e:  # closed: the replica is shutting down
-            raise HTTPError(503, f"the server is shutting down ({e}); retry", headers={"Retry-After": "1"}) from None
+        except SchedulerClosed:  # the replica is shutting down
+            raise HTTPError(503, "the server is shutting down; retry", headers={"Retry-After": "1"}) from None
 
     def retry_after(self) -> int:
         """Seconds until a queue slot frees, roughly: one request's latency."""
         return max(1, round(self.latency_ewma))
 
     def render(self, job: Job, out: Generation, as_json: bool) -> Response:
-        """The audio as `magnet generate` writes it (same normalisation and WAV subtype), or JSON with the tokens."""
+        """The audio as `magnet generate` writes it (same normalisation and WAV subtype), or JSON with the tokens.
+        Run by the scheduler's loop thread (the thread that runs torch), never on the event loop."""
         from magnet_engine.engine.audio import audio_bytes, normalize
 
+        latency_s = out.stats.get("latency_s", 0.0)
+        self.latency_ewma = latency_s if not self.latency_ewma else 0.8 * self.latency_ewma + 0.2 * latency_s
         sr = out.sample_rate
         wav = normalize(out.audio[0].cpu(), sr, self.output.normalize)  # [1, samples]
         data = audio_bytes(wav, sr, job.suffix, self.output.wav_subtype)
@@ -231,7 +244,8 @@ class Service:
         return {"model": self.config.model or "default", "kind": eng.config.kind, "config": eng.config.to_dict(),
                 "sample_rate": eng.sample_rate, "segment": eng.config.segment_duration, "max_duration": MAX_DURATION,
                 "defaults": _json_ready(dataclasses.asdict(eng.defaults)),
-                "limits": {**scheduler_limits(self.config), "timeout": self.config.timeout,
+                "limits": {**scheduler_limits(self.config), "max_frames": self.scheduler.max_frames,
+                           "timeout": self.config.timeout,
                            "max_body": self.config.max_body, "max_prompt_chars": self.config.max_prompt_chars}}
 
 
@@ -239,92 +253,84 @@ def _json_ready(d: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def _json_type(tp: Any) -> dict[str, Any]:
-    """A GenerationConfig field's Python type -> JSON Schema type."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = [_json_type(a) for a in args if a is not type(None)]
-        nullable = type(None) in args
-        base = options[0] if len(options) == 1 else {"anyOf": options}
-        return {"anyOf": [base, {"type": "null"}]} if nullable else base
-    if origin is tuple:
-        return {"type": "array", "items": _json_type(args[0])}
-    return {"type": {bool: "boolean", int: "integer", float: "number", str: "string"}[tp]}
-
-
-def request_schema(config: ServiceConfig, defaults: GenerationConfig) -> dict[str, Any]:
-    """The JSON Schema of POST /v1/generate: the HTTP keys, then every GenerationConfig field with this model's
-    default (documentation: the engine does the checking)."""
+def request_model(config: ServiceConfig, defaults: GenerationConfig) -> type[BaseModel]:
+    """The body of POST /v1/generate as a pydantic model, for the OpenAPI document: the HTTP keys, then every
+    GenerationConfig field with its type and this model's default (generated, so it cannot drift from the
+    dataclass). Bodies are not validated with it: the engine checks them once, with its own messages."""
     from magnet_engine.engine.audio import FORMATS
 
     hints = typing.get_type_hints(GenerationConfig)
-    fields = {f.name: {**_json_type(hints[f.name]), "default": _json_ready({"v": getattr(defaults, f.name)})["v"]}
-              for f in dataclasses.fields(GenerationConfig)}
-    return {
-        "type": "object", "required": ["prompt"], "additionalProperties": False,
-        "properties": {
-            "prompt": {"anyOf": [{"type": "string", "maxLength": config.max_prompt_chars}, {"type": "null"}],
-                       "description": "what to generate; null: a sample without text"},
-            "format": {"enum": [s.lstrip(".") for s in FORMATS], "default": "wav"},
-            "timeout": {"type": "number", "exclusiveMinimum": 0, "default": config.timeout,
-                        "description": "seconds from arrival; past it the request fails with 504"},
-            "stream": {"type": "boolean", "default": False,
-                       "description": "send a WAV as windows complete (chunked; not normalised)"},
-            **fields,
-        },
-    }
+    settings: dict[str, Any] = {f.name: (hints[f.name], Field(default=getattr(defaults, f.name)))
+                                for f in dataclasses.fields(GenerationConfig)}
+    formats = Literal[tuple(s.lstrip(".") for s in FORMATS)]  # type: ignore[valid-type]
+    prompt = Annotated[str, StringConstraints(max_length=config.max_prompt_chars)] | None
+    return create_model(
+        "GenerateRequest", __config__=ConfigDict(extra="forbid"),
+        prompt=(prompt, Field(description="what to generate; null: a sample without text")),
+        format=(formats, Field(default="wav")),
+        timeout=(float, Field(default=config.timeout, gt=0,
+                              description="seconds from arrival; past it the request fails with 504")),
+        stream=(bool, Field(default=False, description="send a WAV as windows complete (chunked; not normalised)")),
+        **settings)
 
 
 def build_app(service: Service) -> FastAPI:
     """The FastAPI app of one replica (routes in module docstring)."""
     app = FastAPI(title="magnet-engine", description="Text to music and sound with MAGNeT.", version="1")
     config = service.config
+    bearer = HTTPBearer(auto_error=False, description="the key of --api-key-file (when the server has one)")
 
-    def error(e: HTTPError) -> Response:
-        body = {"error": e.message} | ({"field": e.field} if e.field else {})
-        return JSONResponse(body, status_code=e.status, headers=e.headers)
-
-    def authorized(request: Request) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if not config.key_matches(token.strip() if scheme.lower() == "bearer" else None):
+    def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        if not config.key_matches(None if credentials is None else credentials.credentials):
             raise HTTPError(401, "missing or wrong API key: send the header Authorization: Bearer KEY",
                             headers={"WWW-Authenticate": "Bearer"})
 
-    def handled(route: Callable[..., Any]) -> Callable[..., Any]:
-        """HTTPError -> its JSON answer; every answer timed and counted. (Not functools.wraps: FastAPI would read
-        the route's own signature and take `received` for a query parameter.)"""
+    @app.exception_handler(HTTPError)
+    async def http_error(request: Request, e: HTTPError) -> Response:
+        body = {"error": e.message} | ({"field": e.field} if e.field else {})
+        return JSONResponse(body, status_code=e.status, headers=e.headers)
 
-        async def run(request: Request) -> Response:
+    @app.exception_handler(Exception)
+    async def server_fault(request: Request, e: Exception) -> Response:
+        """A server fault: the client gets a request id and a generic message, the log the traceback. (Starlette
+        then re-raises it to the server, which logs it as a failed request: the answer is already sent.)"""
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        log.error("magnet: request %s (%s %s) failed", rid, request.method, request.url.path, exc_info=e)
+        return JSONResponse({"error": f"internal error (request id {rid}); the server logged it",
+                             "request_id": rid}, status_code=500)
+
+    if service.metrics is not None:
+        metrics = service.metrics
+
+        @app.middleware("http")
+        async def timed(request: Request, call_next: Any) -> Response:
             t0 = time.monotonic()
             try:
-                response = await route(request, t0)
-            except HTTPError as e:
-                response = error(e)
-            except Exception as e:  # noqa: BLE001 - a server fault still answers JSON (and is logged by Serve)
-                logging.getLogger("ray.serve").exception("magnet: %s failed", route.__name__)
-                response = error(HTTPError(500, f"internal error: {type(e).__name__}: {e}"))
-            if service.metrics is not None:
-                service.metrics.request(response.status_code, time.monotonic() - t0)
+                response = await call_next(request)
+            except Exception:
+                metrics.request(500, time.monotonic() - t0)  # answered by `server_fault`
+                raise
+            metrics.request(response.status_code, time.monotonic() - t0)
             return response
 
-        run.__name__, run.__doc__ = route.__name__, route.__doc__
-        return run
-
-    schema = request_schema(config, service.engine.defaults)
+    model = request_model(config, service.engine.defaults)
     audio_types = {media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES.values()}
+    # the model's own schema, inlined (no nested models: no $defs)
+    body_schema = model.model_json_schema()
 
-    @app.post("/v1/generate", summary="Generate audio from text",
-              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}},
+    @app.post("/v1/generate", summary="Generate audio from text", dependencies=[Depends(authorized)],
+              openapi_extra={"requestBody": {"required": True,
+                                             "content": {"application/json": {"schema": body_schema}}}},
               responses={200: {"content": {**audio_types, "application/json": {}},
                                "description": "the audio; JSON with tokens and base64 audio for Accept: "
                                               "application/json"},
                          401: {"description": "missing or wrong API key"}, 413: {"description": "body too large"},
                          422: {"description": "a bad field, named in the error"},
+                         500: {"description": "a server fault: a request id, the details are in the log"},
                          503: {"description": "queue full: retry after Retry-After seconds"},
                          504: {"description": "past the request's timeout"}})
-    @handled
-    async def generate(request: Request, received: float) -> Response:
-        authorized(request)
+    async def generate(request: Request) -> Response:
+        received = time.monotonic()
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > config.max_body:
             raise HTTPError(413, f"the request body is {declared} bytes; the limit is {config.max_body}")
@@ -336,8 +342,7 @@ def build_app(service: Service) -> FastAPI:
         job = parse_job(bytes(raw), config, received)
         if job.stream:
             return service.stream(job)
-        out = await service.generate(job)
-        return service.render(job, out, "application/json" in request.headers.get("accept", ""))
+        return await service.generate(job, "application/json" in request.headers.get("accept", ""))
 
     @app.get("/v1/health", summary="200 once the replica's model is loaded and its scheduler runs")
     async def health() -> Response:
@@ -346,10 +351,9 @@ def build_app(service: Service) -> FastAPI:
         return JSONResponse({"status": "ok" if ok else "down", "waiting": waiting, "decoding": active},
                             status_code=200 if ok else 503)
 
-    @app.get("/v1/model", summary="the model's config, generation defaults and the service's limits")
-    @handled
-    async def model(request: Request, received: float) -> Response:
-        authorized(request)
+    @app.get("/v1/model", summary="the model's config, generation defaults and the service's limits",
+             dependencies=[Depends(authorized)])
+    async def describe() -> Response:
         return JSONResponse(service.describe())
 
     return app

@@ -4,10 +4,11 @@ from __future__ import annotations
 import threading
 from types import SimpleNamespace
 
-import magnet_engine as me
 import pytest
 import torch
 from magnet_engine.engine.scheduler import QueueFull, RequestTimeout, Scheduler
+
+import magnet_engine as me
 
 LONG = "upbeat electronic dance track with a heavy bass line at 128 bpm"
 
@@ -60,9 +61,10 @@ def test_mixed_requests_token_identical_default(default_engine):
     check_identical(default_engine, reqs, max_batch=8)
 
 
-def test_forward_packed_small_passes_get_their_own_gemm(tiny):
-    """A 3-frame unguided request is a 3-row GEMM alone, which MKL computes with another kernel than the same rows
-    inside a big GEMM (GEMM_MIN_ROWS); the packed pass must still equal each request's own pass."""
+def test_forward_packed_equals_each_own_pass(tiny):
+    """Deterministic mode (the CPU default): a 3-frame unguided request's rows inside a pack of other requests'
+    (which a plain GEMM would compute with another kernel than the 3 rows alone) equal its own pass, bit for bit."""
+    assert tiny.lm.deterministic
     from magnet_engine.engine.model import Rows
 
     g = torch.Generator().manual_seed(0)
@@ -178,22 +180,51 @@ def test_error_isolated_to_its_request(tiny, monkeypatch):
             assert torch.equal(f.result(timeout=60).codes, tiny.generate([p], **kw).codes)
 
 
-def test_error_in_a_pass_fails_its_requests_and_the_loop_serves_on(tiny, monkeypatch):
-    def hook(i):
-        if i == 1:  # a failed pass is not counted: the next pass is call 1 again
-            hook.failed = getattr(hook, "failed", 0) + 1
-            if hook.failed == 1:
-                raise RuntimeError("pass failed")
+def test_a_failed_pass_retries_each_request_alone(tiny, monkeypatch):
+    """A pass that fails once (in the sampler, after the noise was drawn): every request runs that step again
+    alone with its pre-drawn noise, and all finish token-identical to their solo runs; the loop serves on."""
+    kw = [dict(TINY, greedy=False, seed=s, duration=d) for s, d in ((1, 0.3), (2, 0.5), (3, 0.3))]
+    prompts = ("one", "two", "three")
+    want = [tiny.generate([p], **k).codes for p, k in zip(prompts, kw)]
+    sample, calls = tiny.sample, []
 
-    count_passes(tiny, monkeypatch, hook)
-    kw = dict(TINY, greedy=True, duration=0.3)
+    def flaky(*args, **kwargs):
+        calls.append(len(args[0]))
+        if len(calls) == 3:
+            raise RuntimeError("sampler failed once")
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(tiny, "sample", flaky)
     with Scheduler(tiny, max_batch=4) as sched:
-        hit = [sched.submit(p, **kw) for p in ("one", "two")]
-        for f in hit:
-            with pytest.raises(RuntimeError, match="pass failed"):
-                f.result(timeout=60)
-        after = sched.submit("three", **kw)
-        assert torch.equal(after.result(timeout=60).codes, tiny.generate(["three"], **kw).codes)
+        with sched._cv:  # all three start together
+            futures = [sched.submit(p, **k) for p, k in zip(prompts, kw)]
+        outs = [f.result(timeout=60).codes for f in futures]
+    assert all(torch.equal(o, w) for o, w in zip(outs, want))
+
+
+def test_a_request_that_fails_every_pass_fails_alone(tiny, monkeypatch):
+    """A request whose pass always fails (here: its frame count) fails; the requests beside it are retried without
+    it and finish as if alone. A pass of one request has nobody to retry: it fails."""
+    kw = dict(TINY, greedy=True)
+    bad_t = tiny.generate(["x"], **kw, duration=0.7).codes.shape[-1]
+    forward = tiny.lm_pass
+
+    def poisoned(decs):
+        if any(d.frames == bad_t for d in decs):
+            raise RuntimeError("poisoned pass")
+        return forward(decs)
+
+    monkeypatch.setattr(tiny, "lm_pass", poisoned)
+    with Scheduler(tiny, max_batch=4) as sched:
+        with sched._cv:
+            futures = [sched.submit(p, **kw, duration=d) for p, d in (("one", 0.3), ("boom", 0.7), ("two", 0.5))]
+        with pytest.raises(RuntimeError, match="poisoned"):
+            futures[1].result(timeout=60)
+        for f, p, d in ((futures[0], "one", 0.3), (futures[2], "two", 0.5)):
+            assert torch.equal(f.result(timeout=60).codes, tiny.generate([p], **kw, duration=d).codes)
+        with pytest.raises(RuntimeError, match="poisoned"):
+            sched.submit("alone", **kw, duration=0.7).result(timeout=60)
+        assert sched.submit("after", **kw, duration=0.3).result(timeout=60).codes.shape[-1] > 0
 
 
 def test_close_with_requests_in_flight(tiny, monkeypatch):
@@ -332,3 +363,115 @@ def test_stream_refusals_timeout_and_cancel(tiny, monkeypatch):
             list(gone)
     with pytest.raises(RuntimeError, match="closed"):
         sched.stream("x", **TINY)
+
+
+def test_admission_takes_a_burst_of_max_batch_whole(tiny, monkeypatch):
+    """Refused only when the batch's free slots and max_queue are used up: max_batch requests into an idle
+    scheduler are all taken with any max_queue >= 0, one more is refused, and each finishes."""
+    kw = dict(TINY, greedy=True, duration=0.2)
+    for max_queue in (0, 2):
+        go = blocked_loop(tiny, monkeypatch)
+        with Scheduler(tiny, max_batch=4, max_queue=max_queue) as sched:
+            futures = [sched.submit(f"p{i}", **kw) for i in range(4 + max_queue)]
+            with pytest.raises(QueueFull, match=f"max_queue={max_queue}"):
+                sched.submit("one too many", **kw)
+            go.set()
+            assert all(f.result(timeout=60).codes.shape == (1, 4, 9) for f in futures)
+
+
+def test_one_text_encoding_per_step_beside_a_running_batch(tiny, monkeypatch):
+    """Requests arriving while others decode start one per step (one text encoding between two passes), so a burst
+    does not stall the batch for all its texts at once; into an idle loop they all start together."""
+    long_kw = dict(TINY, greedy=True, steps=(8, 8, 8, 8), duration=1.0)
+    short_kw = dict(TINY, greedy=True, steps=(4, 4, 4, 4), duration=0.4)
+    box = {}
+    with Scheduler(tiny, max_batch=8) as sched:
+        def hook(i):
+            if i == 3:
+                box["short"] = [sched.submit(f"s{j}", **short_kw) for j in range(3)]
+        sizes = count_passes(tiny, monkeypatch, hook)
+        sched.submit(LONG, **long_kw).result(timeout=60)
+        for f in box["short"]:
+            f.result(timeout=60)
+    assert sizes[3:7] == [1, 2, 3, 4]
+
+
+def test_render_runs_in_the_loop_thread(tiny):
+    """submit(render=f): the future resolves to f(generation), called by the loop thread; its error is the
+    request's own."""
+    kw = dict(TINY, greedy=True, duration=0.2)
+    seen = []
+
+    def render(out):
+        seen.append(threading.current_thread().name)
+        return out.audio.shape
+
+    def broken(out):
+        raise ValueError("cannot render")
+
+    with Scheduler(tiny) as sched:
+        assert sched.submit("a", render=render, **kw).result(timeout=60) == (1, 1, 9 * tiny.codec.config.hop_length)
+        with pytest.raises(ValueError, match="cannot render"):
+            sched.submit("a", render=broken, **kw).result(timeout=60)
+        chunks = list(sched.stream("b", render=render, **dict(kw, duration=2.5)))
+    assert len(chunks) > 1 and set(seen) == {"magnet-scheduler"}
+
+
+def test_streams_have_their_own_limit(tiny, monkeypatch):
+    """max_streams streamed requests (started or waiting) at once; past it QueueFull, whatever max_queue says."""
+    go = blocked_loop(tiny, monkeypatch)
+    real = tiny.generate_stream
+
+    def gated(*args, **kw):
+        for chunk in real(*args, **kw):
+            go.wait(60)
+            yield chunk
+
+    monkeypatch.setattr(tiny, "generate_stream", gated)
+    kw = dict(TINY, greedy=True, duration=2.0)
+    with Scheduler(tiny, max_queue=64, max_streams=2) as sched:
+        streams = [sched.stream("a", **kw), sched.stream("b", **kw)]
+        with pytest.raises(QueueFull, match="max_streams=2"):
+            sched.stream("c", **kw)
+        with pytest.raises(QueueFull, match="max_streams=2"):
+            sched.submit("a long piece", **kw).result(timeout=60)
+        go.set()
+        assert all(len(list(st)) > 1 for st in streams)
+
+
+def test_default_max_frames_is_sized_from_the_model(tiny):
+    with Scheduler(tiny, max_batch=3) as sched:
+        assert sched.max_frames == 2 * 3 * tiny.config.max_frames
+    with Scheduler(tiny, max_frames=100) as sched:
+        assert sched.max_frames == 100
+
+
+def test_the_callers_openmp_workers_are_released():
+    """Scheduler(engine) after the caller ran torch: the caller's OpenMP pool is handed back (it would make libgomp
+    throttle the loop thread's pool: module docstring), so only the loop thread holds torch workers."""
+    import os
+
+    if "OpenMP" not in torch.__config__.parallel_info() or not hasattr(os, "RTLD_NOLOAD"):
+        pytest.skip("torch is not built with OpenMP here")
+    from magnet_engine.engine.scheduler import release_openmp_threads
+
+    counts = {}
+
+    def caller():
+        torch.set_num_threads(2)
+        x = torch.randn(512, 512)
+        for _ in range(3):
+            x @ x  # a parallel op: this thread gets a pool of workers
+        counts["before"] = len(os.listdir("/proc/self/task"))
+        counts["released"] = release_openmp_threads()
+        threading.Event().wait(0.2)
+        counts["after"] = len(os.listdir("/proc/self/task"))
+
+    threads = torch.get_num_threads()
+    try:
+        t = threading.Thread(target=caller)
+        t.start()
+        t.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert counts["released"] and counts["after"] == counts["before"] - 1

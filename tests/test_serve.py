@@ -141,7 +141,7 @@ def test_long_piece_streamed_and_whole(cluster, tiny):
 def test_concurrent_requests_and_the_client(cluster):
     """Requests decoded together give what each gives alone (same seed, same bytes); no seed: one is drawn and
     returned, and it reproduces the audio."""
-    from magnet_engine.serve import Client
+    from magnet_engine.serve.client import Client
 
     def one(i: int) -> tuple[int, dict, bytes]:
         return call(cluster["main"] + "/v1/generate", {"prompt": f"drums {i % 3}", "seed": i % 3, **FAST})
@@ -271,3 +271,123 @@ def test_a_replica_that_cannot_load_fails_the_start_with_its_own_error(cluster):
 
     assert "bad" not in serve.status().applications
     assert call(cluster["main"] + "/v1/health")[0] == 200
+
+
+def asgi_call(app, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """One request through the ASGI app in this process (no Ray, no sockets); a fault the app re-raises after
+    answering (Starlette does, for the server's log) is swallowed here once the answer is sent."""
+    import asyncio
+
+    sent: list[dict] = []
+
+    async def run() -> None:
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        hdrs = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "path": path,
+                 "raw_path": path.encode(), "query_string": b"", "headers": hdrs, "scheme": "http",
+                 "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "root_path": ""}
+        try:
+            await app(scope, receive, send)
+        except Exception:  # noqa: BLE001 - re-raised after the answer was sent
+            assert any(m["type"] == "http.response.body" for m in sent)
+
+    asyncio.run(run())
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return (start["status"], {k.decode(): v.decode() for k, v in start["headers"]},
+            b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+
+@pytest.fixture(scope="module")
+def local_service(fixture_dir: Path):
+    """The replica's Service and app without Ray, with an API key."""
+    from magnet_engine.serve.config import ServiceConfig, key_digest
+    from magnet_engine.serve.http import Service, build_app
+
+    seen: list[tuple[int, float]] = []
+    metrics = type("M", (), {"request": lambda self, status, latency: seen.append((status, latency))})()
+    service = Service(ServiceConfig(model=str(fixture_dir), device="cpu", api_key_sha256=key_digest(KEY)), metrics)
+    try:
+        yield service, build_app(service), seen
+    finally:
+        service.close()
+
+
+def test_a_server_fault_answers_a_request_id_and_logs_the_traceback(local_service, monkeypatch):
+    """No exception text reaches the client: a 500 with a request id and a generic message; the log has the id
+    and the traceback; the metrics count the 500."""
+    service, app, seen = local_service
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret detail of /internal/path")
+
+    monkeypatch.setattr(service.scheduler, "submit", broken)
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # Ray may have stopped "ray.serve" from propagating to pytest's capture
+    logging.getLogger("ray.serve").addHandler(handler)
+    try:
+        status, headers, raw = asgi_call(app, "POST", "/v1/generate", json.dumps({"prompt": "x"}).encode(), auth)
+    finally:
+        logging.getLogger("ray.serve").removeHandler(handler)
+    err = json.loads(raw)
+    assert status == 500 and headers["content-type"] == "application/json"
+    assert set(err) == {"error", "request_id"} and err["request_id"] in err["error"]
+    assert "secret" not in raw.decode() and "RuntimeError" not in raw.decode()
+    record = next(r for r in records if err["request_id"] in r.getMessage())
+    assert record.exc_info and "secret detail" in str(record.exc_info[1])
+    assert seen[-1][0] == 500
+    status, _, raw = asgi_call(app, "POST", "/v1/generate", json.dumps({"prompt": "x"}).encode(),
+                               {**auth, "X-Request-Id": "abc123"})
+    assert status == 500 and json.loads(raw)["request_id"] == "abc123"  # the caller's id, when it sends one
+
+
+def test_rendering_runs_off_the_event_loop(local_service, monkeypatch):
+    """The WAV is normalised and encoded by the scheduler's loop thread (the one torch thread), not by the
+    thread running the event loop; the bearer dependency guards the route."""
+    import threading
+
+    from magnet_engine.serve.http import Service
+
+    service, app, _ = local_service
+    threads: list[str] = []
+    render = Service.render
+
+    def recorded(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return render(self, *args, **kwargs)
+
+    monkeypatch.setattr(Service, "render", recorded)
+    body = json.dumps({"prompt": "x", "seed": 1, **FAST}).encode()
+    status, headers, wav = asgi_call(app, "POST", "/v1/generate", body, {"Authorization": f"Bearer {KEY}"})
+    assert status == 200 and headers["content-type"] == "audio/wav" and wav[:4] == b"RIFF"
+    assert threads == ["magnet-scheduler"]
+    for auth in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        status, headers, raw = asgi_call(app, "POST", "/v1/generate", body, auth)
+        assert status == 401 and headers["www-authenticate"] == "Bearer" and "API key" in json.loads(raw)["error"]
+
+
+def test_openapi_request_schema_is_generated_from_generation_config(local_service):
+    """The body schema is the pydantic model generated from GenerationConfig: every field typed, with the model's
+    default, unknown keys refused, and the bearer scheme declared."""
+    from magnet_engine.engine.config import GenerationConfig
+
+    service, app, _ = local_service
+    doc = app.openapi()
+    schema = doc["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(schema["properties"]) == {f.name for f in fields(GenerationConfig)} | {"prompt", "format", "timeout",
+                                                                                       "stream"}
+    assert schema["required"] == ["prompt"] and schema["additionalProperties"] is False
+    assert schema["properties"]["steps"]["default"] == list(service.engine.defaults.steps)
+    assert schema["properties"]["steps"]["type"] == "array" and schema["properties"]["greedy"]["type"] == "boolean"
+    assert schema["properties"]["format"]["enum"] == ["wav", "flac", "ogg"]
+    assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"

@@ -1,5 +1,6 @@
-"""`magnet serve` as a process: flags checked before anything starts, found by `magnet` through its entry point, and
-SIGTERM: in-flight requests answered, every process it started gone, and nothing ever listening off loopback.
+"""`magnet serve` as a process: flags checked before anything starts, found by `magnet` through its entry point, a
+burst of max_batch requests admitted whole, and SIGTERM to its whole process group (as a supervisor sends it): in-flight
+requests answered, exit 0, every process it started gone, and nothing ever listening off loopback.
 One Ray start (the subprocess's)."""
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def test_magnet_finds_serve_through_its_entry_point(monkeypatch, capsys):
                         lambda **kw: [ep] if kw.get("group") == cli.COMMANDS_GROUP else real(**kw))
     assert cli.main(["--help"]) == 0 and "serve" in capsys.readouterr().out
     assert cli.main(["serve", "--max-queue", "-1"]) == 2 and "--max-queue" in capsys.readouterr().err
-    assert "serve = serve.cli:main" in (REPO / "setup.py").read_text()
+    assert "serve = magnet_engine.serve.cli:main" in (REPO / "setup.py").read_text()
 
 
 def _tree(root: int) -> set[int]:
@@ -104,16 +105,19 @@ def _loopback(addr: str) -> bool:
         (addr.startswith("0000000000000000FFFF0000") and addr.endswith("7F"))
 
 
-def test_sigterm_finishes_in_flight_and_leaves_nothing_running(fixture_dir, tmp_path):
-    from magnet_engine.serve import Client
+def test_sigterm_to_the_group_finishes_in_flight_and_leaves_nothing_running(fixture_dir, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from magnet_engine.serve.client import Client
 
     (tmp_path / "key").write_text("k3y\n")
     port = free_port()
     out, err = (tmp_path / "out.log").open("w"), (tmp_path / "err.log").open("w")
+    # a session of its own, as a supervisor starts a service: the group's SIGTERM below does not reach this test
     proc = subprocess.Popen([sys.executable, "-m", "magnet_engine.serve", "--model", str(fixture_dir),
                              "--device", "cpu", "--port", str(port), "--api-key-file", str(tmp_path / "key"),
-                             "--max-batch", "2"],
-                            stdout=out, stderr=err, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+                             "--max-batch", "4", "--max-queue", "0", "--timeout", "60"],
+                            stdout=out, stderr=err, cwd=REPO, start_new_session=True)
     try:
         deadline = time.monotonic() + 150
         while "ready at" not in (tmp_path / "out.log").read_text():
@@ -136,6 +140,10 @@ def test_sigterm_finishes_in_flight_and_leaves_nothing_running(fixture_dir, tmp_
             time.sleep(2)
             text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
         assert all(n in text for n in names), [n for n in names if n not in text]
+        # admission: a burst of max_batch requests into the idle replica is taken whole, even with --max-queue 0
+        with ThreadPoolExecutor(4) as pool:
+            burst = list(pool.map(lambda i: client.generate("burst", seed=i, steps=[40, 10, 10, 10])[1], range(4)))
+        assert burst == [32000] * 4
         result: dict = {}
 
         def slow() -> None:
@@ -145,8 +153,10 @@ def test_sigterm_finishes_in_flight_and_leaves_nothing_running(fixture_dir, tmp_
         worker.start()
         time.sleep(0.5)
         started |= _tree(proc.pid)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0, (tmp_path / "err.log").read_text()[-3000:]
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)  # systemd's way: every process of the group, not only the main one
+        assert proc.wait(timeout=90) == 0, (tmp_path / "err.log").read_text()[-3000:]
+        assert time.monotonic() - t0 < 60  # within the grace period (--timeout)
         worker.join(timeout=60)
         assert result["audio"][1] == 32000  # the request in flight was answered, not dropped
         deadline = time.monotonic() + 30
@@ -166,13 +176,15 @@ def test_deployment_options_replicas_and_autoscaling():
     replica (a replica is full at max_batch decoding together); replicas hold their scheduler's queue plus room to
     answer overflow with 503, and the router's queue is bounded."""
     from magnet_engine.serve.cli import parse
+    from magnet_engine.serve.config import scheduler_limits
     from magnet_engine.serve.deployment import OVERFLOW, application
 
     service, launch = parse(["--max-batch", "4", "--max-queue", "10", "--autoscale", "1,3", "--replica-cpus", "2"])
     opts = application(service, launch)._bound_deployment._deployment_config
     auto = opts.autoscaling_config
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 3, 4)
-    assert opts.max_ongoing_requests == 4 + 10 + OVERFLOW and opts.max_queued_requests == 4 + 10 + OVERFLOW
+    streams = scheduler_limits(service)["max_streams"]  # the scheduler's default
+    assert opts.max_ongoing_requests == opts.max_queued_requests == 4 + 10 + streams + OVERFLOW
     service, launch = parse(["--replicas", "3"])
     bound = application(service, launch)._bound_deployment
     assert bound._deployment_config.num_replicas == 3 and bound._deployment_config.autoscaling_config is None
@@ -181,8 +193,9 @@ def test_deployment_options_replicas_and_autoscaling():
 
 def test_magnet_help_imports_neither_serve_nor_ray():
     """The entry point is read as metadata: `magnet --help` lists plug-in commands without importing them."""
-    code = ("import sys, contextlib, io; from engine.cli import main\n"
+    code = ("import sys, contextlib, io; from magnet_engine.engine.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()): main(['--help'])\n"
-            "assert not [m for m in sys.modules if m.split('.')[0] in ('serve', 'ray', 'fastapi')], 'imported'")
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('ray', 'fastapi') or\n"
+            "            m.startswith('magnet_engine.serve')], 'imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
