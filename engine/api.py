@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,15 @@ class _Run:
     generators: list[torch.Generator] | None  # one per row, running on through every window
     cond: torch.Tensor  # [B, L, dim] text conditioning, shared by every window
     step: magnet.Step | None  # MAGNeT's step function on `cond` (None for the AR baseline)
+
+
+def _finish(steps: Generator[None, None, Any]) -> Any:
+    """Run a stepping generator (`Engine._segment`) to its end -> what it returns."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
 
 
 def _length(prompt: torch.Tensor | None) -> int:
@@ -227,9 +236,9 @@ class Engine:
         (engine.longform); its audio is the concatenation of `generate_stream`'s chunks, sample for sample."""
         req = self._as_request(prompts, config, request)
         if longform.is_long(self.config, req.gen):
-            return join(list(self._windows(req, progress, decode)), self.sample_rate, req.gen.seed)
+            return join(list(self._chunks(req, progress, decode)), self.sample_rate, req.gen.seed)
         run = self._start(req)
-        codes, stats = self._segment(req, run, req.gen, run.prompt, progress, first=True)
+        codes, stats = _finish(self._segment(req, run, req.gen, run.prompt, progress, first=True))
         audio = self.decode(codes) if decode else torch.empty(req.batch, 1, 0)
         return Generation(audio=audio, codes=codes, sample_rate=self.sample_rate, seed=req.gen.seed, stats=stats)
 
@@ -241,11 +250,19 @@ class Engine:
         seed; a chunk holds the samples no later token can change (engine.longform.StreamDecoder), so the last
         few frames of a window come with the next one."""
         req = self._as_request(prompts, config, request)
+        yield from (item for item in self.stream_steps(req, progress) if item is not None)
+
+    @torch.no_grad()
+    def stream_steps(self, req: Request, progress: magnet.Progress | None = None) -> Iterator[Chunk | None]:
+        """`generate_stream` one decoding step at a time: None after each MAGNeT step, a `Chunk` when a window
+        completes. A caller that interleaves other work between steps (the scheduler, beside its batch) advances a
+        long piece without holding its loop for a whole window."""
         if longform.is_long(self.config, req.gen):
             yield from self._windows(req, progress, decode=True)
             return
-        out = self.generate(req, progress=progress)
-        yield Chunk(out.audio, out.codes, 0, 1, out.stats)
+        run = self._start(req)
+        codes, stats = yield from self._segment(req, run, req.gen, run.prompt, progress, first=True)
+        yield Chunk(self.decode(codes), codes, 0, 1, stats)
 
     def _as_request(self, prompts: str | Sequence[str | None] | Request, config: GenerationConfig | None,
                     request: dict[str, Any]) -> Request:
@@ -271,9 +288,11 @@ class Engine:
         return _Run(prompt, generators, cond, step)
 
     def _segment(self, req: Request, run: _Run, gen: GenerationConfig, prompt: torch.Tensor | None,
-                 progress: magnet.Progress | None, first: bool) -> tuple[torch.Tensor, dict[str, float]]:
+                 progress: magnet.Progress | None, first: bool
+                 ) -> Generator[None, None, tuple[torch.Tensor, dict[str, float]]]:
         """One segment's tokens [B, K, T'] under `gen`, continuing `prompt` [B, K, P]: the plain run, or a window
-        of a long piece (`first`: the window that the hybrid's AR prefix writes into)."""
+        of a long piece (`first`: the window that the hybrid's AR prefix writes into). A generator that yields after
+        each MAGNeT step and returns (codes, lever costs): `_finish` runs it whole."""
         prompts = list(req.prompts)
         generator = None if run.generators is None else run.generators[0]  # the AR paths' one stream (as before)
         stats: dict[str, float] = {}
@@ -296,8 +315,14 @@ class Engine:
         if self.graph and rescore is None:
             codes = self._replay(run, gen, len(prompts), prompt, progress)
         else:
-            codes = magnet.generate_tokens(run.step, self.sample, self.config, gen, len(prompts), self.device, prompt,
-                                           run.generators, progress, rescore=rescore)
+            dec = magnet.Decoding(self.config, gen, len(prompts), self.device, prompt, run.generators, rescore,
+                                  run.step)
+            while not dec.finished:
+                magnet.decode_step(magnet.each_alone, self.sample, [dec])
+                if progress is not None:
+                    progress(dec.done, dec.total)
+                yield
+            codes = dec.codes
         if rescore is not None:
             stats.update(rescore.stats())
         if prefix_timer is not None:
@@ -323,9 +348,13 @@ class Engine:
             progress(dec.total, dec.total)
         return codes
 
-    def _windows(self, req: Request, progress: magnet.Progress | None, decode: bool) -> Iterator[Chunk]:
+    def _chunks(self, req: Request, progress: magnet.Progress | None, decode: bool) -> Iterator[Chunk]:
+        return (item for item in self._windows(req, progress, decode) if item is not None)
+
+    def _windows(self, req: Request, progress: magnet.Progress | None, decode: bool) -> Iterator[Chunk | None]:
         """A long piece window by window (engine.longform.plan): each window continues from the last `context`
-        frames of the piece; its new tokens go through one StreamDecoder, so the audio has no seam."""
+        frames of the piece; its new tokens go through one StreamDecoder, so the audio has no seam. Yields None
+        after each decoding step and a Chunk per window."""
         windows = longform.plan(self.config, req.gen)
         run = self._start(req)
         steps = [self._steps(req, w.gen, w.context if w.index else _length(run.prompt), w.index == 0)
@@ -335,7 +364,7 @@ class Engine:
         for w in windows:
             report = None if progress is None else _offset(progress, sum(steps[:w.index]), sum(steps))
             prompt = run.prompt if tail is None else tail[..., tail.shape[-1] - w.context:]
-            codes, stats = self._segment(req, run, w.gen, prompt, report, first=w.index == 0)
+            codes, stats = yield from self._segment(req, run, w.gen, prompt, report, first=w.index == 0)
             new = codes[..., w.context:w.context + (codes.shape[-1] if w.index == 0 else w.keep)]  # [B, K, new]
             tail = codes[..., :w.context + new.shape[-1]]  # context + new: at least C frames, no growing copy
             last = w.index == len(windows) - 1

@@ -1,19 +1,26 @@
 """Many requests at once: iteration-level batching of MAGNeT decoding, each request decoded as if alone.
 
     submit() ─► queue (FIFO, ≤ max_queue) ─► loop thread: admit up to max_batch ─► per iteration:
-        every active request's `magnet.Decoding.prepare()` ─► ONE packed LM pass (`LM.forward_packed`) ─►
-        sampler calls with per-row parameters (one per request length) ─► each request's `advance()` ─►
-        finished ones decode and leave
+        ONE decoding step of every active request (`magnet.decode_step` over their static programs: re-mask,
+        one LM pass through `Engine.lm_pass` (torch: packed along the rows, `LM.forward_packed`; onnxruntime: each
+        alone), sampler calls with per-row parameters (one per request length), span scores) ─► finished ones
+        decode and leave
 
 A request joins at the next iteration after it is submitted and leaves the iteration it finishes, whatever stage and
 step the others are at (vLLM-style continuous batching; MAGNeT's fixed step count makes every iteration one step of
 every active request).
 
-Bit-equality with `engine.generate([prompt], **same settings)`: the pass packs the requests' rows without padding
-(linears see only a row's own elements; attention runs per request over its own frames and own text length: see
-`LM.forward_packed`), and the sampler only reduces over V within a position (requests of equal length share a
-call, no padding). Each request draws its noise from its own generator (`magnet.row_generators(seed, 1)`), in
-the solo run's order. tests/test_scheduler.py holds the equality on the fixture and the shipped model.
+What a request's tokens depend on, per device and dtype:
+- Deterministic engines (`Engine.set_deterministic`; the default on CPU, opt-in on CUDA: `load(...,
+  deterministic=True)`, `magnet serve --deterministic`): exactly its solo `engine.generate([prompt], **same
+  settings)` tokens, whatever its batchmates, their number, arrival order, and (CPU) the thread count, in fp32,
+  fp16 and bf16. Every linear is row-invariant by construction (`model.invariant_linear`); attention runs per
+  request over its own frames and text (`LM.forward_packed`: no padding); the sampler reduces over V within a
+  position; each request draws its noise, before its first step, from its own generator (`row_generators(seed,
+  1)`), in the solo run's order. tests/test_determinism.py and tests/test_scheduler.py hold it (bench/gpu.sh runs
+  the former on CUDA in fp16 and bf16).
+- Otherwise (CUDA by default): the GEMMs' kernels depend on the pass's row count, so a logit moves by ~1e-4 in
+  fp16 with the batchmates and a near-tie can flip; the same seed alone still gives the same tokens.
 
 Threads: the loop thread does all torch work (text encoding, LM, sampling, codec, and a caller's `render`);
 `submit` does none. With libgomp (torch's OpenMP on Linux), every OpenMP thread pool counts against the CPUs: once
@@ -29,10 +36,11 @@ request (its text encoding) and finishes at most one (codec decoding and its `re
 of completions delays the others by one text or one codec call per step, not by a batch of them; an idle loop does
 all of it at once.
 
-Streams (`stream()`: any duration, long pieces included) run in the same loop thread, one window per loop
-iteration between batched steps (`Engine.generate_stream`), so a long piece neither blocks the batch for minutes nor
-touches the model from another thread; its chunks reach the caller through a queue. At most `max_streams` are held
-(started or waiting); past it `stream` (and `submit` of a long piece) raise QueueFull.
+Streams (`stream()`: any duration, long pieces included) run in the same loop thread, one decoding step per loop
+iteration beside the batch's step (`Engine.stream_steps`; a window's codec decoding at its end), so a long piece
+neither holds the batch for a window nor touches the model from another thread; its chunks reach the caller
+through a queue. At most `max_streams` are held (started or waiting); past it `stream` (and `submit` of a long
+piece) raise QueueFull.
 
 Admission: `submit` refuses (QueueFull) only when the batch's free slots and `max_queue` are both used up, counted
 at submit time, so a burst of `max_batch` requests into an idle scheduler is taken whole even with max_queue=0.
@@ -65,6 +73,9 @@ if TYPE_CHECKING:
     from .api import Chunk, Engine, Generation
     from .config import GenerationConfig
     from .request import Request
+
+
+_END = object()  # a stream's steps have run out
 
 
 class QueueFull(RuntimeError):
@@ -106,7 +117,8 @@ class Stream:
     def __init__(self, request: Request, deadline: float | None, render: Callable[[Chunk], Any] | None = None
                  ) -> None:
         self.request, self.deadline, self.render = request, deadline, render
-        self.chunks: Iterator[Chunk] | None = None  # Engine.generate_stream, started and advanced by the loop thread
+        # Engine.stream_steps (None after each step, a Chunk per window), started and advanced by the loop thread
+        self.chunks: Iterator[Chunk | None] | None = None
         self._out: queue.Queue[Chunk | BaseException | None] = queue.Queue()
         self._cancelled = threading.Event()
 
@@ -448,7 +460,8 @@ class Scheduler:
                     self._active.append(req)
 
     def _advance(self, st: Stream) -> None:
-        """One window of a streamed request (its first call starts it); its end or failure ends the stream."""
+        """One decoding step of a streamed request (its first call starts it; `Engine.stream_steps`), a chunk when
+        it completes a window; its end or failure ends the stream."""
         item: Chunk | BaseException | None
         if st.cancelled:
             item = RuntimeError("the stream was cancelled")
@@ -457,10 +470,11 @@ class Scheduler:
         else:
             try:
                 if st.chunks is None:
-                    st.chunks = self.engine.generate_stream(st.request)
-                item = next(st.chunks, None)
-                if item is not None and st.render is not None:
-                    item = st.render(item)
+                    st.chunks = self.engine.stream_steps(st.request)
+                item = next(st.chunks, _END)
+                if item is None:
+                    return  # a step of the piece, between two of the batch's
+                item = None if item is _END else item if st.render is None else st.render(item)
             except Exception as e:  # noqa: BLE001 - a failure of this piece is its own, the loop goes on
                 item = e
             if item is not None and not isinstance(item, BaseException):

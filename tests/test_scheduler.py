@@ -475,3 +475,19 @@ def test_the_callers_openmp_workers_are_released():
     finally:
         torch.set_num_threads(threads)
     assert counts["released"] and counts["after"] == counts["before"] - 1
+
+
+def test_a_stream_steps_beside_the_batch(tiny):
+    """A long piece's window is cut into decoding steps that interleave with the batch's: a 5-step request submitted
+    with it finishes before the piece's first 10-step window does (a whole window per iteration would hold it)."""
+    long_kw = dict(TINY, greedy=True, duration=2.0)
+    with Scheduler(tiny, max_batch=2) as sched:
+        with sched._cv:  # both start in the same iteration
+            stream = sched.stream(LONG, **long_kw)
+            short = sched.submit("piano", **dict(TINY, greedy=True, steps=(2, 1, 1, 1), duration=0.3))
+        first = stream.next_chunk(timeout=120)
+        assert short.done() and short.result().codes.shape[-1] == 15
+        chunks = [first, *stream]
+    want = list(tiny.generate_stream([LONG], **long_kw))
+    assert len(chunks) == len(want) > 1
+    assert all(torch.equal(a.codes, b.codes) and torch.equal(a.audio, b.audio) for a, b in zip(chunks, want))
