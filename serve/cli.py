@@ -57,6 +57,9 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "max_body": ("--max-body", {"type": int, "help": "bytes of a request body; past it: 413"}),
     "max_prompt_chars": ("--max-prompt-chars", {"type": int, "help": "longest prompt in characters"}),
     "threads": ("--threads", {"type": int, "help": "torch threads per replica (0 = its --replica-cpus)"}),
+    "deterministic": ("--deterministic", {"action": "store_const", "const": True,
+                                          "help": "a request's tokens are its solo run's whatever its batchmates "
+                                                  "(default: on for CPU replicas; on CUDA it costs speed)"}),
     "host": ("--host", {"help": "HTTP address to bind; anything but loopback exposes the service"}),
     "port": ("--port", {"type": int}),
     "replicas": ("--replicas", {"type": int, "help": "fixed number of replicas, placed across the Ray nodes"}),

@@ -144,7 +144,7 @@ class Service:
 
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        return me.load(self.config.model, device=self.config.device)
+        return me.load(self.config.model, device=self.config.device, deterministic=self.config.deterministic)
 
     def close(self) -> None:
         """Finish what is queued and in flight, then stop the loop thread."""
