@@ -10,22 +10,35 @@ from __future__ import annotations
 from typing import Any
 
 
+def fastest_attention(q: Any, k: Any, v: Any, window: int | None) -> Any:
+    """`engine.ops.attention` by the fastest op for each use, as measured on an H200 (`bench kernels`, fp16): the
+    band (stages >= 1) by our Triton kernel (9.3x SDPA with a boolean band mask at B=16, T=1500; equal at B=1,
+    T=500); full and cross attention on CUDA by SDPA's flash path (our kernel ran at 0.35-0.9x of it). Off CUDA
+    (the interpreter, in tests) every use runs the kernel."""
+    from .attention import attention
+
+    if window is None and q.is_cuda:
+        import torch.nn.functional as F
+
+        return F.scaled_dot_product_attention(q, k, v)
+    return attention(q, k, v, window)
+
+
 def apply(engine: Any) -> Any:
     """Turn an engine's torch path into the Triton path, in place (gpt-fast style: a transform on a built model).
 
     Swaps the attention op of every self/cross-attention module of the LM (MAGNeT's full and banded passes; the AR
-    model's KV-cached causal path keeps PyTorch) and the per-step sampler. Returns the engine. On CPU tensors the
-    kernels need `TRITON_INTERPRET=1` (slow; for tests).
+    model's KV-cached causal path keeps PyTorch) for `fastest_attention`, and the per-step sampler. Returns the
+    engine. On CPU tensors the kernels need `TRITON_INTERPRET=1` (slow; for tests).
     """
     from magnet_engine.engine.config import SettingError
     from magnet_engine.engine.model import set_attention
 
-    from .attention import attention
     from .sampling import sample
 
     if engine.lm is None:
         raise SettingError("the triton <backend> needs an engine with a torch LM, not an onnxruntime engine")
-    set_attention(engine.lm, attention, attention)
+    set_attention(engine.lm, fastest_attention, fastest_attention)
     engine.sample = sample
     engine.backend = "triton"
     return engine

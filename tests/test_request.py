@@ -140,7 +140,7 @@ def test_backends_by_name(fixture_dir, settings, expected) -> None:
     assert backends.names()[0] == "torch" and {"triton", "onnx"} <= set(backends.names())
     eng = me.load(fixture_dir, backend="triton", device="cpu")
     assert eng.backend == "triton"
-    assert all(layer.self_attn.attend.__module__ == "magnet_engine.kernels.attention" for layer in eng.lm.layers)
+    assert all(layer.self_attn.attend.__module__ == "magnet_engine.kernels.backend" for layer in eng.lm.layers)
     out = eng.generate(settings["prompts"], decode=False, **run_settings(settings, "gen_stride1"))
     np.testing.assert_array_equal(out.codes.numpy(), expected["gen_stride1"])
     with pytest.raises(SettingError, match="unknown backend 'nope': installed are torch"):

@@ -1,7 +1,6 @@
 """`--backend triton` (kernels.apply) reproduces the reference tokens through the Triton interpreter on CPU."""
 from __future__ import annotations
 
-import magnet_engine as me
 import numpy as np
 import pytest
 from conftest import run_settings
@@ -10,6 +9,8 @@ from magnet_engine.engine.model import SelfAttention
 from magnet_engine.kernels.backend import apply as triton_apply
 from test_cli import cli_args
 
+import magnet_engine as me
+
 
 @pytest.fixture(scope="module")
 def tiny_triton(fixture_dir):
@@ -17,11 +18,11 @@ def tiny_triton(fixture_dir):
 
 
 def test_apply_swaps_ops(tiny_triton):
-    from magnet_engine.kernels.attention import attention
+    from magnet_engine.kernels.backend import fastest_attention
     from magnet_engine.kernels.sampling import sample
 
     attends = [m.attend for m in tiny_triton.lm.modules() if isinstance(m, SelfAttention)]
-    assert attends and all(a is attention for a in attends)
+    assert attends and all(a is fastest_attention for a in attends)
     assert tiny_triton.sample is sample
 
 
