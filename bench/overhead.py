@@ -12,10 +12,11 @@ For one request (batch 1, one prompt, the model's default settings, --duration s
   the op counts (the host cost per op is a few microseconds);
 - compile: torch._dynamo.explain of one decoding step (graphs, graph breaks, their reasons), and the fraction of
   the step's top-level aten ops that ran inside compiled graphs (the profiler, with the graphs' runs marked);
-- requests: median seconds of a whole request (text, every step, codec) eager, with the decoding step compiled
-  (`compile-step`: torch.compile of `magnet.decode_step`; a stage and step index are host facts, so each step of
-  the program is its own graph), and with the LM and the sampler compiled (`compile-pass`: one graph per stage),
-  after --warmup requests (whose seconds, compilation included, are reported as warmup_s).
+- requests: median wall (and process CPU) seconds of a whole request (text, every step, codec) eager, with the
+  decoding step compiled (`compile-step`: torch.compile of `magnet.decode_step`; a stage and step index are host
+  facts, so each step of the program is its own graph) and with the LM and the sampler compiled (`compile-pass`:
+  one graph per stage), after --warmup requests per variant (their seconds, compilation included, are warmup_s);
+  the timed requests go round-robin over the variants.
 
 The measuring functions take any program (`Program`), so the same counts can be taken of other decoding loops.
 """
@@ -223,46 +224,65 @@ def engine_program(eng: Any, gen: Any) -> NewProgram:
     return new
 
 
-@contextlib.contextmanager
-def variant(eng: Any, name: str, steps: int) -> Iterator[None]:
-    """Engine requests run as `name` inside the block (restored after). compile-step swaps the module's
-    decode_step (what generate_tokens calls) for its compiled self, with room for one graph per step."""
+def variant(eng: Any, name: str) -> tuple[Callable[..., None], Any, Any]:
+    """The (magnet.decode_step, make_step, sample) engine requests run with as `name`: compile-step compiles
+    decode_step (what generate_tokens calls), compile-pass the LM's forward (one graph per stage) and the sampler."""
     from magnet_engine.engine import magnet
     from magnet_engine.engine.api import TorchStep
 
-    torch._dynamo.reset()
-    saved = (magnet.decode_step, eng.make_step, eng.sample)
-    limit = torch._dynamo.config.cache_size_limit
+    if name == "eager":
+        return magnet.decode_step, eng.make_step, eng.sample
+    if name == "compile-step":
+        return torch.compile(magnet.decode_step), eng.make_step, eng.sample
+    if name == "compile-pass":
+        return magnet.decode_step, TorchStep(torch.compile(eng.lm)), torch.compile(eng.sample)
+    raise ValueError(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
+
+
+@contextlib.contextmanager
+def swapped(eng: Any, parts: tuple[Callable[..., None], Any, Any]) -> Iterator[None]:
+    """Engine requests run with `parts` (see `variant`) inside the block; the engine and module as before after."""
+    from magnet_engine.engine import magnet
+
+    saved = magnet.decode_step, eng.make_step, eng.sample
+    magnet.decode_step, eng.make_step, eng.sample = parts
     try:
-        if name == "compile-step":
-            torch._dynamo.config.cache_size_limit = max(limit, steps + 8)
-            magnet.decode_step = torch.compile(saved[0])
-        elif name == "compile-pass":
-            eng.make_step, eng.sample = TorchStep(torch.compile(eng.lm)), torch.compile(saved[2])
-        elif name != "eager":
-            raise ValueError(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
         yield
     finally:
         magnet.decode_step, eng.make_step, eng.sample = saved
-        torch._dynamo.config.cache_size_limit = limit
-        torch._dynamo.reset()
 
 
 def time_requests(eng: Any, gen: Any, names: Sequence[str], repeats: int, warmup: int) -> dict[str, Any]:
-    """Median seconds of a whole request (eng.generate: text, steps, codec) per variant, in one process."""
-    out: dict[str, Any] = {}
-    for name in names:
-        times = []
-        with variant(eng, name, sum(gen.steps)):
-            for _ in range(warmup + repeats):
-                t0 = time.perf_counter()
-                eng.generate([PROMPT], gen)
-                times.append(time.perf_counter() - t0)
-        out[name] = {"median_s": round(statistics.median(times[warmup:]), 4),
-                     "runs_s": [round(t, 4) for t in times[warmup:]], "warmup_s": [round(t, 2) for t in times[:warmup]]}
+    """Seconds of a whole request (eng.generate: text, steps, codec) per variant, in one process: each variant's
+    warm-up requests (compilation) first, then the timed requests round-robin over the variants, so load from
+    other processes on a shared machine falls on all of them alike. Wall and process CPU seconds."""
+    variants = {name: variant(eng, name) for name in names}
+    limit = torch._dynamo.config.cache_size_limit
+    torch._dynamo.reset()
+    torch._dynamo.config.cache_size_limit = max(limit, sum(gen.steps) + 8)  # compile-step: one graph per step
+    out: dict[str, Any] = {name: {"runs_s": [], "cpu_s": [], "warmup_s": []} for name in names}
+    try:
+        for name, parts in variants.items():
+            with swapped(eng, parts):
+                for _ in range(warmup):
+                    t0 = time.perf_counter()
+                    eng.generate([PROMPT], gen)
+                    out[name]["warmup_s"].append(round(time.perf_counter() - t0, 2))
+        for _ in range(repeats):
+            for name, parts in variants.items():
+                with swapped(eng, parts):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    eng.generate([PROMPT], gen)
+                    out[name]["runs_s"].append(round(time.perf_counter() - t0, 4))
+                    out[name]["cpu_s"].append(round(time.process_time() - c0, 4))
+    finally:
+        torch._dynamo.config.cache_size_limit = limit
+        torch._dynamo.reset()
+    for r in out.values():
+        r["median_s"], r["median_cpu_s"] = statistics.median(r["runs_s"]), statistics.median(r["cpu_s"])
     if "eager" in out:
-        for name in out:
-            out[name]["speedup_vs_eager"] = round(out["eager"]["median_s"] / out[name]["median_s"], 3)
+        for r in out.values():
+            r["speedup_vs_eager"] = round(out["eager"]["median_s"] / r["median_s"], 3)
     return out
 
 
