@@ -11,6 +11,7 @@
     load     many requests at once: one at a time vs static batching vs the scheduler (bench.load)
     serve    HTTP load on a running `magnet serve`: open / closed loop, errors by status, a replica kill (bench.serve)
     long     long-form pieces: time to first audio, seams, prompt kept per window (bench.long)
+    overhead host overhead per decoding step on CPU: ops, host syncs, ms, what compiles (bench.overhead)
 
 Step-function micro-benchmarks run under pytest-benchmark: `python -m pytest bench/micro.py --benchmark-only`.
 Subcommand modules are imported lazily, so `report` never imports torch's heavy friends and a missing optional
@@ -35,6 +36,8 @@ SUBCOMMANDS = {
     "serve": ("magnet_engine.bench.serve",
               "HTTP load on magnet serve: open/closed loop, latency, errors by status, faults"),
     "long": ("magnet_engine.bench.long", "long-form pieces: time to first audio, seams, prompt kept per window"),
+    "overhead": ("magnet_engine.bench.overhead",
+                 "host overhead per decoding step on CPU: aten ops, host syncs, ms, what compiles"),
 }
 
 
