@@ -15,8 +15,9 @@ For one request (batch 1, one prompt, the model's default settings, --duration s
 - requests: median wall (and process CPU) seconds of a whole request (text, every step, codec) eager, with the
   decoding step compiled (`compile-step`: torch.compile of `magnet.decode_step`; a stage and step index are host
   facts, so each step of the program is its own graph) and with the LM and the sampler compiled (`compile-pass`:
-  one graph per stage), after --warmup requests per variant (their seconds, compilation included, are warmup_s);
-  the timed requests go round-robin over the variants.
+  one graph per stage), eager with row-invariant linears (`deterministic`: Engine.set_deterministic) or plain ones
+  (`plain`), after --warmup requests per variant (their seconds, compilation included, are warmup_s); the timed
+  requests go round-robin over the variants.
 
 The measuring functions take any program (`Program`), so the same counts can be taken of other decoding loops.
 """
@@ -42,6 +43,8 @@ SYNC_OPS = frozenset({"aten._local_scalar_dense.default", "aten.nonzero.default"
 GRAPH_MARK = "bench.overhead::compiled_graph"
 PROMPT = "80s pop track with bassy drums and synth"
 VARIANTS = ("eager", "compile-step", "compile-pass")
+# eager with the linears chosen: row-invariant (Engine.set_deterministic) or plain F.linear; what deterministic costs
+LINEAR_VARIANTS = ("deterministic", "plain")
 
 Pass = Callable[..., Any]
 
@@ -224,32 +227,37 @@ def engine_program(eng: Any, gen: Any) -> NewProgram:
     return new
 
 
-def variant(eng: Any, name: str) -> tuple[Callable[..., None], Any, Any]:
-    """The (magnet.decode_step, make_step, sample) engine requests run with as `name`: compile-step compiles
-    decode_step (what generate_tokens calls), compile-pass the LM's forward (one graph per stage) and the sampler."""
+def variant(eng: Any, name: str) -> tuple[Callable[..., None], Any, Any, Any]:
+    """The (magnet.decode_step, make_step, sample, the LM's linear) engine requests run with as `name`: compile-step
+    compiles decode_step (what generate_tokens calls), compile-pass the LM's forward (one graph per stage) and the
+    sampler; deterministic / plain run eager with row-invariant or plain linears (Engine.set_deterministic)."""
+    import torch.nn.functional as F
     from magnet_engine.engine import magnet
     from magnet_engine.engine.api import TorchStep
+    from magnet_engine.engine.model import invariant_linear
 
     if name == "eager":
-        return magnet.decode_step, eng.make_step, eng.sample
+        return magnet.decode_step, eng.make_step, eng.sample, eng.lm.linear
     if name == "compile-step":
-        return torch.compile(magnet.decode_step), eng.make_step, eng.sample
+        return torch.compile(magnet.decode_step), eng.make_step, eng.sample, eng.lm.linear
     if name == "compile-pass":
-        return magnet.decode_step, TorchStep(torch.compile(eng.lm)), torch.compile(eng.sample)
-    raise ValueError(f"unknown variant {name!r}: choose from {', '.join(VARIANTS)}")
+        return magnet.decode_step, TorchStep(torch.compile(eng.lm)), torch.compile(eng.sample), eng.lm.linear
+    if name in LINEAR_VARIANTS:
+        return magnet.decode_step, eng.make_step, eng.sample, invariant_linear if name == "deterministic" else F.linear
+    raise ValueError(f"unknown variant {name!r}: choose from {', '.join(VARIANTS + LINEAR_VARIANTS)}")
 
 
 @contextlib.contextmanager
-def swapped(eng: Any, parts: tuple[Callable[..., None], Any, Any]) -> Iterator[None]:
+def swapped(eng: Any, parts: tuple[Callable[..., None], Any, Any, Any]) -> Iterator[None]:
     """Engine requests run with `parts` (see `variant`) inside the block; the engine and module as before after."""
     from magnet_engine.engine import magnet
 
-    saved = magnet.decode_step, eng.make_step, eng.sample
-    magnet.decode_step, eng.make_step, eng.sample = parts
+    saved = magnet.decode_step, eng.make_step, eng.sample, eng.lm.linear
+    magnet.decode_step, eng.make_step, eng.sample, eng.lm.linear = parts
     try:
         yield
     finally:
-        magnet.decode_step, eng.make_step, eng.sample = saved
+        magnet.decode_step, eng.make_step, eng.sample, eng.lm.linear = saved
 
 
 def time_requests(eng: Any, gen: Any, names: Sequence[str], repeats: int, warmup: int) -> dict[str, Any]:
@@ -321,7 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", default=None, help="decoding steps per stage, e.g. 20,10,10,10 (default: the model's)")
     p.add_argument("--loops", type=int, default=1, help="whole programs timed step by step")
     p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"whole-request variants to time, comma-separated from {', '.join(VARIANTS)}; '' for none")
+                   help=f"whole-request variants to time, comma-separated from {', '.join(VARIANTS + LINEAR_VARIANTS)}; "
+                        "'' for none")
     p.add_argument("--repeats", type=int, default=3, help="timed requests per variant (0: no request timing)")
     p.add_argument("--warmup", type=int, default=1, help="untimed requests per variant first (compilation)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
