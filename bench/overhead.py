@@ -329,8 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", default=None, help="decoding steps per stage, e.g. 20,10,10,10 (default: the model's)")
     p.add_argument("--loops", type=int, default=1, help="whole programs timed step by step")
     p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"whole-request variants to time, comma-separated from {', '.join(VARIANTS + LINEAR_VARIANTS)}; "
-                        "'' for none")
+                   help="whole-request variants to time, comma-separated from "
+                        f"{', '.join(VARIANTS + LINEAR_VARIANTS)}; '' for none")
     p.add_argument("--repeats", type=int, default=3, help="timed requests per variant (0: no request timing)")
     p.add_argument("--warmup", type=int, default=1, help="untimed requests per variant first (compilation)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
