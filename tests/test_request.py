@@ -37,7 +37,7 @@ def one_line(err: str) -> bool:
 
 
 def test_request_built_twice_is_equal(tiny, settings) -> None:
-    kw = run_settings(settings, "gen_continuation")
+    kw = dict(run_settings(settings, "gen_continuation"), seed=0)  # without one, each request draws its own
     codes = torch.zeros(1, 4, 15, dtype=torch.long)
     a = tiny.request(settings["prompts"], prompt_codes=codes, **kw)
     b = tiny.request(list(settings["prompts"]), prompt_codes=codes.clone(), **kw)
@@ -53,7 +53,8 @@ def test_generate_takes_the_request_without_rechecking(tiny, settings, expected)
     out = tiny.generate(request, decode=False)
     np.testing.assert_array_equal(out.codes.numpy(), expected["gen_nonoverlap_max"])
     parts = request.split(1)
-    assert [p.prompts for p in parts] == [(p,) for p in settings["prompts"]] and parts[0].gen is request.gen
+    assert [p.prompts for p in parts] == [(p,) for p in settings["prompts"]] and parts[0].gen == request.gen
+    assert parts[1].gen.seed == request.gen.seed + 1  # prompt b keeps seed + b
     with pytest.raises(SettingError, match="already holds its settings"):
         tiny.generate(request, greedy=False)
 
