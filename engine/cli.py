@@ -67,7 +67,7 @@ CLI_NAMES: dict[str, str] = {
     "prompts": "PROMPT", "unconditional": "--unconditional N", "rescorer": "--rescorer",
     "ar_model": "--ar-model", "prompt_codes": "--prompt-codes", "prompt_audio": "--prompt-audio",
     "output": "-o", "tokens_out": "--tokens-out", "device": "--device", "dtype": "--dtype", "backend": "--backend",
-    "graph": "--cuda-graph",
+    "graph": "--cuda-graph", "deterministic": "--deterministic",
     "model": "--model", "text_encoder": "--text-encoder", "batch_size": "--batch-size",
     "wav_subtype": "--wav-subtype",
 }
@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="transformer dtype")
     p.add_argument("--backend", choices=backend_names(),
                    help="default: onnx for an ONNX export folder, else torch; triton = torch with Triton kernels")
+    p.add_argument("--deterministic", action="store_true",
+                   help="row-invariant linears: the tokens `magnet serve --deterministic` gives this request in any "
+                        "batch (costs speed)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture the whole decoding program as one CUDA graph per request shape and replay it "
                         "(CUDA, torch or triton backend)")
@@ -231,7 +234,7 @@ def generate_main(argv: Sequence[str]) -> int:
             except (OSError, ValueError) as e:
                 raise SettingError(f"cannot read <prompt_codes> {args.prompt_codes}: {e}") from e
         eng = load(args.model, backend=args.backend, text_encoder=args.text_encoder, device=args.device,
-                   dtype=args.dtype, graph=args.cuda_graph)
+                   dtype=args.dtype, graph=args.cuda_graph, deterministic=args.deterministic)
         companions = _load_companions(args)
     prompt_audio = None if args.prompt_audio is None else read_wav(args.prompt_audio, eng.sample_rate)
     request = eng.request(prompts, prompt_codes=prompt_codes, prompt_audio=prompt_audio, **companions, **overrides)

@@ -11,16 +11,17 @@ step the others are at (vLLM-style continuous batching; MAGNeT's fixed step coun
 every active request).
 
 What a request's tokens depend on, per device and dtype:
-- Deterministic engines (`Engine.set_deterministic`; the default on CPU, opt-in on CUDA: `load(...,
-  deterministic=True)`, `magnet serve --deterministic`): exactly its solo `engine.generate([prompt], **same
-  settings)` tokens, whatever its batchmates, their number, arrival order, and (CPU) the thread count, in fp32,
-  fp16 and bf16. Every linear is row-invariant by construction (`model.invariant_linear`); attention runs per
-  request over its own frames and text (`LM.forward_packed`: no padding); the sampler reduces over V within a
-  position; each request draws its noise, before its first step, from its own generator (`row_generators(seed,
-  1)`), in the solo run's order. tests/test_determinism.py and tests/test_scheduler.py hold it (bench/gpu.sh runs
-  the former on CUDA in fp16 and bf16).
-- Otherwise (CUDA by default): the GEMMs' kernels depend on the pass's row count, so a logit moves by ~1e-4 in
-  fp16 with the batchmates and a near-tie can flip; the same seed alone still gives the same tokens.
+- Deterministic engines (`Engine.set_deterministic`, opt-in: `load(..., deterministic=True)`, `magnet serve
+  --deterministic`): exactly its solo `engine.generate([prompt], **same settings)` tokens, whatever its
+  batchmates, their number, their arrival order and (CPU) the thread count, in fp32, fp16 and bf16. Every linear is
+  row-invariant by construction (`model.invariant_linear`); attention runs per request over its own frames and
+  text (`LM.forward_packed`: no padding); the sampler reduces over V within a position; each request draws its
+  noise, before its first step, from its own generator (`row_generators(seed, 1)`), in the solo run's order.
+  tests/test_determinism.py and tests/test_scheduler.py hold it (bench/gpu.sh runs the former on CUDA in fp16 and
+  bf16).
+- Otherwise (the default, on every device): the GEMMs' kernels depend on the pass's row count, so a logit moves by
+  ~1e-5 (CPU, fp32) to ~1e-4 (CUDA, fp16) with the batchmates and a near-tie can flip; the same seed alone still
+  gives the same tokens.
 
 Threads: the loop thread does all torch work (text encoding, LM, sampling, codec, and a caller's `render`);
 `submit` does none. With libgomp (torch's OpenMP on Linux), every OpenMP thread pool counts against the CPUs: once

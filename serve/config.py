@@ -26,8 +26,7 @@ class ServiceConfig:
     max_body: int = 64 * 1024  # bytes of a request body
     max_prompt_chars: int = 2000  # the text encoder truncates long prompts; longer ones are refused, not cut
     threads: int = 0  # torch threads in a replica; 0 = the CPUs Ray gave it
-    # tokens independent of batchmates (Engine.set_deterministic); None: the device's default (on for CPU)
-    deterministic: bool | None = None
+    deterministic: bool = False  # tokens independent of batchmates (Engine.set_deterministic; what it costs: README)
     api_key_sha256: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

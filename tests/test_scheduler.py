@@ -32,7 +32,7 @@ TINY = dict(steps=(4, 2, 2, 2), temperature=3.0, top_p=0.9, top_k=0, cfg=(10.0, 
 
 @pytest.fixture(scope="module")
 def default_engine():
-    return me.load(device="cpu")
+    return me.load(device="cpu", deterministic=True)
 
 
 def check_identical(eng, requests: list[tuple[str | None, dict]], max_batch: int) -> Scheduler:
@@ -281,7 +281,7 @@ def test_triton_backend_token_identical(fixture_dir):
     pytest.importorskip("triton", reason="triton is not installed: pip install 'triton>=3.2' (extra [triton])")
     from magnet_engine.kernels.backend import apply as triton_apply
 
-    eng = triton_apply(me.load(fixture_dir, device="cpu"))
+    eng = triton_apply(me.load(fixture_dir, device="cpu", deterministic=True))
     reqs = mixed_requests(dict(TINY, steps=(2, 1, 1, 1)))
     check_identical(eng, [(p, {**kw, "steps": (2, 1, 1, 1)}) for p, kw in reqs[:4]], max_batch=4)
 
@@ -293,7 +293,7 @@ def test_loader_runs_in_the_loop_thread(fixture_dir, tiny):
 
     def load():
         threads.append(threading.current_thread().name)
-        return me.load(fixture_dir, device="cpu")
+        return me.load(fixture_dir, device="cpu", deterministic=True)
 
     kw = dict(TINY, greedy=False, seed=2, duration=0.4)
     with Scheduler(load, max_batch=2) as sched:

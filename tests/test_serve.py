@@ -395,16 +395,16 @@ def test_openapi_request_schema_is_generated_from_generation_config(local_servic
 
 def test_deterministic_flag_reaches_the_replicas_engine(fixture_dir: Path, local_service) -> None:
     """`magnet serve --deterministic` (ServiceConfig.deterministic): the replica's engine is batch-invariant; without
-    the flag it takes the device's default (on for CPU), and false turns it off."""
+    the flag it is not (the default: it costs speed)."""
     from magnet_engine.serve.cli import parse
     from magnet_engine.serve.config import ServiceConfig
     from magnet_engine.serve.http import Service
 
-    assert parse(["--deterministic"])[0].deterministic is True and parse([])[0].deterministic is None
-    assert local_service[0].engine.deterministic  # no flag: the CPU default
+    assert parse(["--deterministic"])[0].deterministic is True and parse([])[0].deterministic is False
+    assert not local_service[0].engine.deterministic  # no flag
     metrics = type("M", (), {"request": lambda self, status, latency: None})()
-    off = Service(ServiceConfig(model=str(fixture_dir), device="cpu", deterministic=False), metrics)
+    on = Service(ServiceConfig(model=str(fixture_dir), device="cpu", deterministic=True), metrics)
     try:
-        assert not off.engine.deterministic
+        assert on.engine.deterministic
     finally:
-        off.close()
+        on.close()
