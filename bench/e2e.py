@@ -109,8 +109,8 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny",
                    help="a preset: random weights at a released model's shapes (magnet-small-10secs, "
-                        "magnet-medium-10secs, musicgen-small, musicgen-medium, tiny), or what engine.load reads: "
-                        "default (the shipped model), default-ar, a local checkpoint or ONNX export folder. "
+                        "magnet-medium-10secs, musicgen-small, musicgen-medium, tiny), or what magnet_engine.load "
+                        "reads: default (the shipped model), default-ar, a local checkpoint or ONNX export folder. "
                         "Default: tiny")
     p.add_argument("--kind", choices=ALL_KINDS, default=None,
                    help="magnet | ar (our engine) | hf-musicgen (transformers peer). Default: the preset's")

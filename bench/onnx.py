@@ -163,11 +163,12 @@ def _run(args: argparse.Namespace, levels: list[str]) -> int:
 
 
 def _bench(args: argparse.Namespace, levels: list[str], work: Path) -> int:
-    import magnet_engine as me
     import onnxruntime as ort
     from magnet_engine.export.manifest import read_manifest
     from magnet_engine.export.onnx_export import export_model
     from magnet_engine.export.ort import OrtStep, load_engine
+
+    import magnet_engine as me
 
     if args.export_dir is None:
         model = args.model or str(FIXTURE)

@@ -1,5 +1,5 @@
 """Benchmark models: random weights in the released shapes (speed does not depend on trained weights), or a local
-checkpoint through `engine.load`.
+checkpoint through `magnet_engine.load`.
 
 Shapes (magnet-spec §1.1, §4): small 1024 dim / 16 heads / 24 layers, medium 1536 / 24 / 48, FFN 4×dim, card 2048,
 K = 4 codebooks, T5-base text encoder (768-d), EnCodec 32 kHz (ratios 8,5,4,4, 64 filters, 128-d latent, 2-layer
@@ -189,7 +189,7 @@ class Built:
 
 def build(model: str, kind: str | None, device: torch.device, dtype: str | None, seed: int = 0,
           backend: str | None = None) -> Built:
-    """A preset name -> random-weight engine on `backend` (its `adapt`); anything else -> `engine.load(model,
+    """A preset name -> random-weight engine on `backend` (its `adapt`); anything else -> `magnet_engine.load(model,
     backend)` (the shipped models, a local checkpoint or ONNX export folder). `dtype`: as the user gave it (None =
     the device's default, or the export's)."""
     from magnet_engine.engine import backends

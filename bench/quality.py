@@ -183,8 +183,9 @@ def parser() -> argparse.ArgumentParser:
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse, run every condition, write the outputs; returns the report. Raises ValueError on bad input."""
-    import magnet_engine as me
     from magnet_engine.train.corpus import caption_and_mentions, labels, render, sample_spec, split_seeds
+
+    import magnet_engine as me
 
     from .common import git_sha, host, parse_generation_sets, versions
 

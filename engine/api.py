@@ -1,4 +1,5 @@
-"""The Python API: `engine.load(...)` -> `Engine`, whose `generate(prompts, ...)` goes text -> tokens -> audio."""
+"""The Python API: `magnet_engine.load(...)` -> `Engine`, whose `generate(prompts, ...)` goes text -> tokens ->
+audio."""
 from __future__ import annotations
 
 import dataclasses
@@ -134,7 +135,7 @@ def _offset(progress: magnet.Progress, before: int, total: int) -> magnet.Progre
 
 class Engine:
     """A loaded model on one device: text conditioner, a step factory, a sampler and a codec around one decoding
-    loop. Backends swap parts from outside: `kernels.apply` replaces `sample` and the LM's attention op, the
+    loop. Backends swap parts from outside: `kernels.backend.apply` replaces `sample` and the LM's attention op, the
     onnxruntime backend replaces `text`, `make_step` and `codec`; `generate` is the same for all."""
 
     def __init__(self, config: ModelConfig, text: Callable[[Sequence[str | None]], torch.Tensor],
@@ -317,11 +318,7 @@ class Engine:
         else:
             dec = magnet.Decoding(self.config, gen, len(prompts), self.device, prompt, run.generators, rescore,
                                   run.step)
-            while not dec.finished:
-                magnet.decode_step(magnet.each_alone, self.sample, [dec])
-                if progress is not None:
-                    progress(dec.done, dec.total)
-                yield
+            yield from magnet.stepping(dec, self.sample, progress)
             codes = dec.codes
         if rescore is not None:
             stats.update(rescore.stats())
@@ -340,7 +337,7 @@ class Engine:
         def build() -> Captured[torch.Tensor]:
             static_cross = [(k.clone(), v.clone()) for k, v in cross]
             dec.step = TorchRequestStep(self.lm, static_cross)
-            return Captured(lambda: magnet.run_program(dec, magnet.each_alone, self.sample),
+            return Captured(lambda: magnet.run_program(dec, self.sample),
                             dec.inputs() + [t for kv in static_cross for t in kv], self.device)
 
         codes = self.programs.run(key, build, values).clone()  # the program's buffers serve the next request

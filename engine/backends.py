@@ -2,7 +2,7 @@
 
 `torch` is built in. Others plug in from outside `engine/` through the entry-point group `magnet_engine.backends`
 (setup.py: `triton = kernels:TritonBackend`, `onnx = export.ort:OrtBackend`), so `engine` imports nothing above it
-and `engine.load(model, backend=...)`, the CLI and the benchmarks pick one by name without `if` chains.
+and `magnet_engine.load(model, backend=...)`, the CLI and the benchmarks pick one by name without `if` chains.
 
 A backend either loads a model source itself (the onnxruntime backend reads an export folder, and claims such a
 folder through `handles`, so `--model EXPORT_DIR` needs no `--backend`) or transforms an engine the torch backend

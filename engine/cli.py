@@ -98,7 +98,7 @@ def _shipped_defaults() -> GenerationConfig | None:
         section = json.loads((DEFAULT_MODEL / OWN_CONFIG).read_text()).get("generation", {})
         return GenerationConfig.from_dict(section)
     except (OSError, ValueError, AttributeError):
-        return None  # a damaged install: `engine.load` will say so when it is used
+        return None  # a damaged install: `magnet_engine.load` will say so when it is used
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """MAGNeT's decoding: codebook stages one after another, each filled in parallel over a few mask-predict steps.
 
 One step exists once (`decode_step`): re-mask → LM pass → guidance and sampling → span scores. It advances one
-request (`generate_tokens`: the plain run, long-form windows, the quality levers) or many at once (the scheduler)
+request alone (`stepping`: the plain run, long-form windows, the quality levers) or many at once (the scheduler)
 through the same code, behind two interfaces a backend provides: `Step` (one request's LM pass, from its text) with
 a `Pass` that runs several requests' steps together, and `Sampler` (`engine.sampling.sample_ref` or a Triton kernel).
 
@@ -18,7 +18,7 @@ program can be captured once as a CUDA graph (engine.graph) and compiled whole b
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -108,7 +108,7 @@ def draw_noise(steps: int, batch: int, frames: int, device: torch.device,
 
 class Decoding:
     """One request's MAGNeT decoding as a static program, advanced one step at a time (vLLM style) so a scheduler
-    can interleave many requests in one LM pass per step; `generate_tokens` drives one alone through the same code.
+    can interleave many requests in one LM pass per step; `stepping` drives one alone through the same code.
 
     A step is `prepare()` (re-mask this step's spans -> the codes [B, K, T] the LM pass reads at `stage`, with or
     without the unconditional half as `guided` says), the LM pass (`step`, or a `Pass` over several requests) and the
@@ -276,17 +276,25 @@ def generate_tokens(step: Step, sample: Sampler, model: ModelConfig, gen: Genera
     token for token (1·p + 0·p_ar == p exactly).
     """
     dec = Decoding(model, gen, batch, device, prompt, generators, rescore, step)
+    for _ in stepping(dec, sample, progress):
+        pass
+    return dec.codes
+
+
+def stepping(dec: Decoding, sample: Sampler, progress: Progress | None = None) -> Iterator[None]:
+    """One request's remaining steps alone, yielding after each, so a caller can interleave other work between
+    them (the scheduler advances a streamed piece this way beside its batch)."""
     while not dec.finished:
         decode_step(each_alone, sample, [dec])
         if progress is not None:
             progress(dec.done, dec.total)
-    return dec.codes
+        yield
 
 
-def run_program(dec: Decoding, lm_pass: Pass, sample: Sampler) -> torch.Tensor:
+def run_program(dec: Decoding, sample: Sampler) -> torch.Tensor:
     """Every step of one request's program from its first, on its own buffers -> dec.codes [B, K, T]. The unit a CUDA
     graph captures (engine.graph): the host only counts steps."""
     dec.done = 0
-    while not dec.finished:
-        decode_step(lm_pass, sample, [dec])
+    for _ in stepping(dec, sample):
+        pass
     return dec.codes

@@ -147,7 +147,7 @@ def companion_of(other: Any, role: str, model: ModelConfig, sample_rate: int, de
     what = "rescorer" if role == "rescorer" else "hybrid AR model"
     comp = other if isinstance(other, ARCompanion) else getattr(other, "companion", lambda: None)()
     if comp is None:
-        raise SettingTypeError(f"<{role}> must be an Engine of a MusicGen model (engine.load), got "
+        raise SettingTypeError(f"<{role}> must be an Engine of a MusicGen model (magnet_engine.load), got "
                            f"{type(other).__name__}")
     if model.kind != "magnet":
         raise SettingError(f"a {what} works with a MAGNeT model, but the main model is {model.kind!r}; drop <{role}> "

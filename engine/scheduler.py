@@ -29,7 +29,7 @@ the pools of two threads (a caller that loaded the model, and the loop thread) h
 CPUs, libgomp stops letting idle workers spin and every parallel op pays a sleep/wake-up, ~1.5-2x slower in both
 threads. So the constructor, which runs in the caller's thread, hands that thread's OpenMP workers back
 (`release_openmp_threads`, OpenMP 5.0 `omp_pause_resource_all`) before the loop thread starts: `Scheduler(engine)`
-with an engine loaded on the caller's thread is then as fast as `Scheduler(lambda: engine.load(...))` (a loader
+with an engine loaded on the caller's thread is then as fast as `Scheduler(lambda: magnet_engine.load(...))` (a loader
 still keeps every torch call in one thread). A caller that runs torch again later gets a pool again.
 
 Work beside the batch is bounded: while requests are decoding, each loop iteration starts at most one admitted
@@ -234,7 +234,7 @@ class Scheduler:
         self._starting: list[_Request] = []  # admitted (a batch slot each), text not encoded yet; under the lock
         self._active: list[_Request] = []
         self._done: collections.deque[_Request] = collections.deque()  # finished decoding, codec not run yet
-        self._streams: list[Stream] = []  # streamed requests, one window per loop iteration each
+        self._streams: list[Stream] = []  # streamed requests, one decoding step per loop iteration each
         self._cv = threading.Condition()
         self._closed = False
         self._cancel_pending = False

@@ -395,7 +395,7 @@ def _random_codes(g: torch.Generator, shape: tuple[int, ...], card: int, mask_id
 
 
 def _source_info(model: str | Path, text_encoder: str | Path | None, cfg: ModelConfig) -> dict[str, Any]:
-    """sha256 of the checkpoint files, and where the text encoder came from (as `engine.load` picks it)."""
+    """sha256 of the checkpoint files, and where the text encoder came from (as `magnet_engine.load` picks it)."""
     from magnet_engine.engine.loading import checkpoint_files
 
     paths = checkpoint_files(model)
@@ -423,7 +423,7 @@ def _versions() -> dict[str, str]:
 def export_model(model: str | Path, out: str | Path, text_encoder: str | Path | None = None, dtype: str = "float32",
                  opset: int | None = None, *, quantize: str | None = None, conformance: bool = False,
                  log: Log | None = None) -> dict[str, Any]:
-    """Export `model` (a folder, an LM package file or a Hugging Face id, as `engine.load` takes) to `out`.
+    """Export `model` (a folder, an LM package file or a Hugging Face id, as `magnet_engine.load` takes) to `out`.
 
     Writes the five graphs, the tokenizer and `manifest.json` (returned). `dtype` float16 exports the transformer
     layers (cross_kv, lm_step) in fp16; text encoder and codec stay fp32, as the engine runs them. Every graph is

@@ -446,7 +446,8 @@ def load_engine(export_dir: str | Path, device: str | torch.device = "cpu", prov
 
 
 class OrtBackend:
-    """`engine.load(EXPORT_DIR)` / `--model EXPORT_DIR`: an export folder (its manifest.json names the format) runs
+    """`magnet_engine.load(EXPORT_DIR)` / `--model EXPORT_DIR`: an export folder (its manifest.json names the format)
+    runs
     on onnxruntime. Registered under the entry-point group magnet_engine.backends as "onnx"."""
 
     name = "onnx"

@@ -45,7 +45,7 @@ def apply(engine: Any) -> Any:
 
 
 class TritonBackend:
-    """`engine.load(model, backend="triton")`: the torch backend's engine with the Triton attention and sampler
+    """`magnet_engine.load(model, backend="triton")`: the torch backend's engine with the Triton attention and sampler
     swapped in (`apply`). Registered under the entry-point group magnet_engine.backends."""
 
     name = "triton"

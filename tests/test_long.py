@@ -4,13 +4,14 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import magnet_engine as me
 import pytest
 import torch
 from magnet_engine.engine import longform
 from magnet_engine.engine.cli import main
 from magnet_engine.engine.config import SettingError
 from magnet_engine.engine.scheduler import Scheduler
+
+import magnet_engine as me
 
 STEPS = (4, 2, 2, 2)  # the fixture's decoding steps: fast, and sampled with a seed below
 

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 
-import magnet_engine as me
 import numpy as np
 import pytest
 from conftest import run_settings
 from magnet_engine.engine.loading import save_pretrained
+
+import magnet_engine as me
 
 
 @pytest.fixture(scope="module")
