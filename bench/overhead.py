@@ -229,7 +229,7 @@ def engine_program(eng: Any, gen: Any) -> NewProgram:
 
 def variant(eng: Any, name: str) -> tuple[Callable[..., None], Any, Any, Any]:
     """The (magnet.decode_step, make_step, sample, the LM's linear) engine requests run with as `name`: compile-step
-    compiles decode_step (what generate_tokens calls), compile-pass the LM's forward (one graph per stage) and the
+    compiles decode_step (what every decoding loop calls), compile-pass the LM's forward (one graph per stage) and the
     sampler; deterministic / plain run eager with row-invariant or plain linears (Engine.set_deterministic)."""
     import torch.nn.functional as F
     from magnet_engine.engine import magnet

@@ -2,7 +2,7 @@
 rest is decoded by MAGNeT in parallel with that prefix fixed.
 
     AR model (KV-cached `generate_tokens_ar`, its own text encoder, defaults and guidance):  frames 0 .. P−1
-    MAGNeT continuation (`generate_tokens(prompt=prefix)`): the prefix is fixed in all K codebooks, frames P .. T'−1
+    MAGNeT continuation (a `magnet.Decoding` with the prefix as its prompt): fixed in all K codebooks, frames P .. T'−1
 
 P = round(hybrid_prefix · frame_rate) must be in [1, T'), T' = MAGNeT's output frames. The AR part follows the
 request's `greedy` flag and `ar_cfg` (else the AR model's own defaults: MusicGen temperature 1, top-k 250, cfg 3),

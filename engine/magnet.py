@@ -201,7 +201,7 @@ class Decoding:
             remask = least_probable_spans(self.scores, self.n_mask[s], self.model.span_len)
         self.row.masked_fill_(remask, self.mask_id)
         if self.prompt_codes is not None:
-            self.row.copy_(torch.where(self.prompt_frames, self.prompt_codes[:, stage], self.row))
+            torch.where(self.prompt_frames, self.prompt_codes[:, stage], self.row, out=self.row)
         self.codes[:, stage] = self.row
         return self.codes
 
@@ -261,24 +261,6 @@ def decode_step(lm_pass: Pass, sample: Sampler, decs: Sequence[Decoding]) -> Non
         for d in group:
             d.advance(tokens[start:start + d.batch], probs[start:start + d.batch])
             start += d.batch
-
-
-@torch.no_grad()
-def generate_tokens(step: Step, sample: Sampler, model: ModelConfig, gen: GenerationConfig, batch: int,
-                    device: torch.device, prompt: torch.Tensor | None = None,
-                    generators: Sequence[torch.Generator] | None = None, progress: Progress | None = None,
-                    rescore: Rescore | None = None) -> torch.Tensor:
-    """-> codes [B, K, T'] int64. `prompt` [B, K, P] fixes the first P frames of every codebook (continuation).
-    `generators`: one per row (`row_generators`), or None for torch's default generator.
-
-    `rescore` (paper §3.3): after each step's sampling, span scores use W·p_magnet + (1−W)·p_ar with
-    W = gen.rescore_weight. Skipped at a stage's last step, whose scores nothing reads. W = 1 gives plain MAGNeT
-    token for token (1·p + 0·p_ar == p exactly).
-    """
-    dec = Decoding(model, gen, batch, device, prompt, generators, rescore, step)
-    for _ in stepping(dec, sample, progress):
-        pass
-    return dec.codes
 
 
 def stepping(dec: Decoding, sample: Sampler, progress: Progress | None = None) -> Iterator[None]:

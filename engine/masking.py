@@ -40,10 +40,10 @@ def stage_schedule(steps: int, n_gen: int, cfg_max: float, cfg_min: float, tempe
     return plans
 
 
-def descending_rank(scores: torch.Tensor) -> torch.Tensor:
-    """scores [B, C] -> rank [B, C] int64: each entry's place in descending order, equal scores by lower index first
-    (a stable sort: the tie rule, whatever the device)."""
-    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+def descending_rank(scores: torch.Tensor, stable: bool = True) -> torch.Tensor:
+    """scores [B, C] -> rank [B, C] int64: each entry's place in descending order; `stable`: equal scores by lower
+    index first, whatever the device (else in the order torch's sort leaves them)."""
+    order = torch.argsort(scores, dim=-1, descending=True, stable=stable)
     positions = torch.arange(order.shape[-1], device=scores.device).expand_as(order)
     return torch.empty_like(order).scatter_(1, order, positions)
 
@@ -91,9 +91,7 @@ def least_probable_spans(scores: torch.Tensor, n_target: torch.Tensor | int, spa
     span_scores = scores.unfold(-1, span_len, 1).sum(dim=-1)  # [B, W]
     # the reference's order: torch.argsort, not stable (equal sums, e.g. of windows over fixed frames, come in the
     # order torch's sort leaves them, which is what the reference's tokens were computed with)
-    order = torch.argsort(span_scores, dim=-1, descending=True)
-    positions = torch.arange(order.shape[-1], device=scores.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(1, order, positions)  # rank[b, start] = place in score order
+    rank = descending_rank(span_scores, stable=False)  # rank[b, start] = place in score order
 
     n = torch.as_tensor(n_target, device=scores.device)
     m = torch.clamp(n, min=span_len).view(1, 1).expand(b, 1)  # [B, 1]

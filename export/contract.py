@@ -1,10 +1,10 @@
 """The manifest's "client" section: everything a client in another language needs to decode like the engine.
 
 A client with onnxruntime, a tokenizer that reads `tokenizer/tokenizer.json`, and this section reproduces
-`magnet.generate_tokens` without reading Python: the defaults, the mask id, the rows of `lm_step`, the text padding
+`magnet.decode_step` without reading Python: the defaults, the mask id, the rows of `lm_step`, the text padding
 rule, the span rules, continuation, the limits, and the mask schedule as stored numbers (float32 mask fractions and
 the number of spans to re-mask for every span count), so that no client evaluates a cosine. The numbers come from
-the engine's own `stage_schedule`; the rules below are `engine.magnet.generate_tokens` in words. Schema:
+the engine's own `stage_schedule`; the rules below are `engine.magnet.decode_step` in words. Schema:
 `export/manifest.schema.json`; clients that follow it: `export/client.py`, `export/node/magnet.mjs`.
 
 Sampling stays in the client, not in the graph: README, "ONNX: the export, driven from any language", says why.

@@ -1,5 +1,5 @@
 """The onnxruntime backend: an `engine.api.Engine` whose text conditioner, step function and codec run exported
-graphs, around the engine's own decoding loop (`Engine.generate` -> `magnet.generate_tokens`).
+graphs, around the engine's own decoding loop (`Engine.generate` -> `magnet.decode_step`).
 
     eng = load_engine("out/magnet-small-onnx")           # CPU execution provider
     eng = load_engine("out/magnet-small-onnx", "cuda")   # CUDA EP + IO binding (needs onnxruntime-gpu)
