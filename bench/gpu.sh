@@ -2,7 +2,8 @@
 # The project on a GPU in one call, from the repository root, nothing installed: the Triton kernels against their
 # references on the device, the fixture's tokens through the CLI (torch and Triton backends, fp32), `bench e2e` for
 # MAGNeT (torch, Triton) and AR (eager, CUDA graph) at the magnet-small / musicgen-small shapes with random weights in
-# fp16 at B=1,4,16, Hugging Face's MusicGen (bench/peer.py) and `bench kernels`.
+# fp16 at B=1,4,16, Hugging Face's MusicGen (bench/peer.py), `bench kernels`, and `bench load` (a burst of requests,
+# static batching against the scheduler, eager and graphed).
 #
 #   bash bench/gpu.sh --prepare   # here, before a device call: the fixture into .gpu/fixtures, soundfile's cp312
 #                                 # wheels into .gpu/wheels (the device has neither, nor a registry)
@@ -15,8 +16,8 @@
 # a stage gets at most what is left, so the script ends and reports inside a 10-minute device call).
 # Results in $OUT (at most 8 files, what a device call brings back): stages.jsonl (an "env" line, then one line per
 # stage: status ok | failed | timeout | skipped, rc, seconds, the skip reason), stages.log (every stage's output),
-# kernel_check.jsonl, fixture.jsonl and fixture_tokens.npz, e2e.jsonl, kernels.jsonl. A failing stage does not stop
-# the others; the exit status is 1 when one failed or timed out.
+# kernel_check.jsonl, fixture.jsonl and fixture_tokens.npz, e2e.jsonl, kernels.jsonl, load.jsonl. A failing stage
+# does not stop the others; the exit status is 1 when one failed or timed out.
 set -u
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -27,7 +28,7 @@ for arg in "$@"; do
   case $arg in
     --quick) QUICK=1 ;;
     --prepare) PREPARE=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
     *) echo "bench/gpu.sh: unknown argument $arg (use --quick, --prepare or --help)" >&2; exit 2 ;;
   esac
 done
@@ -73,15 +74,18 @@ if [ "$QUICK" = 1 ]; then
   MAGNET="tiny --kind magnet"; AR="tiny --kind ar"; DTYPE=bfloat16; BATCH=1; DURATION=0.5
   RUNS_MAGNET="--steps 2,1,1,1 --repeats 1 --warmup 0"; RUNS_AR="--repeats 1 --warmup 0"; RUNS_PEER=$RUNS_AR
   FIXTURE_RUNS=gen_nonoverlap_max; CHECK_QUICK=--quick
+  LOAD_MODEL="tiny --kind magnet"; RUNS_LOAD="--requests 2 --max-batch 2 --min-duration 0.5 --max-duration 0.5 --repeats 1"
 else
   [ "$HAS_CUDA" = 1 ] || { echo "bench/gpu.sh: no CUDA device (torch.cuda.is_available() is False); --quick is the CPU dry run" >&2; exit 2; }
   DEV=cuda; unset TRITON_INTERPRET  # compiled kernels
   MAGNET=magnet-small-10secs; AR=musicgen-small; DTYPE=float16; BATCH=1,4,16; DURATION=10
   RUNS_MAGNET="--repeats 5 --warmup 2"; RUNS_AR="--repeats 3 --warmup 1"; RUNS_PEER="--repeats 2 --warmup 1"
   FIXTURE_RUNS=gen_nonoverlap_max,gen_nonoverlap_prod,gen_stride1,gen_cfg3_temp1,gen_continuation; CHECK_QUICK=
+  LOAD_MODEL=magnet-small-10secs; RUNS_LOAD="--requests 16 --max-batch 16 --min-duration 10 --max-duration 10 --repeats 3"
 fi
 E2E="$PY -m magnet_engine.bench e2e --device $DEV --dtype $DTYPE --batch $BATCH --duration $DURATION --json $OUT/e2e.jsonl"
 CHECK="$PY -m magnet_engine.bench.gpu_check"
+LOAD="$PY -m magnet_engine.bench load --trace burst --static-wait 0 --device $DEV --dtype $DTYPE --model $LOAD_MODEL $RUNS_LOAD --out $OUT/load.jsonl"
 FIX="$CHECK fixture --fixture $FIXTURE --device $DEV --dtype float32 --runs $FIXTURE_RUNS --json $OUT/fixture.jsonl --tokens $OUT/fixture_tokens.npz"
 
 # One stage a line: name | time limit (s) | needs (comma-separated: cuda, file=PATH, e2e-flag=FLAG; - for none) | command
@@ -101,6 +105,12 @@ STAGES=(
   "e2e-ar-program|90|e2e-flag=--cuda-graph,cuda|$E2E --model $AR --cuda-graph $RUNS_AR"
   # the static program's and determinism's token tests on the device (fp16/bf16 batch invariance, graph equality)
   "static|120|cuda|$PY -m pytest -q -p no:cacheprovider tests/test_static.py"
+  # the scheduler on the GPU (issue 27, item 5): a burst of requests that start together, decoded as one static batch
+  # (its whole program one CUDA graph) or by the scheduler (its LM pass one graph per layout), against both eager
+  "load-static|90|-|$LOAD --policy static"
+  "load-scheduler|90|-|$LOAD --policy scheduler"
+  "load-static-graph|120|cuda|$LOAD --policy static --cuda-graph"
+  "load-scheduler-graph|120|cuda|$LOAD --policy scheduler --cuda-graph"
   "determinism|150|file=tests/test_determinism.py,cuda|$PY -m pytest -q -p no:cacheprovider tests/test_determinism.py"
 )
 
@@ -195,5 +205,10 @@ if (out / "e2e.jsonl").is_file():
     for r in map(json.loads, (out / "e2e.jsonl").read_text().splitlines()):
         stages = {k: round(v * 1000, 1) for k, v in (r.get("stages_s") or {}).items()}
         print(f"  {r['scenario']:64s} {r['latency_s']['median'] * 1000:9.1f} ms  {stages}")
+if (out / "load.jsonl").is_file():
+    for r in map(json.loads, (out / "load.jsonl").read_text().splitlines()):
+        graphs = {k: r[k] for k in r if k.startswith(("program_", "pass_", "passes_"))}
+        print(f"  load {r['policy']:9s} graph={r['cuda_graph']!s:5s} repeat {r['repeat']}: makespan "
+              f"{r['makespan_s']:.3f} s, p50 latency {r['latency_s']['p50']:.3f} s  {graphs}")
 PY
 exit "$FAILED"

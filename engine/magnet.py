@@ -273,10 +273,12 @@ def stepping(dec: Decoding, sample: Sampler, progress: Progress | None = None) -
         yield
 
 
-def run_program(dec: Decoding, sample: Sampler) -> torch.Tensor:
-    """Every step of one request's program from its first, on its own buffers -> dec.codes [B, K, T]. The unit a CUDA
-    graph captures (engine.graph): the host only counts steps."""
-    dec.done = 0
-    for _ in stepping(dec, sample):
-        pass
-    return dec.codes
+def run_together(lm_pass: Pass, sample: Sampler, decs: Sequence[Decoding]) -> None:
+    """Every step of requests that start together, from their first, one `decode_step` per step over those not
+    finished (which leave, and when, is known from their settings before the loop). One request through
+    `each_alone` is a request's whole program; either way the unit a CUDA graph captures (engine.graph): the host
+    only counts steps."""
+    for d in decs:
+        d.done = 0
+    while live := [d for d in decs if not d.finished]:
+        decode_step(lm_pass, sample, live)

@@ -2,9 +2,9 @@
 
     submit() ─► queue (FIFO, ≤ max_queue) ─► loop thread: admit up to max_batch ─► per iteration:
         ONE decoding step of every active request (`magnet.decode_step` over their static programs: re-mask,
-        one LM pass through `Engine.lm_pass` (torch: packed along the rows, `LM.forward_packed`; onnxruntime: each
-        alone), sampler calls with per-row parameters (one per request length), span scores) ─► finished ones
-        decode and leave
+        one LM pass through `Engine.lm_pass` (torch: packed along the rows, `LM.forward_packed`, replayed as a CUDA
+        graph per batch layout with `Engine.set_graph`; onnxruntime: each alone), sampler calls with per-row
+        parameters (one per request length), span scores) ─► finished ones decode and leave
 
 A request joins at the next iteration after it is submitted and leaves the iteration it finishes, whatever stage and
 step the others are at (vLLM-style continuous batching; MAGNeT's fixed step count makes every iteration one step of

@@ -60,6 +60,8 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "deterministic": ("--deterministic", {"action": "store_const", "const": True,
                                           "help": "a request's tokens are its solo run's whatever its batchmates "
                                                   "(costs speed: 27% on the default model on CPU)"}),
+    "graph": ("--cuda-graph", {"action": "store_const", "const": True,
+                               "help": "replay the LM pass as a CUDA graph per batch layout (CUDA devices only)"}),
     "host": ("--host", {"help": "HTTP address to bind; anything but loopback exposes the service"}),
     "port": ("--port", {"type": int}),
     "replicas": ("--replicas", {"type": int, "help": "fixed number of replicas, placed across the Ray nodes"}),

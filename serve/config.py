@@ -27,6 +27,7 @@ class ServiceConfig:
     max_prompt_chars: int = 2000  # the text encoder truncates long prompts; longer ones are refused, not cut
     threads: int = 0  # torch threads in a replica; 0 = the CPUs Ray gave it
     deterministic: bool = False  # tokens independent of batchmates (Engine.set_deterministic; what it costs: README)
+    graph: bool = False  # CUDA graphs: the scheduler's LM pass captured per layout (Engine.set_graph; CUDA only)
     api_key_sha256: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

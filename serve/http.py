@@ -144,7 +144,8 @@ class Service:
 
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        return me.load(self.config.model, device=self.config.device, deterministic=self.config.deterministic)
+        return me.load(self.config.model, device=self.config.device, graph=self.config.graph,
+                       deterministic=self.config.deterministic)
 
     def close(self) -> None:
         """Finish what is queued and in flight, then stop the loop thread."""

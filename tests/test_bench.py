@@ -113,20 +113,23 @@ def test_dispatcher_routes_lazily(monkeypatch: pytest.MonkeyPatch, capsys: pytes
     assert dispatcher.main([]) == 2 and dispatcher.main(["--help"]) == 0
 
 
-def test_load_rows_and_plot(fixture_dir: Path, tmp_path: Path) -> None:
-    """`bench load`: every request of the trace is served and counted once in the pass histogram; the rows plot."""
+@pytest.mark.parametrize("policy", ["sequential", "static", "scheduler"])
+def test_load_rows_and_plot(fixture_dir: Path, tmp_path: Path, policy: str) -> None:
+    """`bench load`: every request of the trace is served and counted once per step in the pass histogram, under
+    each policy; the rows plot."""
     from magnet_engine.bench import load
 
     rows, threads = tmp_path / "load.jsonl", torch.get_num_threads()
     try:
-        assert load.main(["--model", str(fixture_dir), "--policy", "scheduler", "--scheduler-load", "caller",
+        assert load.main(["--model", str(fixture_dir), "--policy", policy, "--scheduler-load", "caller",
                           "--requests", "3", "--repeats", "1", "--max-batch", "2", "--min-duration", "0.3",
                           "--max-duration", "0.6", "--steps-mix", "2,1,1,1", "--threads", "1", "--out", str(rows)]) == 0
     finally:
         torch.set_num_threads(threads)  # --threads is process-wide
     (row,) = [json.loads(line) for line in rows.read_text().splitlines()]
-    assert row["requests"] == 3 and row["model"] == str(fixture_dir)
+    assert row["requests"] == 3 and row["model"] == str(fixture_dir) and row["policy"] == policy
     assert all(1 <= int(k) <= 2 for k in row["batch_hist"]) and row["latency_s"]["p50"] >= row["queue_wait_s"]["p50"]
+    assert sum(int(k) * n for k, n in row["batch_hist"].items()) == 3 * 5  # 3 requests of 2+1+1+1 steps
     png = tmp_path / "load.png"
     assert load.main(["--plot", str(rows), str(png)]) == 0 and png.stat().st_size > 0
     assert load.main(["--plot", str(tmp_path / "missing.jsonl"), str(png)]) == 2

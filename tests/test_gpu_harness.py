@@ -20,13 +20,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import FIXTURES
+from magnet_engine.engine.config import GenerationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu.sh"
 RUN_ON_CPU = {"kernels-check", "fixture-torch-fp32", "fixture-triton-fp32", "e2e-magnet-torch", "e2e-magnet-triton",
-              "e2e-ar-eager", "e2e-hf-musicgen"}
+              "e2e-ar-eager", "e2e-hf-musicgen", "load-static", "load-scheduler"}
 CUDA_ONLY = {"e2e-ar-graph", "bench-kernels", "e2e-magnet-cuda-graph", "e2e-magnet-triton-graph", "e2e-ar-program",
-             "static"}
+             "static", "load-static-graph", "load-scheduler-graph"}
 HOOKS = {"determinism": "tests/test_determinism.py"}  # a stage that runs once its file exists
 MAX_FILES_BACK = 8  # what a device call brings back from $OUT
 
@@ -89,6 +90,12 @@ def test_kernel_checks_and_benchmark_rows(dry_run) -> None:
     assert sorted((r["kind"], r["backend"]) for r in rows) == [
         ("ar", "torch"), ("hf-musicgen", "hf"), ("magnet", "torch"), ("magnet", "triton")]
     assert all(r["device"] == "cpu" and r["batch"] == 1 for r in rows)
+    rows = [json.loads(line) for line in (out / "load.jsonl").read_text().splitlines()]
+    assert [(r["policy"], r["cuda_graph"], r["requests"]) for r in rows] == [
+        ("static", False, 2), ("scheduler", False, 2)]
+    steps = sum(GenerationConfig().steps)  # the tiny preset runs the default schedule
+    for r in rows:  # the two requests start together and share every pass
+        assert r["batch_hist"] == {"2": steps}, r
 
 
 @pytest.mark.parametrize("dim", [64, 32], ids=["same-width", "projected"])

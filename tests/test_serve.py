@@ -408,3 +408,17 @@ def test_deterministic_flag_reaches_the_replicas_engine(fixture_dir: Path, local
         assert on.engine.deterministic
     finally:
         on.close()
+
+
+def test_cuda_graph_flag_reaches_the_replicas_loader(fixture_dir: Path) -> None:
+    """`magnet serve --cuda-graph` (ServiceConfig.graph) reaches the replica's `load`: on a CPU device the replica
+    refuses to start, with the reason, rather than serving without what was asked."""
+    from magnet_engine.engine.config import SettingError
+    from magnet_engine.serve.cli import parse
+    from magnet_engine.serve.config import ServiceConfig
+    from magnet_engine.serve.http import Service
+
+    assert parse(["--cuda-graph"])[0].graph is True and parse([])[0].graph is False
+    metrics = type("M", (), {"request": lambda self, status, latency: None})()
+    with pytest.raises(SettingError, match="needs the torch or triton backend on a CUDA device"):
+        Service(ServiceConfig(model=str(fixture_dir), device="cpu", graph=True), metrics)

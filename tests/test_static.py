@@ -10,7 +10,9 @@ import pytest
 import torch
 from conftest import run_settings
 from magnet_engine.engine import magnet
+from magnet_engine.engine.api import GraphedPass
 from magnet_engine.engine.sampling import sample_ref
+from magnet_engine.engine.scheduler import start_request
 from torch.utils._python_dispatch import TorchDispatchMode
 
 SYNCS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.item.default"}
@@ -105,6 +107,87 @@ def test_ar_program_replays_each_request(fixture_dir):
     assert mg.programs.captures == 2  # greedy and top-k: two shapes
 
 
+LONGER = dict(TINY, steps=(6, 4, 4, 4))  # stretches of steps in which a batch keeps its layout
+MIXED = [("a piano", dict(LONGER, greedy=False, seed=1)),
+         ("upbeat electronic dance track", dict(LONGER, greedy=False, seed=2, temperature=1.5, cfg=(3.0, 1.0))),
+         (None, dict(LONGER, greedy=False, seed=3, top_p=0.0, top_k=5, span_arrangement="stride1")),
+         ("drums", dict(LONGER, greedy=True, steps=(2, 1, 3, 2), duration=0.4))]
+
+
+def graphed(eng, monkeypatch) -> GraphedPass:
+    """`eng` as `set_graph(True)` leaves it, on a CPU (where set_graph refuses: the replay contract is the same)."""
+    monkeypatch.setattr(eng, "graph", True)
+    monkeypatch.setattr(eng, "lm_pass", GraphedPass(eng.lm, eng.device))
+    return eng.lm_pass
+
+
+def joined(eng, requests: list, join_at: int = 3) -> list[torch.Tensor]:
+    """The scheduler's loop without its thread: every request but the last from the first pass, the last joining at
+    pass `join_at`, one `decode_step` through `eng.lm_pass` per pass -> each request's codes."""
+    with torch.no_grad():
+        decs = [start_request(eng, p, eng.settings(**kw)) for p, kw in requests]
+        live, passes = decs[:-1], 0
+        while live or passes <= join_at:
+            live += decs[-1:] if passes == join_at else []
+            magnet.decode_step(eng.lm_pass, eng.sample, live)
+            live, passes = [d for d in live if not d.finished], passes + 1
+    return [d.codes for d in decs]
+
+
+def test_pass_graphs(tiny, monkeypatch):
+    """The scheduler's LM pass captured per layout (GraphedPass): a layout seen on two passes in a row is captured
+    and replayed while it recurs, one seen once runs eagerly, and every request keeps its solo tokens (a
+    deterministic engine). A second wave of the same shapes with other numbers replays the first's graphs."""
+    wave2 = [(p, dict(kw, seed=kw.get("seed", 0) + 10, cfg=(4.0, 2.0))) for p, kw in MIXED]
+    solo = [[tiny.generate([p], **kw).codes for p, kw in wave] for wave in (MIXED, wave2)]
+    gp = graphed(tiny, monkeypatch)
+    counts = []
+    for requests, want in zip((MIXED, wave2), solo):
+        for (p, kw), got, codes in zip(requests, joined(tiny, requests), want):
+            assert torch.equal(got, codes), f"{p!r} {kw}: tokens differ from the solo run"
+        counts.append((gp.graphs.captures, gp.passes["eager"], gp.passes["graph"]))
+    (captures, eager, graph), again = counts
+    # one capture per stretch of steps in which no request joins, leaves or changes codebook
+    assert captures >= 2 and graph > captures and eager >= 2
+    # the second wave captures nothing, and replays a cached layout from its first pass on (where the first wave ran
+    # that pass eagerly)
+    assert again == (captures, eager + eager - captures, graph + graph + captures)
+
+
+def test_scheduler_pass_graphs(tiny, monkeypatch):
+    """Through the scheduler's thread: requests arriving as they may keep their solo tokens over graphed passes."""
+    from magnet_engine.engine.scheduler import Scheduler
+
+    solo = [tiny.generate([p], **kw).codes for p, kw in MIXED]
+    gp = graphed(tiny, monkeypatch)
+    with Scheduler(tiny, max_batch=8) as sched:
+        futures = [sched.submit(p, **kw) for p, kw in MIXED]
+        for (p, kw), f, codes in zip(MIXED, futures, solo):
+            assert torch.equal(f.result(timeout=120).codes, codes), f"{p!r} {kw}: tokens differ from the solo run"
+    assert gp.passes["graph"] + gp.passes["eager"] == sum(sched.batch_sizes.values())
+
+
+def test_decode_together(tiny, monkeypatch):
+    """Requests that start together (static batching), decoded to their end as one program (captured whole per
+    cohort shape on CUDA): each request's solo tokens, eagerly and through the program; a second cohort of the same
+    shapes with other numbers replays it."""
+    def cohort(requests):
+        with torch.no_grad():
+            return [start_request(tiny, p, tiny.settings(**kw)) for p, kw in requests]
+
+    solo = [tiny.generate([p], **kw).codes for p, kw in MIXED]
+    for got, want in zip(tiny.decode_together(cohort(MIXED)), solo):
+        assert torch.equal(got, want)
+    wave2 = [(p, dict(kw, seed=kw.get("seed", 0) + 10, temperature=2.0)) for p, kw in MIXED]
+    solo2 = [tiny.generate([p], **kw).codes for p, kw in wave2]
+    graphed(tiny, monkeypatch)
+    before = tiny.programs.captures
+    for requests, want in [(MIXED, solo), (wave2, solo2)]:
+        for got, codes in zip(tiny.decode_together(cohort(requests)), want):
+            assert torch.equal(got, codes)
+    assert tiny.programs.captures == before + 1
+
+
 def test_set_graph_needs_cuda(tiny):
     from magnet_engine.engine.config import SettingError
 
@@ -149,3 +232,23 @@ def test_step_compiles_whole(tiny):
     assert compiled.done == eager.done == 1
     assert torch.equal(compiled.codes, eager.codes) and torch.equal(compiled.row, eager.row)
     torch.testing.assert_close(compiled.scores, eager.scores)  # fused kernels may round a score differently
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (none here): on CPU the "
+                    "replay contract is tested by test_pass_graphs and test_decode_together")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cuda_pass_graphs_token_equal(fixture_dir, dtype):  # pragma: no cover - GPU only
+    """On the GPU, a deterministic engine's graphed passes and cohort programs give each request its solo tokens."""
+    import magnet_engine as me
+
+    eng = me.load(fixture_dir, device="cuda", dtype=dtype, deterministic=True)
+    solo = [eng.generate([p], **kw).codes for p, kw in MIXED]
+    eng.set_graph(True)
+    for _ in range(2):  # capture, then replay
+        for got, want in zip(joined(eng, MIXED), solo):
+            assert torch.equal(got, want)
+        with torch.no_grad():
+            decs = [start_request(eng, p, eng.settings(**kw)) for p, kw in MIXED]
+        for got, want in zip(eng.decode_together(decs), solo):
+            assert torch.equal(got, want)
+    assert eng.lm_pass.passes["graph"] > eng.lm_pass.graphs.captures > 0
