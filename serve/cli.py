@@ -59,7 +59,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "threads": ("--threads", {"type": int, "help": "torch threads per replica (0 = its --replica-cpus)"}),
     "deterministic": ("--deterministic", {"action": "store_const", "const": True,
                                           "help": "a request's tokens are its solo run's whatever its batchmates "
-                                                  "(costs speed: 27% on the default model on CPU)"}),
+                                                  "(costs speed: 27%% on the default model on CPU)"}),
     "graph": ("--cuda-graph", {"action": "store_const", "const": True,
                                "help": "replay the LM pass as a CUDA graph per batch layout (CUDA devices only)"}),
     "host": ("--host", {"help": "HTTP address to bind; anything but loopback exposes the service"}),

@@ -42,6 +42,15 @@ def test_bad_flags_one_line_before_anything_starts(argv, flag, capsys):
     assert err.startswith("magnet serve: error:") and flag in err and "\n" not in err
 
 
+def test_help_lists_every_flag(capsys):
+    """`magnet serve --help` renders (argparse formats help texts with %: a bare one broke it) and names every flag."""
+    from magnet_engine.serve.cli import FLAGS, main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert [flag for flag, _ in FLAGS.values() if flag not in out] == []
+
+
 def test_magnet_finds_serve_through_its_entry_point(monkeypatch, capsys):
     """engine.cli imports nothing of serve: it finds the subcommand in the magnet_engine.commands group (setup.py)."""
     from magnet_engine.engine import cli
