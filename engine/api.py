@@ -82,9 +82,14 @@ class _Slot:
     step: TorchRequestStep  # its text k/v, static
 
 
-def _slot_inputs(codes: torch.Tensor, cross: CrossKV) -> list[torch.Tensor]:
-    """What a request brings to a pass: its codes and every layer's text k/v."""
-    return [codes, *(t for kv in cross for t in kv)]
+def _text_kv(step: TorchRequestStep) -> list[torch.Tensor]:
+    """Every layer's text k and v of a request: inputs of a captured pass or program."""
+    return [t for kv in step.cross for t in kv]
+
+
+def _static_step(lm: LM, step: TorchRequestStep) -> TorchRequestStep:
+    """A request's step on copies of its text k/v: a captured graph's own buffers, which later requests fill."""
+    return TorchRequestStep(lm, [(k.clone(), v.clone()) for k, v in step.cross])
 
 
 def pass_layout(dec: magnet.Decoding) -> tuple:
@@ -120,7 +125,7 @@ class GraphedPass:
         key = tuple(layouts[i] for i in order)
         ordered = [decs[i] for i in order]
         if key in self.graphs or key == self.last:
-            values = [t for d in ordered for t in _slot_inputs(d.codes, d.step.cross)]
+            values = [t for d in ordered for t in [d.codes, *_text_kv(d.step)]]
             logits = self.graphs.run(key, lambda: self._capture(ordered), values)
             self.passes["graph"] += 1
         else:
@@ -133,9 +138,8 @@ class GraphedPass:
         return out
 
     def _capture(self, decs: Sequence[magnet.Decoding]) -> Captured[list[tuple[torch.Tensor, torch.Tensor]]]:
-        slots = [_Slot(d.codes.clone(), d.stage, d.guided,
-                       TorchRequestStep(self.lm, [(k.clone(), v.clone()) for k, v in d.step.cross])) for d in decs]
-        inputs = [t for s in slots for t in _slot_inputs(s.codes, s.step.cross)]
+        slots = [_Slot(d.codes.clone(), d.stage, d.guided, _static_step(self.lm, d.step)) for d in decs]
+        inputs = [t for s in slots for t in [s.codes, *_text_kv(s.step)]]
         return Captured(lambda: self.eager(slots), inputs, self.device, pool=self.pool)
 
 
@@ -423,13 +427,13 @@ class Engine:
         requests of a shape become the program's static buffers, later ones are copied into them. -> copies of
         the codes (the program's buffers serve the next request)."""
         key = tuple((d.shape_key(), pass_layout(d)) for d in decs)
-        values = [t for d in decs for t in d.inputs() + _slot_inputs(d.codes, d.step.cross)[1:]]
+        values = [t for d in decs for t in d.inputs() + _text_kv(d.step)]
 
         def build() -> Captured[list[torch.Tensor]]:
             inputs = []
             for d in decs:
-                d.step = TorchRequestStep(self.lm, [(k.clone(), v.clone()) for k, v in d.step.cross])
-                inputs += d.inputs() + _slot_inputs(d.codes, d.step.cross)[1:]
+                d.step = _static_step(self.lm, d.step)
+                inputs += d.inputs() + _text_kv(d.step)
 
             def program() -> list[torch.Tensor]:
                 magnet.run_together(lm_pass, self.sample, decs)
