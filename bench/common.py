@@ -8,6 +8,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -138,3 +139,11 @@ def summary(values: Sequence[float]) -> dict[str, float]:
     """-> {median, p20, p80, min, max} in the values' unit."""
     return {"median": statistics.median(values), "p20": percentile(values, 20), "p80": percentile(values, 80),
             "min": min(values), "max": max(values)}
+
+
+def report_capture_failures(bench: str, failures: Sequence[str]) -> int:
+    """A benchmark's exit status: 1 (and every reason on stderr) when some program or pass layout failed to capture
+    and ran eagerly instead, so a graphed stage never reports timings of something else as its own (gpu.sh)."""
+    for reason in dict.fromkeys(failures):
+        print(f"bench {bench}: a CUDA graph capture failed, the run was eager there: {reason}", file=sys.stderr)
+    return 1 if failures else 0

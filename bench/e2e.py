@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import schema
-from .common import StageClock, parse_generation_sets
+from .common import StageClock, parse_generation_sets, report_capture_failures
 from .timing import Settings, make_row, print_row, prompts_for, time_requests
 
 ALL_KINDS = ("magnet", "ar", "hf-musicgen")
@@ -63,8 +63,9 @@ def lm_steps(engine: Any, kind: str, overrides: dict[str, Any], frames: int) -> 
     return [n], n
 
 
-def run_engine(s: Settings) -> list[dict[str, Any]]:
-    """magnet / ar through our engine, any backend (engine.backends): one row per batch size."""
+def run_engine(s: Settings) -> tuple[list[dict[str, Any]], list[str]]:
+    """magnet / ar through our engine, any backend (engine.backends): one row per batch size, and the reasons of any
+    CUDA graph capture that failed (`Engine.capture_failures`: those requests ran eagerly)."""
     from .presets import build
 
     built = build(s.model, s.kind, s.device, s.dtype_arg, s.seed, backend=s.backend)
@@ -73,7 +74,8 @@ def run_engine(s: Settings) -> list[dict[str, Any]]:
     engine.set_graph(s.cuda_graph)
     overrides = generation_overrides(built.kind, s)
     notes = TEXT_NOTE if built.weights == "random" else ""
-    rows = []
+    rows: list[dict[str, Any]] = []
+    capture_failures: list[str] = []
     for batch in s.batches:
         print(f"bench e2e: {built.model} ({built.weights} weights) {built.kind} on {engine.backend}, batch {batch}: "
               f"{s.warmup} warm-up + {s.repeats} timed requests of {s.duration:g}s...", file=sys.stderr, flush=True)
@@ -83,13 +85,16 @@ def run_engine(s: Settings) -> list[dict[str, Any]]:
         backend, row_notes = engine.backend, notes
         if engine.graph:  # its own scenario; the capture is paid by the warm-up request
             backend += "+graph"
+            failed = engine.capture_failures()
             row_notes = f"{notes}; " * bool(notes) + (f"whole-program CUDA graphs: {engine.programs.captures} "
-                                                      f"captured in {engine.programs.capture_s:.2f} s so far")
+                                                      f"captured in {engine.programs.capture_s:.2f} s so far, "
+                                                      f"{len(failed)} failed")
+            capture_failures += failed
         rows.append(make_row(s, model=built.model, kind=built.kind, backend=backend, batch=batch,
                              timed=timed, frame_rate=engine.config.frame_rate, params_m=built.params_m,
                              weights=built.weights, text_encoder=built.text_encoder, notes=row_notes))
         print_row(rows[-1])
-    return rows
+    return rows, capture_failures
 
 
 def parse_ints(text: str, what: str) -> list[int]:
@@ -155,8 +160,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
                     sets=parse_generation_sets(args.sets))
 
 
-def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Parse, run every batch size, write rows. Raises ValueError (and friends) on bad input."""
+def run(argv: Sequence[str] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Parse, run every batch size, write rows -> (rows, capture failures). Raises ValueError (and friends) on bad
+    input."""
     args = parser().parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -168,25 +174,25 @@ def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             raise ValueError("--kind hf-musicgen runs transformers' own PyTorch model: use --backend torch")
         from .peer import run_peer
 
-        rows = run_peer(s)
+        rows, failures = run_peer(s), []
     else:
-        rows = run_engine(s)
+        rows, failures = run_engine(s)
     if args.json == "-":
         for r in rows:
             print(schema.json_line(r))
     elif args.json:
         schema.append_rows(args.json, rows)
-    return rows
+    return rows, failures
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        run(argv)
+        _, failures = run(argv)
     except (ValueError, TypeError, OSError, ImportError, NotImplementedError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"bench e2e: error: {msg}", file=sys.stderr)
         return 2
-    return 0
+    return report_capture_failures("e2e", failures)
 
 
 if __name__ == "__main__":

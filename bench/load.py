@@ -166,7 +166,8 @@ def graph_counts(eng: Any) -> dict[str, Any]:
     and the scheduler's passes (GraphedPass)."""
     if not eng.graph:
         return {}
-    out = {"program_captures": eng.programs.captures, "program_capture_s": round(eng.programs.capture_s, 3)}
+    out = {"program_captures": eng.programs.captures, "program_capture_s": round(eng.programs.capture_s, 3),
+           "capture_failures": eng.capture_failures()}
     passes = getattr(eng.lm_pass, "passes", None)
     if passes is not None:
         out.update(pass_captures=eng.lm_pass.graphs.captures, pass_capture_s=round(eng.lm_pass.graphs.capture_s, 3),
@@ -302,13 +303,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if subprocess.run(cmd, check=False).returncode:
                 return 1
         return 0
+    from magnet_engine.bench.common import report_capture_failures
+
+    failed = []
     for row in run_one(args):
         line = json.dumps(row)
         print(line, flush=True)
         if args.out is not None:
             with args.out.open("a") as f:
                 f.write(line + "\n")
-    return 0
+        failed += row.get("capture_failures", [])
+    return report_capture_failures("load", failed)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 
 from . import hybrid, longform, magnet, musicgen
 from .config import GenerationConfig, ModelConfig, SettingError, SettingTypeError, default_generation
-from .graph import Captured, ProgramCache
+from .graph import Captured, ProgramCache, copy_grouped
 from .loading import (
     DEFAULT_MODEL,
     is_own_format,
@@ -109,7 +109,12 @@ class GraphedPass:
     runs eagerly: a one-off costs no capture. Requests are packed in the canonical order either way, and a
     replay runs the eager pass's kernels, so the tokens are the eager pass's (a deterministic engine's: each
     request's solo tokens). The graphs share one memory pool (one pass's activations, not one per layout): the
-    scheduler reads a pass's logits before the next pass."""
+    scheduler reads a pass's logits before the next pass.
+
+    A replay copies each request's codes, and a slot's text k/v only when another request took the slot (they never
+    change during a request), grouped by dtype. A layout whose capture fails runs eagerly from then on, with the
+    reason in `graphs.failures`: a capture error is the engine's, never a request's failure.
+    """
 
     def __init__(self, lm: LM, device: torch.device, capacity: int = 32) -> None:
         self.lm, self.device = lm, device
@@ -118,29 +123,50 @@ class GraphedPass:
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.last: tuple | None = None  # the previous pass's layout
         self.passes: collections.Counter[str] = collections.Counter()  # "eager" / "graph" passes run
+        # per captured layout: its slots (static buffers) and the step whose text k/v each holds now
+        self.slots: dict[tuple, tuple[list[_Slot], list[magnet.Step]]] = {}
 
     def __call__(self, decs: Sequence[magnet.Decoding]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         layouts = [pass_layout(d) for d in decs]
         order = sorted(range(len(decs)), key=layouts.__getitem__)
         key = tuple(layouts[i] for i in order)
         ordered = [decs[i] for i in order]
+        graph = None
         if key in self.graphs or key == self.last:
-            values = [t for d in ordered for t in [d.codes, *_text_kv(d.step)]]
-            logits = self.graphs.run(key, lambda: self._capture(ordered), values)
-            self.passes["graph"] += 1
-        else:
+            graph = self.graphs.get(key, lambda: self._capture(key, ordered))
+        if graph is None:
             logits = self.eager(ordered)
             self.passes["eager"] += 1
+        else:
+            self._fill(key, ordered)
+            logits = graph.replay()
+            self.passes["graph"] += 1
         self.last = key
         out: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(decs)  # type: ignore[list-item]
         for i, lg in zip(order, logits):
             out[i] = lg
         return out
 
-    def _capture(self, decs: Sequence[magnet.Decoding]) -> Captured[list[tuple[torch.Tensor, torch.Tensor]]]:
+    def _fill(self, key: tuple, decs: Sequence[magnet.Decoding]) -> None:
+        """Copy what changed since the last replay of `key`'s graph into its slots."""
+        slots, holders = self.slots[key]
+        pairs = []
+        for i, (slot, d) in enumerate(zip(slots, decs)):
+            pairs.append((slot.codes, d.codes))
+            if holders[i] is not d.step:
+                pairs += zip(_text_kv(slot.step), _text_kv(d.step))
+                holders[i] = d.step
+        copy_grouped(pairs)
+
+    def _capture(self, key: tuple, decs: Sequence[magnet.Decoding]
+                 ) -> Captured[list[tuple[torch.Tensor, torch.Tensor]]]:
         slots = [_Slot(d.codes.clone(), d.stage, d.guided, _static_step(self.lm, d.step)) for d in decs]
         inputs = [t for s in slots for t in [s.codes, *_text_kv(s.step)]]
-        return Captured(lambda: self.eager(slots), inputs, self.device, pool=self.pool)
+        graph = Captured(lambda: self.eager(slots), inputs, self.device, pool=self.pool)
+        for gone in [k for k in self.slots if k not in self.graphs.entries]:  # evicted from the cache
+            del self.slots[gone]
+        self.slots[key] = (slots, [d.step for d in decs])
+        return graph
 
 
 @dataclass
@@ -261,6 +287,12 @@ class Engine:
         if self.lm is not None:
             self.lm_pass = GraphedPass(self.lm, self.device) if on else PackedPass(self.lm)
         return self
+
+    def capture_failures(self) -> list[str]:
+        """Why each program or pass layout that failed to capture did (they run eagerly): empty when all went well.
+        A benchmark of captured graphs fails when this is not empty (bench load, bench e2e, gpu.sh)."""
+        caches = [self.programs] + ([self.lm_pass.graphs] if isinstance(self.lm_pass, GraphedPass) else [])
+        return [f"{key}: {reason}" for cache in caches for key, reason in cache.failures.items()]
 
     @property
     def sample_rate(self) -> int:
@@ -441,7 +473,11 @@ class Engine:
 
             return Captured(program, inputs, self.device)
 
-        return [codes.clone() for codes in self.programs.run(key, build, values)]
+        def eager() -> list[torch.Tensor]:  # the same program, uncaptured (its capture failed)
+            magnet.run_together(lm_pass, self.sample, decs)
+            return [d.codes for d in decs]
+
+        return [codes.clone() for codes in self.programs.run(key, build, values, eager)]
 
     def _chunks(self, req: Request, progress: magnet.Progress | None, decode: bool) -> Iterator[Chunk]:
         return (item for item in self._windows(req, progress, decode) if item is not None)

@@ -94,16 +94,26 @@ def row_generators(seed: int | None, batch: int, device: torch.device) -> list[t
 
 def draw_noise(steps: int, batch: int, frames: int, device: torch.device,
                generators: Sequence[torch.Generator] | None) -> torch.Tensor:
-    """Every step's uniform noise [S, B, T] fp32, drawn before the loop: row b's from its own generator, one [T] draw
-    per step in step order, which is the order the draws had when each step drew its own (so a request's tokens do
-    not depend on when its noise is drawn, nor on its batchmates)."""
+    """Every step's uniform noise [S, B, T] fp32, drawn before the loop: row b's from its own generator as one
+    [S, T] draw, which on CPU is the draws each step made of its own [T] in step order (so a request's tokens do not
+    depend on when its noise is drawn, nor on its batchmates)."""
     if generators is None:
         return torch.rand(steps, batch, frames, device=device)
-    noise = torch.empty(steps, batch, frames, device=device)
+    rows = torch.empty(batch, steps, frames, device=device)
     for b, g in enumerate(generators):
-        for s in range(steps):
-            noise[s, b].uniform_(generator=g)  # = torch.rand(frames, generator=g): one contiguous [T] draw
-    return noise
+        # one launch per row: on CPU one [S, T] draw is bit for bit S draws of [T] (tests/test_capture.py); on CUDA
+        # this one draw is the rule (Philox offsets depend on the launch)
+        rows[b].uniform_(generator=g)
+    return rows.transpose(0, 1).contiguous()  # [S, B, T]: a step's noise is one contiguous [B, T]
+
+
+def to_device(rows: Sequence[Sequence[float]], device: torch.device) -> torch.Tensor:
+    """Equal-length rows of host numbers -> one fp32 device tensor [R, n], through pinned memory with one
+    non-blocking copy (no sync with the device)."""
+    host = torch.tensor(rows, dtype=torch.float32)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 class Decoding:
@@ -151,10 +161,12 @@ class Decoding:
         # the schedule, as device tensors indexed by the step
         plans = [plan for n in gen.steps for plan in stage_schedule(n, n_scores - n_prompt, gen.cfg_max, gen.cfg_min,
                                                                      gen.temperature, gen.anneal_temp)]
-        self.n_mask = torch.tensor([plan.n_mask for plan in plans], dtype=torch.long, device=device)  # [S]
+        # one pinned host buffer, one non-blocking copy: no sync between other requests' passes (the scheduler
+        # builds a request while others decode). fp32 holds the counts (< 2^24) exactly.
+        n_mask, cfg, temp = to_device([[plan.n_mask for plan in plans], [plan.cfg_coef for plan in plans],
+                                       [plan.temperature for plan in plans]], device)  # [S] each
+        self.n_mask = n_mask.long()
         base = row_tensors(StepSampling(0.0, 1.0, gen.top_k, gen.top_p, gen.greedy), batch, device)
-        cfg = torch.tensor([plan.cfg_coef for plan in plans], dtype=torch.float32, device=device)  # [S]
-        temp = torch.tensor([plan.temperature for plan in plans], dtype=torch.float32, device=device)
         # [S, B], materialised: a sampler reads row b's value at offset b (kernels take contiguous [B] rows)
         self.cfg, self.temperature = cfg[:, None].repeat(1, batch), temp[:, None].repeat(1, batch)
         self.step_params = [dataclasses.replace(base, cfg_coef=self.cfg[s], temperature=self.temperature[s])

@@ -206,9 +206,10 @@ class Packed(Mixing):
         self.cond_parts = [p for p in parts if p.cond_rows]
         self.cond_sizes = [p.cond_rows * p.t for p in self.cond_parts]
         starts = [sum(self.sizes[:i]) for i in range(len(parts))]
-        # the pack's row indices of every request's conditional rows, in order
-        self.cond_index = torch.cat([torch.arange(s, s + p.cond_rows * p.t) for s, p in zip(starts, parts)]
-                                    ).to(device)
+        # the pack's row indices of every request's conditional rows, in order: made on the device (a host tensor
+        # would be a copy and a sync per pass, and illegal inside a CUDA graph capture)
+        self.cond_index = torch.cat([torch.arange(s, s + p.cond_rows * p.t, device=device)
+                                     for s, p in zip(starts, parts)])
 
     def self_attention(self, layer: int, attn: SelfAttention, qkv: torch.Tensor) -> torch.Tensor:
         outs = []

@@ -121,7 +121,7 @@ class ARDecoder:
 
 
 class GraphedStep:
-    """`ARDecoder.step` for n = 1 captured once as a CUDA graph and replayed per frame.
+    """`ARDecoder.step` for n = 1 captured once as a CUDA graph (`Captured`) and replayed per frame.
 
     Capture happens before the prefill: the warm-up runs write k/v at position 0, which the prefill overwrites.
     The returned logits live in the graph's static output buffers, valid until the next call.
@@ -129,23 +129,12 @@ class GraphedStep:
 
     def __init__(self, decoder: ARDecoder, n_q: int) -> None:
         device = decoder.key_pos.device
-        self.tokens = torch.zeros(decoder.batch, n_q, 1, dtype=torch.long, device=device)  # static inputs
-        self.pos = torch.zeros((), dtype=torch.long, device=device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs requires
-            for _ in range(2):
-                decoder.step(self.tokens, self.pos)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = decoder.step(self.tokens, self.pos)
+        tokens = torch.zeros(decoder.batch, n_q, 1, dtype=torch.long, device=device)  # static inputs
+        pos = torch.zeros((), dtype=torch.long, device=device)
+        self.program = Captured(lambda: decoder.step(tokens, pos), [tokens, pos], device)
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.tokens.copy_(tokens)
-        self.pos.copy_(pos)
-        self.graph.replay()
-        return self.out
+        return self.program([tokens, pos])
 
 
 def make_step(decoder: ARDecoder, mode: Literal["eager", "graph", "compile"], n_q: int) -> StepFn:
@@ -219,7 +208,11 @@ def generate_tokens_ar(lm: LM, cond: torch.Tensor, gen: GenerationConfig, batch:
             return Captured(lambda: _frame_loop(decoder, decoder.step, sample, seq, start, params, uniforms),
                             values[:len(values) - 2 * len(cross)] + [x for kv in static_cross for x in kv], device)
 
-        out = programs.run(key, build, values).clone()  # the program's buffers serve the next request
+        def eager() -> torch.Tensor:  # the same loop, uncaptured (its capture failed)
+            decoder = ARDecoder(lm, cross, batch, n_cols - 1)
+            return _frame_loop(decoder, decoder.step, sample, seq, start, params, uniforms)
+
+        out = programs.run(key, build, values, eager).clone()  # the program's buffers serve the next request
         if progress is not None:
             progress(n_steps, n_steps)
         return pattern.revert(out)
