@@ -12,6 +12,7 @@
     serve    HTTP load on a running `magnet serve`: open / closed loop, errors by status, a replica kill (bench.serve)
     long     long-form pieces: time to first audio, seams, prompt kept per window (bench.long)
     overhead host overhead per decoding step on CPU: ops, host syncs, ms, what compiles (bench.overhead)
+    precision half precision vs fp32: logits error, greedy tokens; mixed rule vs half residual (bench.precision)
 
 Step-function micro-benchmarks run under pytest-benchmark: `python -m pytest bench/micro.py --benchmark-only`.
 Subcommand modules are imported lazily, so `report` never imports torch's heavy friends and a missing optional
@@ -38,6 +39,7 @@ SUBCOMMANDS = {
     "long": ("magnet_engine.bench.long", "long-form pieces: time to first audio, seams, prompt kept per window"),
     "overhead": ("magnet_engine.bench.overhead",
                  "host overhead per decoding step on CPU: aten ops, host syncs, ms, what compiles"),
+    "precision": ("magnet_engine.bench.precision", "half precision vs fp32: logits error and greedy tokens"),
 }
 
 

@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
-# The project on a GPU in one call, from the repository root, nothing installed: the Triton kernels against their
-# references on the device, the fixture's tokens through the CLI (torch and Triton backends, fp32), `bench e2e` for
-# MAGNeT (torch, Triton) and AR (eager, CUDA graph) at the magnet-small / musicgen-small shapes with random weights in
-# fp16 at B=1,4,16, Hugging Face's MusicGen (bench/peer.py), `bench kernels`, and `bench load` (a burst of requests,
-# static batching against the scheduler, eager and graphed).
+# The project on a GPU in one short call, from the repository root, nothing installed. What has never run on a GPU
+# comes first (capture legality and capture-failure counts, the AR program, the scheduler's per-pass graphs against
+# cohort programs, deterministic mode's cost), then e2e eager vs graphed at B=1,4,16; parity comes last.
 #
-#   bash bench/gpu.sh --prepare   # here, before a device call: the fixture into .gpu/fixtures, soundfile's cp312
-#                                 # wheels into .gpu/wheels (the device has neither, nor a registry)
-#   bash bench/gpu.sh             # on the GPU machine: device tool run(command="bash bench/gpu.sh", carry=[".gpu"])
-#   bash bench/gpu.sh --quick     # (or QUICK=1) a CPU dry run: tiny shapes, B=1, Triton's interpreter; stages that
-#                                 # need CUDA are reported as skipped, with the reason
+#   bash bench/gpu.sh --prepare   # here, before a device call: the fixture (whole: the tests read every file) into
+#                                 # .gpu/fixtures, soundfile's cp312 wheels into .gpu/wheels (the device has neither)
+#   bash bench/gpu.sh             # on the GPU: device run(command="bash bench/gpu.sh", carry=[".gpu"],
+#                                 #   kind="nvidia-h200", timeout_s=420); an H100 run is as welcome, labelled
+#   ONLY=load-static-graph,e2e-ar-program bash bench/gpu.sh   # just these stages (a rerun), extra ones included
+#   bash bench/gpu.sh --quick     # (or QUICK=1) a CPU dry run: tiny shapes, Triton's interpreter; stages that need
+#                                 # CUDA are reported as skipped, with the reason
+#
+# Budget arithmetic (a session has 15 min = 900 s of device time, the machine's start included):
+#   start-up and transfers ~120 s + BUDGET 360 s (the default stages' limits add up to exactly that) = ~480 s,
+#   which leaves ~420 s for a rerun of what failed (ONLY=...) inside the same 900 s. Stages marked `extra` (what
+#   already ran on an H200: kernel checks, other backends, the HF peer) run only when ONLY names them.
+# A stage that needs a GPU and captures graphs fails when a capture failed (bench load/e2e exit 1 with the reason;
+# the test stages assert no capture failure).
 #
 # Environment: OUT (results; default a new tmp dir), MAGNET_FIXTURES (the folder holding magnet-tiny/; default
-# .gpu/fixtures, else ../shared/fixtures), PYTHON (default python3), BUDGET (seconds for all stages, default 540:
-# a stage gets at most what is left, so the script ends and reports inside a 10-minute device call).
-# Results in $OUT (at most 8 files, what a device call brings back): stages.jsonl (an "env" line, then one line per
-# stage: status ok | failed | timeout | skipped, rc, seconds, the skip reason), stages.log (every stage's output),
-# kernel_check.jsonl, fixture.jsonl and fixture_tokens.npz, e2e.jsonl, kernels.jsonl, load.jsonl. A failing stage
-# does not stop the others; the exit status is 1 when one failed or timed out.
+# .gpu/fixtures, else ../shared/fixtures), PYTHON (default python3), BUDGET (seconds for all stages, default 360),
+# ONLY (comma-separated stage names). Results in $OUT (at most 8 files, what a device call brings back):
+# stages.jsonl (an "env" line naming the card, then one line per stage: status ok | failed | timeout | skipped, rc,
+# seconds, the skip reason), stages.log (every stage's output), fixture.jsonl and fixture_tokens.npz, e2e.jsonl,
+# load.jsonl, kernels.jsonl (every row names the card: host.gpu), kernel_check.jsonl. A failing stage does not stop
+# the others; the exit status is 1 when one failed or timed out.
 set -u
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -37,12 +44,11 @@ if [ "$PREPARE" = 1 ]; then
   src=${MAGNET_FIXTURES:-$ROOT/../shared/fixtures}/magnet-tiny
   [ -d "$src" ] || { echo "bench/gpu.sh --prepare: no fixture at $src; set MAGNET_FIXTURES=DIR (holding magnet-tiny/)" >&2; exit 2; }
   rm -rf .gpu/fixtures && mkdir -p .gpu/fixtures/magnet-tiny .gpu/wheels || exit 1
-  # the MusicGen files are left out: no stage reads them, and the tree that travels is capped at 64 MiB
-  cp -r --no-preserve=mode "$src"/. .gpu/fixtures/magnet-tiny/ && rm -f .gpu/fixtures/magnet-tiny/*musicgen* || exit 1
+  cp -r --no-preserve=mode "$src"/. .gpu/fixtures/magnet-tiny/ || exit 1  # ~18 MB of the 64 MiB a call carries
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .gpu/wheels soundfile cffi pycparser || exit 1
-  du -sh .gpu && echo "now: device run(command=\"bash bench/gpu.sh\", carry=[\".gpu\"], timeout_s=600)"
+  du -sh .gpu && echo "now: device run(command=\"bash bench/gpu.sh\", carry=[\".gpu\"], kind=\"nvidia-h200\", timeout_s=420)"
   exit 0
 fi
 
@@ -79,40 +85,52 @@ else
   [ "$HAS_CUDA" = 1 ] || { echo "bench/gpu.sh: no CUDA device (torch.cuda.is_available() is False); --quick is the CPU dry run" >&2; exit 2; }
   DEV=cuda; unset TRITON_INTERPRET  # compiled kernels
   MAGNET=magnet-small-10secs; AR=musicgen-small; DTYPE=float16; BATCH=1,4,16; DURATION=10
-  RUNS_MAGNET="--repeats 5 --warmup 2"; RUNS_AR="--repeats 3 --warmup 1"; RUNS_PEER="--repeats 2 --warmup 1"
+  RUNS_MAGNET="--repeats 3 --warmup 1"; RUNS_AR="--repeats 3 --warmup 1"; RUNS_PEER="--repeats 2 --warmup 1"
   FIXTURE_RUNS=gen_nonoverlap_max,gen_nonoverlap_prod,gen_stride1,gen_cfg3_temp1,gen_continuation; CHECK_QUICK=
-  LOAD_MODEL=magnet-small-10secs; RUNS_LOAD="--requests 16 --max-batch 16 --min-duration 10 --max-duration 10 --repeats 3"
+  LOAD_MODEL=magnet-small-10secs; RUNS_LOAD="--requests 16 --max-batch 16 --min-duration 10 --max-duration 10 --repeats 2"
 fi
 E2E="$PY -m magnet_engine.bench e2e --device $DEV --dtype $DTYPE --batch $BATCH --duration $DURATION --json $OUT/e2e.jsonl"
 CHECK="$PY -m magnet_engine.bench.gpu_check"
 LOAD="$PY -m magnet_engine.bench load --trace burst --static-wait 0 --device $DEV --dtype $DTYPE --model $LOAD_MODEL $RUNS_LOAD --out $OUT/load.jsonl"
 FIX="$CHECK fixture --fixture $FIXTURE --device $DEV --dtype float32 --runs $FIXTURE_RUNS --json $OUT/fixture.jsonl --tokens $OUT/fixture_tokens.npz"
 
-# One stage a line: name | time limit (s) | needs (comma-separated: cuda, file=PATH, e2e-flag=FLAG; - for none) | command
+# One stage a line: name | time limit (s) | needs (comma-separated: cuda, extra; - for none) | command. The default
+# stages' limits add up to BUDGET's default, 360 s (tests/test_gpu_harness.py checks it); on a GPU `extra` ones run
+# only when ONLY names them.
+TESTS="$PY -m pytest -q -p no:cacheprovider -k cuda"
 STAGES=(
-  "kernels-check|120|-|$CHECK kernels --device $DEV $CHECK_QUICK --json $OUT/kernel_check.jsonl"
-  "fixture-torch-fp32|90|-|$FIX --backend torch"
-  "fixture-triton-fp32|150|-|$FIX --backend triton"
-  "e2e-magnet-torch|90|-|$E2E --model $MAGNET --backend torch $RUNS_MAGNET"
-  "e2e-magnet-triton|120|-|$E2E --model $MAGNET --backend triton $RUNS_MAGNET"
-  "e2e-ar-eager|120|-|$E2E --model $AR --ar-mode eager $RUNS_AR"
-  "e2e-ar-graph|90|cuda|$E2E --model $AR --ar-mode graph $RUNS_AR"
-  "e2e-hf-musicgen|90|-|$PY -m magnet_engine.bench e2e --model $AR --kind hf-musicgen --device $DEV --dtype $DTYPE --batch 1 --duration $DURATION --json $OUT/e2e.jsonl $RUNS_PEER"
-  "bench-kernels|60|cuda|$PY -m magnet_engine.bench kernels --json $OUT/kernels.jsonl"
-  # whole programs as one CUDA graph per request shape (MAGNeT: every stage and step; AR: the frame loop)
-  "e2e-magnet-cuda-graph|90|e2e-flag=--cuda-graph,cuda|$E2E --model $MAGNET --backend torch --cuda-graph $RUNS_MAGNET"
-  "e2e-magnet-triton-graph|120|e2e-flag=--cuda-graph,cuda|$E2E --model $MAGNET --backend triton --cuda-graph $RUNS_MAGNET"
-  "e2e-ar-program|90|e2e-flag=--cuda-graph,cuda|$E2E --model $AR --cuda-graph $RUNS_AR"
-  # the static program's and determinism's token tests on the device (fp16/bf16 batch invariance, graph equality)
-  "static|120|cuda|$PY -m pytest -q -p no:cacheprovider tests/test_static.py"
-  # the scheduler on the GPU (issue 27, item 5): a burst of requests that start together, decoded as one static batch
-  # (its whole program one CUDA graph) or by the scheduler (its LM pass one graph per layout), against both eager
-  "load-static|90|-|$LOAD --policy static"
-  "load-scheduler|90|-|$LOAD --policy scheduler"
-  "load-static-graph|120|cuda|$LOAD --policy static --cuda-graph"
-  "load-scheduler-graph|120|cuda|$LOAD --policy scheduler --cuda-graph"
-  "determinism|150|file=tests/test_determinism.py,cuda|$PY -m pytest -q -p no:cacheprovider tests/test_determinism.py"
+  # never run on a GPU before: every captured path without a capture failure, fp16 batched == solo, graphs == eager
+  "capture-tests|60|cuda|$TESTS tests/test_capture.py tests/test_static.py tests/test_determinism.py"
+  "e2e-ar-program|30|cuda|$E2E --model $AR --cuda-graph $RUNS_AR"
+  # the scheduler: per-pass graphs (one per layout) against whole-cohort programs, and both eager
+  "load-static-graph|30|cuda|$LOAD --policy static --cuda-graph"
+  "load-scheduler-graph|30|cuda|$LOAD --policy scheduler --cuda-graph"
+  "load-static|25|-|$LOAD --policy static"
+  "load-scheduler|25|-|$LOAD --policy scheduler"
+  # deterministic mode's cost against load-static (same burst, row-invariant GEMMs)
+  "load-static-deterministic|45|-|$LOAD --policy static --deterministic"
+  # B=1,4,16 eager vs whole-program graphs
+  "e2e-magnet-torch|40|-|$E2E --model $MAGNET --backend torch $RUNS_MAGNET"
+  "e2e-magnet-cuda-graph|40|cuda|$E2E --model $MAGNET --backend torch --cuda-graph $RUNS_MAGNET"
+  # parity last: it ran on an H200 before
+  "fixture-triton-fp32|35|-|$FIX --backend triton"
+  # extra: run with ONLY=name
+  "e2e-magnet-triton-graph|120|extra,cuda|$E2E --model $MAGNET --backend triton --cuda-graph $RUNS_MAGNET"
+  "kernels-check|120|extra|$CHECK kernels --device $DEV $CHECK_QUICK --json $OUT/kernel_check.jsonl"
+  "fixture-torch-fp32|90|extra|$FIX --backend torch"
+  "e2e-magnet-triton|120|extra|$E2E --model $MAGNET --backend triton $RUNS_MAGNET"
+  "e2e-ar-eager|120|extra|$E2E --model $AR --ar-mode eager $RUNS_AR"
+  "e2e-hf-musicgen|90|extra|$PY -m magnet_engine.bench e2e --model $AR --kind hf-musicgen --device $DEV --dtype $DTYPE --batch 1 --duration $DURATION --json $OUT/e2e.jsonl $RUNS_PEER"
+  "bench-kernels|60|extra,cuda|$PY -m magnet_engine.bench kernels --json $OUT/kernels.jsonl"
 )
+
+if [ -n "${ONLY:-}" ]; then  # a misspelt name would silently run nothing
+  names=$(printf '%s\n' "${STAGES[@]}" | cut -d'|' -f1 | tr '\n' ' ')
+  IFS=, read -ra wanted <<<"$ONLY"
+  for w in "${wanted[@]}"; do
+    case " $names " in *" $w "*) ;; *) echo "bench/gpu.sh: ONLY names no stage '$w'; stages: $names" >&2; exit 2 ;; esac
+  done
+fi
 
 jline() {  # KEY=VALUE ... -> one JSON line on stages.jsonl (integers as numbers, empty as null)
   "$PY" - "$@" >>"$OUT/stages.jsonl" <<'PY'
@@ -125,30 +143,30 @@ print(json.dumps(row))
 PY
 }
 
-why_skip() {  # NEEDS -> the reason this stage cannot run here, or nothing
+why_skip() {  # NAME NEEDS -> the reason this stage cannot run here, or nothing
   local need
-  IFS=, read -ra needs <<<"$1"
+  if [ -n "${ONLY:-}" ]; then
+    case ",$ONLY," in *",$1,"*) ;; *) echo "not in ONLY=$ONLY"; return ;; esac
+  fi
+  IFS=, read -ra needs <<<"$2"
   for need in "${needs[@]}"; do
     case $need in
       -|"") ;;
+      extra)  # the CPU dry run runs these too: it is the only check they get in CI
+        [ -n "${ONLY:-}" ] || [ "$QUICK" = 1 ] || { echo "extra: runs when ONLY names it"; return; } ;;
       cuda)
         if [ "$QUICK" = 1 ]; then echo "needs CUDA: the --quick dry run runs on the CPU"; return; fi ;;
-      file=*)
-        [ -e "${need#file=}" ] || { echo "hook not wired: ${need#file=} is not in this checkout yet"; return; } ;;
-      e2e-flag=*)
-        "$PY" -m magnet_engine.bench e2e --help 2>/dev/null | grep -q -- "${need#e2e-flag=}" \
-          || { echo "hook not wired: bench e2e has no ${need#e2e-flag=} yet"; return; } ;;
       *) echo "unknown need $need"; return ;;
     esac
   done
 }
 
 T0=$(date +%s)
-BUDGET=${BUDGET:-540}
+BUDGET=${BUDGET:-360}
 FAILED=0
 run_stage() {  # NAME LIMIT NEEDS COMMAND
   local name=$1 limit=$2 needs=$3 cmd=$4 reason left rc t0 status
-  reason=$(why_skip "$needs")
+  reason=$(why_skip "$name" "$needs")
   left=$(( BUDGET - ($(date +%s) - T0) ))
   if [ -z "$reason" ] && [ "$left" -lt 10 ]; then reason="the ${BUDGET}s budget is spent"; FAILED=1; fi
   if [ -n "$reason" ]; then
@@ -207,7 +225,7 @@ if (out / "e2e.jsonl").is_file():
         print(f"  {r['scenario']:64s} {r['latency_s']['median'] * 1000:9.1f} ms  {stages}")
 if (out / "load.jsonl").is_file():
     for r in map(json.loads, (out / "load.jsonl").read_text().splitlines()):
-        graphs = {k: r[k] for k in r if k.startswith(("program_", "pass_", "passes_"))}
+        graphs = {k: r[k] for k in r if k.startswith(("program_", "pass_", "passes_", "capture_"))}
         print(f"  load {r['policy']:9s} graph={r['cuda_graph']!s:5s} repeat {r['repeat']}: makespan "
               f"{r['makespan_s']:.3f} s, p50 latency {r['latency_s']['p50']:.3f} s  {graphs}")
 PY

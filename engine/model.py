@@ -246,9 +246,16 @@ class Layer(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=1e-5)
 
     def forward(self, x: torch.Tensor, mix: Mixing, index: int) -> torch.Tensor:
-        """Pre-LN self-attention, cross-attention to the text (rows with text only), GELU MLP. x [.., dim] laid out
-        as `mix` says; `index`: this layer's place in the stack (its text k/v, its KV cache)."""
-        sa, ca, lin = self.self_attn, self.cross_attention, mix.linear
+        """Pre-LN self-attention, cross-attention to the text (rows with text only), GELU MLP. x [.., dim] fp32, laid
+        out as `mix` says; `index`: this layer's place in the stack (its text k/v, its KV cache).
+
+        Mixed precision as the reference's autocast: the matmuls and attention in the weights' dtype, the residual
+        stream and the norms in fp32 (a half-precision branch added to it promotes to fp32)."""
+        sa, ca = self.self_attn, self.cross_attention
+
+        def lin(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return mix.linear(h.to(w.dtype), w)
+
         x = x + lin(mix.self_attention(index, sa, lin(self.norm1(x), sa.in_proj_weight)), sa.out_proj.weight)
         xc = mix.cond_rows(x)
         if xc is not None:
@@ -292,10 +299,13 @@ class LM(nn.Module):
         return self.layers[0].linear1.weight.dtype
 
     def to_dtype(self, dtype: torch.dtype) -> LM:
-        """Transformer layers in `dtype`; embeddings, text projection, final norm and heads in fp32 (as audiocraft
-        builds them), so guidance and sampling never see fp16 logits."""
+        """The layers' matmul weights in `dtype`; everything else in fp32: embeddings, text projection, final norm
+        and heads (as audiocraft builds them, so guidance and sampling never see half-precision logits) and the
+        layers' norms, which the reference's autocast runs in fp32 (the residual stream stays fp32: Layer.forward)."""
         self.float()
-        self.layers.to(dtype)
+        for layer in self.layers:
+            for module in (layer.self_attn, layer.cross_attention, layer.linear1, layer.linear2):
+                module.to(dtype)
         return self
 
     def cross_kv(self, cond: torch.Tensor) -> CrossKV:
@@ -330,7 +340,7 @@ class LM(nn.Module):
         Self-attention is full for s = 0 and banded |Δt| <= subcodes_context for s >= 1. `cross` holds k/v for
         the first B rows; rows past B are the unconditional half.
         """
-        x = self.hidden(self.embed(codes).to(self.dtype), Dense(cross, self.cfg.window(stage), self.linear))
+        x = self.hidden(self.embed(codes), Dense(cross, self.cfg.window(stage), self.linear))
         return self.head(x, stage)
 
     def forward_cached(self, tokens: torch.Tensor, index: torch.Tensor, cross: CrossKV,
@@ -338,7 +348,7 @@ class LM(nn.Module):
         """The AR decoder's pass: tokens [B, K, n] at positions `index` [n], the same rows under both conditions
         ([cond; uncond] = 2B rows; k/v written into `caches`, attended under `mask`: see `Cached`) -> hidden
         states [2B, n, dim]."""
-        x = self.embed_at(tokens, index).to(self.dtype)  # [B, n, dim]
+        x = self.embed_at(tokens, index)  # [B, n, dim] fp32
         return self.hidden(torch.cat([x, x]), Cached(cross, caches, index, mask, self.linear))
 
     def forward_packed(self, parts: Sequence[Rows]) -> list[torch.Tensor]:
@@ -352,7 +362,7 @@ class LM(nn.Module):
         """
         dim = self.cfg.dim
         mix = Packed(parts, [self.cfg.window(p.stage) for p in parts], self.out_norm.weight.device, self.linear)
-        x = torch.cat([self.embed(p.codes).to(self.dtype).reshape(-1, dim) for p in parts])  # [ΣN·T, dim]
+        x = torch.cat([self.embed(p.codes).reshape(-1, dim) for p in parts])  # [ΣN·T, dim] fp32
         y = self.out_norm(self.hidden(x, mix).float()).split(mix.sizes)
         logits: list[torch.Tensor | None] = [None] * len(parts)
         for stage in sorted({p.stage for p in parts}):  # one head GEMM per codebook among the requests

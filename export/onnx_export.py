@@ -263,7 +263,7 @@ class LMStepGraph(nn.Module):
         if self.window is not None:
             self.self_attend.mask = band_mask(codes.shape[-1], self.window, codes.device) | (stage == 0)  # [T, T]
         kv = [(cross[2 * i], cross[2 * i + 1]) for i in range(len(self.lm.layers))]
-        x = self.lm.hidden(self.lm.embed(codes).to(self.lm.dtype), Dense(kv, None))  # the mask picks the band
+        x = self.lm.hidden(self.lm.embed(codes), Dense(kv, None))  # fp32 residual; the mask picks the band
         head = torch.index_select(self.heads, 0, stage.reshape(1)).squeeze(0)  # [V, dim]
         return F.linear(self.lm.out_norm(x.float()), head)
 

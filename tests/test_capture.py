@@ -245,3 +245,31 @@ def test_replay_copies_only_what_changed(lm, monkeypatch):
     assert copied[-1] == 2 + kv
     magnet.decode_step(gp, sample_ref, [c, b])
     assert copied[-1] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (none here): the meta-device "
+                    "proofs above stand in for it on CPU")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cuda_every_path_captures(fixture_dir, dtype):  # pragma: no cover - GPU only
+    """On a GPU: the one-request program, decode_together, the scheduler's per-pass graphs (requests joining at
+    different stages) and the AR program all capture without a failure, and replay the eager run's tokens."""
+    from magnet_engine.engine.scheduler import Scheduler, start_request
+
+    import magnet_engine as me
+
+    kw = dict(duration=0.6, steps=(3, 2, 2, 2), seed=5)
+    eng = me.load(fixture_dir, device="cuda", dtype=dtype, deterministic=True)
+    eager = [eng.generate([p], **kw).codes for p in ("a piano", "drums", "a choir")]
+    eng.set_graph(True)
+    for p, ref in zip(("a piano", "drums", "a choir"), eager):
+        assert torch.equal(eng.generate([p], **kw).codes, ref)
+    together = eng.decode_together([start_request(eng, p, eng.settings(**kw)) for p in ("a piano", "drums")])
+    assert all(torch.equal(a, b) for a, b in zip(together, eager))
+    with Scheduler(eng, max_batch=4) as sched:
+        futures = [sched.submit(p, **kw) for p in ("a piano", "drums", "a choir")]
+        out = [f.result(timeout=300).codes for f in futures]
+    assert all(torch.equal(a, b) for a, b in zip(out, eager))
+    ar = me.load(fixture_dir / "musicgen_state_dict.bin", device="cuda", dtype=dtype, graph=True)
+    ar.generate(["a piano"], duration=0.5, seed=1)
+    assert eng.capture_failures() == [] and ar.capture_failures() == []
+    assert eng.lm_pass.passes["graph"] > 0 and eng.programs.captures > 0 and ar.programs.captures == 1
