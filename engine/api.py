@@ -3,9 +3,8 @@ audio."""
 from __future__ import annotations
 
 import collections
-import dataclasses
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,9 @@ from .loading import (
 )
 from .model import LM, CrossKV, Rows
 from .musicgen import ARCompanion
-from .request import Request, build_request
+from .request import Request, build_request, settings
 from .rescore import build_rescorer
+from .results import Chunk, Generation, join
 from .sampling import sample_ref
 from .text import TextConditioner, load_text_encoder
 
@@ -170,39 +170,6 @@ class GraphedPass:
 
 
 @dataclass
-class Generation:
-    audio: torch.Tensor  # [B, 1, samples] fp32
-    codes: torch.Tensor  # [B, K, T] int64
-    sample_rate: int
-    seed: int | None = None  # the request's seed (drawn when none was given): prompt b drew from seed + b
-    # costs of the quality levers: rescore_calls, rescore_s, rescore_s_per_step (AR forwards inside the MAGNeT
-    # loop); hybrid_prefix_frames, hybrid_prefix_s (the AR prefix, text encoding included). Empty for plain runs.
-    stats: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Chunk:
-    """A piece of a streamed generation (`Engine.generate_stream`): one per window."""
-
-    audio: torch.Tensor  # [B, 1, samples] fp32: the next samples of the piece (none yet for some codecs)
-    codes: torch.Tensor  # [B, K, frames] int64: the window's new tokens (window 0: with the request's prompt)
-    window: int  # its index, from 0
-    windows: int  # how many the piece has
-    stats: dict[str, float] = field(default_factory=dict)  # the window's lever costs (see Generation.stats)
-
-
-def join(chunks: Sequence[Chunk], sample_rate: int, seed: int | None = None) -> Generation:
-    """A streamed generation's chunks -> the Generation `Engine.generate` returns (lever costs summed)."""
-    stats: dict[str, float] = {}
-    for c in chunks:
-        for key, value in c.stats.items():
-            stats[key] = stats.get(key, 0.0) + value
-    return Generation(audio=torch.cat([c.audio for c in chunks], dim=-1),
-                      codes=torch.cat([c.codes for c in chunks], dim=-1), sample_rate=sample_rate, seed=seed,
-                      stats=stats)
-
-
-@dataclass
 class _Run:
     prompt: torch.Tensor | None  # [B, K, P] the request's prompt codes (window 0 only)
     generators: list[torch.Generator] | None  # one per row, running on through every window
@@ -304,11 +271,9 @@ class Engine:
 
     def settings(self, config: GenerationConfig | None = None, **overrides: Any) -> GenerationConfig:
         """The model's defaults, then `config`, then keyword overrides (GenerationConfig field names), checked
-        against this model."""
-        gen = dataclasses.replace(config if config is not None else self.defaults,
-                                  **GenerationConfig.check_fields(overrides))
-        gen.check_for(self.config)
-        return gen
+        against this model: the settings part of `request` (one validator: `engine.request.settings`), for callers
+        that need a GenerationConfig without prompts (the seed stays as given)."""
+        return settings(self.config, self.defaults, config, overrides)
 
     def request(self, prompts: str | Sequence[str | None], config: GenerationConfig | None = None, *,
                 prompt_codes: torch.Tensor | None = None, prompt_audio: torch.Tensor | None = None,
@@ -383,6 +348,22 @@ class Engine:
             raise SettingError("this Request was built for another model: build it with this engine's request(...)")
         return prompts
 
+    def start(self, req: Request) -> magnet.Decoding:
+        """A MAGNeT request's decoding program (`magnet.Decoding`) with its step (its text's k/v), its prompt and
+        noise generators, as `generate` builds it: what the scheduler and `decode_together` advance step by step.
+        Long pieces (window by window: `stream_steps`) and the hybrid's AR prefix go through `generate`."""
+        if self.config.kind != "magnet":
+            raise SettingError(f"Engine.start builds MAGNeT decoding programs; this is a {self.config.kind} model: "
+                               "use generate")
+        if req.ar_model is not None or longform.is_long(self.config, req.gen):
+            raise SettingError("a long piece or a hybrid request runs in several parts: use generate or "
+                               "generate_stream")
+        run = self._start(req)
+        rescore = None if req.rescorer is None else build_rescorer(self.config, req.rescorer, list(req.prompts),
+                                                                   req.gen)
+        return magnet.Decoding(self.config, req.gen, req.batch, self.device, run.prompt, run.generators, rescore,
+                               run.step)
+
     def _start(self, req: Request) -> _Run:
         """What every window of a request shares: its encoded prompt, noise generators and text conditioning."""
         prompt = None
@@ -444,7 +425,7 @@ class Engine:
 
     @torch.no_grad()
     def decode_together(self, decs: Sequence[magnet.Decoding]) -> list[torch.Tensor]:
-        """Requests that start together (each its own `Decoding`, as `scheduler.start_request` builds it) decoded to
+        """Requests that start together (each its own `Decoding`, as `Engine.start` builds it) decoded to
         their end, one LM pass per step (`lm_pass`) -> each one's codes [B, K, T]; static batching. With `graph`
         on, the cohort's whole program is one CUDA graph per cohort shape (its requests' shapes and text lengths),
         captured the first time. A request's tokens are what the scheduler gives it in the same company."""
