@@ -216,9 +216,6 @@ class Engine:
         self.defaults = defaults if defaults is not None else default_generation(config)
         self.sample: magnet.Sampler = sample_ref
         self.backend = "torch"  # the name of the backend that built or adapted it (engine.backends)
-        # MusicGen's per-frame step: "eager", "graph" (manual CUDA graph) or "compile" (torch.compile); see
-        # engine.musicgen.make_step. A switch on the built engine, like the kernels transform.
-        self.ar_mode: str = "eager"
         # whole programs captured as CUDA graphs, one per request shape (engine.graph; `set_graph`)
         self.graph = False
         self.programs = ProgramCache()
@@ -396,7 +393,7 @@ class Engine:
                                    "has only a step function: load the model with the torch backend")
             codes = musicgen.generate_tokens_ar(self.lm, run.cond, gen, len(prompts), self.device, prompt, generator,
                                                 progress, sample=self.sample,
-                                                mode="program" if self.graph else self.ar_mode, programs=self.programs)
+                                                mode="program" if self.graph else "eager", programs=self.programs)
             return codes, stats
         rescore = None if req.rescorer is None else build_rescorer(self.config, req.rescorer, prompts, gen)
         prefix_timer = None
