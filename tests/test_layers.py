@@ -4,9 +4,9 @@ reaches itself through them (no cycle).
 
     serve, bench, train                      (top)
     export, kernels                          (plug-ins: backends, the ONNX export, Triton kernels)
-    engine:  cli, backends, api              (front ends: load, Engine, the torch backend)
-             scheduler, core, policy, lifecycle, magnet, musicgen, longform, hybrid, rescore, request, graph, results
-                                             (decoding and serving one request or many)
+    engine:  cli, backends, api              (front ends: load, Engine and the torch loader)
+             scheduler, core, policy, lifecycle, passes, magnet, musicgen, longform, hybrid, rescore, request, graph,
+             results                         (decoding and serving one request or many)
              model, codec, text, bert, sampling, masking, ops, loading, audio, config   (the model and the codec)
 
 import-linter was not used: it resolves modules through the installed package, and `magnet_engine`'s folders are
@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TOP = [("serve", "bench", "train"), ("export", "kernels"), ("engine",)]
 ENGINE = [
     ("cli", "backends", "api"),
-    ("scheduler", "core", "policy", "lifecycle", "magnet", "musicgen", "longform", "hybrid", "rescore", "request",
-     "graph", "results"),
+    ("scheduler", "core", "policy", "lifecycle", "passes", "magnet", "musicgen", "longform", "hybrid", "rescore",
+     "request", "graph", "results"),
     ("model", "codec", "text", "bert", "sampling", "masking", "ops", "loading", "audio", "config"),
 ]
 
