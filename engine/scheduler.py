@@ -226,9 +226,11 @@ class Scheduler:
                 self._closed = True
                 jobs, streams, self._jobs, self._streams = self._jobs, self._streams, [], []
             for st in streams:
-                st.end(RuntimeError(f"the scheduler's loop failed: {e!r}"))
+                if not st.status.finished:
+                    st.end(RuntimeError(f"the scheduler's loop failed: {e!r}"))
             for job in jobs:
-                job.fail(RuntimeError(f"the scheduler's loop failed: {e!r}"))
+                if not job.status.finished:
+                    job.fail(RuntimeError(f"the scheduler's loop failed: {e!r}"))
             raise
 
     def __enter__(self) -> Scheduler:
