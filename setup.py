@@ -57,7 +57,7 @@ setup(
         # backends beside the built-in torch one (engine.backends): engine/ imports neither package
         "magnet_engine.backends": ["triton = magnet_engine.kernels.backend:TritonBackend",
                                    "onnx = magnet_engine.export.ort:OrtBackend"],
-        # `magnet SUBCOMMAND` beside generate/export (engine.cli): engine/ imports none of them
-        "magnet_engine.commands": ["serve = magnet_engine.serve.cli:main"],
+        # `magnet SUBCOMMAND` beside generate (engine.cli): engine/ imports none of them
+        "magnet_engine.commands": ["export = magnet_engine.export.cli:main", "serve = magnet_engine.serve.cli:main"],
     },
 )

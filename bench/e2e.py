@@ -70,7 +70,6 @@ def run_engine(s: Settings) -> tuple[list[dict[str, Any]], list[str]]:
 
     built = build(s.model, s.kind, s.device, s.dtype_arg, s.seed, backend=s.backend)
     engine = built.engine
-    engine.ar_mode = s.ar_mode
     engine.set_graph(s.cuda_graph)
     overrides = generation_overrides(built.kind, s)
     notes = TEXT_NOTE if built.weights == "random" else ""
@@ -131,8 +130,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed-in-latency warm-up requests per batch size")
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling (hf: do_sample=False)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ar-mode", choices=("eager", "graph", "compile"), default=Settings.ar_mode,
-                   help="AR (MusicGen) step: eager, a CUDA graph, or torch.compile (graph needs CUDA)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each request shape's whole program (MAGNeT: every step; AR: the frame loop) as one "
                         "CUDA graph, replayed per request (the warm-up request pays the capture)")
@@ -156,7 +153,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
                     dtype=parse_dtype(args.dtype, device), dtype_arg=args.dtype,
                     batches=parse_ints(args.batch, "--batch"),
                     duration=args.duration, steps=steps, repeats=args.repeats, warmup=args.warmup,
-                    greedy=args.greedy, seed=args.seed, ar_mode=args.ar_mode, cuda_graph=args.cuda_graph,
+                    greedy=args.greedy, seed=args.seed, cuda_graph=args.cuda_graph,
                     sets=parse_generation_sets(args.sets))
 
 

@@ -119,7 +119,7 @@ STAGES=(
   "kernels-check|120|extra|$CHECK kernels --device $DEV $CHECK_QUICK --json $OUT/kernel_check.jsonl"
   "fixture-torch-fp32|90|extra|$FIX --backend torch"
   "e2e-magnet-triton|120|extra|$E2E --model $MAGNET --backend triton $RUNS_MAGNET"
-  "e2e-ar-eager|120|extra|$E2E --model $AR --ar-mode eager $RUNS_AR"
+  "e2e-ar-eager|120|extra|$E2E --model $AR $RUNS_AR"
   "e2e-hf-musicgen|90|extra|$PY -m magnet_engine.bench e2e --model $AR --kind hf-musicgen --device $DEV --dtype $DTYPE --batch 1 --duration $DURATION --json $OUT/e2e.jsonl $RUNS_PEER"
   "bench-kernels|60|extra,cuda|$PY -m magnet_engine.bench kernels --json $OUT/kernels.jsonl"
 )

@@ -3,7 +3,7 @@
     sequential  one request at a time, in arrival order (`Engine.generate([prompt])`)
     static      static batching: wait for `--max-batch` requests (or `--static-wait` s after the first waits), decode
                 that batch to its end, admit nobody meanwhile (same packed pass as the scheduler)
-    scheduler   engine.Scheduler: iteration-level batching, requests join and leave at every step
+    scheduler   magnet_engine.Scheduler: iteration-level batching, requests join and leave at every step
 
 Traces: `burst` (N requests submitted at once) or `poisson` (open-loop arrivals at `--rate` per second: arrival times
 are drawn up front, so a slow server does not slow the arrivals). Request settings: duration uniform in
@@ -71,13 +71,11 @@ def run_sequential(eng: Any, trace: list[Request]) -> collections.Counter[int]:
         req.start = time.perf_counter() - t0
         eng.generate([req.prompt], **req.settings)
         req.finish = time.perf_counter() - t0
-        passes += sum(eng.settings(**req.settings).steps)
+        passes += sum(eng.request([req.prompt], **req.settings).gen.steps)
     return collections.Counter({1: passes})
 
 
 def run_static(eng: Any, trace: list[Request], max_batch: int, wait: float) -> collections.Counter[int]:
-    from magnet_engine.engine.scheduler import start_request
-
     hist: collections.Counter[int] = collections.Counter()
     t0 = time.perf_counter()
     pending = list(trace)
@@ -93,7 +91,7 @@ def run_static(eng: Any, trace: list[Request], max_batch: int, wait: float) -> c
         pending = pending[len(batch):]
         for r in batch:
             r.start = time.perf_counter() - t0
-        decs = [start_request(eng, r.prompt, eng.settings(**r.settings)) for r in batch]
+        decs = [eng.start(eng.request([r.prompt], **r.settings)) for r in batch]
         for step in range(max(d.total for d in decs)):  # requests in each pass (those with steps left)
             hist[sum(d.total > step for d in decs)] += 1
         for r, codes in zip(batch, eng.decode_together(decs)):  # to the end of the longest (one program)

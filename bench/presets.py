@@ -193,7 +193,8 @@ def build(model: str, kind: str | None, device: torch.device, dtype: str | None,
     backend)` (the shipped models, a local checkpoint or ONNX export folder). `dtype`: as the user gave it (None =
     the device's default, or the export's)."""
     from magnet_engine.engine import backends
-    from magnet_engine.engine.api import load, parse_dtype
+    from magnet_engine.engine.api import parse_dtype
+    from magnet_engine.engine.backends import load
 
     if model in PRESETS:
         preset = PRESETS[model]

@@ -49,7 +49,6 @@ class Settings:
     warmup: int
     greedy: bool
     seed: int
-    ar_mode: str = "eager"  # MusicGen step: eager | graph (CUDA graph) | compile (torch.compile)
     cuda_graph: bool = False  # whole programs captured per request shape (Engine.set_graph; CUDA)
     sets: dict[str, Any] = field(default_factory=dict)  # further GenerationConfig fields (--set KEY=VALUE)
 

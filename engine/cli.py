@@ -1,4 +1,5 @@
-"""`magnet` command line: `magnet generate PROMPT ...` and `magnet export ...`.
+"""`magnet` command line: `magnet generate PROMPT ...`; `magnet export ...` and `magnet serve ...` are found as the
+entry points of `magnet_engine.commands` (setup.py), so engine/ imports neither.
 
 Generation flags are built from `GenerationConfig`'s fields (each flag defaults to "the model's default"), so no
 default is written here, and the request is checked once, by `Engine.request`, whose errors name the flags
@@ -224,8 +225,9 @@ def generate_main(argv: Sequence[str]) -> int:
         import numpy as np
         import torch
 
-        from .api import join, load
         from .audio import normalize, read_wav, write_audio
+        from .backends import load
+        from .results import join
 
         prompt_codes = None
         if args.prompt_codes is not None:
@@ -272,7 +274,7 @@ def generate_main(argv: Sequence[str]) -> int:
 
 def _load_companions(args: argparse.Namespace) -> dict[str, Any]:
     """--rescorer / --ar-model engines (torch, same device and dtype; their own text encoders), loaded once."""
-    from .api import load
+    from .backends import load
 
     out: dict[str, Any] = {}
     for key, model in (("rescorer", args.rescorer), ("ar_model", args.ar_model)):
@@ -298,8 +300,8 @@ def _progress(quiet: bool):  # noqa: ANN202 - tqdm bar or None
     return tqdm(total=None, delay=1.0, file=sys.stderr, unit="step", leave=False)
 
 
-# Subcommands of packages above engine/ (setup.py: `serve = serve.cli:main`), found by name so that engine imports
-# none of them (as engine.backends finds its plug-ins); each is `main(argv) -> exit code`.
+# Subcommands of packages above engine/ (setup.py: `export = export.cli:main`, `serve = serve.cli:main`), found by
+# name so that engine imports none of them (as engine.backends finds its plug-ins); each is `main(argv) -> exit code`.
 COMMANDS_GROUP = "magnet_engine.commands"
 
 
@@ -314,7 +316,7 @@ def _plugin_commands() -> dict[str, Callable[[Sequence[str]], int]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"generate": generate_main, "export": _export_main, **_plugin_commands()}
+    commands = {"generate": generate_main, **dict(sorted(_plugin_commands().items()))}
     names = ",".join(commands)
     if not argv or argv[0] in ("-h", "--help"):
         what = {"generate": "text -> audio (.wav, .flac, .ogg)", "export": "ONNX export"}
@@ -339,12 +341,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except SystemExit as e:  # argparse: --help (0) or a usage error it already printed (2)
         return e.code if isinstance(e.code, int) else 2
-
-
-def _export_main(argv: Sequence[str]) -> int:
-    from magnet_engine.export.cli import main as export_main
-
-    return export_main(list(argv))
 
 
 if __name__ == "__main__":

@@ -249,7 +249,7 @@ class GenerationConfig:
     ar_cfg: float | None = None  # constant guidance of the rescorer / hybrid AR model; None = that model's default
     hybrid_prefix: float = 0.0  # seconds generated first by the AR model, then continued by MAGNeT; 0 = off
     # Long-form (duration past the segment, engine.longform): each window after the first continues from the last
-    # `context` seconds of tokens. None = the model's default (engine.longform.DEFAULT_CONTEXT of the segment).
+    # `context` seconds of tokens. None = the model's default (DEFAULT_CONTEXT of the segment).
     context: float | None = None
 
     def __post_init__(self) -> None:
@@ -302,8 +302,6 @@ class GenerationConfig:
             raise SettingError(f"<top_k> must be in [0, {model.card}] (the vocabulary size), got {self.top_k}")
         if self.frames(model) < 1:
             raise SettingError(f"<duration> {self.duration:g}s is shorter than one frame (1/{model.frame_rate}s)")
-        from .longform import check_context, is_long
-
         if self.context is not None or is_long(model, self):  # the default context must fit this model too
             check_context(model, self)
 
@@ -315,8 +313,57 @@ class GenerationConfig:
         return int(round(self.duration * model.frame_rate))
 
 
+# Deterministic decoding (Engine.set_deterministic) would be on by default where it costs at most 10%: nowhere yet.
+# On CPU it costs 27% on the shipped model (8% on the tiny preset; bench/RESULTS.md, "Deterministic decoding"); on
+# CUDA it is unmeasured (bench/gpu.sh measures it). So it is opt-in everywhere.
+DETERMINISTIC_BY_DEFAULT = False
+
+
 def default_generation(model: ModelConfig) -> GenerationConfig:
     """The reference API's defaults for each model kind (audiocraft MAGNeT / MusicGen `set_generation_params`)."""
     if model.kind == "musicgen":
         return GenerationConfig(steps=(1,), temperature=1.0, anneal_temp=False, top_k=250, top_p=0.0, cfg=(3.0,))
     return GenerationConfig()
+
+
+# ----------------------------------------------------------------- frame arithmetic of a request (no torch)
+
+# Default context, as a fraction of the segment (bench/RESULTS.md, "Long-form"): half the segment carries the
+# piece's material into each window while each window still adds half a segment of new audio.
+DEFAULT_CONTEXT = 0.5
+
+
+def output_frames(model: ModelConfig, gen: GenerationConfig) -> int:
+    """Frames one segment's decoding returns: MAGNeT's nonoverlap trims T to a multiple of the span (498 for 10 s),
+    as the reference does; the AR loop returns T."""
+    t = gen.frames(model)
+    return t - t % frame_multiple(model, gen)
+
+
+def frame_multiple(model: ModelConfig, gen: GenerationConfig) -> int:
+    """What a segment's output length is a multiple of: the span under MAGNeT's nonoverlap, else 1."""
+    return model.span_len if model.kind == "magnet" and gen.span_arrangement == "nonoverlap" else 1
+
+
+def is_long(model: ModelConfig, gen: GenerationConfig) -> bool:
+    """True when the asked duration is past the model's segment: generated window by window."""
+    return gen.duration is not None and gen.frames(model) > model.max_frames
+
+
+def first_window(model: ModelConfig, gen: GenerationConfig) -> GenerationConfig:
+    """The first (or only) segment's settings: for a long piece, the plain one-segment run (duration = segment)."""
+    return dataclasses.replace(gen, duration=None) if is_long(model, gen) else gen
+
+
+def check_context(model: ModelConfig, gen: GenerationConfig) -> int:
+    """-> C, the context in frames: at least one frame, and shorter than a window so that each window adds audio."""
+    w = output_frames(model, dataclasses.replace(gen, duration=None))
+    seconds = model.segment_duration * DEFAULT_CONTEXT if gen.context is None else gen.context
+    c = int(round(seconds * model.frame_rate))
+    if c < 1:
+        raise SettingError(f"<context> {seconds:g}s is shorter than one frame (1/{model.frame_rate}s)")
+    if c >= w:
+        raise SettingError(f"<context> {seconds:g}s must be shorter than the model's window of "
+                           f"{w / model.frame_rate:g}s ({w} frames), so that each window adds new audio; e.g. "
+                           f"{model.segment_duration * DEFAULT_CONTEXT:g}")
+    return c

@@ -30,36 +30,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import GenerationConfig, ModelConfig, SettingError
-from .magnet import frame_multiple, output_frames
-
-# Default context, as a fraction of the segment (bench/RESULTS.md, "Long-form"): half the segment carries the
-# piece's material into each window while each window still adds half a segment of new audio.
-DEFAULT_CONTEXT = 0.5
-
-
-def is_long(model: ModelConfig, gen: GenerationConfig) -> bool:
-    """True when the asked duration is past the model's segment: generated window by window."""
-    return gen.duration is not None and gen.frames(model) > model.max_frames
-
-
-def first_window(model: ModelConfig, gen: GenerationConfig) -> GenerationConfig:
-    """The first (or only) segment's settings: for a long piece, the plain one-segment run (duration = segment)."""
-    return dataclasses.replace(gen, duration=None) if is_long(model, gen) else gen
-
-
-def check_context(model: ModelConfig, gen: GenerationConfig) -> int:
-    """-> C, the context in frames: at least one frame, and shorter than a window so that each window adds audio."""
-    w = output_frames(model, dataclasses.replace(gen, duration=None))
-    seconds = model.segment_duration * DEFAULT_CONTEXT if gen.context is None else gen.context
-    c = int(round(seconds * model.frame_rate))
-    if c < 1:
-        raise SettingError(f"<context> {seconds:g}s is shorter than one frame (1/{model.frame_rate}s)")
-    if c >= w:
-        raise SettingError(f"<context> {seconds:g}s must be shorter than the model's window of "
-                           f"{w / model.frame_rate:g}s ({w} frames), so that each window adds new audio; e.g. "
-                           f"{model.segment_duration * DEFAULT_CONTEXT:g}")
-    return c
+# the frame arithmetic of a piece lives in engine.config (GenerationConfig.check_for needs it); re-exported here
+from .config import (  # noqa: F401
+    DEFAULT_CONTEXT,
+    GenerationConfig,
+    ModelConfig,
+    SettingError,
+    check_context,
+    first_window,
+    frame_multiple,
+    is_long,
+    output_frames,
+)
 
 
 @dataclass(frozen=True)

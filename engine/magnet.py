@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-from .config import GenerationConfig, ModelConfig
+from .config import GenerationConfig, ModelConfig, frame_multiple, output_frames  # noqa: F401 - re-exported
 from .masking import DONT_REMASK, chunk_mask, chunk_scores, least_probable_spans, stage_schedule
 from .sampling import RowParams, StepSampling, row_tensors
 
@@ -70,18 +70,6 @@ class Rescore(Protocol):
         """codes [B, K, T] after a step's sampling -> p_ar [B, T] fp32: each token of codebook `stage` under an
         external (autoregressive) model. Must not synchronise with the host (see engine.rescore.ARRescorer)."""
         ...
-
-
-def output_frames(model: ModelConfig, gen: GenerationConfig) -> int:
-    """Frames one segment's decoding returns: MAGNeT's nonoverlap trims T to a multiple of the span (498 for 10 s),
-    as the reference does; the AR loop returns T."""
-    t = gen.frames(model)
-    return t - t % frame_multiple(model, gen)
-
-
-def frame_multiple(model: ModelConfig, gen: GenerationConfig) -> int:
-    """What a segment's output length is a multiple of: the span under MAGNeT's nonoverlap, else 1."""
-    return model.span_len if model.kind == "magnet" and gen.span_arrangement == "nonoverlap" else 1
 
 
 def row_generators(seed: int | None, batch: int, device: torch.device) -> list[torch.Generator] | None:

@@ -92,17 +92,10 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim, bias=False)
         self.attend: Callable[..., torch.Tensor] = ops.attention
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[N, T, dim] -> q, k, v [N, H, T, D] (features ordered (q|k|v, head, head_dim) as in audiocraft)."""
-        return split_qkv(F.linear(x, self.in_proj_weight), self.num_heads)
-
-    def merge(self, o: torch.Tensor) -> torch.Tensor:
-        """[N, H, T, D] -> out_proj([N, T, H·D])."""
-        return self.out_proj(merge_heads(o))
-
 
 def split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[N, T, 3·dim] packed projections -> q, k, v [N, H, T, D]."""
+    """[N, T, 3·dim] packed projections -> q, k, v [N, H, T, D] (features ordered (q|k|v, head, head_dim) as in
+    audiocraft)."""
     n, t, three_dim = qkv.shape
     q, k, v = qkv.view(n, t, 3, heads, three_dim // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
     return q, k, v

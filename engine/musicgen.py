@@ -14,8 +14,8 @@ frame range stay special, prompt cells stay as given; only unknown cells take th
 
 The step function (`ARDecoder.step`) has static shapes: the caches are [2B, H, T_max, D] with T_max = S - 1 fixed,
 k/v are written in place at a position held in a device tensor, and attention always spans the whole cache under a
-`key <= position` mask. So the loop never synchronises with the host, and on CUDA the step can be captured once
-as a CUDA graph (`GraphedStep`) or handed to `torch.compile(mode="reduce-overhead")` and replayed every frame.
+`key <= position` mask. So the loop never synchronises with the host, and on CUDA the whole frame loop is captured
+once per shape as one CUDA graph (mode "program", `engine.graph.Captured`) and replayed per request.
 """
 from __future__ import annotations
 
@@ -120,40 +120,6 @@ class ARDecoder:
         return logits[: self.batch], logits[self.batch:]
 
 
-class GraphedStep:
-    """`ARDecoder.step` for n = 1 captured once as a CUDA graph (`Captured`) and replayed per frame.
-
-    Capture happens before the prefill: the warm-up runs write k/v at position 0, which the prefill overwrites.
-    The returned logits live in the graph's static output buffers, valid until the next call.
-    """
-
-    def __init__(self, decoder: ARDecoder, n_q: int) -> None:
-        device = decoder.key_pos.device
-        tokens = torch.zeros(decoder.batch, n_q, 1, dtype=torch.long, device=device)  # static inputs
-        pos = torch.zeros((), dtype=torch.long, device=device)
-        self.program = Captured(lambda: decoder.step(tokens, pos), [tokens, pos], device)
-
-    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.program([tokens, pos])
-
-
-def make_step(decoder: ARDecoder, mode: Literal["eager", "graph", "compile"], n_q: int) -> StepFn:
-    """The per-frame step: eager; a manual CUDA graph; or `torch.compile(mode="reduce-overhead")` (CUDA graphs
-    through Inductor on CUDA; the caches are marked static so their in-place writes do not break the graphs)."""
-    if mode == "eager":
-        return decoder.step
-    if mode == "graph":
-        if decoder.key_pos.device.type != "cuda":
-            raise ValueError(f"step mode 'graph' needs a CUDA device; use 'eager' on {decoder.key_pos.device}")
-        return GraphedStep(decoder, n_q)
-    if mode == "compile":  # on CPU this is plain Inductor (no CUDA graphs); one graph for every position
-        for ck, cv in decoder.caches:
-            torch._dynamo.mark_static_address(ck)
-            torch._dynamo.mark_static_address(cv)
-        return torch.compile(decoder.step, mode="reduce-overhead", fullgraph=True)
-    raise ValueError(f"unknown step mode {mode!r}: choose 'eager', 'graph' or 'compile'")
-
-
 def sampling_params(gen: GenerationConfig) -> StepSampling:
     """Constant guidance cfg[0]; temperature 0 means argmax, as in the reference (`use_sampling and temp > 0`)."""
     greedy = gen.greedy or gen.temperature <= 0.0
@@ -166,14 +132,14 @@ def sampling_params(gen: GenerationConfig) -> StepSampling:
 def generate_tokens_ar(lm: LM, cond: torch.Tensor, gen: GenerationConfig, batch: int, device: torch.device,
                        prompt: torch.Tensor | None = None, generator: torch.Generator | None = None,
                        progress: Progress | None = None, sample: Sampler = sample_ref,
-                       mode: Literal["eager", "graph", "compile", "program"] = "eager",
+                       mode: Literal["eager", "program"] = "eager",
                        programs: ProgramCache | None = None) -> torch.Tensor:
     """MusicGen generation -> codes [B, K, T] int64, T = gen.frames(model) including the prompt.
 
     cond: text embeddings [B, L, dim] (after `text_proj`, padding zeroed); prompt [B, K, P] fixes the first P
     frames (continuation, P < T). Random draws: one uniform per (step, row, codebook) from `generator`, drawn
-    up front. `sample` is the engine's sampler (`sample_ref` semantics). `mode` picks the step (`make_step`), or
-    "program": the whole frame loop captured once per shape as one CUDA graph in `programs` (engine.graph).
+    up front. `sample` is the engine's sampler (`sample_ref` semantics). `mode` "eager" runs the frame loop step by
+    step; "program" captures the whole loop once per shape as one CUDA graph in `programs` (engine.graph).
     """
     model: ModelConfig = lm.cfg
     if model.kind != "musicgen" or len(model.delays) != model.n_q:
@@ -216,9 +182,10 @@ def generate_tokens_ar(lm: LM, cond: torch.Tensor, gen: GenerationConfig, batch:
         if progress is not None:
             progress(n_steps, n_steps)
         return pattern.revert(out)
+    if mode != "eager":
+        raise ValueError(f"unknown mode {mode!r}: choose 'eager' or 'program'")
     decoder = ARDecoder(lm, cross, batch, n_cols - 1)
-    step = make_step(decoder, mode, k)  # capture (if any) before the prefill writes the cache
-    return pattern.revert(_frame_loop(decoder, step, sample, seq, start, params, uniforms, progress))
+    return pattern.revert(_frame_loop(decoder, decoder.step, sample, seq, start, params, uniforms, progress))
 
 
 def _frame_loop(decoder: ARDecoder, step: StepFn, sample: Sampler, seq: torch.Tensor, start: int, params: RowParams,

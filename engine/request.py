@@ -82,11 +82,7 @@ def build_request(model: ModelConfig, defaults: GenerationConfig, *, sample_rate
     from .magnet import output_frames
 
     texts = check_prompts(prompts)
-    if config is not None and not isinstance(config, GenerationConfig):
-        raise SettingTypeError(f"<config> must be a GenerationConfig, got {type(config).__name__}")
-    gen = dataclasses.replace(config if config is not None else defaults,
-                              **GenerationConfig.check_fields(fields))
-    gen.check_for(model)
+    gen = settings(model, defaults, config, fields)
     check_levers(gen, fields, has_rescorer=rescorer is not None, has_ar_model=ar_model is not None)
     if gen.seed is None:  # every request has a seed, drawn here per request: reported with the answer, reproducible
         gen = dataclasses.replace(gen, seed=secrets.randbelow(MAX_SEED - len(texts) + 2))  # prompt b: seed + b
@@ -103,6 +99,17 @@ def build_request(model: ModelConfig, defaults: GenerationConfig, *, sample_rate
     codes = check_prompt_codes(prompt_codes, prompt_audio, len(texts), model, frames)
     audio = check_prompt_audio(prompt_audio, len(texts), model, sample_rate, frames)
     return Request(model, texts, gen, codes, audio, res, ar)
+
+
+def settings(model: ModelConfig, defaults: GenerationConfig, config: GenerationConfig | None,
+             fields: dict[str, Any]) -> GenerationConfig:
+    """The one validator of settings: the model's `defaults`, then `config`, then `fields` (GenerationConfig names),
+    checked against `model`. Its seed is left as given (`build_request` draws one when None)."""
+    if config is not None and not isinstance(config, GenerationConfig):
+        raise SettingTypeError(f"<config> must be a GenerationConfig, got {type(config).__name__}")
+    gen = dataclasses.replace(config if config is not None else defaults, **GenerationConfig.check_fields(fields))
+    gen.check_for(model)
+    return gen
 
 
 def check_prompts(prompts: Any) -> tuple[str | None, ...]:

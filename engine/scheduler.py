@@ -6,6 +6,11 @@
         graph per batch layout with `Engine.set_graph`; onnxruntime: each alone), sampler calls with per-row
         parameters (one per request length), span scores) ─► finished ones decode and leave
 
+The parts (vLLM v1's split): `engine.lifecycle` (one object per request with its status), `engine.policy` (pure:
+statuses and limits -> a plan of one iteration: who is admitted, refused, timed out, who runs), `engine.core` (the
+plan carried out: one `decode_step`, statuses updated). This module is the thin threaded shell: a queue in, futures
+and streams out.
+
 A request joins at the next iteration after it is submitted and leaves the iteration it finishes, whatever stage and
 step the others are at (vLLM-style continuous batching; MAGNeT's fixed step count makes every iteration one step of
 every active request).
@@ -52,31 +57,30 @@ request has nobody to retry).
 """
 from __future__ import annotations
 
-import collections
-import logging
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import SettingError, check_int, check_real
+from .config import SettingError, check_real
+from .core import Core
+from .lifecycle import Job, RequestTimeout, Status, Stream, resolve
 from .longform import is_long
-from .magnet import Decoding, decode_step, output_frames, row_generators
-
-log = logging.getLogger(__name__)
+from .magnet import Decoding, output_frames
+from .policy import Limits, Plan, refusal, schedule, stream_refusal
+from .request import Request
+from .results import Generation, join
 
 if TYPE_CHECKING:
-    from .api import Chunk, Engine, Generation
+    from .api import Engine
     from .config import GenerationConfig
-    from .request import Request
+    from .results import Chunk
 
-
-_END = object()  # a stream's steps have run out
+__all__ = ["QueueFull", "RequestTimeout", "Scheduler", "SchedulerClosed", "Stream", "default_max_frames",
+           "release_openmp_threads", "start_request"]
 
 
 class QueueFull(RuntimeError):
@@ -87,22 +91,6 @@ class SchedulerClosed(RuntimeError):
     """Work handed to a Scheduler after `close()`."""
 
 
-class RequestTimeout(TimeoutError):
-    """A request's `timeout` (seconds from submit) passed before it finished; it left its batch."""
-
-
-@dataclass(eq=False)
-class _Request:
-    prompt: str | None
-    gen: GenerationConfig
-    future: Future
-    submitted: float  # time.monotonic()
-    deadline: float | None
-    render: Callable[[Generation], Any] | None = None  # run by the loop thread; the future resolves to its result
-    started: float = 0.0
-    dec: Decoding | None = None
-
-
 def _check_timeout(timeout: Any) -> float | None:
     """A SettingError naming <timeout>, as every front end spells it."""
     if timeout is None:
@@ -110,46 +98,7 @@ def _check_timeout(timeout: Any) -> float | None:
     return check_real("timeout", timeout, low=0.0, above=True, hint=" seconds (or omit it)")
 
 
-class Stream:
-    """A streamed request (`Scheduler.stream`): iterate it for its `Chunk`s as windows complete (blocking); a
-    failure (RequestTimeout, a loop error, shutdown) is raised by the iteration. `cancel()` when the consumer leaves
-    early (a client hung up): the loop drops the piece at its next window."""
-
-    def __init__(self, request: Request, deadline: float | None, render: Callable[[Chunk], Any] | None = None
-                 ) -> None:
-        self.request, self.deadline, self.render = request, deadline, render
-        # Engine.stream_steps (None after each step, a Chunk per window), started and advanced by the loop thread
-        self.chunks: Iterator[Chunk | None] | None = None
-        self._out: queue.Queue[Chunk | BaseException | None] = queue.Queue()
-        self._cancelled = threading.Event()
-
-    def put(self, item: Chunk | BaseException | None) -> None:
-        """From the loop thread: a chunk, None at the end, or the failure."""
-        self._out.put(item)
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def next_chunk(self, timeout: float | None = None) -> Chunk | None:
-        """The next chunk, None after the last; raises the request's failure (or queue.Empty past `timeout`)."""
-        item = self._out.get(timeout=timeout)
-        if isinstance(item, BaseException):
-            self._out.put(item)  # every later call raises it too
-            raise item
-        if item is None:
-            self._out.put(None)
-        return item
-
-    def __iter__(self) -> Iterator[Chunk]:
-        while (chunk := self.next_chunk()) is not None:
-            yield chunk
-
-
-class _Collected(Stream):
+class Collected(Stream):
     """A long piece submitted with `submit`: its chunks are joined into the Generation its future resolves to."""
 
     def __init__(self, request: Request, deadline: float | None, future: Future[Generation], sample_rate: int,
@@ -158,22 +107,12 @@ class _Collected(Stream):
         self.future, self.sample_rate, self.parts, self.render_whole = future, sample_rate, [], render
 
     def put(self, item: Chunk | BaseException | None) -> None:
-        from .api import join
-
         if isinstance(item, BaseException):
             self.future.set_exception(item)
         elif item is None:
-            _resolve(self.future, join(self.parts, self.sample_rate, self.request.gen.seed), self.render_whole)
+            resolve(self.future, join(self.parts, self.sample_rate, self.request.gen.seed), self.render_whole)
         else:
             self.parts.append(item)
-
-
-def _resolve(future: Future, out: Generation, render: Callable[[Generation], Any] | None) -> None:
-    """From the loop thread: the future's result, rendered there when asked (its failure is this request's)."""
-    try:
-        future.set_result(out if render is None else render(out))
-    except Exception as e:  # noqa: BLE001 - a render failure belongs to this request's future
-        future.set_exception(e)
 
 
 def release_openmp_threads() -> bool:
@@ -202,7 +141,7 @@ def default_max_frames(engine: Engine, max_batch: int) -> int:
     return 2 * max_batch * engine.config.max_frames
 
 
-def _pass_frames(gen: GenerationConfig, engine: Engine) -> int:
+def pass_frames(gen: GenerationConfig, engine: Engine) -> int:
     """A request's share of an LM pass: rows ([cond; uncond] or cond) x frames."""
     return (2 if gen.guided else 1) * output_frames(engine.config, gen)
 
@@ -220,6 +159,10 @@ class Scheduler:
     would pass it waits (FIFO: nobody overtakes it), one alone always runs. On a CPU batching pays only while the
     pass is small (bench/RESULTS.md). `max_queue`: requests waiting to start; `submit` raises QueueFull past it.
     Use as a context manager; leaving it (or `close()`) finishes what is queued and in flight and joins the loop thread.
+
+    A thin shell: the caller's threads put requests in (`submit`, `stream`: validated once into a `Request`, held as a
+    `lifecycle.Job` or `Stream`); the loop thread asks `policy.schedule` for each iteration's plan under the lock and
+    has `core.Core` carry it out outside it.
     """
 
     def __init__(self, engine: Engine | Callable[[], Engine], max_batch: int = 8, max_queue: int = 64,
@@ -227,19 +170,13 @@ class Scheduler:
         """`engine`: a loaded Engine, or a function that loads one, called in the loop thread (all torch work in one
         thread); its errors are raised here. `max_frames` None: `default_max_frames`. `max_streams`: streamed
         requests held at once (started or waiting)."""
-        self.check_limits(max_batch, max_queue, max_frames, max_streams)
+        self.limits = Limits(max_batch, max_queue, max_frames, max_streams)
         self.max_batch, self.max_queue, self.max_streams = max_batch, max_queue, max_streams
-        self.max_frames = max_frames  # None: sized from the model once loaded (`default_max_frames`)
-        self._queue: collections.deque[_Request] = collections.deque()
-        self._starting: list[_Request] = []  # admitted (a batch slot each), text not encoded yet; under the lock
-        self._active: list[_Request] = []
-        self._done: collections.deque[_Request] = collections.deque()  # finished decoding, codec not run yet
+        self._jobs: list[Job] = []  # in arrival order, until they finish; the list is changed under the lock
         self._streams: list[Stream] = []  # streamed requests, one decoding step per loop iteration each
         self._cv = threading.Condition()
         self._closed = False
         self._cancel_pending = False
-        # iteration -> how many requests it decoded (for benchmarks); written by the loop thread only
-        self.batch_sizes: collections.Counter[int] = collections.Counter()
         ready: list[BaseException | None] = []
         started = threading.Event()
         release_openmp_threads()  # this (the caller's) thread may have run torch: the loop thread runs it from now on
@@ -251,14 +188,20 @@ class Scheduler:
             self._thread.join()
             raise ready[0]
 
+    @property
+    def max_frames(self) -> int | None:
+        """The LM-pass budget (sized from the model once loaded when none was given: `default_max_frames`)."""
+        return self.limits.max_frames
+
+    @property
+    def batch_sizes(self) -> Any:
+        """iteration -> how many requests it decoded (for benchmarks); written by the loop thread only."""
+        return self._core.batch_sizes
+
     @staticmethod
     def check_limits(max_batch: int, max_queue: int, max_frames: int | None = None, max_streams: int = 1) -> None:
         """A SettingError naming the first bad limit; front ends (magnet serve) call it before loading a model."""
-        check_int("max_batch", max_batch, low=1)
-        check_int("max_queue", max_queue, low=0)
-        if max_frames is not None:
-            check_int("max_frames", max_frames, low=1)
-        check_int("max_streams", max_streams, low=0)
+        Limits(max_batch, max_queue, max_frames, max_streams)
 
     def _run(self, engine: Engine | Callable[[], Engine], ready: list[BaseException | None],
              started: threading.Event) -> None:
@@ -266,8 +209,10 @@ class Scheduler:
             eng = engine() if callable(engine) else engine
             _check_engine(eng)
             self.engine = eng
-            if self.max_frames is None:
-                self.max_frames = default_max_frames(eng, self.max_batch)
+            self._core = Core(eng)
+            if self.limits.max_frames is None:
+                self.limits = Limits(self.max_batch, self.max_queue, default_max_frames(eng, self.max_batch),
+                                     self.max_streams)
             ready.append(None)
         except BaseException as e:  # handed to the constructor, which raises it in the caller's thread
             ready.append(e)
@@ -279,14 +224,13 @@ class Scheduler:
         except BaseException as e:  # a bug in the loop itself: no future may wait forever
             with self._cv:
                 self._closed = True
-                stranded = self._active + list(self._queue) + self._starting + list(self._done)
-                self._active, self._queue, self._starting, self._done = [], collections.deque(), [], collections.deque()
-                streams, self._streams = self._streams, []
+                jobs, streams, self._jobs, self._streams = self._jobs, self._streams, [], []
             for st in streams:
-                st.put(RuntimeError(f"the scheduler's loop failed: {e!r}"))
-            for req in stranded:
-                if not req.future.done() and (req.future.running() or req.future.set_running_or_notify_cancel()):
-                    req.future.set_exception(RuntimeError(f"the scheduler's loop failed: {e!r}"))
+                if not st.status.finished:
+                    st.end(RuntimeError(f"the scheduler's loop failed: {e!r}"))
+            for job in jobs:
+                if not job.status.finished:
+                    job.fail(RuntimeError(f"the scheduler's loop failed: {e!r}"))
             raise
 
     def __enter__(self) -> Scheduler:
@@ -325,20 +269,21 @@ class Scheduler:
         try:
             timeout = _check_timeout(timeout)
             request = self.request(prompt, fields)
-            gen = request.gen
         except (ValueError, TypeError) as e:
             future.set_exception(e)
             return future
         now = time.monotonic()
-        if is_long(self.engine.config, gen):  # window by window beside the batch (`stream`), joined at the end
+        deadline = None if timeout is None else now + timeout
+        if is_long(self.engine.config, request.gen):  # window by window beside the batch (`stream`), joined at the end
             future.set_running_or_notify_cancel()
-            self._add_stream(_Collected(request, None if timeout is None else now + timeout, future,
-                                        self.engine.sample_rate, render))
+            self._add_stream(Collected(request, deadline, future, self.engine.sample_rate, render))
             return future
-        req = _Request(prompt, gen, future, now, None if timeout is None else now + timeout, render)
+        job = Job(request, future, now, deadline, pass_frames(request.gen, self.engine), render)
         with self._cv:
-            self._check_room()
-            self._queue.append(req)
+            self._check_open()
+            if (why := refusal(self._jobs, self.limits)) is not None:
+                raise QueueFull(why)
+            self._jobs.append(job)
             self._cv.notify()
         return future
 
@@ -357,9 +302,8 @@ class Scheduler:
     def _add_stream(self, stream: Stream) -> None:
         with self._cv:
             self._check_open()
-            if len(self._streams) >= self.max_streams:
-                raise QueueFull(f"{len(self._streams)} streamed requests are running or waiting (max_streams="
-                                f"{self.max_streams}); retry later or create the Scheduler with a larger max_streams")
+            if (why := stream_refusal(self._streams, self.limits)) is not None:
+                raise QueueFull(why)
             self._streams.append(stream)
             self._cv.notify()
 
@@ -367,21 +311,13 @@ class Scheduler:
         if self._closed:
             raise SchedulerClosed("the scheduler is closed: submit before close() or start a new one")
 
-    def _check_room(self) -> None:
-        """Under the lock: refuse a request once closed, or when the batch's free slots and max_queue are used up
-        (requests decoding, admitted and queued, against max_batch + max_queue)."""
-        self._check_open()
-        held = len(self._active) + len(self._starting) + len(self._queue)
-        if held >= self.max_batch + self.max_queue:
-            raise QueueFull(f"{len(self._queue)} requests are waiting beside a full batch of {self.max_batch} "
-                            f"(max_queue={self.max_queue}); retry later or create the Scheduler with a larger "
-                            "max_queue")
-
     def counts(self) -> tuple[int, int]:
         """(waiting, decoding) requests now, streams included, for metrics and health; racy by design (no lock)."""
-        started = sum(s.chunks is not None for s in self._streams)
-        waiting = len(self._queue) + len(self._starting) + len(self._streams) - started
-        return waiting, len(self._active) + len(self._done) + started
+        jobs, streams = list(self._jobs), list(self._streams)
+        waiting = sum(j.status in (Status.WAITING, Status.ADMITTED) for j in jobs)
+        waiting += sum(s.status is Status.WAITING for s in streams)
+        decoding = sum(j.status in (Status.RUNNING, Status.DECODED) for j in jobs)
+        return waiting, decoding + sum(s.status is Status.STREAMING for s in streams)
 
     @property
     def alive(self) -> bool:
@@ -400,155 +336,27 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------ the loop thread
 
     def _loop(self) -> None:
+        """schedule (under the lock) -> execute (outside it) -> drop what finished, until closed and drained."""
         with torch.no_grad():
             while True:
                 with self._cv:
-                    while not (self._queue or self._active or self._streams or self._starting or self._done
-                               or self._closed):
+                    while (plan := self._plan()).idle:
                         self._cv.wait()
-                    if self._cancel_pending:
-                        while self._queue:
-                            self._queue.popleft().future.cancel()
-                        for st in [st for st in self._streams if st.chunks is None]:
-                            self._streams.remove(st)
-                            st.put(RuntimeError("the scheduler closed before the stream started"))
-                    if self._closed and not (self._queue or self._active or self._streams or self._starting
-                                             or self._done):
+                    if plan.stop:
                         return
-                    streams = list(self._streams)
-                    slots = self._active + self._starting
-                    frames = sum(_pass_frames(r.gen, self.engine) for r in slots)
-                    while self._queue and len(self._active) + len(self._starting) < self.max_batch:
-                        more = _pass_frames(self._queue[0].gen, self.engine)
-                        if frames and frames + more > self.max_frames:
-                            break
-                        frames += more
-                        self._starting.append(self._queue.popleft())
-                    starting = list(self._starting)
-                # beside a running batch, one text encoding and one codec call per step (module docstring)
-                busy = bool(self._active)
-                for req in starting[:1] if busy else starting:
-                    self._admit(req)
-                for _ in range(min(1, len(self._done)) if busy else len(self._done)):
-                    self._finish(self._done.popleft())
-                self._expire()
-                if self._active:
-                    self._iterate()
-                for st in streams:
-                    self._advance(st)
+                    for job in plan.admit:
+                        job.admit()
+                self._core.execute(plan)
+                with self._cv:
+                    self._jobs = [j for j in self._jobs if not j.status.finished]
+                    self._streams = [s for s in self._streams if not s.status.finished]
 
-    def _admit(self, req: _Request) -> None:
-        """Text encoding and decoding state of one admitted request (its own errors fail only it); it moves from
-        the admitted to the active ones under the lock, so that `submit` never sees it in neither or both."""
-        ok = False
-        try:
-            if not req.future.set_running_or_notify_cancel():
-                return  # cancelled while queued
-            if req.deadline is not None and time.monotonic() >= req.deadline:
-                req.future.set_exception(RequestTimeout("the request timed out in the queue before it started"))
-                return
-            try:
-                req.started = time.monotonic()
-                req.dec = start_request(self.engine, req.prompt, req.gen)
-            except Exception as e:  # noqa: BLE001 - any failure belongs to this request's future, the loop goes on
-                req.future.set_exception(e)
-                return
-            ok = True
-        finally:
-            with self._cv:
-                self._starting.remove(req)
-                if ok:
-                    self._active.append(req)
-
-    def _advance(self, st: Stream) -> None:
-        """One decoding step of a streamed request (its first call starts it; `Engine.stream_steps`), a chunk when
-        it completes a window; its end or failure ends the stream."""
-        item: Chunk | BaseException | None
-        if st.cancelled:
-            item = RuntimeError("the stream was cancelled")
-        elif st.deadline is not None and time.monotonic() >= st.deadline:
-            item = RequestTimeout("the streamed request did not finish within its timeout")
-        else:
-            try:
-                if st.chunks is None:
-                    st.chunks = self.engine.stream_steps(st.request)
-                item = next(st.chunks, _END)
-                if item is None:
-                    return  # a step of the piece, between two of the batch's
-                item = None if item is _END else item if st.render is None else st.render(item)
-            except Exception as e:  # noqa: BLE001 - a failure of this piece is its own, the loop goes on
-                item = e
-            if item is not None and not isinstance(item, BaseException):
-                st.put(item)
-                return
-        with self._cv:
-            self._streams.remove(st)
-        st.put(item)
-
-    def _expire(self) -> None:
-        """Requests past their deadline leave: queued ones without starting, active ones mid-decoding."""
-        now = time.monotonic()
-        with self._cv:
-            late = [r for r in self._queue if r.deadline is not None and now >= r.deadline]
-            for req in late:
-                self._queue.remove(req)
-        for req in late:
-            if req.future.set_running_or_notify_cancel():
-                req.future.set_exception(RequestTimeout("the request timed out in the queue before it started"))
-        for req in [r for r in self._active if r.deadline is not None and now >= r.deadline]:
-            self._active.remove(req)
-            req.future.set_exception(RequestTimeout(
-                f"the request did not finish within its timeout ({req.deadline - req.submitted:.3g} s); it was at "
-                f"step {req.dec.done} of {req.dec.total}"))
-
-    def _iterate(self) -> None:
-        """One decoding step of every active request: one LM pass, one sampler call; then the finished leave (their
-        codec runs in a later iteration, see `_loop`)."""
-        active = list(self._active)
-        self.batch_sizes[len(active)] += 1
-        marks = [r.dec.done for r in active]
-        try:
-            decode_step(self.engine.lm_pass, self.engine.sample, [r.dec for r in active])
-        except Exception as e:  # noqa: BLE001 - the pass touched every active request: retry them one by one
-            self._retry_alone(active, marks, e)
-        for req in [r for r in self._active if r.dec.finished]:
-            self._active.remove(req)
-            self._done.append(req)
-
-    def _retry_alone(self, active: list[_Request], marks: list[int], error: Exception) -> None:
-        """After a failed pass: each request it did not advance runs this step again alone, with the same pre-drawn
-        noise (`prepare` is idempotent: it re-masks from the same scores), so its tokens stay those of its solo run; a
-        request that fails alone fails, the others go on. One request alone: nothing to retry."""
-        if len(active) == 1:
-            self._active.remove(active[0])
-            active[0].future.set_exception(error)
-            return
-        log.warning("magnet scheduler: a pass of %d requests failed (%r); retrying each alone", len(active), error)
-        for req, done in zip(active, marks):
-            if req.dec.done != done:  # its step completed before the failure
-                continue
-            try:
-                decode_step(self.engine.lm_pass, self.engine.sample, [req.dec])
-            except Exception as e:  # noqa: BLE001 - this request fails alone: it is the failing one
-                self._active.remove(req)
-                req.future.set_exception(e)
-
-    def _finish(self, req: _Request) -> None:
-        from .api import Generation
-
-        try:
-            audio = self.engine.decode(req.dec.codes)
-        except Exception as e:  # noqa: BLE001 - a codec failure is this request's
-            req.future.set_exception(e)
-            return
-        done = time.monotonic()
-        stats = {"queue_s": req.started - req.submitted, "latency_s": done - req.submitted}
-        _resolve(req.future, Generation(audio=audio, codes=req.dec.codes, sample_rate=self.engine.sample_rate,
-                                        seed=req.gen.seed, stats=stats), req.render)
+    def _plan(self) -> Plan:
+        return schedule(self._jobs, self._streams, self.limits, time.monotonic(), closed=self._closed,
+                        cancel_pending=self._cancel_pending)
 
 
 def start_request(eng: Engine, prompt: str | None, gen: GenerationConfig) -> Decoding:
-    """A one-prompt request's decoding program with its step (its text's k/v), as `Engine.generate([prompt])`
-    builds them."""
-    step = eng.make_step(eng.text([prompt]))
-    return Decoding(eng.config, gen, 1, eng.device, None, row_generators(gen.seed, 1, eng.device), step=step)
+    """`Engine.start` of a one-prompt request whose settings were checked already (`Engine.settings`); new code
+    builds the request with `Engine.request`."""
+    return eng.start(Request(eng.config, (prompt,), gen))

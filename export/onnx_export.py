@@ -43,7 +43,9 @@ from magnet_engine.engine.ops import band_mask
 from torch import nn
 
 from .contract import client_contract
+from .graph_meta import GUARD, GUARDED, ExportCheckError, guard_node, stamp, step_meta_of  # noqa: F401 - re-exported
 from .manifest import FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST, TOKENIZER_DIR, sha256_file
+from .quantize import QUANTIZE, quantize_export
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 MIN_OPSET = 18  # the dynamo exporter's torchlib targets opset 18 and later
@@ -52,10 +54,6 @@ FP16_UNIT = 2.0 ** -11  # fp16 unit roundoff
 SEED = 0
 
 Log = Callable[[str], None]
-
-
-class ExportCheckError(ValueError):
-    """A graph disagrees with the PyTorch path beyond tolerance: the export is refused (no manifest is written)."""
 
 
 # ------------------------------------------------------------------------------------------ export transforms
@@ -153,15 +151,6 @@ def _translations() -> dict[Callable, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- input guards
-
-GUARD = "input_contract"  # the guard's table and, after export, its Gather node's name stem (see `stamp`)
-GUARDED = ("text_encoder", "lm_step", "codec_decode")  # the graphs with a Guard
-
-
-def guard_node(graph: str) -> str:
-    """The name of a graph's input-guard node: onnxruntime's error on a refused input names it."""
-    return f"{GUARD}_violated__see_manifest_client_boundary_{graph}"
-
 
 GUARD_RULE = (f"text_encoder, lm_step and codec_decode check their own inputs against these rules (all but the "
               f"guided/unguided choice, which is not an input) and fail the run, before computing anything, at "
@@ -433,9 +422,7 @@ def export_model(model: str | Path, out: str | Path, text_encoder: str | Path | 
     codec stays fp32) and the manifest records it. `conformance`: write conformance/ (export.conformance), after
     quantizing if asked. `log` receives one line per phase (the CLI prints them to stderr).
     """
-    from magnet_engine.engine.api import load
-
-    from .quantize import QUANTIZE, quantize_export
+    from magnet_engine.engine.backends import load
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: choose one of {sorted(DTYPES)}")
@@ -702,30 +689,6 @@ def _brief(result: dict[str, Any]) -> str:
 def step_meta(cfg: ModelConfig) -> dict[str, int]:
     """lm_step.onnx's metadata: what `export.ort` checks a step's inputs against, read from the graph itself."""
     return {"max_frames": cfg.max_frames, "codebooks": cfg.n_q, "mask_id": cfg.card}
-
-
-def step_meta_of(path: Path) -> dict[str, int]:
-    import onnx
-
-    return {p.key: int(p.value) for p in onnx.load(str(path), load_external_data=False).metadata_props}
-
-
-def stamp(path: Path, meta: dict[str, int], graph: str) -> None:
-    """Write `meta` into the graph's metadata_props (onnxruntime: `get_modelmeta().custom_metadata_map`) and name
-    its input guard's node, so that the error of a run it refuses says why (`guard_node`)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    del model.metadata_props[:]
-    for key, value in meta.items():
-        model.metadata_props.add(key=key, value=str(value))
-    guards = [n for n in model.graph.node if n.op_type == "Gather" and any(GUARD in i for i in n.input[:1])]
-    if len(guards) != (graph in GUARDED):
-        raise ExportCheckError(f"{path.name}: expected one input-guard Gather, found {len(guards)}; the exporter "
-                               "rewrote the guard. Report this with the versions of torch, onnx and onnxscript")
-    for node in guards:
-        node.name = guard_node(graph)
-    onnx.save(model, str(path))  # external data (past 2 GB) stays where it is: only the graph proto is rewritten
 
 
 def _no_padding(path: Path) -> None:

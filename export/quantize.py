@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .graph_meta import stamp, step_meta_of
 from .manifest import MANIFEST, sha256_file
 
 QUANTIZE = ("int8",)
@@ -100,8 +101,6 @@ def quantize_export(export_dir: str | Path, manifest: dict[str, Any], method: st
                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Quantize an fp32 export in place: replaces the three graphs' files, updates their manifest entries, records
     "quantization" and rewrites manifest.json (atomically, last). Returns the manifest."""
-    from .onnx_export import stamp, step_meta_of
-
     export_dir = Path(export_dir)
     if method not in QUANTIZE:
         raise ValueError(f"unknown quantization {method!r}: choose one of {list(QUANTIZE)}")

@@ -27,7 +27,7 @@ from .engine.config import GenerationConfig, ModelConfig  # noqa: E402 - after t
 
 # name -> the module (under this package) that defines it; imported on first access (PEP 562)
 _LAZY = {
-    "load": "engine.api", "Engine": "engine.api", "Generation": "engine.api", "Chunk": "engine.api",
+    "load": "engine.backends", "Engine": "engine.api", "Generation": "engine.api", "Chunk": "engine.api",
     "Request": "engine.request", "SettingError": "engine.config",
     "Scheduler": "engine.scheduler", "QueueFull": "engine.scheduler", "RequestTimeout": "engine.scheduler",
     "Client": "serve.client", "ServiceError": "serve.client",

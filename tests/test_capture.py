@@ -12,7 +12,7 @@ import logging
 
 import pytest
 import torch
-from magnet_engine.engine import api, graph, magnet, musicgen
+from magnet_engine.engine import api, graph, magnet, musicgen, passes
 from magnet_engine.engine.api import Engine, GraphedPass, PackedPass, TorchStep
 from magnet_engine.engine.config import GenerationConfig, ModelConfig
 from magnet_engine.engine.graph import CaptureCheck, CaptureError, ProgramCache
@@ -197,7 +197,7 @@ def test_capture_failure_runs_eagerly_and_is_counted(tiny, monkeypatch, caplog):
 
     kw = dict(duration=0.4, steps=(2, 1, 1, 1), seed=3)
     solo = [tiny.generate([p], **kw).codes for p in ("a", "b")]
-    monkeypatch.setattr(api, "Captured", failing)
+    monkeypatch.setattr(passes, "Captured", failing)
     monkeypatch.setattr(tiny, "graph", True)
     monkeypatch.setattr(tiny, "lm_pass", GraphedPass(tiny.lm, tiny.device))
     with caplog.at_level(logging.WARNING), Scheduler(tiny, max_batch=4) as sched:
@@ -230,8 +230,8 @@ def test_program_capture_failure_runs_eagerly(tiny, monkeypatch):
 def test_replay_copies_only_what_changed(lm, monkeypatch):
     """A replay copies each request's codes; a slot's text k/v only when another request takes the slot."""
     copied: list[int] = []
-    real = api.copy_grouped
-    monkeypatch.setattr(api, "copy_grouped", lambda pairs: (copied.append(len(pairs)), real(pairs)))
+    real = passes.copy_grouped
+    monkeypatch.setattr(passes, "copy_grouped", lambda pairs: (copied.append(len(pairs)), real(pairs)))
     gp = GraphedPass(lm, META)
     kv = 2 * CFG.num_layers
     a, b = request(lm, gen(steps=(8, 1, 1, 1))), request(lm, gen(steps=(8, 1, 1, 1)))

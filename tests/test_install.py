@@ -194,17 +194,17 @@ def test_export_passes_the_text_encoder(fixture_dir: Path, settings: dict, expec
     now takes the backend). The checkpoint has no t5/ beside it, so the load succeeds only with DIR; the loaded
     engine's text embeddings are the reference's. The export stops right after loading (the full export is tested
     above and in test_onnx)."""
-    from magnet_engine.engine import api
+    from magnet_engine.engine import backends
     from magnet_engine.engine.cli import main
 
     model, encoder = _without_text_encoder(fixture_dir, tmp_path / "bare"), fixture_dir / "t5"
-    loaded, real_load = [], api.load
+    loaded, real_load = [], backends.load
 
     def load_then_stop(*args: object, **kwargs: object) -> None:
         loaded.append(real_load(*args, **kwargs))
         raise ValueError("stopped after loading")
 
-    monkeypatch.setattr(api, "load", load_then_stop)
+    monkeypatch.setattr(backends, "load", load_then_stop)
     rc = main(["export", "--model", str(model), "--text-encoder", str(encoder), "--out", str(tmp_path / "x")])
     assert "stopped after loading" in capsys.readouterr().err and rc == 1
     (eng,) = loaded

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from magnet_engine.engine.config import GenerationConfig
-from magnet_engine.engine.model import LM, CrossKV
+from magnet_engine.engine.model import LM, CrossKV, merge_heads, split_qkv
 from magnet_engine.engine.musicgen import UNKNOWN, ARDecoder, DelayPattern, generate_tokens_ar
 
 FRAMES = 25  # the fixture's max_gen_len: 0.5 s at 50 Hz
@@ -64,12 +64,13 @@ def full_causal_logits(lm: LM, seq: torch.Tensor, cross: CrossKV) -> torch.Tenso
     x = lm.embed(seq).to(lm.dtype)
     x = torch.cat([x, x])
     for layer, kv in zip(lm.layers, cross):
-        q, k, v = layer.self_attn.qkv(layer.norm1(x))
-        x = x + layer.self_attn.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        sa = layer.self_attn
+        q, k, v = split_qkv(F.linear(layer.norm1(x), sa.in_proj_weight), sa.num_heads)
+        x = x + sa.out_proj(merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True)))
         b, ca = kv[0].shape[0], layer.cross_attention  # text on the first B rows; the null text's is exactly 0
         q = F.linear(layer.norm_cross(x[:b]), ca.in_proj_weight[:x.shape[-1]])
         q = q.view(b, q.shape[1], ca.num_heads, -1).transpose(1, 2)
-        x = torch.cat([x[:b] + ca.merge(F.scaled_dot_product_attention(q, *kv)), x[b:]])
+        x = torch.cat([x[:b] + ca.out_proj(merge_heads(F.scaled_dot_product_attention(q, *kv))), x[b:]])
         x = x + layer.linear2(F.gelu(layer.linear1(layer.norm2(x))))
     h = lm.out_norm(x.float())
     return torch.stack([lin(h) for lin in lm.linears], dim=1)
