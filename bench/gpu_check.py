@@ -7,7 +7,8 @@
 
 kernels: the Triton kernels against their PyTorch references on the device, with tests/test_kernels.py's criteria
 (attention error <= 2x PyTorch's own same-dtype error + 1e-3; sampling picks the very same tokens given the same
-noise, probabilities within 1e-5 relative), at the released models' shapes; on CUDA it also times the band kernel
+noise, probabilities within 1e-5 relative; the row-invariant GEMM within 2x PyTorch's error and bit-equal rows in
+any batch), at the released models' shapes; on CUDA it also times the band kernel
 against SDPA with a dense band mask. `--quick` (or a CPU device): tiny shapes through Triton's interpreter.
 
 fixture: the reference fixture's greedy runs through the `magnet generate` CLI (a subprocess, as a user runs it) on
@@ -114,6 +115,38 @@ def check_kernels(device: str, quick: bool, out: TextIO | None) -> int:
                 fails += not ok
                 _emit({"check": "sample", "case": f"{name} V={vocab} {dtype}", "ok": ok, "tokens_differ": differ,
                        "prob_rel_err": rel}, out)
+
+    import magnet_engine.kernels.matmul as kmm
+    import torch.nn.functional as F
+
+    def matmul(m: int, k: int, n: int, dtype: torch.dtype) -> None:
+        """tests/test_matmul.py's criteria: error <= 2x torch's same-dtype error + one output ulp, and rows alone,
+        in a prefix batch and shifted by 37 rows among others are the same bits as in the full batch."""
+        nonlocal fails
+        g = torch.Generator().manual_seed(m + k + n)
+        x = torch.randn(m + 37, k, generator=g).to(dtype).to(device)
+        w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype).to(device)
+        x, others = x[37:], x[:37]
+        got = kmm.invariant_matmul(x, w)
+        ref = F.linear(x.double(), w.double())
+        err = (got.double() - ref).abs().max().item()
+        torch_err = (F.linear(x, w).double() - ref).abs().max().item()
+        bound = 2 * torch_err + torch.finfo(dtype).eps * ref.abs().max().item()
+        alone = all(torch.equal(kmm.invariant_matmul(x[r:r + 1], w), got[r:r + 1]) for r in (0, m // 2, m - 1))
+        invariant = (alone and torch.equal(kmm.invariant_matmul(x[:m // 2 + 1], w), got[:m // 2 + 1])
+                     and torch.equal(kmm.invariant_matmul(torch.cat([others, x]), w)[37:], got))
+        sync()
+        ok = bool(torch.isfinite(got).all()) and got.dtype == dtype and err <= bound and invariant
+        fails += not ok
+        _emit({"check": "invariant_matmul", "case": f"M={m} K={k} N={n} {str(dtype).removeprefix('torch.')}",
+               "ok": ok, "err": err, "torch_err": torch_err, "row_invariant": invariant}, out)
+
+    shapes = [(7, 100, 70), (130, 64, 130)]  # odd M, K and N: masked K tail, partial tiles
+    if not quick:  # magnet-small's linears at B=1 (2·T = 1000 rows) and an odd batch
+        shapes += [(1000, 1024, 3072), (1000, 4096, 1024), (333, 1024, 2048)]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for m, k, n in shapes:
+            matmul(m, k, n, dtype)
 
     if device.startswith("cuda") and not quick:  # the band kernel against what a model without one does
         from magnet_engine.engine.ops import band_mask

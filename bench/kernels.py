@@ -10,6 +10,14 @@ actually needed (the in-band q·k pairs for the band); the dense-equivalent rate
 sampling: `kernels.sampling.sample` vs the eager chain `engine.sampling.sample_ref` on [B, T, V] cond/uncond
 logits; GB/s = logit bytes read (cond + uncond) / time.
 
+invariant_matmul: what deterministic mode costs in the LM's GEMMs. The row-invariant Triton GEMM
+(`kernels.matmul.invariant_matmul`, the Triton backend's deterministic linear on CUDA) against F.linear (the default
+mode: cuBLAS) and against `engine.model.invariant_linear` (the torch path's deterministic linear: one GEMM per 64
+rows), for every linear of a MAGNeT pass at the model's shapes: rows M = 2·B·T (guidance doubles the batch; the
+cross-attention's q and out projections see the B·T conditional rows), the head in fp32 as the LM keeps it. One row
+per linear and baseline, then `linear-pass`: layers × (its linears) + one head, i.e. the GEMM time of one LM pass.
+`--device cpu` runs it through Triton's interpreter (a dry run of the stage: its times are not the kernel's).
+
 Times are medians over repeats timed with CUDA events, each repeat long enough (>= ~1 ms of launches) to hide event
 resolution. Prints a Markdown table; `--json FILE` appends one JSON object per row. Without a GPU it exits with 2.
 """
@@ -18,15 +26,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch
+from magnet_engine.engine.config import ModelConfig
 
 MODELS = {"magnet-small": 16, "magnet-medium": 24}  # name -> heads (D = 64 for both)
+# name -> bench.presets preset, whose ModelConfig gives the linears' shapes (tiny: the CPU dry run's)
+LINEAR_MODELS = {"magnet-small": "magnet-small-10secs", "magnet-medium": "magnet-medium-10secs", "tiny": "tiny"}
 HEAD_DIM = 64
 DEVICE = "cuda"  # the benchmarks time CUDA events; a module constant so a CPU smoke test can swap it
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -36,14 +50,14 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 class Row:
     """One benchmark result; also the JSON line written with --json."""
 
-    op: str  # attention-full | attention-band | attention-cross | sample-top_p | sample-top_k | ...
+    op: str  # attention-full | attention-band | attention-cross | sample-top_p | ... | linear-qkv | linear-pass
     model: str
     dtype: str
     batch: int  # B prompts
-    rows: int  # N = 2B for attention, B for sampling
+    rows: int  # N = 2B for attention, B for sampling, the GEMM's M for linears
     heads: int
     T: int
-    Tk: int  # keys (L for cross-attention, V for sampling)
+    Tk: int  # keys (L for cross-attention, V for sampling, out features N for linears)
     window: int | None
     kernel_ms: float
     torch_ms: float
@@ -55,7 +69,7 @@ class Row:
     tflops_dense_equiv: float
     bytes_read: float  # logits bytes (sampling) or q/k/v bytes (attention)
     gbps: float
-    check: float  # attention: max |kernel - torch|; sampling: fraction of tokens equal to sample_ref's
+    check: float  # attention, linears: max |kernel - torch|; sampling: fraction of tokens equal to sample_ref's
     device: str
     torch_version: str
     triton_version: str
@@ -92,6 +106,68 @@ def time_cuda(fn: Callable[[], object], repeats: int, warmup: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / inner)
     return statistics.median(times)
+
+
+def time_cpu(fn: Callable[[], object], repeats: int, warmup: int) -> float:
+    """Median milliseconds per call on the host clock (`--device cpu`: the interpreter's dry run)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def pass_linears(cfg: ModelConfig, batch: int, frames: int) -> list[tuple[str, int, int, int, int]]:
+    """The linears of one MAGNeT pass: (name, rows M, out N, in K, times per pass). Guided: 2B·T rows, of which the
+    B·T conditional ones go through cross-attention; the head (one codebook per pass) once, the rest per layer."""
+    rows, d, layers = 2 * batch * frames, cfg.dim, cfg.num_layers
+    return [("qkv", rows, 3 * d, d, layers), ("out", rows, d, d, layers), ("cross-q", rows // 2, d, d, layers),
+            ("cross-out", rows // 2, d, d, layers), ("ffn-up", rows, cfg.ffn_dim, d, layers),
+            ("ffn-down", rows, d, cfg.ffn_dim, layers), ("head", rows, cfg.card, d, 1)]
+
+
+def bench_invariant_matmul(args: argparse.Namespace, env: dict[str, str]) -> list[Row]:
+    import torch.nn.functional as F
+    from magnet_engine.bench.presets import PRESETS
+    from magnet_engine.engine.model import invariant_linear
+    from magnet_engine.kernels.matmul import invariant_matmul
+
+    timer = time_cuda if args.device == "cuda" else time_cpu
+    rows: list[Row] = []
+    dev = torch.device(args.device)
+    for model, preset in LINEAR_MODELS.items():
+        if model not in args.models:
+            continue
+        cfg = PRESETS[preset].model_config("magnet")
+        for dname in args.dtypes:
+            for t in args.T:
+                for b in args.B:
+                    totals = {"F.linear": [0.0, 0.0, 0.0], "invariant_linear": [0.0, 0.0, 0.0]}  # kernel, torch, FLOPs
+                    for name, m, n, k, times in pass_linears(cfg, b, t):
+                        dn = "fp32" if name == "head" else dname  # the LM's heads stay fp32
+                        dt = DTYPES[dn]
+                        x = torch.randn(m, k, device=dev, dtype=dt)
+                        w = torch.randn(n, k, device=dev, dtype=dt) / math.sqrt(k)
+                        out = invariant_matmul(x, w)
+                        k_ms = timer(partial(invariant_matmul, x, w), args.repeats, args.warmup)
+                        flops = 2.0 * m * n * k
+                        nbytes = float((x.numel() + w.numel() + out.numel()) * x.element_size())
+                        for base_name, base in (("F.linear", F.linear), ("invariant_linear", invariant_linear)):
+                            err = (out.float() - base(x, w).float()).abs().max().item()
+                            t_ms = timer(partial(base, x, w), args.repeats, args.warmup)
+                            rows.append(Row(f"linear-{name}", model, dn, b, m, 0, t, n,
+                                            None, k_ms, t_ms, base_name, t_ms / k_ms, flops, flops, flops / k_ms / 1e9,
+                                            flops / k_ms / 1e9, nbytes, nbytes / k_ms / 1e6, err, **env))
+                            for i, v in enumerate((k_ms, t_ms, flops)):
+                                totals[base_name][i] += times * v
+                    for base_name, (k_ms, t_ms, flops) in totals.items():
+                        rows.append(Row("linear-pass", model, dname, b, 2 * b * t, 0, t, 0, None, k_ms, t_ms,
+                                        base_name, t_ms / k_ms, flops, flops, flops / k_ms / 1e9, flops / k_ms / 1e9,
+                                        0.0, 0.0, 0.0, **env))
+    return rows
 
 
 def bench_attention(args: argparse.Namespace, env: dict[str, str]) -> list[Row]:
@@ -185,8 +261,12 @@ def markdown(rows: list[Row]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m magnet_engine.bench.kernels", description=__doc__.split("\n\n")[0])
-    p.add_argument("--what", nargs="+", choices=("attention", "sampling"), default=["attention", "sampling"])
-    p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
+    p.add_argument("--what", nargs="+", choices=("attention", "sampling", "invariant_matmul"),
+                   default=["attention", "sampling"])
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: a dry run through Triton's interpreter (invariant_matmul only; tiny shapes with --quick)")
+    p.add_argument("--models", nargs="+", choices=tuple(LINEAR_MODELS), default=list(MODELS),
+                   help="tiny: invariant_matmul only (the CPU dry run's shapes)")
     p.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=["fp16", "bf16"])
     p.add_argument("--T", nargs="+", type=int, default=[500, 1500], help="frames (500 = 10 s, 1500 = 30 s)")
     p.add_argument("--B", nargs="+", type=int, default=[1, 4, 16], help="prompts; attention rows are N = 2B")
@@ -198,34 +278,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", metavar="FILE", help="append one JSON object per result row")
-    p.add_argument("--quick", action="store_true", help="smoke run: magnet-small, T=500, B=1, fp16, 5 repeats")
+    p.add_argument("--quick", action="store_true", help="smoke run: magnet-small, T=500, B=1, fp16, 5 repeats "
+                   "(--device cpu: the tiny model, T=4, 1 repeat)")
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.T, args.B, args.dtypes = ["magnet-small"], [500], [1], ["fp16"]
         args.repeats, args.warmup = 5, 1
+        if args.device == "cpu":
+            args.models, args.T, args.repeats, args.warmup = ["tiny"], [4], 1, 0
+    if args.device == "cpu" and set(args.what) != {"invariant_matmul"}:
+        p.error("--device cpu runs --what invariant_matmul only (the attention and sampling benchmarks need CUDA)")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks; 0 on success, 2 when there is no CUDA GPU or no triton."""
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench kernels: error: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured",
-              file=sys.stderr)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench kernels: error: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured "
+              "(--device cpu --what invariant_matmul is a dry run)", file=sys.stderr)
         return 2
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import, which decides it
     try:
         import triton
     except ImportError:
         print("bench kernels: error: needs triton: pip install 'magnet-engine[triton]'", file=sys.stderr)
         return 2
-    env = {"device": torch.cuda.get_device_name(0), "torch_version": torch.__version__,
-           "triton_version": triton.__version__}
+    if args.device == "cpu":
+        from magnet_engine.kernels.matmul import INTERPRETED
+
+        if not INTERPRETED:
+            print("bench kernels: error: --device cpu needs Triton's interpreter, but triton was imported without "
+                  "TRITON_INTERPRET=1; set it in the environment", file=sys.stderr)
+            return 2
+    name = torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu ({platform.processor() or 'unknown'})"
+    env = {"device": name, "torch_version": torch.__version__, "triton_version": triton.__version__}
     torch.manual_seed(0)
     rows: list[Row] = []
     if "attention" in args.what:
         rows += bench_attention(args, env)
     if "sampling" in args.what:
         rows += bench_sampling(args, env)
+    if "invariant_matmul" in args.what:
+        rows += bench_invariant_matmul(args, env)
     print(f"device: {env['device']}, torch {env['torch_version']}, triton {env['triton_version']}\n")
     print(markdown(rows))
     if args.json:

@@ -234,7 +234,6 @@ def variant(eng: Any, name: str) -> tuple[Callable[..., None], Any, Any, Any]:
     import torch.nn.functional as F
     from magnet_engine.engine import magnet
     from magnet_engine.engine.api import TorchStep
-    from magnet_engine.engine.model import invariant_linear
 
     if name == "eager":
         return magnet.decode_step, eng.make_step, eng.sample, eng.lm.linear
@@ -243,7 +242,8 @@ def variant(eng: Any, name: str) -> tuple[Callable[..., None], Any, Any, Any]:
     if name == "compile-pass":
         return magnet.decode_step, TorchStep(torch.compile(eng.lm)), torch.compile(eng.sample), eng.lm.linear
     if name in LINEAR_VARIANTS:
-        return magnet.decode_step, eng.make_step, eng.sample, invariant_linear if name == "deterministic" else F.linear
+        linear = eng.lm.invariant_linear if name == "deterministic" else F.linear  # the engine's own (backend's)
+        return magnet.decode_step, eng.make_step, eng.sample, linear
     raise ValueError(f"unknown variant {name!r}: choose from {', '.join(VARIANTS + LINEAR_VARIANTS)}")
 
 

@@ -108,8 +108,9 @@ class Engine:
         return self.lm is None or self.lm.deterministic  # onnxruntime: every request runs alone (magnet.each_alone)
 
     def set_deterministic(self, on: bool) -> Engine:
-        """Row-invariant linears (engine.model.invariant_linear): a request's tokens are its solo run's whatever
-        shares its LM pass (the scheduler's batchmates, their number and order), on any thread count. Off by
+        """Row-invariant linears (`LM.invariant_linear`: engine.model.invariant_linear, or the Triton backend's
+        fixed-tile GEMM on CUDA): a request's tokens are its solo run's whatever shares its LM pass (the
+        scheduler's batchmates, their number and order), on any thread count. Off by
         default (DETERMINISTIC_BY_DEFAULT: what it costs). Tokens of a request alone are the same either way only
         up to rounding: compare runs made in the same mode."""
         if not isinstance(on, bool):

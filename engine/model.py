@@ -132,7 +132,7 @@ class Mixing:
 
     def __init__(self, cross: CrossKV, linear: Linear) -> None:
         self.cross = cross  # per layer: k, v [B, H, L, D] of the conditional rows
-        self.linear = linear  # the LM's: F.linear, or invariant_linear in deterministic mode
+        self.linear = linear  # the LM's: F.linear, or its row-invariant linear in deterministic mode
 
     def self_attention(self, layer: int, attn: SelfAttention, qkv: torch.Tensor) -> torch.Tensor:
         """qkv [.., 3·dim] -> attention output [.., dim] before out_proj."""
@@ -271,17 +271,30 @@ class LM(nn.Module):
         self.linears = nn.ModuleList([nn.Linear(cfg.dim, cfg.card, bias=False) for _ in range(cfg.n_q)])
         self.text_proj = nn.Linear(cfg.text_dim, cfg.dim, bias=True)
         self.linear: Linear = F.linear  # every projection of a pass and the heads (`set_deterministic`)
+        # the row-invariant linear deterministic mode runs (`set_invariant_linear`: a backend's own, e.g. Triton's)
+        self.invariant_linear: Linear = invariant_linear
 
     def set_deterministic(self, on: bool) -> LM:
-        """Row-invariant linears (`invariant_linear`): a row's logits do not depend on what else shares its pass,
-        so a request's tokens are its solo run's in any batch and on any thread count. The rest of a pass is
+        """Row-invariant linears (`self.invariant_linear`): a row's logits do not depend on what else shares its
+        pass, so a request's tokens are its solo run's in any batch and on any thread count. The rest of a pass is
         already row-local (norms, attention per request, the sampler per position)."""
-        self.linear = invariant_linear if on else F.linear
+        self.linear = self.invariant_linear if on else F.linear
         return self
+
+    def set_invariant_linear(self, op: Linear) -> LM:
+        """The row-invariant linear deterministic mode uses, swapped from outside (`kernels.backend.apply`: the
+        fixed-tile Triton GEMM on CUDA); `op` must give each row the same bits whatever shares the call. A
+        deterministic LM switches at once; a plain one uses it when `set_deterministic(True)` comes."""
+        if op is F.linear:
+            raise ValueError("F.linear is not row-invariant (the library picks its kernel by row count); pass a "
+                             "fixed-tile linear such as engine.model.invariant_linear")
+        on = self.deterministic
+        self.invariant_linear = op
+        return self.set_deterministic(on)
 
     @property
     def deterministic(self) -> bool:
-        return self.linear is invariant_linear
+        return self.linear is self.invariant_linear
 
     @property
     def layers(self) -> nn.ModuleList:

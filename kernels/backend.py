@@ -1,5 +1,6 @@
-"""Triton kernels for the GPU path: `kernels.attention.attention` (drop-in for `engine.ops.attention`) and
-`kernels.sampling.sample` (drop-in for `engine.sampling.sample_ref`), swapped into a built engine by `apply`.
+"""Triton kernels for the GPU path: `kernels.attention.attention` (drop-in for `engine.ops.attention`),
+`kernels.sampling.sample` (drop-in for `engine.sampling.sample_ref`) and `kernels.matmul.invariant_matmul` (drop-in
+for `engine.model.invariant_linear`, deterministic mode's linear), swapped into a built engine by `apply`.
 
 Kept light on purpose: nothing here imports triton at import time, so `import kernels` works without it. The
 functions are not re-exported under the package: `kernels.attention` is the submodule, and a same-named function
@@ -24,12 +25,27 @@ def fastest_attention(q: Any, k: Any, v: Any, window: int | None) -> Any:
     return attention(q, k, v, window)
 
 
+def fastest_invariant_linear(x: Any, weight: Any) -> Any:
+    """The deterministic mode's row-invariant linear (`LM.invariant_linear`): on CUDA our fixed-tile Triton GEMM
+    (`kernels.matmul.invariant_matmul`: one launch, where `engine.model.invariant_linear` launches one cuBLAS GEMM
+    per 64 rows, 250 per linear at B=16 on magnet-small). Under the interpreter (tests) CPU tensors run the kernel
+    too; otherwise CPU keeps `invariant_linear` (MKL on blocks of 64 rows: what measures best there)."""
+    from .matmul import INTERPRETED, invariant_matmul
+
+    if x.is_cuda or INTERPRETED:
+        return invariant_matmul(x, weight)
+    from magnet_engine.engine.model import invariant_linear
+
+    return invariant_linear(x, weight)
+
+
 def apply(engine: Any) -> Any:
     """Turn an engine's torch path into the Triton path, in place (gpt-fast style: a transform on a built model).
 
     Swaps the attention op of every self/cross-attention module of the LM (MAGNeT's full and banded passes; the AR
-    model's KV-cached causal path keeps PyTorch) for `fastest_attention`, and the per-step sampler. Returns the
-    engine. On CPU tensors the kernels need `TRITON_INTERPRET=1` (slow; for tests).
+    model's KV-cached causal path keeps PyTorch) for `fastest_attention`, the per-step sampler, and the row-invariant
+    linear of deterministic mode (`Engine.set_deterministic`, before or after this) for `fastest_invariant_linear`.
+    Returns the engine. On CPU tensors the kernels need `TRITON_INTERPRET=1` (slow; for tests).
     """
     from magnet_engine.engine.config import SettingError
     from magnet_engine.engine.model import set_attention
@@ -39,6 +55,7 @@ def apply(engine: Any) -> Any:
     if engine.lm is None:
         raise SettingError("the triton <backend> needs an engine with a torch LM, not an onnxruntime engine")
     set_attention(engine.lm, fastest_attention, fastest_attention)
+    engine.lm.set_invariant_linear(fastest_invariant_linear)
     engine.sample = sample
     engine.backend = "triton"
     return engine

@@ -133,3 +133,28 @@ def test_load_rows_and_plot(fixture_dir: Path, tmp_path: Path, policy: str) -> N
     png = tmp_path / "load.png"
     assert load.main(["--plot", str(rows), str(png)]) == 0 and png.stat().st_size > 0
     assert load.main(["--plot", str(tmp_path / "missing.jsonl"), str(png)]) == 2
+
+
+def test_kernels_invariant_matmul_dry_run(tmp_path: Path) -> None:
+    """`bench kernels --what invariant_matmul --device cpu --quick` (gpu.sh's deterministic-cost stage as a CPU dry
+    run, Triton's interpreter): every linear of a pass against both baselines, each kernel output within the dtype's
+    rounding of F.linear, and the pass row = layers x the layer's linears + one head."""
+    pytest.importorskip("triton", reason="triton is not installed: pip install 'triton>=3.2' (extra [triton])")
+    from magnet_engine.bench import kernels
+
+    out = tmp_path / "k.jsonl"
+    assert kernels.main(["--what", "invariant_matmul", "--device", "cpu", "--quick", "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    names = ("qkv", "out", "cross-q", "cross-out", "ffn-up", "ffn-down", "head")
+    assert [(r["op"], r["baseline"]) for r in rows] == [
+        (f"linear-{n}", b) for n in names for b in ("F.linear", "invariant_linear")] + [
+        ("linear-pass", "F.linear"), ("linear-pass", "invariant_linear")]
+    for r in rows[:-2]:
+        eps = torch.finfo(kernels.DTYPES[r["dtype"]]).eps
+        # both round nearly the same fp32 sum once: one ulp apart at most, at |out| <= 8 (the outputs are ~N(0, 1))
+        assert r["dtype"] == ("fp32" if r["op"] == "linear-head" else "fp16") and 0 <= r["check"] <= 8 * eps
+    layers = 2  # the tiny preset
+    for pass_row in rows[-2:]:
+        parts = [r for r in rows[:-2] if r["baseline"] == pass_row["baseline"]]
+        want = sum(r["torch_ms"] * (1 if r["op"] == "linear-head" else layers) for r in parts)
+        assert pass_row["torch_ms"] == pytest.approx(want) and pass_row["kernel_ms"] > 0

@@ -49,3 +49,44 @@ def test_cli_backend_triton(fixture_dir, settings, expected, tmp_path):
                *cli_args(run_settings(settings, "gen_nonoverlap_prod"))])
     assert rc == 0
     np.testing.assert_array_equal(np.load(tokens), expected["gen_nonoverlap_prod"])
+
+
+def test_deterministic_linears_run_the_fixed_tile_gemm(fixture_dir, tiny, monkeypatch):
+    """kernels.apply makes deterministic mode's row-invariant linear the Triton GEMM (`kernels.matmul`; the
+    interpreter here, compiled on CUDA), whether the engine turned deterministic before or after: every projection
+    of every layer and the head of every pass go through the kernel, and a greedy request gets the tokens of the
+    torch engine's `invariant_linear` (a short one: the interpreter pays per tile)."""
+    from collections import Counter
+
+    import magnet_engine.kernels.matmul as kmm
+    import torch.nn.functional as F
+    from magnet_engine.kernels.backend import fastest_invariant_linear
+
+    eng = triton_apply(me.load(fixture_dir, device="cpu", deterministic=True))
+    assert eng.deterministic and eng.lm.linear is fastest_invariant_linear
+    later = triton_apply(me.load(fixture_dir, device="cpu"))
+    assert not later.deterministic and later.lm.linear is F.linear
+    assert later.set_deterministic(True).deterministic and later.lm.linear is fastest_invariant_linear
+    assert not later.set_deterministic(False).deterministic and later.lm.linear is F.linear
+
+    calls: Counter = Counter()
+    kernel = kmm.invariant_matmul
+
+    def counted(x, weight):
+        calls[tuple(weight.shape)] += 1
+        return kernel(x, weight)
+
+    monkeypatch.setattr(kmm, "invariant_matmul", counted)
+    kw = dict(greedy=True, steps=(2, 1, 1, 1), duration=0.2, cfg=(3.0, 1.0))
+    assert tiny.deterministic
+    np.testing.assert_array_equal(eng.generate(["slow sad piano"], **kw).codes.numpy(),
+                                  tiny.generate(["slow sad piano"], **kw).codes.numpy())
+    lm, layers = eng.lm, len(eng.lm.layers)
+    layer, passes = lm.layers[0], calls[tuple(lm.linears[0].weight.shape)]  # one head GEMM per pass
+    assert passes == 5 and calls == {
+        tuple(layer.self_attn.in_proj_weight.shape): passes * layers,
+        (lm.cfg.dim, lm.cfg.dim): 3 * passes * layers,  # self out_proj, cross q, cross out_proj
+        tuple(layer.linear1.weight.shape): passes * layers,
+        tuple(layer.linear2.weight.shape): passes * layers,
+        tuple(lm.linears[0].weight.shape): passes,
+    }, calls
