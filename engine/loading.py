@@ -158,3 +158,19 @@ def read_own_format(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
         except (OSError, SafetensorError) as e:
             raise ValueError(f"{folder / name} is missing, truncated or not safetensors ({e}); restore it") from e
     return config, states[0], states[1]
+
+
+def float_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with every floating tensor in fp32 (others unchanged): one conversion per source dtype into one
+    flat buffer, the tensors views of it. A conversion per tensor hands each to the thread pool, which on a busy
+    2-core CPU cost 30-260 ms for the default model's 120 tensors against ~15 ms for one."""
+    import torch
+
+    out = dict(state)
+    for dtype in {v.dtype for v in state.values() if v.is_floating_point() and v.dtype != torch.float32}:
+        names = [k for k, v in state.items() if v.dtype == dtype]
+        flat = torch.cat([state[k].reshape(-1) for k in names]).float()
+        for k, part in zip(names, flat.split([state[k].numel() for k in names])):
+            out[k] = part.view(state[k].shape)
+    return out
+
