@@ -23,6 +23,7 @@ from .loading import (
     read_package,
     resolve_files,
     resolve_named,
+    shapes_only,
 )
 from .model import LM, CrossKV, Rows
 from .musicgen import ARCompanion
@@ -558,7 +559,7 @@ def load_torch(model: str | Path | None = None, text_encoder: str | Path | None 
     if is_own_format(Path(model)):
         config, lm_state, codec_state = read_own_format(Path(model))
         cfg = ModelConfig.from_dict(config["model"])
-        with torch.device("meta"):  # shapes only: the weights are the file's tensors (`_load_strict` assigns them)
+        with shapes_only():  # no memory, no initialisation: the weights are the file's (`_load_strict` assigns them)
             codec = Encodec(CodecConfig.from_dict(config["codec"]))
             lm = LM(cfg)
         _load_strict(codec, codec_state, Path(model) / "codec.safetensors", "codec")
@@ -570,7 +571,7 @@ def load_torch(model: str | Path | None = None, text_encoder: str | Path | None 
         pkg = read_package(lm_path, "LM checkpoint")
         state = pkg["best_state"]
         cfg = ModelConfig.from_xp_cfg(parse_xp_cfg(pkg, lm_path), state)
-        with torch.device("meta"):
+        with shapes_only():
             lm = LM(cfg)
         state = float_state({(("text_proj." + k[len(TEXT_PROJ_KEY):]) if k.startswith(TEXT_PROJ_KEY) else k): v
                              for k, v in state.items()})

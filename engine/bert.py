@@ -124,7 +124,9 @@ class BertEncoder(nn.Module):
     def load(cls, folder: Path) -> BertEncoder:
         from safetensors.torch import load_file
 
-        with torch.device("meta"):  # shapes only, no initialisation: every weight is the file's tensor, assigned
+        from .loading import shapes_only
+
+        with shapes_only():  # no memory, no initialisation: every weight is the file's tensor, assigned
             model = cls(BertConfig.read(folder))
         state = {k: v for k, v in load_file(folder / "model.safetensors").items()
                  if not k.startswith("pooler.") and k != "embeddings.position_ids"}

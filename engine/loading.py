@@ -2,8 +2,10 @@
 MAGNeT/MusicGen format) from a folder, a file or a Hugging Face id. Never unpickles code: weights_only=True."""
 from __future__ import annotations
 
+import contextlib
 import pickle
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -173,4 +175,23 @@ def float_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for k, part in zip(names, flat.split([state[k].numel() for k in names])):
             out[k] = part.view(state[k].shape)
     return out
+
+
+@contextlib.contextmanager
+def shapes_only() -> Iterator[None]:
+    """Modules built inside hold no memory and are never initialised: they are on the meta device, and torch.nn.init's
+    fills are skipped (on meta they would run torch's Python reference ops, whose first use imports torch._dynamo:
+    1.5 s of a 2-core process). The caller then assigns every weight (`load_state_dict(..., assign=True)`)."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class SkipInit(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+            kwargs = kwargs or {}
+            if getattr(func, "__module__", None) == "torch.nn.init":  # init.normal_(tensor, ...): leave it as is
+                return args[0] if args else kwargs["tensor"]
+            return func(*args, **kwargs)
+
+    with torch.device("meta"), SkipInit():
+        yield
 
