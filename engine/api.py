@@ -23,12 +23,14 @@ from .config import (  # noqa: F401 - DETERMINISTIC_BY_DEFAULT re-exported
 from .graph import Captured, ProgramCache
 from .loading import (
     DEFAULT_MODEL,
+    float_state,
     is_own_format,
     parse_xp_cfg,
     read_own_format,
     read_package,
     resolve_files,
     resolve_named,
+    shapes_only,
 )
 from .model import LM
 from .musicgen import ARCompanion
@@ -432,20 +434,22 @@ def load_torch(model: str | Path | None = None, text_encoder: str | Path | None 
     if is_own_format(Path(model)):
         config, lm_state, codec_state = read_own_format(Path(model))
         cfg = ModelConfig.from_dict(config["model"])
-        codec = Encodec(CodecConfig.from_dict(config["codec"]))
+        with shapes_only():  # no memory, no initialisation: the weights are the file's (`_load_strict` assigns them)
+            codec = Encodec(CodecConfig.from_dict(config["codec"]))
+            lm = LM(cfg)
         _load_strict(codec, codec_state, Path(model) / "codec.safetensors", "codec")
         text_source: str | Path = cfg.text_encoder
         defaults = GenerationConfig.from_dict(config.get("generation", {}), default_generation(cfg))
-        lm = LM(cfg)
-        _load_strict(lm, {k: v.float() for k, v in lm_state.items()}, Path(model) / "lm.safetensors", cfg.kind)
+        _load_strict(lm, float_state(lm_state), Path(model) / "lm.safetensors", cfg.kind)
     else:
         lm_path, codec_path = resolve_files(model)
         pkg = read_package(lm_path, "LM checkpoint")
         state = pkg["best_state"]
         cfg = ModelConfig.from_xp_cfg(parse_xp_cfg(pkg, lm_path), state)
-        lm = LM(cfg)
-        state = {(("text_proj." + k[len(TEXT_PROJ_KEY):]) if k.startswith(TEXT_PROJ_KEY) else k): v.float()
-                 for k, v in state.items()}
+        with shapes_only():
+            lm = LM(cfg)
+        state = float_state({(("text_proj." + k[len(TEXT_PROJ_KEY):]) if k.startswith(TEXT_PROJ_KEY) else k): v
+                             for k, v in state.items()})
         _load_strict(lm, state, lm_path, cfg.kind)
         codec = load_codec(codec_path)
         beside = lm_path.parent / "t5"
@@ -458,7 +462,9 @@ def load_torch(model: str | Path | None = None, text_encoder: str | Path | None 
 
 
 def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    """Every parameter and buffer of `module` (built on the meta device: no initialisation) becomes its tensor in
+    `state` (assigned, not copied); a missing or unexpected name is a ValueError."""
+    missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"{path} does not fit a {what} model of its own config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")

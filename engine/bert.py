@@ -124,10 +124,13 @@ class BertEncoder(nn.Module):
     def load(cls, folder: Path) -> BertEncoder:
         from safetensors.torch import load_file
 
-        model = cls(BertConfig.read(folder))
+        from .loading import shapes_only
+
+        with shapes_only():  # no memory, no initialisation: every weight is the file's tensor, assigned
+            model = cls(BertConfig.read(folder))
         state = {k: v for k, v in load_file(folder / "model.safetensors").items()
                  if not k.startswith("pooler.") and k != "embeddings.position_ids"}
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise ValueError(f"{folder}/model.safetensors is not a BERT encoder of its config.json: missing "
                              f"{missing[:5]}, unexpected {unexpected[:5]}")

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 __all__ = ["CodecConfig", "Encodec", "load_codec"]
@@ -456,6 +455,8 @@ class Encodec(nn.Module):
                              "{'best_state', 'xp.cfg', 'version', 'exported'}")
         xp_cfg = package["xp.cfg"]
         if isinstance(xp_cfg, str):
+            import yaml  # only audiocraft packages need it: our format's load skips the import
+
             try:
                 xp_cfg = yaml.safe_load(xp_cfg)
             except yaml.YAMLError as e:

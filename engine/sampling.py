@@ -122,15 +122,68 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, cfg_coef: float | torch.Tens
 def top_p_keep(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
     """Nucleus as a threshold: keep tokens whose strictly-more-probable mass is <= top_p. [.., V] -> bool [.., V].
 
-    top_p: a number or a tensor broadcasting against [.., 1] (one per row). Equal to the reference's
-    sort-and-exclusive-cumsum rule except among exactly tied probabilities (all kept here),
-    and computable without a sort, which is what the Triton kernel does.
+    probs: probabilities in [0, 1]; top_p: a number or a tensor broadcasting against [.., 1] (one per row). Equal to
+    the reference's sort-and-exclusive-cumsum rule except among exactly tied probabilities (all kept here) and
+    where a mass lands on top_p within float rounding. On CPU the threshold comes from a radix selection
+    (`top_p_threshold_radix`: no sort of [.., V], fixed shapes, no host sync); elsewhere from a sort
+    (`top_p_threshold_sorted`: a GPU sorts fast, and its scatter-add's atomics would sum the mass in a varying order).
     """
+    if probs.device.type == "cpu":
+        return probs >= top_p_threshold_radix(probs, top_p)
+    return probs >= top_p_threshold_sorted(probs, top_p)
+
+
+def top_p_threshold_sorted(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
+    """[.., V] -> [.., 1]: the smallest probability whose strictly-more-probable mass is <= top_p, by a full sort
+    and an exclusive cumulative sum (the reference's `sample_top_p`). Kept: probs >= threshold."""
     sorted_p, _ = torch.sort(probs, dim=-1, descending=True)
     exclusive = torch.cumsum(sorted_p, dim=-1) - sorted_p
     n_keep = (exclusive <= top_p).sum(dim=-1, keepdim=True).clamp(min=1)
-    threshold = sorted_p.gather(-1, n_keep - 1)
-    return probs >= threshold
+    return sorted_p.gather(-1, n_keep - 1)
+
+
+RADIX_BITS = 10  # bucket bits per pass: 1024 buckets
+RADIX_PASSES = 3  # 3 x 10 bits cover a probability's bit pattern (p <= 1.0 = 0x3F800000 < 2**30)
+
+
+def top_p_threshold_radix(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
+    """[.., V] -> [.., 1]: the smallest probability whose strictly-more-probable mass is <= top_p, without a sort.
+
+    Probabilities are >= 0, so their fp32 bit patterns, read as int32, order like the values (as in the Triton
+    kernel's bisection). A most-significant-digit radix selection over those bits: each of 3 passes histograms the
+    mass of the candidates (the tokens whose higher bits equal the threshold's bits found so far) over 1024 buckets
+    of their next 10 bits, with everything more probable than the candidates in bucket 0; a cumulative sum then
+    gives each bucket's strictly-more-probable mass, and the threshold is in the least probable bucket where that
+    mass is <= top_p. After 30 bits the bucket is one bit pattern: exactly the rule's threshold (an empty bucket is
+    never the least probable such one unless the rest of the candidates are all kept, and then its bits are below
+    them: the same keep set). 3 x (a few elementwise ops, one scatter-add of [.., V], one cumsum of [.., 1026])
+    cost less than a sort on CPU; every sum runs within one row in index order, so a row's threshold does not
+    depend on the other rows.
+    """
+    shape = probs.shape
+    v = shape[-1]
+    p = probs.reshape(-1, v)  # [R, V]
+    r = p.shape[0]
+    limit = torch.as_tensor(top_p, dtype=torch.float32, device=p.device).expand(*shape[:-1], 1).reshape(r, 1)
+    limit = limit.contiguous()  # [R, 1]
+    bits = p.view(torch.int32)  # [R, V], ordered like p
+    nb = 1 << RADIX_BITS
+    index = torch.empty(r, v, dtype=torch.long, device=p.device)  # [R, V] bucket of each token, reused per pass
+    hist = torch.empty(r, nb + 2, device=p.device)  # [R, nb + 2]: 0 above, 1..nb candidates, nb + 1 below
+    prefix = torch.zeros(r, 1, dtype=torch.long, device=p.device)  # [R, 1] the threshold's bits found so far
+    for level in range(RADIX_PASSES):
+        shift = RADIX_BITS * (RADIX_PASSES - 1 - level)
+        torch.bitwise_right_shift(bits, shift, out=index)
+        # this pass's digit relative to the prefix: above the candidates -> nb, below -> -1; then reversed so that
+        # bucket 0 holds the more probable tokens and bucket 1 + j the candidates with digit nb - 1 - j
+        index.sub_(prefix << RADIX_BITS).clamp_(-1, nb).neg_().add_(nb)
+        hist.zero_().scatter_add_(1, index, p)
+        above = hist.cumsum(1)  # [R, nb + 2]: above[:, j < nb] = mass more probable than digit nb - 1 - j
+        # the least probable digit whose strictly-more-probable mass is <= top_p (above[:, 0] is, or an earlier
+        # pass would not have chosen this prefix; the first pass's is 0)
+        j = torch.searchsorted(above, limit, right=True).sub_(1).clamp_(0, nb - 1)  # [R, 1]
+        prefix = (prefix << RADIX_BITS) | (nb - 1 - j)
+    return prefix.to(torch.int32).view(torch.float32).view(*shape[:-1], 1)
 
 
 def inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -157,16 +210,18 @@ def sample_ref(cond: torch.Tensor, uncond: torch.Tensor, current: torch.Tensor, 
     b = cond.shape[0]
     rp = params if isinstance(params, RowParams) else row_tensors(params, b, cond.device)
     modes = rp.modes
-    logits = guide(cond, uncond, rp.cfg_coef.view(b, 1, 1))  # [B, T, V]
+    mixed = len(modes) > 1  # else every row takes the one mode: no per-row selection (same numbers, less work)
+    # unguided (cond is uncond): uncond + (cond - uncond)·λ is cond itself
+    logits = cond.float() if cond is uncond else guide(cond, uncond, rp.cfg_coef.view(b, 1, 1))  # [B, T, V]
     probs = torch.softmax(logits / rp.temperature.view(b, 1, 1), dim=-1)
-    sampled = logits.argmax(dim=-1)  # greedy rows
+    sampled = logits.argmax(dim=-1) if GREEDY in modes else None  # greedy rows
     if modes != {GREEDY}:
         assert uniform is not None, "sampling needs uniform noise"
         weights, chosen_from = probs, probs  # multinomial rows
         row_mode = rp.mode.view(b, 1, 1)
         if TOP_P in modes:
             nucleus = probs * top_p_keep(probs, rp.top_p.view(b, 1, 1))
-            weights = torch.where(row_mode == TOP_P, nucleus, weights)
+            weights = torch.where(row_mode == TOP_P, nucleus, weights) if mixed else nucleus
         if TOP_K in modes:
             # k-th largest per row (the reference's topk(...).values[..., -1]); rows not in top-k mode read k = 1
             k = torch.where(rp.mode == TOP_K, rp.top_k, 1)
@@ -175,10 +230,10 @@ def sample_ref(cond: torch.Tensor, uncond: torch.Tensor, current: torch.Tensor, 
             # the reference renormalises top-k in place, so the *renormalised* probability scores the spans
             kept = probs * (probs >= kth)
             kept = kept / kept.sum(dim=-1, keepdim=True)
-            weights = torch.where(row_mode == TOP_K, kept, weights)
-            chosen_from = torch.where(row_mode == TOP_K, kept, chosen_from)
+            weights = torch.where(row_mode == TOP_K, kept, weights) if mixed else kept
+            chosen_from = torch.where(row_mode == TOP_K, kept, chosen_from) if mixed else kept
         drawn = inverse_cdf(weights, uniform)
-        sampled = torch.where(rp.mode.view(b, 1) == GREEDY, sampled, drawn)
+        sampled = torch.where(rp.mode.view(b, 1) == GREEDY, sampled, drawn) if sampled is not None else drawn
         probs = chosen_from
     chosen = probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
     tokens = torch.where(current == mask_id, sampled, current)
