@@ -412,6 +412,51 @@ def test_deterministic_flag_reaches_the_replicas_engine(fixture_dir: Path, local
         on.close()
 
 
+def test_limit_thread_and_metrics_flags_take_effect(fixture_dir: Path, monkeypatch) -> None:
+    """`magnet serve --max-body 200 --max-prompt-chars 12 --threads 1 --metrics-port P`: the replica refuses a body
+    over 200 bytes (413) and a prompt over 12 characters (422) and serves one within both; it sets its torch threads
+    to 1 as it loads; the port reaches the `ray start` of the head it launches."""
+    import io
+
+    import torch
+    from magnet_engine.serve import cli as serve_cli
+    from magnet_engine.serve.http import Service, build_app
+
+    port = free_port()
+    service_cfg, launch = serve_cli.parse(["--model", str(fixture_dir), "--device", "cpu", "--max-body", "200",
+                                           "--max-prompt-chars", "12", "--threads", "1", "--metrics-port", str(port)])
+    started: list[list[str]] = []
+
+    class Exited:  # a `ray start` that stops at once: what is checked is its command line
+        returncode, stderr = 1, io.BytesIO(b"stopped by the test")
+
+        def poll(self) -> int:
+            return 1
+
+    monkeypatch.setattr(serve_cli.subprocess, "Popen", lambda cmd, **kw: started.append(cmd) or Exited())
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        serve_cli.LocalHead.start(launch)
+    assert f"--metrics-export-port={port}" in started[0]
+    threads: list[int] = []
+    set_threads, before = torch.set_num_threads, torch.get_num_threads()
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: threads.append(n) or set_threads(n))
+    metrics = type("M", (), {"request": lambda self, status, latency: None})()
+    service = Service(service_cfg, metrics)
+    try:
+        assert threads == [1]
+        app, json_type = build_app(service), {"Content-Type": "application/json"}
+        status, _, raw = asgi_call(app, "POST", "/v1/generate", json.dumps({"prompt": "x" * 13, **FAST}).encode(),
+                                   json_type)
+        assert status == 422 and json.loads(raw)["field"] == "prompt" and "at most 12" in json.loads(raw)["error"]
+        body = json.dumps({"prompt": "x" * 12, "seed": 1, **FAST}).encode()
+        assert asgi_call(app, "POST", "/v1/generate", body, json_type)[0] == 200
+        status, _, raw = asgi_call(app, "POST", "/v1/generate", body + b" " * (201 - len(body)), json_type)
+        assert status == 413 and "200" in json.loads(raw)["error"]
+    finally:
+        service.close()
+        set_threads(before)
+
+
 def test_cuda_graph_flag_reaches_the_replicas_loader(fixture_dir: Path) -> None:
     """`magnet serve --cuda-graph` (ServiceConfig.graph) reaches the replica's `load`: on a CPU device the replica
     refuses to start, with the reason, rather than serving without what was asked."""
