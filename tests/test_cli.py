@@ -50,6 +50,30 @@ def test_cli_token_exact(fixture_dir, settings, expected, tmp_path, run):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.wav", "1.wav"], "no temporary files left"
 
 
+def test_cli_engine_flags_take_effect(fixture_dir, tmp_path, monkeypatch):
+    """--deterministic, --dtype and --batch-size reach what they set: the engine `magnet generate` loads is
+    deterministic with a bf16 LM, 3 prompts run as batches of 2 and 1, and the tokens are that engine's for the whole
+    request (prompt b draws from seed + b either way)."""
+    from magnet_engine.engine import api
+
+    loaded: list[api.Engine] = []
+    batches: list[int] = []
+    load, stream = api.load, api.Engine.generate_stream
+    monkeypatch.setattr(api, "load", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    monkeypatch.setattr(api.Engine, "generate_stream",
+                        lambda self, req, **k: batches.append(req.batch) or stream(self, req, **k))
+    tokens = tmp_path / "t.npy"
+    rc = main(["generate", *["a piano"] * 3, "--model", str(fixture_dir), "--device", "cpu", "--deterministic",
+               "--dtype", "bfloat16", "--batch-size", "2", "--seed", "11", "--steps", "2,1,1,1", "--duration", "0.4",
+               "-o", str(tmp_path / "out"), "--tokens-out", str(tokens), "--quiet"])
+    assert rc == 0
+    (eng,) = loaded
+    assert eng.deterministic and eng.lm.dtype == torch.bfloat16
+    assert batches == [2, 1]
+    want = eng.generate(["a piano"] * 3, seed=11, steps=(2, 1, 1, 1), duration=0.4, decode=False).codes
+    np.testing.assert_array_equal(np.load(tokens), want.numpy())
+
+
 def test_cli_single_file_and_float_wav(fixture_dir, tmp_path):
     out = tmp_path / "one.wav"
     rc = main(["generate", "a fast techno beat", "--model", str(fixture_dir), "--device", "cpu", "-o", str(out),
@@ -98,6 +122,10 @@ def _bad_package(tmp_path: Path, fixture_dir: Path, kind: str) -> Path:
     (["x", "--span-arrangement", "zigzag"], 2, "invalid choice"),
     (["x", "--steps", "a,b"], 2, "integers"),
     (["x", "--unconditional", "2"], 2, "not both"),
+    (["x", "--batch-size", "0"], 2, "--batch-size must be positive, got 0"),
+    (["x", "--batch-size", "-1"], 2, "--batch-size must be positive, got -1"),
+    (["x", "--cuda-graph"], 2, "--cuda-graph captures CUDA graphs: it needs the torch or triton backend on a CUDA "
+                               "device, not the torch backend on cpu"),
 ])
 def test_cli_usage_errors(fixture_dir, tmp_path, capsys, argv, code, match):
     out = tmp_path / "o.wav"

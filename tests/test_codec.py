@@ -106,11 +106,11 @@ def test_decode_rejects_bad_shape(codec: Encodec, shape: tuple[int, ...]) -> Non
 
 
 def test_encode_rejects_bad_input(codec: Encodec) -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"encode expects a floating-point torch.Tensor \[B, 1, samples\]"):
         codec.encode(torch.zeros(1, 1, 640, dtype=torch.long))
     with pytest.raises(ValueError, match="downmix"):
         codec.encode(torch.zeros(1, 2, 640))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"encode expects wav \[B, 1, samples>0\], got \(640,\); add batch/channel"):
         codec.encode(torch.zeros(640))
 
 

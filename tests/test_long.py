@@ -76,6 +76,19 @@ def test_windows_continue_from_their_context(tiny, settings) -> None:
     assert [w.start for w in windows[1:]] == [e - c for e in ends[:-1]]
 
 
+def test_greedy_window_2_continues_window_1(tiny, settings) -> None:
+    """Independent of the window loop: greedy, 2 s with 0.3 s of context is 48 + 33 + 19 frames, and the second
+    window is `generate` with the first window's last 15 frames as prompt_codes (15 + 33 = 48: a whole segment)."""
+    kw = dict(greedy=True, steps=STEPS, decode=False)
+    piece = tiny.generate(settings["prompts"], duration=2.0, context=0.3, **kw).codes
+    first = tiny.generate(settings["prompts"], **kw).codes  # the plain run: one segment
+    c = round(0.3 * tiny.config.frame_rate)
+    assert first.shape[-1] == 48 and c == 15 and piece.shape[-1] == 100
+    second = tiny.generate(settings["prompts"], prompt_codes=first[..., -c:], **kw).codes
+    assert second.shape[-1] == 48 and torch.equal(second[..., :c], first[..., -c:])
+    assert torch.equal(piece[..., :48], first) and torch.equal(piece[..., 48:81], second[..., c:])
+
+
 def test_stream_concatenates_to_generate(tiny, settings, piece) -> None:
     kw, out = piece
     chunks = list(tiny.generate_stream(settings["prompts"], **kw))

