@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from magnet_engine.engine.cli import SPELLING
+
 TEXTS = ["upbeat electronic dance track with a heavy bass line", "slow sad piano", "a calm ambient pad",
          "rock drums and distorted guitar", "jazz trio, walking bass, brushes", "lofi hip hop beat"]
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -243,7 +245,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--kill-at", type=float, default=None, help="kill a replica this many seconds in")
     ap.add_argument("--ray-address", default="auto", help="the cluster of the service, for --kill-at")
     ap.add_argument("--label", default="")
-    ap.add_argument("--out", type=Path, default=None, help="append the JSON line here")
+    ap.add_argument(*SPELLING["output"], dest="out", type=Path, default=None, help="append the JSON line here")
     ap.add_argument("--plot", type=Path, default=None, help="write a PNG here")
     ap.add_argument("--raw", action="store_true", help="keep every request in the JSON line")
     args = ap.parse_args(argv)
