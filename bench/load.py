@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from magnet_engine.engine.cli import SPELLING
+
 TEXTS = ["upbeat electronic dance track with a heavy bass line at 128 bpm", "slow sad piano",
          "a calm ambient pad with soft strings", "rock drums and distorted guitar", "jazz trio, walking bass, brushes",
          "lofi hip hop beat", "orchestral film score with brass", "acoustic folk guitar and whistling"]
@@ -223,7 +225,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="CUDA graphs (Engine.set_graph): sequential replays each request's program, static each "
                          "batch's, the scheduler its LM pass per layout")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
-    ap.add_argument("--out", type=Path, default=None, help="append the JSON lines here too")
+    ap.add_argument(*SPELLING["output"], dest="out", type=Path, default=None, help="append the JSON lines here too")
     ap.add_argument("--plot", nargs=2, type=Path, metavar=("ROWS", "PNG"), default=None,
                     help="run nothing: plot the load rows of ROWS (JSON lines) into PNG")
     return ap.parse_args(argv)

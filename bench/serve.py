@@ -11,7 +11,9 @@ latency over time by status and answers per second. --kill-at T kills one replic
 through --ray-address) and measures the recovery: from the kill to the first audio answer to a request sent after
 it. Once a second a sampler reads the replicas' queue (`GET /v1/health`: waiting, decoding) and the resident memory
 of this machine's Serve replica processes (/proc), reported as their ranges ("nothing lost, memory flat" under
-overload). Loopback only: the URL must name 127.0.0.1, ::1 or localhost.
+overload). --beside-stream S sends one streamed request of S s of audio ("stream": true) at the start, beside the
+load, and reports its time to the first audio and to its end (the load's latencies with and without it: two runs).
+Loopback only: the URL must name 127.0.0.1, ::1 or localhost.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from magnet_engine.engine.cli import SPELLING
 
 TEXTS = ["upbeat electronic dance track with a heavy bass line", "slow sad piano", "a calm ambient pad",
          "rock drums and distorted guitar", "jazz trio, walking bass, brushes", "lofi hip hop beat"]
@@ -107,7 +111,32 @@ def closed_loop(args: argparse.Namespace, key: str | None, t0: float) -> list[Sh
     return sorted(shots, key=lambda s: s.sent)
 
 
-def kill_replica(address: str, after: float, t0: float, box: dict[str, float]) -> None:
+def stream_beside(args: argparse.Namespace, key: str | None, t0: float, box: dict[str, Any]) -> None:
+    """One streamed request of args.beside_stream s of audio, read as it comes: box["stream"] gets its status,
+    bytes, time to the first audio (past the 44-byte WAV header) and to its end, in s after it was sent."""
+    body = {"prompt": "a long calm ambient piece with soft strings", "seed": 0, "duration": args.beside_stream,
+            "stream": True} | {k: v for k, v in request_body(0, args).items() if k in ("steps", "timeout")}
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    req = urllib.request.Request(args.url + "/v1/generate", json.dumps(body).encode(), headers, method="POST")
+    sent = time.perf_counter()
+    out: dict[str, Any] = {"duration_s": args.beside_stream, "sent_s": round(sent - t0, 3), "first_audio_s": None}
+    n = 0
+    try:
+        with urllib.request.urlopen(req, timeout=args.drain + args.seconds) as r:
+            out["status"] = r.status
+            while chunk := r.read1(1 << 16):
+                n += len(chunk)
+                if n > 44 and out["first_audio_s"] is None:
+                    out["first_audio_s"] = round(time.perf_counter() - sent, 3)
+    except urllib.error.HTTPError as e:
+        out["status"] = e.code
+    except (urllib.error.URLError, OSError):
+        out["status"] = "conn"
+    out |= {"bytes": n, "total_s": round(time.perf_counter() - sent, 3)}
+    box["stream"] = out
+
+
+def kill_replica(address: str, after: float, t0: float, box: dict[str, Any]) -> None:
     """At `after` s: ray.kill one replica actor of the magnet app (Serve's controller then starts a new one)."""
     from magnet_engine.serve.cli import ray_environment
 
@@ -152,7 +181,7 @@ def sample(url: str, stop: threading.Event, out: list[dict[str, Any]], t0: float
 
 
 def summarize(args: argparse.Namespace, shots: list[Shot], killed_at: float | None,
-              samples: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+              samples: Sequence[dict[str, Any]] = (), stream: dict[str, Any] | None = None) -> dict[str, Any]:
     from magnet_engine.bench.common import cpu_model, git_sha, percentile
 
     ok = [s for s in shots if s.status == 200]
@@ -168,7 +197,7 @@ def summarize(args: argparse.Namespace, shots: list[Shot], killed_at: float | No
         "requests": len(shots), "statuses": dict(sorted(statuses.items())),
         "throughput_rps": round(len(ok) / args.seconds, 3) if args.seconds else None,
         "audio_s_per_s": round(len(ok) * args.duration / args.seconds, 3) if args.seconds else None,
-        "latency_s": {f"p{q}": round(percentile(lat, q), 3) for q in (50, 90, 99)} if lat else None,
+        "latency_s": {f"p{q}": round(percentile(lat, q), 3) for q in (50, 90, 95, 99)} if lat else None,
         "latency_all_s": {f"p{q}": round(percentile([s.latency for s in shots], q), 3) for q in (50, 99)}
         if shots else None,
         "per_second": dict(per_second), "label": args.label, "cpu": cpu_model(), "git": git_sha(),
@@ -184,6 +213,9 @@ def summarize(args: argparse.Namespace, shots: list[Shot], killed_at: float | No
         after = [s for s in ok if s.sent >= killed_at]
         row["recovery_s"] = round(min(s.sent + s.latency for s in after) - killed_at, 2) if after else None
         row["failed_after_kill"] = sum(1 for s in shots if s.status != 200 and s.sent + s.latency >= killed_at)
+    if stream is not None:  # did the stream run beside the whole load, or end before the last request was sent
+        last = max((s.sent for s in shots), default=0.0)
+        row["beside_stream"] = stream | {"covered_load": stream["sent_s"] + stream["total_s"] >= last}
     if args.raw:
         row["shots"] = [asdict(s) for s in shots]
     return row
@@ -192,10 +224,15 @@ def summarize(args: argparse.Namespace, shots: list[Shot], killed_at: float | No
 def table(row: dict[str, Any]) -> str:
     lat = row["latency_s"] or {}
     load = f"{row['rate']} req/s open" if row["mode"] == "open" else f"{row['concurrency']} clients closed"
-    lines = ["| load | requests | by status | throughput (req/s) | latency p50 / p90 / p99 (s) |",
+    lines = ["| load | requests | by status | throughput (req/s) | latency p50 / p95 / p99 (s) |",
              "|---|---|---|---|---|",
              f"| {load} | {row['requests']} | {', '.join(f'{k}: {v}' for k, v in row['statuses'].items())} | "
-             f"{row['throughput_rps']} | {lat.get('p50')} / {lat.get('p90')} / {lat.get('p99')} |"]
+             f"{row['throughput_rps']} | {lat.get('p50')} / {lat.get('p95')} / {lat.get('p99')} |"]
+    if "beside_stream" in row:
+        st = row["beside_stream"]
+        lines.append(f"\nbeside it: a {st['duration_s']} s stream, status {st['status']}, first audio after "
+                     f"{st['first_audio_s']} s, done after {st['total_s']} s (ran beside all the load: "
+                     f"{st['covered_load']})")
     if "recovery_s" in row:
         lines.append(f"\nreplica killed at {row['killed_at_s']} s: recovered in {row['recovery_s']} s, "
                      f"{row['failed_after_kill']} requests failed after the kill")
@@ -242,8 +279,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--trace-seed", type=int, default=0)
     ap.add_argument("--kill-at", type=float, default=None, help="kill a replica this many seconds in")
     ap.add_argument("--ray-address", default="auto", help="the cluster of the service, for --kill-at")
+    ap.add_argument("--beside-stream", type=float, default=None, metavar="SECONDS",
+                    help="also send one streamed request of this many seconds of audio at the start")
     ap.add_argument("--label", default="")
-    ap.add_argument("--out", type=Path, default=None, help="append the JSON line here")
+    ap.add_argument(*SPELLING["output"], dest="out", type=Path, default=None, help="append the JSON line here")
     ap.add_argument("--plot", type=Path, default=None, help="write a PNG here")
     ap.add_argument("--raw", action="store_true", help="keep every request in the JSON line")
     args = ap.parse_args(argv)
@@ -251,6 +290,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         ap.error(f"--url must be on loopback ({', '.join(LOOPBACK)}), got {args.url}")
     if (args.rate is not None and not args.rate > 0) or (args.concurrency is not None and args.concurrency < 1):
         ap.error("--rate must be > 0 and --concurrency >= 1")
+    if args.beside_stream is not None and not args.beside_stream > 0:
+        ap.error(f"--beside-stream takes seconds of audio > 0, got {args.beside_stream}")
     args.url = args.url.rstrip("/")
     return args
 
@@ -259,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     key = args.api_key_file.read_text().strip() if args.api_key_file else None
     t0 = time.perf_counter()
-    box: dict[str, float] = {}
+    box: dict[str, Any] = {}
     killer = None
     if args.kill_at is not None:
         killer = threading.Thread(target=kill_replica, args=(args.ray_address, args.kill_at, t0, box), daemon=True)
@@ -268,6 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     sampler = threading.Thread(target=sample, args=(args.url, stop, samples, t0), daemon=True)
     sampler.start()
+    streamer = None
+    if args.beside_stream is not None:
+        streamer = threading.Thread(target=stream_beside, args=(args, key, t0, box), daemon=True)
+        streamer.start()
     try:
         shots = open_loop(args, key, t0) if args.rate else closed_loop(args, key, t0)
     finally:
@@ -275,7 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampler.join(timeout=5)
     if killer is not None:
         killer.join(timeout=5)
-    row = summarize(args, shots, box.get("killed_at"), samples)
+    if streamer is not None:
+        streamer.join(timeout=args.drain)
+    row = summarize(args, shots, box.get("killed_at"), samples, box.get("stream"))
     line = json.dumps(row)
     print(line, flush=True)
     if args.out is not None:

@@ -74,6 +74,18 @@ CLI_NAMES: dict[str, str] = {
 }
 
 
+# One spelling per option across `magnet generate / export / serve` and `python -m magnet_engine.bench ...`: a
+# command with such an option declares it as `add_argument(*SPELLING[name], ...)` (tests/test_cli.py reads every
+# --help). `--output` stays an alias of `-o/--out` for the command lines written before.
+SPELLING: dict[str, tuple[str, ...]] = {
+    "output": ("-o", "--out", "--output"),
+    "model": ("--model",),
+    "seed": ("--seed",),
+    "device": ("--device",),
+    "dtype": ("--dtype",),
+}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse prints usage + message by default)
         self.exit(2, f"magnet: error: {message} (see --help)\n")
@@ -107,13 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(prog="magnet generate", description="Text to music/sound with MAGNeT (or a MusicGen baseline).")
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="text prompts; several -> DIR/0.wav, 1.wav, ...")
-    p.add_argument("-o", "--output", type=Path, help=f"FILE for one prompt ({', '.join(FORMATS)}: the extension "
-                   "picks the format), or a folder (default out.wav / out/)")
-    p.add_argument("--model", help="default (the shipped model, offline), default-ar, a model folder, an LM package "
-                   "file, an ONNX export folder (magnet export) or a Hugging Face id (facebook/magnet-small-10secs)")
+    p.add_argument(*SPELLING["output"], dest="output", type=Path,
+                   help=f"FILE for one prompt ({', '.join(FORMATS)}: the extension picks the format), or a folder "
+                   "(default out.wav / out/)")
+    p.add_argument(*SPELLING["model"], help="default (the shipped model, offline), default-ar, a model folder, an LM "
+                   "package file, an ONNX export folder (magnet export) or a Hugging Face id "
+                   "(facebook/magnet-small-10secs)")
     p.add_argument("--text-encoder", help="local folder of the text encoder (default: from the checkpoint)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="transformer dtype")
+    p.add_argument(*SPELLING["device"], help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument(*SPELLING["dtype"], choices=("float32", "float16", "bfloat16"), help="transformer dtype")
     p.add_argument("--backend", choices=backend_names(),
                    help="default: onnx for an ONNX export folder, else torch; triton = torch with Triton kernels")
     p.add_argument("--deterministic", action="store_true",

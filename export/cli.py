@@ -1,4 +1,4 @@
-"""`magnet export --model DIR|ID [--text-encoder DIR] --out DIR [--dtype float32|float16] [--quantize int8]
+"""`magnet export --model DIR|ID [--text-encoder DIR] -o/--out DIR [--dtype float32|float16] [--quantize int8]
 [--opset N] [--conformance]`.
 
 Exit codes: 0 done, 1 the export or a check failed, 2 bad usage. Errors are one line on stderr, never a traceback;
@@ -10,6 +10,8 @@ import argparse
 import re
 import sys
 from collections.abc import Sequence
+
+from magnet_engine.engine.cli import SPELLING
 
 PROG = "magnet export"
 
@@ -26,12 +28,13 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Export a MAGNeT model to ONNX graphs (text encoder, cross k/v, one "
                 "decoding step, codec) for the onnxruntime backend. Each graph is checked against PyTorch.")
-    p.add_argument("--model", required=True, help="model folder (state_dict.bin + compression_state_dict.bin), "
-                   "LM package file, or Hugging Face id (facebook/magnet-small-10secs)")
+    p.add_argument(*SPELLING["model"], required=True, help="model folder (state_dict.bin + "
+                   "compression_state_dict.bin), LM package file, or Hugging Face id (facebook/magnet-small-10secs)")
     p.add_argument("--text-encoder", default=None, help="text encoder folder or id (default: a t5/ folder beside "
                    "the checkpoint, else the one the checkpoint names)")
-    p.add_argument("--out", required=True, help="output folder (created; an existing export there is replaced)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+    p.add_argument(*SPELLING["output"], dest="out", required=True,
+                   help="output folder (created; an existing export there is replaced)")
+    p.add_argument(*SPELLING["dtype"], default="float32", choices=["float32", "float16"],
                    help="transformer layer precision (text encoder and codec stay float32); default float32. "
                    "float16 is for onnxruntime's CUDA execution provider (on CPU it is slower than float32)")
     p.add_argument("--quantize", default=None, choices=["int8"],

@@ -11,6 +11,7 @@ Shapes: B prompts, K codebooks, T frames, L text tokens, V vocabulary, C span ch
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,10 +121,10 @@ class Client:
             for i, (n_mask, coef, temp) in enumerate(self.plan(stage, n_steps, n_gen, cfg, temperature, anneal)):
                 if chunked:
                     chunks = np.zeros(scores.shape, dtype=bool)
-                    np.put_along_axis(chunks, np.argsort(-scores, axis=1, kind="stable")[:, :n_mask], True, axis=1)
+                    np.put_along_axis(chunks, self.rank(scores)[:, :n_mask], True, axis=1)
                     remask = np.repeat(chunks, span, axis=1)
                 else:
-                    remask = least_probable_spans(scores, n_mask, span)
+                    remask = least_probable_spans(scores, n_mask, span, self.rank)
                 units = chunks if chunked else remask
                 row[remask] = mask_id
                 if prompt_codes is not None:
@@ -133,7 +134,7 @@ class Client:
                 feeds["stage"] = np.array(stage, dtype=np.int64)
                 logits = self.sessions["lm_step"].run(["logits"], feeds)[0]  # [N, T, V]
                 cond, uncond = (logits[:b], logits[b:]) if guided else (logits, logits)
-                g = uncond + (cond - uncond) * np.float32(coef)
+                g = self.guidance(cond, uncond, coef)
                 z = g / np.float32(temp)
                 e = np.exp(z - z.max(-1, keepdims=True))
                 probs = e / e.sum(-1, keepdims=True)
@@ -154,6 +155,18 @@ class Client:
                                   "scores": scores.tolist(), "logits": probes(logits)})
         return codes
 
+    @staticmethod
+    def guidance(cond: np.ndarray, uncond: np.ndarray, coef: float) -> np.ndarray:
+        """manifest decoding.guidance: the step's cfg (float64 in the schedule) rounded to float32, float32
+        arithmetic. cond, uncond [B, T, V] float32 -> [B, T, V] float32."""
+        return uncond + (cond - uncond) * np.float32(coef)
+
+    @staticmethod
+    def rank(scores: np.ndarray) -> np.ndarray:
+        """manifest spans.ties: [B, C] -> [B, C] indices by descending score, lower index first among exactly
+        equal scores (a stable sort)."""
+        return np.argsort(-scores, axis=-1, kind="stable")
+
     def decode(self, codes: np.ndarray) -> np.ndarray:
         return self.sessions["codec_decode"].run(["audio"], {"codes": codes})[0]
 
@@ -170,7 +183,8 @@ def probes(logits: np.ndarray) -> list[list[float]]:
     return out
 
 
-def least_probable_spans(scores: np.ndarray, n_target: int, span: int) -> np.ndarray:
+def least_probable_spans(scores: np.ndarray, n_target: int, span: int,
+                         rank: Callable[[np.ndarray], np.ndarray] = Client.rank) -> np.ndarray:
     """stride1, as the manifest's spans.stride1 states it. scores [B, T] -> [B, T] bool."""
     b, t = scores.shape
     w = t - span + 1
@@ -178,7 +192,7 @@ def least_probable_spans(scores: np.ndarray, n_target: int, span: int) -> np.nda
     out = np.zeros((b, t), dtype=bool)
     m = max(n_target, span)
     for j in range(b):
-        order = np.argsort(-windows[j], kind="stable")
+        order = rank(windows[j:j + 1])[0]
 
         def cover(u: int, order: np.ndarray = order) -> np.ndarray:
             mask = np.zeros(t, dtype=bool)

@@ -5,6 +5,7 @@ Written by the exporter (export.onnx_export) and again by the quantizer (export.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class ExportCheckError(ValueError):
@@ -41,4 +42,20 @@ def stamp(path: Path, meta: dict[str, int], graph: str) -> None:
                                "rewrote the guard. Report this with the versions of torch, onnx and onnxscript")
     for node in guards:
         node.name = guard_node(graph)
+    if graph == "text_encoder":
+        _own_mask_dims(model.graph)
     onnx.save(model, str(path))  # external data (past 2 GB) stays where it is: only the graph proto is rewritten
+
+
+MASK_DIMS = ("mask_batch", "mask_text_len")
+
+
+def _own_mask_dims(graph: Any) -> None:
+    """The exporter gives attention_mask the ids' symbolic dims (batch, text_len) and records the shapes of what it
+    computes in value_info; onnxruntime plans its buffers on those names, so a mask of another shape failed inside
+    a ReduceSum (a buffer of the wrong size) before the guard could compare the two. The mask gets dims of its own
+    and the recorded intermediate shapes go (onnxruntime infers them again from the inputs)."""
+    mask = next(i for i in graph.input if i.name == "attention_mask")
+    for dim, name in zip(mask.type.tensor_type.shape.dim, MASK_DIMS):
+        dim.dim_param = name
+    del graph.value_info[:]

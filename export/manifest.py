@@ -4,7 +4,7 @@ Pure Python (json, hashlib): imported by both the exporter and the onnxruntime b
 
     EXPORT_DIR/
         manifest.json        what is there, how it was made, how well it matched PyTorch, the model's decoding defaults
-        text_encoder.onnx    input_ids, attention_mask [B, L] int64 -> text_embeds [B, L, dim] fp32
+        text_encoder.onnx    input_ids, attention_mask [1, L] int64 -> text_embeds [1, L, dim] fp32
         cross_kv.onnx        text_embeds [B, L, dim] -> cross_k_i, cross_v_i [B, H, L, D] per layer i
         lm_step.onnx         codes [N, K, T] int64, stage [] int64, cross_k_i/cross_v_i -> logits [N, T, V] fp32;
                              N = 2B ([cond; uncond], rows past B unconditional) or B (guidance 1: no uncond)

@@ -4,7 +4,10 @@ magnet_engine.commands; `python -m magnet_engine.serve` runs the same).
 Without --address it starts a local Ray head pinned to 127.0.0.1 (`ray start --head --block`: no dashboard, no usage
 statistics) in a session of its own, and stops it on exit; with --address it deploys onto that cluster and removes
 only its own application on exit. SIGINT / SIGTERM: Serve stops routing, each replica finishes (or times out) what it
-holds, then Serve and the Ray it started shut down, and the process exits 0.
+holds, then Serve and the Ray it started shut down, and the process exits 0. The handlers are installed before
+anything starts: a signal during start-up stops what had started and exits 0 saying start-up was cut short. The
+local Ray head cannot outlive this process, even SIGKILLed: a watchdog (serve/watchdog.py) kills the head's session
+when this process dies without having stopped it, and the head gets a parent-death signal too (Linux).
 
 Ray's processes run in their own session so that a supervisor's SIGTERM to this process group (a terminal's Ctrl-C,
 `kill -TERM -PGID`) reaches only this process, which drains and then stops Ray; otherwise the raylet and the
@@ -14,6 +17,8 @@ process, SIGKILL to what is left after it exits): the default control-group mode
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -22,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, NoReturn
@@ -32,6 +37,12 @@ from magnet_engine.engine.config import SettingError
 from .config import LaunchConfig, ServiceConfig, key_digest
 
 LOOPBACK = "127.0.0.1"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StartupCancelled(BaseException):
+    """Raised by `magnet serve`'s signal handler while the service starts: what start() began is stopped again.
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -146,6 +157,7 @@ class LocalHead:
 
     process: subprocess.Popen
     address: str  # GCS host:port
+    watchdog: subprocess.Popen | None = None  # kills the head's session if this process dies first
 
     @classmethod
     def start(cls, launch: LaunchConfig, timeout_s: float = 120.0) -> LocalHead:
@@ -160,19 +172,31 @@ class LocalHead:
         if launch.metrics_port is not None:
             cmd.append(f"--metrics-export-port={launch.metrics_port}")
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=die_with_parent())
         head = cls(proc, f"{LOOPBACK}:{port}")
+        try:
+            head.watchdog = subprocess.Popen([sys.executable, "-I", str(Path(__file__).with_name("watchdog.py")),
+                                              str(proc.pid)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                             start_new_session=True)
+            head._wait_up(port, timeout_s)
+        except BaseException:  # a timeout, a failed start or a signal (StartupCancelled): stop what runs
+            head.stop()
+            raise
+        return head
+
+    def _wait_up(self, port: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while True:  # the GCS answers once the head is up
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace").strip().splitlines() if proc.stderr else []
-                raise RuntimeError(f"`ray start` exited with status {proc.returncode}: {err[-1] if err else ''}")
+            if self.process.poll() is not None:
+                stderr = self.process.stderr
+                err = stderr.read().decode(errors="replace").strip().splitlines() if stderr else []
+                raise RuntimeError(f"`ray start` exited with status {self.process.returncode}: "
+                                   f"{err[-1] if err else ''}")
             try:
                 socket.create_connection((LOOPBACK, port), timeout=1).close()
-                return head
+                return
             except OSError:
                 if time.monotonic() > deadline:
-                    head.stop()
                     raise RuntimeError(f"the local Ray head did not start within {timeout_s:.0f} s") from None
                 time.sleep(0.2)
 
@@ -187,6 +211,49 @@ class LocalHead:
                 self.process.wait()
         if self.process.stderr is not None:
             self.process.stderr.close()
+        if self.watchdog is not None and self.watchdog.stdin is not None:
+            self.watchdog.stdin.write(b"stopped")  # a word before the end of file: nothing to kill
+            self.watchdog.stdin.close()
+            self.watchdog.wait(timeout_s)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A Popen preexec_fn: the child gets `sig` when this process dies, however it dies (SIGKILL included); for
+    `ray start --block`, SIGTERM makes it stop every Ray process it started. Linux only (None elsewhere).
+    prctl is looked up here, before the fork: the child only calls it. The signal is tied to the thread that forks,
+    so call Popen from a thread that lives as long as the process (the main thread)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0 or os.getppid() != parent:
+            os._exit(1)  # no parent-death signal, or the parent died before it was set: do not start at all
+
+    return preexec
+
+
+@contextlib.contextmanager
+def handlers_kept() -> Iterator[None]:
+    """ray.init installs a SIGTERM handler of its own (sys.exit from whatever runs; the process then dies by its
+    core worker's SIGABRT). Around it: SIGINT/SIGTERM held blocked (the threads it starts inherit the mask, so they
+    never take them), the caller's handlers put back, then whatever arrived meanwhile delivered to those."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:  # None: installed from C, not restorable (not ours)
+                signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def ray_environment() -> None:
@@ -205,7 +272,8 @@ def ray_environment() -> None:
 def start(service: ServiceConfig, launch: LaunchConfig, app_name: str | None = None,
           route_prefix: str = "/") -> Running:
     """Start (or join) Ray and Serve and deploy the application; returns once every replica is ready. On a failure
-    what it started is stopped again."""
+    (or a BaseException such as StartupCancelled from a signal handler) what it started is stopped again. The
+    caller's SIGINT/SIGTERM handlers are kept (handlers_kept)."""
     ray_environment()
     import ray
     from ray import serve
@@ -216,13 +284,18 @@ def start(service: ServiceConfig, launch: LaunchConfig, app_name: str | None = N
     owns, head = False, None
     if not ray.is_initialized():
         if launch.address is not None:
-            ray.init(address=launch.address, log_to_driver=False)
+            with handlers_kept():
+                ray.init(address=launch.address, log_to_driver=False)
         else:  # Ray's own ports on loopback: the node's address is what its services bind
             head = LocalHead.start(launch)
             try:
-                ray.init(address=head.address, log_to_driver=False)
+                with handlers_kept():
+                    ray.init(address=head.address, log_to_driver=False)
             except BaseException:
-                head.stop()
+                try:
+                    ray.shutdown()
+                finally:
+                    head.stop()
                 raise
             owns = True
     running = Running(_url(launch.host, launch.port, route_prefix), app_name or APP_NAME, owns, head)
@@ -233,7 +306,12 @@ def start(service: ServiceConfig, launch: LaunchConfig, app_name: str | None = N
         _check_serving(running.url)
     except BaseException as e:
         why = _deploy_failure(running.app_name) if isinstance(e, Exception) else None
-        running.stop()
+        try:
+            running.stop()
+        except Exception as stop_error:  # noqa: BLE001 - the start's own error (or the signal) is what to report
+            if isinstance(e, Exception):
+                raise
+            print(f"magnet serve: while stopping: {stop_error}", file=sys.stderr, flush=True)
         if why:  # the replica's own error (a missing model, ...), not Serve's "failed to update the deployments"
             raise RuntimeError(why) from e
         raise
@@ -287,26 +365,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as e:  # argparse: --help or a usage error it printed
         return e.code if isinstance(e.code, int) else 2
-    ray_environment()
-    try:
-        import ray  # noqa: F401 - the optional dependency, checked before anything starts
-    except ImportError:
-        print('magnet serve: error: Ray Serve is not installed; pip install -e ".[serve]"', file=sys.stderr)
-        return 1
     stop = threading.Event()
+    starting = True
 
-    def on_signal(*_: Any) -> None:
+    def on_signal(signum: int, _frame: Any) -> None:
+        first = not stop.is_set()
         stop.set()
+        if first and starting:  # interrupt start-up once; start() stops what it began (later signals: no-op)
+            raise StartupCancelled(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGINT, on_signal)  # Ctrl-C during start-up: stop once started
-    try:
-        running = start(service, launch)
-    except Exception as e:  # noqa: BLE001 - a failed start (model, port, cluster): one line, start() cleaned up
-        print(f"magnet serve: error: could not start: {str(e).strip().splitlines()[-1] if str(e) else e!r}",
-              file=sys.stderr)
-        return 1
-    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, whose core worker installs its own handlers
+    for sig in STOP_SIGNALS:  # before anything starts (Ray's import included)
         signal.signal(sig, on_signal)
+    running: Running | None = None
+    try:
+        ray_environment()
+        try:
+            import ray  # noqa: F401 - the optional dependency, checked before anything starts
+        except ImportError:
+            print('magnet serve: error: Ray Serve is not installed; pip install -e ".[serve]"', file=sys.stderr)
+            return 1
+        try:
+            running = start(service, launch)
+        except Exception as e:  # noqa: BLE001 - a failed start (model, port, cluster): one line, start() cleaned up
+            print(f"magnet serve: error: could not start: {str(e).strip().splitlines()[-1] if str(e) else e!r}",
+                  file=sys.stderr)
+            return 1
+        starting = False
+    except StartupCancelled as e:
+        if running is not None:  # the signal came just after start() returned
+            running.stop()
+        print(f"magnet serve: start-up cut short by {e}; stopped what had started", file=sys.stderr, flush=True)
+        return 0
     if not stop.is_set():
         print(f"magnet serve: ready at {running.url} (POST /v1/generate, GET /v1/health, /docs)", flush=True)
         print(f"magnet serve: Prometheus metrics at {metrics_url()}", flush=True)

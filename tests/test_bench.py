@@ -158,3 +158,57 @@ def test_kernels_invariant_matmul_dry_run(tmp_path: Path) -> None:
         parts = [r for r in rows[:-2] if r["baseline"] == pass_row["baseline"]]
         want = sum(r["torch_ms"] * (1 if r["op"] == "linear-head" else layers) for r in parts)
         assert pass_row["torch_ms"] == pytest.approx(want) and pass_row["kernel_ms"] > 0
+
+
+def test_bench_serve_reports_p95_beside_a_stream(capsys):
+    """`bench serve --beside-stream S` against a stand-in service (no Ray): one streamed request sent at the start
+    and read as it comes (time to first audio, to the end) beside the load, whose p95 is reported."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from magnet_engine.bench.serve import main
+
+    streamed: list[dict] = []
+
+    class Service(BaseHTTPRequestHandler):  # HTTP/1.0: a body without a length ends when the connection closes
+        def log_message(self, *_: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = json.dumps({"status": "ok", "waiting": 0, "decoding": 0}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:  # noqa: N802
+            job = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            if job.get("stream"):
+                streamed.append(job)
+                self.end_headers()
+                self.wfile.write(b"R" * 44)  # the WAV header first, then a window at a time
+                for _ in range(4):
+                    time.sleep(0.3)
+                    self.wfile.write(b"\0" * 1000)
+                    self.wfile.flush()
+            else:
+                time.sleep(0.05)
+                self.send_header("Content-Length", "100")
+                self.end_headers()
+                self.wfile.write(b"\0" * 100)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Service)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert main(["--url", url, "--rate", "10", "--seconds", "1", "--beside-stream", "30", "--drain", "10"]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["statuses"] == {"200": row["requests"]} and row["latency_s"]["p95"] >= row["latency_s"]["p50"] > 0
+    stream = row["beside_stream"]
+    assert [j["duration"] for j in streamed] == [30.0] and stream["status"] == 200 and stream["bytes"] == 4044
+    assert stream["sent_s"] < 0.5 and 0.2 < stream["first_audio_s"] < stream["total_s"] and stream["covered_load"]

@@ -174,3 +174,62 @@ def test_unconditional_cli(fixture_dir, tmp_path):
                str(tmp_path / "u"), "--greedy", "--steps", "2,1,1,1", "--tokens-out", str(tokens), "--quiet"])
     assert rc == 0 and np.load(tokens).shape == (2, 4, 48)
     assert torch.equal(torch.from_numpy(np.load(tokens)[0]), torch.from_numpy(np.load(tokens)[1]))
+
+
+# Spellings other tools use for the options in SPELLING: none may appear, so a user's habit fails loudly everywhere
+# or works everywhere.
+VARIANTS = {"output": {"--outdir", "--out-dir", "--output-dir", "--out-file", "--output-file"},
+            "model": {"-m", "--model-dir", "--model-path", "--checkpoint"},
+            "seed": {"-s", "--random-seed", "--rng-seed"},
+            "device": {"-d", "--dev"},
+            "dtype": {"--precision", "--torch-dtype"}}
+
+
+def _help_options(text: str) -> list[tuple[str, ...]]:
+    """The option strings of each option argparse lists in a --help (`  -o OUT, --out OUT  help` -> ('-o', '--out'))."""
+    import re
+
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"^  (-[^ ].*?)(?:  |$)", line)
+        if m:
+            out.append(tuple(part.split()[0] for part in m.group(1).split(", ")))
+    return out
+
+
+def _every_help(capsys) -> dict[str, str]:
+    """`magnet <command> --help` for every command (plug-ins included) and every bench subcommand's --help."""
+    from magnet_engine.bench.__main__ import SUBCOMMANDS
+    from magnet_engine.bench.__main__ import main as bench
+    from magnet_engine.engine import cli
+
+    helps = {}
+    commands = ["generate", "export", *cli._plugin_commands()]
+    for name, run in [(f"magnet {c}", lambda c=c: cli.main([c, "--help"])) for c in commands] + \
+            [(f"bench {b}", lambda b=b: bench([b, "--help"])) for b in SUBCOMMANDS]:
+        try:
+            code = run()
+        except SystemExit as e:
+            code = e.code
+        assert code in (0, None), name
+        helps[name] = capsys.readouterr().out
+    return helps
+
+
+def test_one_flag_vocabulary_over_every_help(capsys):
+    """Wherever a subcommand has an output file/folder, a model, a seed, a device or a dtype, it is spelled as
+    engine.cli.SPELLING says (`-o/--out` for `magnet export` as for `magnet generate`), and no other tool's variant
+    of those spellings appears."""
+    from magnet_engine.engine.cli import SPELLING
+
+    helps = _every_help(capsys)
+    assert {"magnet generate", "magnet export", "magnet serve", "bench load"} <= set(helps)
+    wrong = []
+    for name, text in helps.items():
+        options = _help_options(text)
+        assert options, name  # the help rendered and was parsed
+        for opts in options:
+            for concept, spelled in SPELLING.items():
+                if set(opts) & (set(spelled) | VARIANTS[concept]) and opts != spelled:
+                    wrong.append((name, opts, spelled))
+    assert wrong == []

@@ -94,9 +94,10 @@ def test_text_encoder_graph_matches_reference_embeddings(exported: tuple[Path, d
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(exported[0] / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
-    got = sess.run(["text_embeds"], {"input_ids": expected["cond_tokens"][:2],
-                                     "attention_mask": expected["cond_mask"][:2]})[0]
-    np.testing.assert_allclose(got, expected["cond_embeds"][:2], atol=1e-4, rtol=0)
+    for b in range(2):  # one prompt per run (the graph refuses a batch), at the reference batch's padded length
+        got = sess.run(["text_embeds"], {"input_ids": expected["cond_tokens"][b:b + 1],
+                                         "attention_mask": expected["cond_mask"][b:b + 1]})[0]
+        np.testing.assert_allclose(got, expected["cond_embeds"][b:b + 1], atol=1e-4, rtol=0)
 
 
 def test_failed_check_refuses_the_export(fixture_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -521,6 +522,18 @@ def test_node_client_draws_inside_the_top_k(exported: tuple[Path, dict], tmp_pat
     assert sum(codes[key] != kept[0] for key, kept in last.items()) > codes.size // 10, "drawn, not the argmax"
 
 
+@pytest.mark.parametrize("flag", ["-o", "--out"])
+def test_node_client_one_prompt_into_a_folder(exported: tuple[Path, dict], tmp_path: Path, flag: str) -> None:
+    """-o DIR (a name without .wav) with one prompt: the folder is created and holds 0.wav, as with several."""
+    import soundfile as sf
+
+    done = _node(["--model", str(exported[0]), "--quiet", "--greedy", "--steps", "2,1,1,1", "slow sad piano",
+                  flag, str(tmp_path / "wav")], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "wav").iterdir()) == ["0.wav"]
+    assert sf.info(tmp_path / "wav" / "0.wav").samplerate == 32000
+
+
 def test_node_client_refusals(exported: tuple[Path, dict], tmp_path: Path) -> None:
     for flags, match in [(["--duration", "4000"], "--duration must be in (0, 3600]"),
                          (["--duration", "5", "--context", "1"], "--context 1s must be at least one frame"),
@@ -631,6 +644,9 @@ def _bad_inputs(exported: tuple[Path, dict]) -> dict[str, tuple[str, dict]]:
         "text_0_tokens": ("text_encoder", {"input_ids": ids[:, :0], "attention_mask": ids[:, :0]}),
         "text_batch_mismatch": ("text_encoder", {"input_ids": np.ones((2, 4), dtype=np.int64),
                                                  "attention_mask": ids}),
+        "text_mask_rows": ("text_encoder", {"input_ids": ids, "attention_mask": np.ones((2, 4), dtype=np.int64)}),
+        "text_batch_2": ("text_encoder", {"input_ids": np.ones((2, 4), dtype=np.int64),
+                                          "attention_mask": np.ones((2, 4), dtype=np.int64)}),
         "text_5000_tokens": ("text_encoder", {"input_ids": np.ones((1, 5000), dtype=np.int64),
                                               "attention_mask": np.ones((1, 5000), dtype=np.int64)}),
     }
@@ -648,6 +664,8 @@ REFUSALS = {
     "kv_layer_rows": r"cross_k_1 .*1.*(rows for 2 prompts|one (cross_kv|crossKV) run)",
     "text_0_tokens": r"a prompt of 0 tokens; the text encoder takes 1 to 512",
     "text_batch_mismatch": r"input_ids \[2, ?4\] and attention_mask \[1, ?4\] differ in shape",
+    "text_mask_rows": r"input_ids \[1, ?4\] and attention_mask \[2, ?4\] differ in shape",
+    "text_batch_2": r"text_encoder takes one prompt per run \(\[1, l\]\), got (2 rows|\[2,4\])",
     "text_5000_tokens": r"a prompt of 5000 tokens; the text encoder takes 1 to 512: shorten it",
 }
 
@@ -729,7 +747,7 @@ def test_conformance_vectors_are_the_fixtures(exported: tuple[Path, dict], expec
     vectors = exported[0] / conformance.FOLDER
     index = json.loads((vectors / "index.json").read_text())
     assert index["cases"] == ["nonoverlap_max", "nonoverlap_prod", "stride1", "unguided", "continuation",
-                              "long_piece"]
+                              "long_piece", "cfg_float32", "ties"]
     cases = {n: json.loads((vectors / f"{n}.json").read_text()) for n in index["cases"]}
     assert cases["nonoverlap_max"]["prompts"] == settings["prompts"]
     for name, run in (("nonoverlap_max", "gen_nonoverlap_max"), ("nonoverlap_prod", "gen_nonoverlap_prod"),
@@ -753,6 +771,30 @@ def test_conformance_python_runner(exported: tuple[Path, dict], tmp_path: Path) 
     (broken / "stride1.json").write_text(json.dumps(case))
     errors = conformance.check(broken, lambda case: conformance.reference_run(client, case))
     assert errors == ["stride1: step 2 (window 0, stage 0, step 2): span scores differ beyond tolerance"]
+
+
+# A client that skips one rule, written here apart from conformance.BROKEN (the writer's own): the reference
+# client with one line changed. guidance: the step's cfg kept in float64; rank: equal scores, higher index first.
+SKIPS = {"decoding.guidance": ("guidance", lambda cond, uncond, coef: uncond + (cond - uncond) * np.float64(coef)),
+         "spans.ties": ("rank", lambda scores: np.lexsort(
+             (-np.broadcast_to(np.arange(scores.shape[-1]), scores.shape), -scores), axis=-1))}
+
+
+@pytest.mark.parametrize("rule", sorted(SKIPS))
+def test_conformance_vectors_catch_a_client_skipping_a_rule(exported: tuple[Path, dict], rule: str) -> None:
+    """Every case names the rules it guards; for each rule with a mutant here, the cases guarding it fail that
+    client through its codes (not only its trace), and the other cases are no proof of it."""
+    vectors = exported[0] / conformance.FOLDER
+    index = json.loads((vectors / "index.json").read_text())
+    cases = {n: json.loads((vectors / f"{n}.json").read_text()) for n in index["cases"]}
+    assert all(c["guards"] for c in cases.values()) and index["unguarded"] == []
+    guarding = [n for n, c in cases.items() if rule in c["guards"]]
+    assert guarding
+    client = Client(exported[0])
+    name, method = SKIPS[rule]
+    setattr(client, name, method)
+    errors = conformance.check(vectors, lambda case: conformance.reference_run(client, case))
+    assert [n for n in guarding if f"{n}: codes differ" not in errors] == [], errors
 
 
 def test_conformance_node_runner(exported: tuple[Path, dict], tmp_path: Path) -> None:

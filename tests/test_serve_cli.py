@@ -208,3 +208,65 @@ def test_magnet_help_imports_neither_serve_nor_ray():
             "            m.startswith('magnet_engine.serve')], 'imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _family(root: int) -> set[int]:
+    """root's process tree and every process in the sessions of its members (Ray's head runs in a session of its
+    own; a process reparented to init stays in its session): what a stop must leave nothing of, by pid."""
+    tree = _tree(root)
+    sessions: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            sessions[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[3])
+        except (OSError, ValueError):
+            continue
+    theirs = {sessions[p] for p in tree if p in sessions} - {os.getsid(0)}
+    return tree | {p for p, sid in sessions.items() if sid in theirs}
+
+
+def _serve(fixture_dir: Path, tmp_path: Path, port: int) -> subprocess.Popen:
+    """`magnet serve` in a session of its own, as a supervisor starts it; logs in tmp_path/{out,err}.log."""
+    with (tmp_path / "out.log").open("w") as out, (tmp_path / "err.log").open("w") as err:
+        return subprocess.Popen([sys.executable, "-m", "magnet_engine.serve", "--model", str(fixture_dir),
+                                 "--device", "cpu", "--port", str(port), "--timeout", "30"],
+                                stdout=out, stderr=err, cwd=REPO, start_new_session=True)
+
+
+def _answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["process", "group", "sigkill"])
+def test_stopped_during_start_up_leaves_nothing_running(fixture_dir, tmp_path, how):
+    """SIGTERM as soon as /v1/health answers, before `ready` is printed (a supervisor's restart, a readiness probe
+    that gives up), to the process or its group: exit 0 saying start-up was cut short. SIGKILL: the Ray head gets
+    its parent-death signal. Either way nothing of what it started is left running. Ray binds loopback only."""
+    port = free_port()
+    proc = _serve(fixture_dir, tmp_path, port)
+    try:
+        deadline = time.monotonic() + 150
+        while not _answers(port):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err.log").read_text()[-3000:]
+            time.sleep(0.02)
+        started = _family(proc.pid)
+        (os.killpg if how == "group" else os.kill)(proc.pid, signal.SIGKILL if how == "sigkill" else signal.SIGTERM)
+        ready = "ready at" in (tmp_path / "out.log").read_text()
+        assert len(started) > 3  # Ray's own processes: gcs_server, raylet, workers
+        sockets = _listening(started)
+        assert sockets and all(_loopback(addr) for addr, _ in sockets), sockets
+        assert proc.wait(timeout=90) == (-signal.SIGKILL if how == "sigkill" else 0), \
+            (tmp_path / "err.log").read_text()[-3000:]
+        err = (tmp_path / "err.log").read_text()
+        deadline = time.monotonic() + 15
+        while any(_alive(p) for p in started) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not [p for p in started if _alive(p)]
+        assert how == "sigkill" or ready or "start-up cut short by SIGTERM" in err, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -494,7 +494,7 @@ const USAGE = `usage: node magnet.mjs --model EXPORT_DIR [options] PROMPT [PROMP
   --steps A,B,..   decoding steps per codebook    --greedy               argmax decoding (deterministic)
   --temperature X  --top-p X  --top-k N           --cfg MAX,MIN | C      guidance, annealed or constant
   --no-anneal-temp --span-arrangement nonoverlap|stride1   --span-scoring max|prod
-  --duration SEC   --seed N   -o FILE.wav | DIR   --tokens-out FILE.json ([B][K][T] ints)
+  --duration SEC   --seed N   -o/--out FILE.wav | DIR   --tokens-out FILE.json ([B][K][T] ints)
   --prompt-codes FILE.json ([B or 1][K][P] ints to continue)   --threads N   --quiet
   --context SEC    past the segment: seconds each window continues from (manifest client.longform)
 Defaults: the export's manifest (client.defaults).`;
@@ -526,7 +526,7 @@ export function parseArgs(argv) {
       case "--duration": out.settings.duration = num(a, next()); break;
       case "--seed": out.settings.seed = num(a, next(), true); break;
       case "--context": out.settings.context = num(a, next()); break;
-      case "-o": case "--output": out.output = next(); break;
+      case "-o": case "--out": case "--output": out.output = next(); break;
       case "--tokens-out": out.tokensOut = next(); break;
       case "--prompt-codes": out.promptCodes = next(); break;
       case "--threads": out.threads = num(a, next(), true); break;
@@ -567,9 +567,9 @@ export async function main(argv) {
     const audio = await client.decode(codes, dims);
     const [B] = dims, n = audio.length / B, rate = client.c.sample_rate;
     const target = args.output ?? (B === 1 ? "out.wav" : "out");
-    const files = B === 1 && target.endsWith(".wav") ? [target]
-      : Array.from({ length: B }, (_, b) => path.join(target, `${b}.wav`));
-    if (files.length > 1) fs.mkdirSync(target, { recursive: true });
+    const oneFile = B === 1 && target.endsWith(".wav");  // otherwise a folder, for one prompt as for several
+    const files = oneFile ? [target] : Array.from({ length: B }, (_, b) => path.join(target, `${b}.wav`));
+    if (!oneFile) fs.mkdirSync(target, { recursive: true });
     files.forEach((f, b) => fs.writeFileSync(f, wavBytes(audio.subarray(b * n, (b + 1) * n), rate)));
     process.stdout.write(`wrote ${files.join(", ")} (${dims[2]} frames, ${(n / rate).toFixed(2)} s at ${rate} Hz)\n`);
     return 0;
