@@ -12,6 +12,7 @@
     serve    HTTP load on a running `magnet serve`: open / closed loop, errors by status, a replica kill (bench.serve)
     long     long-form pieces: time to first audio, seams, prompt kept per window (bench.long)
     overhead host overhead per decoding step on CPU: ops, host syncs, ms, what compiles (bench.overhead)
+    web      the web page in headless Chromium (WASM, 1/2 threads) vs the Node client, one request (bench.web)
 
 Step-function micro-benchmarks run under pytest-benchmark: `python -m pytest bench/micro.py --benchmark-only`.
 Subcommand modules are imported lazily, so `report` never imports torch's heavy friends and a missing optional
@@ -38,6 +39,7 @@ SUBCOMMANDS = {
     "long": ("magnet_engine.bench.long", "long-form pieces: time to first audio, seams, prompt kept per window"),
     "overhead": ("magnet_engine.bench.overhead",
                  "host overhead per decoding step on CPU: aten ops, host syncs, ms, what compiles"),
+    "web": ("magnet_engine.bench.web", "the web page in headless Chromium (WASM) vs the Node client"),
 }
 
 
