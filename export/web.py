@@ -77,12 +77,19 @@ class IsolatedHandler(SimpleHTTPRequestHandler):
             super().log_message(format, *args)
 
 
+class IsolatedServer(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: tuple) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):  # a browser that left mid-download (a reload): not news
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
 def make_server(export_dir: str | Path, port: int = 8000, verbose: bool = False) -> ThreadingHTTPServer:
     """A server of the folder on 127.0.0.1:port (0: any free port; see server.server_address)."""
     root = Path(export_dir)
     if not root.is_dir():
         raise ValueError(f"{root} is not a folder")
-    server = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(IsolatedHandler, directory=str(root)))
+    server = IsolatedServer(("127.0.0.1", port), functools.partial(IsolatedHandler, directory=str(root)))
     server.verbose = verbose  # type: ignore[attr-defined]
     return server
 

@@ -63,7 +63,8 @@ async function generate(event) {
     $("timing").textContent = `${(audio.length / rate).toFixed(2)} s of audio (${dims[2]} frames) in ` +
       `${seconds.toFixed(2)} s on ${describe(client.runtime)}`;
     $("result").hidden = false;
-    page.last = { codes: nested(codes, dims), samples: audio.length, rate, wav_bytes: wav.length, seconds };
+    const rms = Math.sqrt(audio.reduce((a, x) => a + x * x, 0) / audio.length);
+    page.last = { codes: nested(codes, dims), samples: audio.length, rate, rms, wav_bytes: wav.length, seconds };
     page.state = "done";
   } catch (e) {
     fail(e);
