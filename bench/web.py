@@ -1,6 +1,7 @@
 """`python -m magnet_engine.bench web`: one request (text -> tokens -> audio) in the web page, in headless Chromium
-with onnxruntime-web's WASM (1 and 2 threads), against the Node client (export/node/bench.mjs) on the same exports,
-in one run. Median of N after a warm-up, greedy and sampled; one JSON line per (client, export, threads).
+with onnxruntime-web's WASM (1 and 2 threads), against the Node client (export/node/bench.mjs) and the Python engine's
+onnxruntime backend on the same exports, in one run. Median of N after a warm-up, greedy and sampled; one JSON line
+per (client, export, threads).
 
     python -m magnet_engine.bench web --dir runs/default-onnx-int8 --threads 1 2 --repeats 5 --json rows.jsonl
 
@@ -73,6 +74,36 @@ def node_rows(export_dir: Path, threads: Sequence[int], repeats: int) -> list[di
     return rows
 
 
+def python_rows(export_dir: Path, threads: Sequence[int], repeats: int) -> list[dict]:
+    """The engine's onnxruntime backend (magnet generate --model DIR), torch's and onnxruntime's threads = t."""
+    import time
+
+    import onnxruntime as ort
+    import torch
+    from magnet_engine.export.ort import load_engine
+
+    rows = []
+    for t in threads:
+        torch.set_num_threads(t)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = t, 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        t0 = time.perf_counter()
+        eng = load_engine(export_dir, session_options=opts)
+        load_s = time.perf_counter() - t0
+        medians = {}
+        for mode, settings in MODES.items():
+            times = []
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                eng.generate([PROMPT], **settings)
+                times.append(time.perf_counter() - t0)
+            medians[mode] = _median(times[1:])
+        rows.append({"bench": "python-request", "client": "python-onnx", "dir": str(export_dir), "threads": t,
+                     "load_s": load_s, "request_s": medians, "torch": torch.__version__})
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m magnet_engine.bench web", description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", action="append", required=True, help="an export folder (repeatable)")
@@ -90,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for d in map(Path, args.dir):
         rows += [{**r, **machine} for r in page_rows(d, args.threads, args.repeats, args.chromium)]
         rows += [{**r, **machine} for r in node_rows(d, args.threads, args.repeats)]
+        rows += [{**r, **machine} for r in python_rows(d, args.threads, args.repeats)]
     for r in rows:
         line = json.dumps(r)
         print(line, flush=True)
