@@ -166,6 +166,46 @@ def test_page_default_int8_model_makes_ten_seconds(tmp_path: Path) -> None:
     keep_screenshots(tmp_path)
 
 
+def test_service_page_generates_through_the_service(fixture_dir: Path, tmp_path: Path) -> None:
+    """`magnet serve`'s page at / (the replica's app on 127.0.0.1, without Ray): the form calls /v1/generate; the WAV it
+    plays is the service's own answer to the same body (same seed, same bytes); a bad duration shows the service's
+    422 message naming the field."""
+    import hashlib
+
+    import uvicorn
+    from magnet_engine.serve.config import ServiceConfig
+    from magnet_engine.serve.http import Service, build_app
+
+    chromium()
+    service = Service(ServiceConfig(model=str(fixture_dir), device="cpu"))
+    server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "the service did not start"
+            thread.join(0.05)
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/"
+        _, bad, _, good, _ = browse([
+            {"op": "goto", "url": url},
+            {"op": "form", "values": {"prompt": "slow sad piano", "duration": "4000"}},
+            screenshot(tmp_path, "web-service-refusal.png"),
+            {"op": "form", "values": {"duration": "1", "seed": "5"}}, screenshot(tmp_path, "web-service-page.png")],
+            tmp_path)
+        body = {"prompt": "slow sad piano", "duration": 1.0, "seed": 5, "format": "wav"}
+        with urllib.request.urlopen(urllib.request.Request(url + "v1/generate", json.dumps(body).encode(),
+                                                           {"Content-Type": "application/json"})) as r:
+            want = r.read()
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        service.close()
+    assert bad["state"] == "ready" and bad["shown_error"].startswith("422: ") and "duration" in bad["shown_error"]
+    assert good["state"] == "done" and good["last"]["seed"] == 5 and good["audio_s"] > 0.9
+    assert good["last"]["sha256"] == hashlib.sha256(want).hexdigest()
+    keep_screenshots(tmp_path)
+
+
 def test_server_isolates_the_page(site: tuple[Path, str]) -> None:
     """COOP/COEP on every file (the page's threads), and the module and WASM types browsers insist on."""
     for path, kind in [("", "text/html"), ("web/magnet.mjs", "text/javascript"),
