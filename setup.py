@@ -22,7 +22,8 @@ setup(
     package_dir={"magnet_engine": "magnet_engine", **{f"magnet_engine.{p}": p.replace(".", "/") for p in FOUND}},
     packages=["magnet_engine", *(f"magnet_engine.{p}" for p in FOUND)],
     # the shipped default models (safetensors + config.json); the ONNX manifest's schema
-    package_data={"magnet_engine.engine": ["assets/*/*"], "magnet_engine.export": ["manifest.schema.json"]},
+    package_data={"magnet_engine.engine": ["assets/*/*"], "magnet_engine.export": ["manifest.schema.json"],
+                  "magnet_engine.serve": ["page.html"]},
     # Lower bounds are the releases that CI runs: .ci/run installs them into its environment (pytest then runs the
     # checkout), and tests/test_install.py installs the built wheel with the newest releases beside Hugging Face's
     # `kernels` in a fresh venv (torch excepted: its floor stays 2.4). Verified together on Python 3.11 (2026-12): torch

@@ -1,5 +1,5 @@
 """`magnet export --model DIR|ID [--text-encoder DIR] -o/--out DIR [--dtype float32|float16] [--quantize int8]
-[--opset N] [--conformance]`.
+[--opset N] [--conformance] [--web]`.
 
 Exit codes: 0 done, 1 the export or a check failed, 2 bad usage. Errors are one line on stderr, never a traceback;
 progress goes to stderr, the summary line to stdout.
@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conformance", action="store_true", help="also write OUT/conformance/: greedy runs' inputs, "
                    "tokens, per-step span scores and logits, for a client in any language to prove itself against "
                    "(runners: export/conformance.py, export/node/conformance.mjs)")
+    p.add_argument("--web", action="store_true", help="also write the web page (OUT/index.html, OUT/web/): the "
+                   "model runs in the browser with onnxruntime-web; try it with `python -m magnet_engine.export.web "
+                   "OUT` (needs `npm ci --prefix export/node`)")
     return p
 
 
@@ -66,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest = export_model(args.model, args.out, text_encoder=args.text_encoder, dtype=args.dtype,
                                 opset=args.opset, quantize=args.quantize,
                                 conformance=args.conformance, log=log)
+        if args.web:
+            from .web import write_page
+
+            write_page(args.out)
     except (ValueError, TypeError, OSError) as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 1
@@ -79,8 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     worst = max(g["check"].get("max_abs_err", 0.0) for g in manifest["graphs"].values())
     quant = "" if not manifest["quantization"] else ", int8 weights (see the manifest's quantization)"
     vectors = ", conformance vectors in conformance/" if args.conformance else ""
+    web = f", the web page in index.html (python -m magnet_engine.export.web {args.out} serves it)" if args.web else ""
     print(f"exported {args.model} to {args.out}: {len(manifest['graphs'])} graphs, opset {manifest['opset']}, "
-          f"{manifest['dtype']}{quant}, all checks passed (max abs err {worst:.2e}){vectors}")
+          f"{manifest['dtype']}{quant}, all checks passed (max abs err {worst:.2e}){vectors}{web}")
     return 0
 
 

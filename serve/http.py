@@ -6,6 +6,7 @@ FastAPI app around it. serve.deployment wraps both in a Ray Serve deployment.
     GET  /v1/health    200 while the scheduler's loop runs
     GET  /v1/model     the model's config and generation defaults, the service's limits
     GET  /openapi.json the request schema, built from GenerationConfig
+    GET  /             a page with a form that calls /v1/generate (serve/page.html)
 
 A request is checked once, by `Scheduler.submit` (engine.request); this module only reads the HTTP envelope (size,
 JSON, the keys that are not generation settings) and spells the engine's SettingErrors with JSON keys.
@@ -356,5 +357,11 @@ def build_app(service: Service) -> FastAPI:
              dependencies=[Depends(authorized)])
     async def describe() -> Response:
         return JSONResponse(service.describe())
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> Response:  # static: the key, when there is one, is asked for by the page's own calls
+        import pathlib
+
+        return Response((pathlib.Path(__file__).parent / "page.html").read_bytes(), media_type="text/html")
 
     return app

@@ -3,10 +3,8 @@
 // `magnet export --conformance`; format in export/conformance.py) through magnet.mjs, compared as the vectors say.
 //
 //   node conformance.mjs EXPORT_DIR [VECTORS_DIR]   -> one JSON line {cases, failures}; exit 0 when all pass
-import fs from "node:fs";
-import path from "node:path";
-import { pathToFileURL } from "node:url";
-import { MagnetClient, nested } from "./magnet.mjs";
+// In a page (app.mjs) the same run() reads the vectors through fetch.
+import { MagnetClient, NODE, nested, readJSON } from "./magnet.mjs";
 
 const close = (got, want, tol) => got.length === want.length &&
   got.every((g, i) => Math.abs(g - want[i]) <= tol.abs + tol.rel * Math.abs(want[i]));
@@ -30,14 +28,15 @@ export function compare(c, codes, trace, tol) {
   return errors;
 }
 
-export async function run(exportDir, vectors = path.join(exportDir, "conformance")) {
-  const index = JSON.parse(fs.readFileSync(path.join(vectors, "index.json"), "utf8"));
+/** `client`: one already loaded from exportDir (a page reuses its own). */
+export async function run(exportDir, vectors = `${exportDir}/conformance`, client = null) {
+  const index = await readJSON(vectors, "index.json");
   if (index.format !== "magnet-onnx-conformance" || index.version !== 1)
     throw new Error(`${vectors} holds no magnet-onnx-conformance version 1 vectors`);
-  const client = await MagnetClient.load(exportDir);
+  client ??= await MagnetClient.load(exportDir);
   const failures = [];
   for (const name of index.cases) {
-    const c = JSON.parse(fs.readFileSync(path.join(vectors, `${name}.json`), "utf8"));
+    const c = await readJSON(vectors, `${name}.json`);
     const trace = [];
     const { codes, dims } = await client.generate(c.prompts, { ...c.settings, greedy: true },
       { promptCodes: c.prompt_codes ?? null, trace });
@@ -46,7 +45,7 @@ export async function run(exportDir, vectors = path.join(exportDir, "conformance
   return { cases: index.cases, failures };
 }
 
-if (import.meta.url === pathToFileURL(process.argv[1] ?? "").href) {
+if (NODE && import.meta.url === (await import("node:url")).pathToFileURL(process.argv[1] ?? "").href) {
   const [dir, vectors] = process.argv.slice(2);
   const result = await run(dir, vectors);
   console.log(JSON.stringify(result));

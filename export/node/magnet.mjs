@@ -1,17 +1,21 @@
 #!/usr/bin/env node
-// MAGNeT text-to-audio from a `magnet export` folder, with onnxruntime-node: the manifest's "client" section
-// (format_version 3) in JavaScript. Greedy runs are token-exact with `magnet generate --backend onnx`.
+// MAGNeT text-to-audio from a `magnet export` folder: the manifest's "client" section (format_version 3) in
+// JavaScript, one module for Node (onnxruntime-node, files from disk) and the browser (onnxruntime-web, files
+// through fetch; the page in index.html + app.mjs). Greedy runs are token-exact with `magnet generate --backend onnx`.
 //
 //   node magnet.mjs --model EXPORT_DIR "80s synth pop" "slow sad piano" --greedy -o out/ --tokens-out t.json
 //
 // Shapes: B prompts, K codebooks, T frames, L text tokens, V vocabulary, C span chunks. Tensors are flat typed
 // arrays in row-major order. Arithmetic that decides tokens is done in float32 (Math.fround after every operation),
 // as the engine does it in torch.
-import fs from "node:fs";
-import path from "node:path";
-import { pathToFileURL } from "node:url";
-import * as ort from "onnxruntime-node";
 import { Tokenizer } from "@huggingface/tokenizers";
+
+// The platform's modules: Node reads the export from disk; a page fetches it and picks its onnxruntime-web bundle
+// in MagnetClient.load (the page's import map names "onnxruntime-web" and "onnxruntime-web/wasm").
+export const NODE = typeof process !== "undefined" && Boolean(process.versions?.node) && typeof window === "undefined";
+const fs = NODE ? (await import("node:fs")).default : null;
+const path = NODE ? (await import("node:path")).default : null;
+const pathToFileURL = NODE ? (await import("node:url")).pathToFileURL : null;
 
 export const FORMAT_VERSION = 3;
 const f32 = Math.fround;
@@ -75,27 +79,87 @@ export function roundHalfEven(x) {
 
 // ------------------------------------------------------------------------------------------------ the client
 
+/** A file of an export folder: a path on Node, a URL (relative to the page) in a browser. */
+function where(dir, rel) {
+  if (NODE) return path.join(dir, rel);
+  return new URL(rel, new URL(String(dir).endsWith("/") ? dir : `${dir}/`, globalThis.location?.href)).href;
+}
+
+/** The bytes of an export file (Uint8Array), or null when it is not there. */
+export async function readBytes(dir, rel) {
+  const at = where(dir, rel);
+  if (NODE) return fs.existsSync(at) ? new Uint8Array(fs.readFileSync(at)) : null;
+  const r = await fetch(at);
+  return r.ok ? new Uint8Array(await r.arrayBuffer()) : null;
+}
+
+/** A JSON file of an export folder; `missing`: the value when it is absent (else a one-line UsageError). */
+export async function readJSON(dir, rel, missing = undefined) {
+  const bytes = await readBytes(dir, rel);
+  if (bytes === null) {
+    if (missing !== undefined) return missing;
+    throw new UsageError(`${where(dir, rel)} is missing`);
+  }
+  return JSON.parse(new TextDecoder().decode(bytes));
+}
+
+/** In a page: onnxruntime-web and its execution provider. "auto" takes WebGPU where the browser has a hardware
+ *  adapter (a software fallback adapter is slower than WASM) and else WASM; `runtime.note` says why. WebGPU's float
+ *  arithmetic differs from the CPU's: its greedy tokens may differ from the engine's (WASM's are the engine's).
+ *  WASM runs `threads` threads (0: up to 4 where the page is cross-origin isolated, else 1: without isolation there
+ *  is no SharedArrayBuffer, so no threads). */
+async function webRuntime(backend, threads) {
+  if (!["auto", "wasm", "webgpu"].includes(backend))
+    throw new UsageError(`backend must be auto, wasm or webgpu, got ${backend}`);
+  const isolated = Boolean(globalThis.crossOriginIsolated);
+  let note = "";
+  if (backend !== "wasm") {
+    const gpu = globalThis.navigator?.gpu;
+    const adapter = gpu ? await gpu.requestAdapter({ powerPreference: "high-performance" }).catch(() => null) : null;
+    const software = Boolean(adapter?.info?.isFallbackAdapter ?? adapter?.isFallbackAdapter);
+    if (adapter && (!software || backend === "webgpu"))
+      return { ort: await import("onnxruntime-web"), ep: "webgpu", threads: 1, isolated, note: software ?
+        "a software WebGPU adapter" : "" };
+    note = !gpu ? "no WebGPU in this browser: WASM instead" : !adapter ? "no WebGPU adapter: WASM instead"
+      : "only a software WebGPU adapter: WASM instead";
+    if (backend === "webgpu") throw new UsageError(`${note.split(":")[0]}; choose WASM`);
+  }
+  const ort = await import("onnxruntime-web/wasm");
+  const most = isolated ? Math.min(4, globalThis.navigator?.hardwareConcurrency || 1) : 1;
+  if (threads > 1 && !isolated) note = `${threads} threads asked, 1 used: the page is not cross-origin isolated`;
+  ort.env.wasm.numThreads = threads > 0 ? Math.min(threads, isolated ? threads : 1) : most;
+  return { ort, ep: "wasm", threads: ort.env.wasm.numThreads, isolated, note };
+}
+
 export class MagnetClient {
-  static async load(dir, { threads = 0 } = {}) {
-    const manifestPath = path.join(dir, "manifest.json");
-    if (!fs.existsSync(manifestPath))
+  /** `dir`: an export folder (Node) or its URL (a page). `backend` (page only): auto | wasm | webgpu. */
+  static async load(dir, { threads = 0, backend = "auto" } = {}) {
+    const manifest = await readJSON(dir, "manifest.json", null);
+    if (manifest === null)
       throw new UsageError(`${dir} is not a MAGNeT ONNX export (no manifest.json); create one with ` +
         "`magnet export --model MODEL --out DIR`");
-    const manifest = JSON.parse(fs.readFileSync(manifestPath, "utf8"));
     if (manifest.format !== "magnet-onnx" || manifest.format_version !== FORMAT_VERSION)
       throw new UsageError(`${dir} has export format ${manifest.format} version ${manifest.format_version}; this ` +
         `client reads magnet-onnx version ${FORMAT_VERSION}: re-export with \`magnet export\``);
+    const rt = NODE ? { ort: await import("onnxruntime-node"), ep: "cpu", threads, isolated: false, note: "" }
+      : await webRuntime(backend, threads);
     // errors only: int8 graphs warn about re-using a buffer for the empty unconditional half when N = B
-    const opts = { executionProviders: ["cpu"], graphOptimizationLevel: "all", logSeverityLevel: 3 };
-    if (threads > 0) Object.assign(opts, { intraOpNumThreads: threads, interOpNumThreads: 1 });
+    const opts = { executionProviders: [rt.ep], graphOptimizationLevel: "all", logSeverityLevel: 3 };
+    if (NODE && threads > 0) Object.assign(opts, { intraOpNumThreads: threads, interOpNumThreads: 1 });
     const sessions = {};
-    for (const name of ["text_encoder", "cross_kv", "lm_step", "codec_decode"])
-      sessions[name] = await ort.InferenceSession.create(path.join(dir, manifest.graphs[name].file), opts);
-    const tokDir = path.join(dir, path.dirname(manifest.client.text.tokenizer));
-    const tokJson = JSON.parse(fs.readFileSync(path.join(dir, manifest.client.text.tokenizer), "utf8"));
-    const cfgPath = path.join(tokDir, "tokenizer_config.json");
-    const tokCfg = fs.existsSync(cfgPath) ? JSON.parse(fs.readFileSync(cfgPath, "utf8")) : {};
-    return new MagnetClient(manifest, sessions, new Tokenizer(tokJson, tokCfg));
+    for (const name of ["text_encoder", "cross_kv", "lm_step", "codec_decode"]) {
+      const file = manifest.graphs[name].file;
+      const graph = NODE ? where(dir, file) : await readBytes(dir, file);
+      if (graph === null) throw new UsageError(`${where(dir, file)} is missing: re-export with \`magnet export\``);
+      sessions[name] = await rt.ort.InferenceSession.create(graph, opts);
+    }
+    const tok = manifest.client.text.tokenizer;
+    const tokJson = await readJSON(dir, tok);
+    const tokCfg = await readJSON(dir, `${tok.slice(0, tok.lastIndexOf("/") + 1)}tokenizer_config.json`, {});
+    const client = new MagnetClient(manifest, sessions, new Tokenizer(tokJson, tokCfg));
+    client.ort = rt.ort;
+    client.runtime = { backend: rt.ep, threads: rt.threads, isolated: rt.isolated, note: rt.note };
+    return client;
   }
 
   constructor(manifest, sessions, tokenizer) {
@@ -144,8 +208,8 @@ export class MagnetClient {
    *  -> logits Float32Array [N, T, V]. */
   async step(codes, dims, stage, kv, guided) {
     this.checkStep(codes, dims, stage, kv, guided);
-    const feeds = { ...kv, codes: new ort.Tensor("int64", codes, dims),
-                    stage: new ort.Tensor("int64", BigInt64Array.of(BigInt(stage)), []) };
+    const feeds = { ...kv, codes: new this.ort.Tensor("int64", codes, dims),
+                    stage: new this.ort.Tensor("int64", BigInt64Array.of(BigInt(stage)), []) };
     return (await this.sessions.lm_step.run(feeds, ["logits"])).logits.data;
   }
 
@@ -156,14 +220,14 @@ export class MagnetClient {
       if (p === null) { embeds.push(null); continue; }
       const ids = this.tokenize(p);
       const l = ids.length;
-      const idT = new ort.Tensor("int64", BigInt64Array.from(ids, BigInt), [1, l]);
-      const maskT = new ort.Tensor("int64", new BigInt64Array(l).fill(1n), [1, l]);
+      const idT = new this.ort.Tensor("int64", BigInt64Array.from(ids, BigInt), [1, l]);
+      const maskT = new this.ort.Tensor("int64", new BigInt64Array(l).fill(1n), [1, l]);
       embeds.push(await this.encodeText(idT, maskT));
     }
     const L = Math.max(1, ...embeds.filter((e) => e !== null).map((e) => e.length / this.dim));
     const data = new Float32Array(prompts.length * L * this.dim);
     embeds.forEach((e, i) => { if (e !== null) data.set(e, i * L * this.dim); });
-    return new ort.Tensor("float32", data, [prompts.length, L, this.dim]);
+    return new this.ort.Tensor("float32", data, [prompts.length, L, this.dim]);
   }
 
   /** (n_mask, cfg, temperature) per step of a stage: the stored tables for the default settings, else the stored
@@ -309,7 +373,7 @@ export class MagnetClient {
           }
         }
         if (trace) trace.push(traceStep(window, stage, i, nMask, picked, scores, logits, B, units, [n, T, V]));
-        if (tick) tick();
+        if (tick) await tick();  // a page's callback may yield so the progress bar paints
       }
     }
     return codes;
@@ -323,7 +387,7 @@ export class MagnetClient {
     for (const x of codes) if (x < lo || x > hi)
       throw new RangeError(`codes must lie in [${lo}, ${hi}] to decode (finished tokens; ${hi + 1} is the mask id), ` +
         `found ${x}`);
-    const t = new ort.Tensor("int64", BigInt64Array.from(codes, BigInt), dims);
+    const t = new this.ort.Tensor("int64", BigInt64Array.from(codes, BigInt), dims);
     return (await this.sessions.codec_decode.run({ codes: t })).audio.data;
   }
 }
@@ -373,16 +437,13 @@ function choose(g, temp, s, rand) {
   for (let v = 0; v < V; v++) probs[v] = f32(probs[v] / total);
   if (s.greedy) return [arg, probs[arg]];
   const u = rand();
-  if (s.top_p > 0) {  // nucleus as a threshold (engine.sampling.top_p_keep)
-    const sorted = Float32Array.from(probs).sort().reverse();
-    let excl = 0, keep = 0;
-    for (let i = 0; i < V; i++) { if (excl <= s.top_p) keep = i + 1; excl += sorted[i]; }
-    const threshold = sorted[Math.max(keep, 1) - 1];
+  if (s.top_p > 0) {  // nucleus as a threshold (engine.sampling.top_p_keep), found without sorting
+    const threshold = nucleusThreshold(probs, s.top_p);
     const tok = inverseCdf(probs.map((p) => (p >= threshold ? p : 0)), u);
     return [tok, probs[tok]];
   }
   if (s.top_k > 0) {  // renormalised top-k: the renormalised probability scores the spans
-    const kth = Float32Array.from(probs).sort()[V - s.top_k];
+    const kth = kthLargest(probs, s.top_k);
     const kept = probs.map((p) => (p >= kth ? p : 0));
     const z2 = f32(kept.reduce((a, x) => a + x, 0));
     for (let v = 0; v < V; v++) kept[v] = f32(kept[v] / z2);
@@ -391,6 +452,46 @@ function choose(g, temp, s, rand) {
   }
   const tok = inverseCdf(probs, u);
   return [tok, probs[tok]];
+}
+
+/** Three-way partition of w[lo, hi) around w[mid]: [lo, g) > pivot, [g, e) == pivot, [e, hi) < pivot, in place.
+ *  -> [pivot, g, e, mass of the greater part, mass of the equal part]. */
+function partition(w, lo, hi) {
+  const pivot = w[(lo + hi) >> 1];
+  let g = lo, i = lo, e = hi, greater = 0, equal = 0;
+  while (i < e) {
+    const x = w[i];
+    if (x > pivot) { w[i] = w[g]; w[g++] = x; i++; greater += x; } else if (x < pivot) { w[i] = w[--e]; w[e] = x; } else {
+      i++; equal += x;
+    }
+  }
+  return [pivot, g, e, greater, equal];
+}
+
+/** The nucleus threshold p*: the smallest probability whose strictly-more-probable mass is <= topP. Keeping p >= p*
+ *  is the manifest's rule (sorted exclusive cumsum <= top_p, ties included), found by quickselect in O(V) expected:
+ *  each round keeps the part of the candidates that holds p*, and the mass of the values above them. */
+export function nucleusThreshold(probs, topP) {
+  const w = Float32Array.from(probs);
+  let lo = 0, hi = w.length, above = 0;  // invariant: above (the mass over every candidate) <= topP
+  for (;;) {
+    const [pivot, g, e, greater, equal] = partition(w, lo, hi);
+    if (above + greater > topP) hi = g;  // the pivot is cut: p* is a greater value
+    else if (e === hi || above + greater + equal > topP) return pivot;  // kept, and nothing smaller is
+    else { above += greater + equal; lo = e; }
+  }
+}
+
+/** The k-th largest value (1 <= k <= length) by quickselect, no sort. */
+export function kthLargest(probs, k) {
+  const w = Float32Array.from(probs);
+  let lo = 0, hi = w.length;
+  for (;;) {
+    const [pivot, g, e] = partition(w, lo, hi);
+    if (k <= g - lo) hi = g;
+    else if (k <= e - lo) return pivot;
+    else { k -= e - lo; lo = e; }
+  }
 }
 
 /** The first index whose cumulative weight exceeds u · total. */
@@ -479,13 +580,15 @@ export function wavBytes(samples, sampleRate) {
   let peak = 0;
   for (const x of samples) peak = Math.max(peak, Math.abs(x));
   const gain = peak > 0 ? 0.99 / peak : 1;
-  const buf = Buffer.alloc(44 + 2 * samples.length);
-  buf.write("RIFF", 0); buf.writeUInt32LE(36 + 2 * samples.length, 4); buf.write("WAVE", 8);
-  buf.write("fmt ", 12); buf.writeUInt32LE(16, 16); buf.writeUInt16LE(1, 20); buf.writeUInt16LE(1, 22);
-  buf.writeUInt32LE(sampleRate, 24); buf.writeUInt32LE(2 * sampleRate, 28); buf.writeUInt16LE(2, 32);
-  buf.writeUInt16LE(16, 34); buf.write("data", 36); buf.writeUInt32LE(2 * samples.length, 40);
-  samples.forEach((x, i) => buf.writeInt16LE(Math.max(-32768, Math.min(32767, Math.round(x * gain * 32767))), 44 + 2 * i));
-  return buf;
+  const bytes = new Uint8Array(44 + 2 * samples.length);  // Node writes it as is; a page wraps it in a Blob
+  const v = new DataView(bytes.buffer);
+  const text = (at, str) => [...str].forEach((ch, i) => v.setUint8(at + i, ch.charCodeAt(0)));
+  text(0, "RIFF"); v.setUint32(4, 36 + 2 * samples.length, true); text(8, "WAVE");
+  text(12, "fmt "); v.setUint32(16, 16, true); v.setUint16(20, 1, true); v.setUint16(22, 1, true);
+  v.setUint32(24, sampleRate, true); v.setUint32(28, 2 * sampleRate, true); v.setUint16(32, 2, true);
+  v.setUint16(34, 16, true); text(36, "data"); v.setUint32(40, 2 * samples.length, true);
+  samples.forEach((x, i) => v.setInt16(44 + 2 * i, Math.max(-32768, Math.min(32767, Math.round(x * gain * 32767))), true));
+  return bytes;
 }
 
 // ------------------------------------------------------------------------------------------------ CLI
@@ -580,6 +683,6 @@ export async function main(argv) {
   }
 }
 
-if (import.meta.url === pathToFileURL(process.argv[1] ?? "").href) {
+if (NODE && import.meta.url === pathToFileURL(process.argv[1] ?? "").href) {
   process.exitCode = await main(process.argv.slice(2));
 }
