@@ -142,7 +142,7 @@ def run_one(args: argparse.Namespace) -> list[dict[str, Any]]:
     def load() -> Any:  # a shipped model, a checkpoint or export folder, or a preset's shape with random weights
         from magnet_engine.bench.presets import build
 
-        eng = build(args.model, args.kind, torch.device(args.device), args.dtype).engine
+        eng = build(args.model, args.kind, torch.device(args.device), args.dtype, backend=args.backend).engine
         return eng.set_deterministic(args.deterministic).set_graph(args.cuda_graph)
 
     eng = load if args.policy == "scheduler" and args.scheduler_load == "loop" else load()  # loop: in its thread
@@ -192,7 +192,8 @@ def summarize(args: argparse.Namespace, trace: list[Request], hist: collections.
             "makespan_s": round(last - first, 3), "throughput_rps": round(len(trace) / (last - first), 3),
             "audio_s_per_s": round(audio / (last - first), 3), "latency_s": percentiles(latency),
             "queue_wait_s": percentiles(wait), "batch_hist": dict(sorted(hist.items())),
-            "model": args.model, "device": args.device, "dtype": args.dtype, "deterministic": args.deterministic,
+            "model": args.model, "backend": args.backend or "torch", "device": args.device, "dtype": args.dtype,
+            "deterministic": args.deterministic,
             "cuda_graph": args.cuda_graph, **graph_counts(eng), "host": host(), "versions": versions(),
             "git": git_sha()}
 
@@ -219,6 +220,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="a shipped model, a model folder, or a bench preset (random weights: magnet-small-10secs)")
     ap.add_argument("--kind", choices=("magnet", "ar"), default=None, help="for a preset that serves both (tiny)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default=None, help="torch | triton (default: torch; triton: its kernels, and on "
+                    "CUDA its row-invariant GEMM for --deterministic)")
     ap.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the device's)")
     ap.add_argument("--deterministic", action="store_true", help="row-invariant linears (Engine.set_deterministic)")
     ap.add_argument("--cuda-graph", action="store_true",

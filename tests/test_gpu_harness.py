@@ -27,7 +27,7 @@ SCRIPT = ROOT / "bench" / "gpu.sh"
 RUN_ON_CPU = {"load-static", "load-scheduler", "load-static-deterministic", "e2e-magnet-torch", "fixture-triton-fp32",
               "kernels-check", "fixture-torch-fp32", "e2e-magnet-triton", "e2e-ar-eager", "e2e-hf-musicgen"}
 CUDA_ONLY = {"capture-tests", "e2e-ar-program", "load-static-graph", "load-scheduler-graph", "e2e-magnet-cuda-graph",
-             "e2e-magnet-triton-graph", "bench-kernels"}
+             "e2e-magnet-triton-graph", "bench-kernels", "load-static-deterministic-torch", "invariant-gemm"}
 EXTRA = {"e2e-magnet-triton-graph", "kernels-check", "fixture-torch-fp32", "e2e-magnet-triton", "e2e-ar-eager",
          "e2e-hf-musicgen", "bench-kernels"}  # on a GPU only when ONLY names them (they ran on an H200 before)
 BUDGET = 360  # gpu.sh's default: one short device call that leaves a rerun inside the session's 900 s
@@ -127,8 +127,9 @@ def test_kernel_checks_and_benchmark_rows(dry_run) -> None:
         ("ar", "torch"), ("hf-musicgen", "hf"), ("magnet", "torch"), ("magnet", "triton")]
     assert all(r["device"] == "cpu" and r["batch"] == 1 for r in rows)
     rows = [json.loads(line) for line in (out / "load.jsonl").read_text().splitlines()]
-    assert [(r["policy"], r["cuda_graph"], r["deterministic"], r["requests"]) for r in rows] == [
-        ("static", False, False, 2), ("scheduler", False, False, 2), ("static", False, True, 2)]
+    assert [(r["policy"], r["backend"], r["cuda_graph"], r["deterministic"], r["requests"]) for r in rows] == [
+        ("static", "torch", False, False, 2), ("scheduler", "torch", False, False, 2),
+        ("static", "triton", False, True, 2)]
     steps = sum(GenerationConfig().steps)  # the tiny preset runs the default schedule
     for r in rows:  # the two requests start together and share every pass
         assert r["batch_hist"] == {"2": steps}, r
