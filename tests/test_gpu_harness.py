@@ -121,7 +121,7 @@ def test_fixture_tokens_through_the_cli(dry_run, expected) -> None:
 def test_kernel_checks_and_benchmark_rows(dry_run) -> None:
     out, _ = dry_run
     checks = [json.loads(line) for line in (out / "kernel_check.jsonl").read_text().splitlines()]
-    assert {c["check"] for c in checks} == {"attention", "sample"} and all(c["ok"] for c in checks)
+    assert {c["check"] for c in checks} == {"attention", "sample", "invariant_matmul"} and all(c["ok"] for c in checks)
     rows = [json.loads(line) for line in (out / "e2e.jsonl").read_text().splitlines()]
     assert sorted((r["kind"], r["backend"]) for r in rows) == [
         ("ar", "torch"), ("hf-musicgen", "hf"), ("magnet", "torch"), ("magnet", "triton")]
