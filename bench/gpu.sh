@@ -80,6 +80,7 @@ if [ "$QUICK" = 1 ]; then
   MAGNET="tiny --kind magnet"; AR="tiny --kind ar"; DTYPE=bfloat16; BATCH=1; DURATION=0.5
   RUNS_MAGNET="--steps 2,1,1,1 --repeats 1 --warmup 0"; RUNS_AR="--repeats 1 --warmup 0"; RUNS_PEER=$RUNS_AR
   FIXTURE_RUNS=gen_nonoverlap_max; CHECK_QUICK=--quick
+  DET_BACKEND=torch  # the interpreted Triton GEMM over a whole burst would outlast the stage's limit
   LOAD_MODEL="tiny --kind magnet"; RUNS_LOAD="--requests 2 --max-batch 2 --min-duration 0.5 --max-duration 0.5 --repeats 1"
 else
   [ "$HAS_CUDA" = 1 ] || { echo "bench/gpu.sh: no CUDA device (torch.cuda.is_available() is False); --quick is the CPU dry run" >&2; exit 2; }
@@ -87,6 +88,7 @@ else
   MAGNET=magnet-small-10secs; AR=musicgen-small; DTYPE=float16; BATCH=1,4,16; DURATION=10
   RUNS_MAGNET="--repeats 3 --warmup 1"; RUNS_AR="--repeats 3 --warmup 1"; RUNS_PEER="--repeats 2 --warmup 1"
   FIXTURE_RUNS=gen_nonoverlap_max,gen_nonoverlap_prod,gen_stride1,gen_cfg3_temp1,gen_continuation; CHECK_QUICK=
+  DET_BACKEND=triton
   LOAD_MODEL=magnet-small-10secs; RUNS_LOAD="--requests 16 --max-batch 16 --min-duration 10 --max-duration 10 --repeats 2"
 fi
 E2E="$PY -m magnet_engine.bench e2e --device $DEV --dtype $DTYPE --batch $BATCH --duration $DURATION --json $OUT/e2e.jsonl"
@@ -109,7 +111,7 @@ STAGES=(
   "load-scheduler|20|-|$LOAD --policy scheduler"
   # deterministic mode's cost against load-static (same burst): the Triton fixed-tile GEMM (one launch per linear)
   # and the torch backend's 64-row cuBLAS blocks; then per linear of a pass against F.linear
-  "load-static-deterministic|25|-|$LOAD --policy static --deterministic --backend triton"
+  "load-static-deterministic|25|-|$LOAD --policy static --deterministic --backend $DET_BACKEND"
   "load-static-deterministic-torch|25|cuda|$LOAD --policy static --deterministic"
   "invariant-gemm|20|cuda|$PY -m magnet_engine.bench kernels --what invariant_matmul --json $OUT/kernels.jsonl"
   # B=1,4,16 eager vs whole-program graphs

@@ -129,7 +129,7 @@ def test_kernel_checks_and_benchmark_rows(dry_run) -> None:
     rows = [json.loads(line) for line in (out / "load.jsonl").read_text().splitlines()]
     assert [(r["policy"], r["backend"], r["cuda_graph"], r["deterministic"], r["requests"]) for r in rows] == [
         ("static", "torch", False, False, 2), ("scheduler", "torch", False, False, 2),
-        ("static", "triton", False, True, 2)]
+        ("static", "torch", False, True, 2)]  # the Triton GEMM's burst on CUDA only (interpreted: too slow)
     steps = sum(GenerationConfig().steps)  # the tiny preset runs the default schedule
     for r in rows:  # the two requests start together and share every pass
         assert r["batch_hist"] == {"2": steps}, r
