@@ -14,7 +14,15 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .config import MAX_SEED, GenerationConfig, ModelConfig, SettingError, SettingTypeError
+from .config import (
+    MAX_SEED,
+    GenerationConfig,
+    ModelConfig,
+    SettingError,
+    SettingTypeError,
+    first_window,
+    output_frames,
+)
 
 if TYPE_CHECKING:  # torch and the decoding modules are imported where used: the CLI checks prompts without them
     import torch
@@ -77,9 +85,7 @@ def build_request(model: ModelConfig, defaults: GenerationConfig, *, sample_rate
 
     `config` (default: the model's `defaults`) is overridden by `fields` (GenerationConfig names). `rescorer` /
     `ar_model`: an `ARCompanion` or an object with `.companion()` (an `Engine` of a MusicGen model)."""
-    from .hybrid import prefix_frames
-    from .longform import first_window
-    from .magnet import output_frames
+    from .hybrid import prefix_frames  # torch: imported when a request is built (the CLI checks prompts without it)
 
     texts = check_prompts(prompts)
     gen = settings(model, defaults, config, fields)
