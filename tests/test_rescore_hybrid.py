@@ -186,16 +186,17 @@ def test_levers_need_their_model(tiny, mg, kw):
 
 
 def test_cli_hybrid_and_rescore(tiny, mg, fixture_dir, settings, tmp_path):
-    """`magnet generate` with both levers (--deterministic, as `tiny`): the API's tokens for the same settings."""
+    """`magnet generate` with both levers (--deterministic, as `tiny`; weight 0, not the default 0.5, so a dropped
+    --rescore-weight shows): the API's tokens for the same settings."""
     tokens = tmp_path / "t.npy"
     musicgen = str(fixture_dir / "musicgen_state_dict.bin")
     rc = main(["generate", settings["prompts"][1], "--model", str(fixture_dir), "--device", "cpu", "--greedy",
                "--steps", "4,2,2,2", "--ar-model", musicgen, "--hybrid-prefix", str(PREFIX), "--rescorer", musicgen,
-               "--rescore-weight", "0.3", "--ar-cfg", "3", "-o", str(tmp_path / "o.wav"), "--tokens-out",
+               "--rescore-weight", "0", "--ar-cfg", "3", "-o", str(tmp_path / "o.wav"), "--tokens-out",
                str(tokens), "--deterministic", "--quiet"])
     assert rc == 0 and (tmp_path / "o.wav").exists()
     want = tiny.generate(settings["prompts"][1:2], greedy=True, steps=(4, 2, 2, 2), ar_model=mg, hybrid_prefix=PREFIX,
-                         rescorer=mg, rescore_weight=0.3, ar_cfg=3.0, decode=False).codes
+                         rescorer=mg, rescore_weight=0.0, ar_cfg=3.0, decode=False).codes
     assert want.shape == (1, 4, 48)
     np.testing.assert_array_equal(np.load(tokens), want.numpy())
 
