@@ -113,7 +113,7 @@ STAGES=(
   # and the torch backend's 64-row cuBLAS blocks; then per linear of a pass against F.linear
   "load-static-deterministic|25|-|$LOAD --policy static --deterministic --backend $DET_BACKEND"
   "load-static-deterministic-torch|25|cuda|$LOAD --policy static --deterministic"
-  "invariant-gemm|20|cuda|$PY -m magnet_engine.bench kernels --what invariant_matmul --json $OUT/kernels.jsonl"
+  "invariant-gemm|20|cuda|$PY -m magnet_engine.bench kernels --what invariant_matmul --models magnet-small --T 500 --B 1 4 16 --dtypes fp16 --json $OUT/kernels.jsonl"
   # B=1,4,16 eager vs whole-program graphs
   "e2e-magnet-torch|35|-|$E2E --model $MAGNET --backend torch $RUNS_MAGNET"
   "e2e-magnet-cuda-graph|35|cuda|$E2E --model $MAGNET --backend torch --cuda-graph $RUNS_MAGNET"
