@@ -11,7 +11,6 @@ Shapes: B prompts, K codebooks, T frames, L text tokens, V vocabulary, C span ch
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -183,9 +182,9 @@ def probes(logits: np.ndarray) -> list[list[float]]:
     return out
 
 
-def least_probable_spans(scores: np.ndarray, n_target: int, span: int,
-                         rank: Callable[[np.ndarray], np.ndarray] = Client.rank) -> np.ndarray:
-    """stride1, as the manifest's spans.stride1 states it. scores [B, T] -> [B, T] bool."""
+def least_probable_spans(scores: np.ndarray, n_target: int, span: int, rank: Any = Client.rank) -> np.ndarray:
+    """stride1, as the manifest's spans.stride1 states it. scores [B, T] -> [B, T] bool; `rank` orders [B, W]
+    window sums as Client.rank does (the tie rule)."""
     b, t = scores.shape
     w = t - span + 1
     windows = sum(scores[:, i:i + w] for i in range(span))  # [B, W]
