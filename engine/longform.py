@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import GenerationConfig, ModelConfig, SettingError
+from .config import SPAN_ARRANGEMENTS, GenerationConfig, ModelConfig, SettingError
 from .magnet import frame_multiple, output_frames
 
 # Default context, as a fraction of the segment (bench/RESULTS.md, "Long-form"): half the segment carries the
@@ -48,18 +48,25 @@ def first_window(model: ModelConfig, gen: GenerationConfig) -> GenerationConfig:
     return dataclasses.replace(gen, duration=None) if is_long(model, gen) else gen
 
 
+def context_range(model: ModelConfig) -> tuple[float, float]:
+    """[lowest, highest] `context` in seconds: at least one frame, and at least one frame shorter than the window
+    of either span arrangement (nonoverlap trims it to whole spans), so that each window adds new audio. Bounds in
+    seconds, inclusive, so that a schema can state them exactly (engine.request.request_rules)."""
+    w = min(output_frames(model, GenerationConfig(span_arrangement=a)) for a in SPAN_ARRANGEMENTS)
+    return 1 / model.frame_rate, (w - 1) / model.frame_rate
+
+
 def check_context(model: ModelConfig, gen: GenerationConfig) -> int:
-    """-> C, the context in frames: at least one frame, and shorter than a window so that each window adds audio."""
-    w = output_frames(model, dataclasses.replace(gen, duration=None))
+    """-> C, the context in frames (`context_range`), in [1, W - 1] for the window's W frames."""
     seconds = model.segment_duration * DEFAULT_CONTEXT if gen.context is None else gen.context
-    c = int(round(seconds * model.frame_rate))
-    if c < 1:
+    low, high = context_range(model)
+    if seconds < low:
         raise SettingError(f"<context> {seconds:g}s is shorter than one frame (1/{model.frame_rate}s)")
-    if c >= w:
+    if seconds > high:
         raise SettingError(f"<context> {seconds:g}s must be shorter than the model's window of "
-                           f"{w / model.frame_rate:g}s ({w} frames), so that each window adds new audio; e.g. "
-                           f"{model.segment_duration * DEFAULT_CONTEXT:g}")
-    return c
+                           f"{high + low:g}s ({round((high + low) * model.frame_rate)} frames), so that each window "
+                           f"adds new audio; e.g. {model.segment_duration * DEFAULT_CONTEXT:g}")
+    return int(round(seconds * model.frame_rate))
 
 
 @dataclass(frozen=True)
