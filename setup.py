@@ -50,8 +50,8 @@ setup(
         "onnx": ONNX,
         "bench": BENCH,
         "serve": [RAY],  # magnet serve: Ray Serve brings FastAPI and uvicorn
-        "test": ["pytest>=9.0.3", "ruff>=0.17.6", "jsonschema>=4.26.0", *TRITON, *ONNX, *BENCH,
-                 RAY],
+        "test": ["pytest>=9.0.3", "ruff>=0.17.6", "jsonschema>=4.26.0", "schemathesis>=4.32.5", *TRITON, *ONNX,
+                 *BENCH, RAY],
     },
     entry_points={
         "console_scripts": ["magnet=magnet_engine.engine.cli:main"],

@@ -5,7 +5,7 @@ import dataclasses
 import math
 import numbers
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -50,6 +50,17 @@ class ModelConfig:
     @property
     def max_frames(self) -> int:
         return int(round(self.segment_duration * self.frame_rate))
+
+    @property
+    def min_frames(self) -> int:
+        """The shortest generation: one span for MAGNeT (its nonoverlap output is a whole number of spans, and
+        stride1 masks a span at a time), one frame for MusicGen."""
+        return self.span_len if self.kind == "magnet" else 1
+
+    @property
+    def min_duration(self) -> float:
+        """`min_frames` in seconds: the lowest `duration` (check_for)."""
+        return self.min_frames / self.frame_rate
 
     def window(self, stage: int) -> int | None:
         """Self-attention band for a codebook stage: None = full (stage 0, or unrestricted models)."""
@@ -150,7 +161,10 @@ def check_real(name: str, value: Any, *, low: float | None = None, high: float |
     """A finite number (int or float, not bool) within [low, high] (low excluded when `above`) -> float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise SettingTypeError(f"<{name}> must be a number, got {value!r}{hint}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int past float's range (JSON carries any)
+        value = math.inf if value > 0 else -math.inf
     if not math.isfinite(value):
         raise SettingError(f"<{name}> must be a finite number, got {value}{hint}")
     too_low = low is not None and (value <= low if above else value < low)
@@ -161,7 +175,15 @@ def check_real(name: str, value: Any, *, low: float | None = None, high: float |
     return value
 
 
+def whole(value: float) -> bool:
+    """A finite float without fraction (3.0)."""
+    return math.isfinite(value) and float(value).is_integer()
+
+
 def check_int(name: str, value: Any, *, low: int = 0, high: int | None = None, hint: str = "") -> int:
+    """A whole number (an int, or a float without fraction: JSON's 3.0 is 3) in [low, high] -> int."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)) and whole(value):
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise SettingTypeError(f"<{name}> must be a whole number, got {value!r}{hint}")
     value = int(value)
@@ -171,57 +193,77 @@ def check_int(name: str, value: Any, *, low: int = 0, high: int | None = None, h
     return value
 
 
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise SettingTypeError(f"<{name}> must be true or false, got {value!r}")
-    return value
-
-
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise SettingError(f"<{name}> must be one of {', '.join(choices)}; got {value!r}")
-    return value
-
-
-def _seq(name: str, value: Any, item: Callable[[str, Any], Any], sizes: tuple[int, ...] | None, hint: str) -> tuple:
-    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
-        raise SettingTypeError(f"<{name}> must be a list of values, got {value!r}{hint}")
-    if not value or (sizes is not None and len(value) not in sizes):
-        want = "at least one value" if sizes is None else f"{' or '.join(map(str, sizes))} values"
-        raise SettingError(f"<{name}> takes {want}, got {list(value)}{hint}")
-    return tuple(item(name, v) for v in value)
-
-
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range that JSON and every client can carry
+# Seeds in [0, 2**53 - 1]: within torch.Generator.manual_seed's range, exact in a JSON number for every client
+# (a JavaScript Number, a double) and exactly stated as a JSON Schema maximum (validators compare as doubles).
+MAX_SEED = 2**53 - 1
 # Long pieces are planned window by window and their audio is held whole (an hour at 32 kHz: 460 MB of float32):
 # a cap keeps a typo (or a hostile request) from planning millions of windows.
 MAX_DURATION = 3600.0
 
-# GenerationConfig field -> its check: type, finiteness and range of one value, normalised (lists -> tuples,
-# ints -> floats where a float is meant). Cross-field and per-model checks are in __post_init__ / check_for.
-_FIELDS: dict[str, Callable[[Any], Any]] = {
-    "steps": lambda v: _seq("steps", v, lambda n, x: check_int(n, x, low=1), None, "; e.g. 20,10,10,10"),
-    "greedy": lambda v: _bool("greedy", v),
-    "temperature": lambda v: check_real("temperature", v, low=0.0),
-    "anneal_temp": lambda v: _bool("anneal_temp", v),
-    "top_k": lambda v: check_int("top_k", v, hint="; use 0 to turn it off"),
-    "top_p": lambda v: check_real("top_p", v, low=0.0, high=1.0, hint="; use 0 to turn nucleus sampling off"),
-    "cfg": lambda v: _seq("cfg", v, lambda n, x: check_real(n, x), (1, 2), " (one constant, or max,min annealed)"),
-    "span_arrangement": lambda v: _choice("span_arrangement", v, SPAN_ARRANGEMENTS),
-    "span_scoring": lambda v: _choice("span_scoring", v, SPAN_SCORINGS),
-    "duration": lambda v: None if v is None else check_real("duration", v, low=0.0, above=True, high=MAX_DURATION,
-                                                            hint=" seconds"),
-    "seed": lambda v: None if v is None else check_int("seed", v, high=MAX_SEED),
-    "rescore_weight": lambda v: check_real("rescore_weight", v, low=0.0, high=1.0,
-                                      hint=" (1 = MAGNeT's probabilities only, 0 = the rescorer's only)"),
-    "ar_cfg": lambda v: None if v is None else check_real("ar_cfg", v, low=0.0,
-                                                          hint="; omit it for the model's default"),
-    "hybrid_prefix": lambda v: check_real("hybrid_prefix", v, low=0.0, hint=" seconds (0 = off)"),
-    "context": lambda v: None if v is None else check_real("context", v, low=0.0, above=True,
-                                                           hint=" seconds; omit it for the model's default"),
-}
 
-GENERATION_FIELDS = frozenset(_FIELDS)  # the names GenerationConfig takes
+@dataclass(frozen=True)
+class Rule:
+    """What one setting takes, written once: `check` refuses anything else (a SettingError naming it) and normalises
+    (lists -> tuples, ints -> floats where a float is meant); the HTTP service builds its request schema from the
+    same fields (serve.http), so the schema says exactly what `check` takes."""
+
+    kind: Literal["int", "real", "bool", "choice", "list"]
+    low: float | None = None  # int, real: the lowest value (an int's default: 0)
+    high: float | None = None  # int, real: the highest value
+    above: bool = False  # real: `low` itself excluded
+    choices: tuple[str, ...] = ()  # choice
+    item: Rule | None = None  # list: the rule of each value
+    sizes: tuple[int, ...] | None = None  # list: the lengths it takes, consecutive (None: one or more)
+    nullable: bool = False  # None allowed (the model's default)
+    hint: str = ""  # appended to a refusal: what to write instead
+
+    def check(self, name: str, value: Any) -> Any:
+        if value is None and self.nullable:
+            return None
+        if self.kind == "int":
+            return check_int(name, value, low=int(self.low or 0), high=None if self.high is None else int(self.high),
+                             hint=self.hint)
+        if self.kind == "real":
+            return check_real(name, value, low=self.low, high=self.high, above=self.above, hint=self.hint)
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise SettingTypeError(f"<{name}> must be true or false, got {value!r}")
+            return value
+        if self.kind == "choice":
+            if not isinstance(value, str) or value not in self.choices:
+                raise SettingError(f"<{name}> must be one of {', '.join(self.choices)}; got {value!r}")
+            return value
+        assert self.kind == "list" and self.item is not None
+        if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
+            raise SettingTypeError(f"<{name}> must be a list of values, got {value!r}{self.hint}")
+        if not value or (self.sizes is not None and len(value) not in self.sizes):
+            want = "at least one value" if self.sizes is None else f"{' or '.join(map(str, self.sizes))} values"
+            raise SettingError(f"<{name}> takes {want}, got {list(value)}{self.hint}")
+        return tuple(self.item.check(name, v) for v in value)
+
+
+
+# GenerationConfig field -> its rule: type, finiteness and range of one value. Cross-field and per-model rules are in
+# __post_init__ / check_for (and `model_rules`, which tightens these for one model).
+FIELD_RULES: dict[str, Rule] = {
+    "steps": Rule("list", item=Rule("int", low=1), hint="; e.g. 20,10,10,10"),
+    "greedy": Rule("bool"),
+    "temperature": Rule("real", low=0.0),
+    "anneal_temp": Rule("bool"),
+    "top_k": Rule("int", hint="; use 0 to turn it off"),
+    "top_p": Rule("real", low=0.0, high=1.0, hint="; use 0 to turn nucleus sampling off"),
+    "cfg": Rule("list", item=Rule("real"), sizes=(1, 2), hint=" (one constant, or max,min annealed)"),
+    "span_arrangement": Rule("choice", choices=SPAN_ARRANGEMENTS),
+    "span_scoring": Rule("choice", choices=SPAN_SCORINGS),
+    "duration": Rule("real", low=0.0, above=True, high=MAX_DURATION, nullable=True, hint=" seconds"),
+    "seed": Rule("int", high=MAX_SEED, nullable=True),
+    "rescore_weight": Rule("real", low=0.0, high=1.0,
+                           hint=" (1 = MAGNeT's probabilities only, 0 = the rescorer's only)"),
+    "ar_cfg": Rule("real", low=0.0, nullable=True, hint="; omit it for the model's default"),
+    "hybrid_prefix": Rule("real", low=0.0, hint=" seconds (0 = off)"),
+    "context": Rule("real", low=0.0, above=True, nullable=True, hint=" seconds; omit it for the model's default"),
+}
+GENERATION_FIELDS = frozenset(FIELD_RULES)  # the names GenerationConfig takes
 
 
 @dataclass(frozen=True)
@@ -263,11 +305,11 @@ class GenerationConfig:
     def check_fields(values: Mapping[str, Any]) -> dict[str, Any]:
         """Check and normalise some fields' values on their own (no model, no other field): unknown names, types,
         NaN and infinities, ranges. Cheap: the CLI runs it on its flags before loading anything."""
-        unknown = sorted(set(values) - set(_FIELDS))
+        unknown = sorted(set(values) - set(FIELD_RULES))
         if unknown:
             raise SettingError(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; known: "
-                               f"{', '.join(_FIELDS)}")
-        return {name: _FIELDS[name](value) for name, value in values.items()}
+                               f"{', '.join(FIELD_RULES)}")
+        return {name: FIELD_RULES[name].check(name, value) for name, value in values.items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], base: GenerationConfig | None = None) -> GenerationConfig:
@@ -300,8 +342,10 @@ class GenerationConfig:
                                f"got {len(self.steps)}")
         if self.top_k > model.card:
             raise SettingError(f"<top_k> must be in [0, {model.card}] (the vocabulary size), got {self.top_k}")
-        if self.frames(model) < 1:
-            raise SettingError(f"<duration> {self.duration:g}s is shorter than one frame (1/{model.frame_rate}s)")
+        if self.duration is not None and self.duration < model.min_duration:  # then frames(model) >= min_frames
+            unit = "one frame" if model.min_frames == 1 else f"one span ({model.min_frames} frames)"
+            raise SettingError(f"<duration> {self.duration:g}s is shorter than {unit}: at least "
+                               f"{model.min_duration:g}s")
         if self.context is not None or is_long(model, self):  # the default context must fit this model too
             check_context(model, self)
 
@@ -355,15 +399,22 @@ def first_window(model: ModelConfig, gen: GenerationConfig) -> GenerationConfig:
     return dataclasses.replace(gen, duration=None) if is_long(model, gen) else gen
 
 
+def context_range(model: ModelConfig) -> tuple[float, float]:
+    """[lowest, highest] `context` in seconds: at least one frame, and at least one frame shorter than the window
+    of either span arrangement (nonoverlap trims it to whole spans), so that each window adds new audio. Bounds in
+    seconds, inclusive, so that a schema can state them exactly (engine.request.request_rules)."""
+    w = min(output_frames(model, GenerationConfig(span_arrangement=a)) for a in SPAN_ARRANGEMENTS)
+    return 1 / model.frame_rate, (w - 1) / model.frame_rate
+
+
 def check_context(model: ModelConfig, gen: GenerationConfig) -> int:
-    """-> C, the context in frames: at least one frame, and shorter than a window so that each window adds audio."""
-    w = output_frames(model, dataclasses.replace(gen, duration=None))
+    """-> C, the context in frames (`context_range`), in [1, W - 1] for the window's W frames."""
     seconds = model.segment_duration * DEFAULT_CONTEXT if gen.context is None else gen.context
-    c = int(round(seconds * model.frame_rate))
-    if c < 1:
+    low, high = context_range(model)
+    if seconds < low:
         raise SettingError(f"<context> {seconds:g}s is shorter than one frame (1/{model.frame_rate}s)")
-    if c >= w:
+    if seconds > high:
         raise SettingError(f"<context> {seconds:g}s must be shorter than the model's window of "
-                           f"{w / model.frame_rate:g}s ({w} frames), so that each window adds new audio; e.g. "
-                           f"{model.segment_duration * DEFAULT_CONTEXT:g}")
-    return c
+                           f"{high + low:g}s ({round((high + low) * model.frame_rate)} frames), so that each window "
+                           f"adds new audio; e.g. {model.segment_duration * DEFAULT_CONTEXT:g}")
+    return int(round(seconds * model.frame_rate))

@@ -37,6 +37,7 @@ from .config import (  # noqa: F401
     ModelConfig,
     SettingError,
     check_context,
+    context_range,
     first_window,
     frame_multiple,
     is_long,

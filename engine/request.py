@@ -9,20 +9,28 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import secrets
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .config import (
+    FIELD_RULES,
     MAX_SEED,
     GenerationConfig,
     ModelConfig,
+    Rule,
     SettingError,
     SettingTypeError,
+    context_range,
     first_window,
     output_frames,
 )
+
+# A prompt holds a character that is not whitespace (str.isspace, which Python's `re` follows): a JSON Schema
+# pattern (search semantics) as the HTTP service states it, evaluated with Python's `re`.
+PROMPT_PATTERN = r"\S"
 
 if TYPE_CHECKING:  # torch and the decoding modules are imported where used: the CLI checks prompts without them
     import torch
@@ -118,6 +126,24 @@ def settings(model: ModelConfig, defaults: GenerationConfig, config: GenerationC
     return gen
 
 
+def request_rules(model: ModelConfig) -> dict[str, Rule]:
+    """The GenerationConfig fields a text-to-audio request without AR models takes for `model` (Engine.request
+    without rescorer / ar_model: all the scheduler serves), each with its rule: FIELD_RULES tightened by `check_for`
+    (steps per codebook, top_k, the shortest duration, the long-form context) and `check_levers` (rescore_weight and
+    ar_cfg need an AR model, so they are not taken; without one the hybrid is off: hybrid_prefix 0). Values that
+    these rules take pass `build_request`, and others are refused by it: the HTTP service's request schema is built
+    from them (serve.http)."""
+    rules = {name: rule for name, rule in FIELD_RULES.items() if name not in ("rescore_weight", "ar_cfg")}
+    if model.kind == "magnet":
+        rules["steps"] = dataclasses.replace(rules["steps"], sizes=(model.n_q,))
+    rules["top_k"] = dataclasses.replace(rules["top_k"], high=model.card)
+    rules["duration"] = dataclasses.replace(rules["duration"], low=model.min_duration, above=False)
+    low, high = context_range(model)
+    rules["context"] = dataclasses.replace(rules["context"], low=low, high=high, above=False)
+    rules["hybrid_prefix"] = dataclasses.replace(rules["hybrid_prefix"], high=0.0)
+    return rules
+
+
 def check_prompts(prompts: Any) -> tuple[str | None, ...]:
     """str, or a list of str / None (unconditional) -> a tuple; empty lists and empty texts refused."""
     if isinstance(prompts, str):
@@ -130,7 +156,7 @@ def check_prompts(prompts: Any) -> tuple[str | None, ...]:
         where = f"<prompts> {i + 1} of {len(prompts)}"
         if p is not None and not isinstance(p, str):
             raise SettingTypeError(f"{where} must be a text, got {type(p).__name__}")
-        if p is not None and not p.strip():
+        if p is not None and not re.search(PROMPT_PATTERN, p):
             raise SettingError(f"{where} is empty; write what to generate, or use <unconditional> for a sample "
                                "without text")
     return tuple(prompts)

@@ -8,18 +8,20 @@ FastAPI app around it. serve.deployment wraps both in a Ray Serve deployment.
     GET  /openapi.json the request schema, built from GenerationConfig
     GET  /             a page with a form that calls /v1/generate (serve/page.html)
 
-A request is checked once, by `Scheduler.submit` (engine.request); this module only reads the HTTP envelope (size,
-JSON, the keys that are not generation settings) and spells the engine's SettingErrors with JSON keys.
+The body is parsed by a pydantic model generated from the engine's rules for the served model (`RequestSchema`:
+engine.request.request_rules, GenerationConfig's fields tightened by the request checks), so the OpenAPI document
+states exactly what the server takes; a refusal carries the engine's message for the key at fault, spelled with JSON
+keys. The scheduler then checks the request as a whole (`Scheduler.submit`, engine.request).
 
-The generate route is two steps: `parse_job` (body -> Job), `Service.generate` (Job -> Response: the scheduler
+The generate route is two steps: `RequestSchema.parse` (body -> Job), `Service.generate` (Job -> Response: the scheduler
 decodes, and its loop thread renders the audio with `Service.render`, so normalisation and encoding never run on
 the event loop, nor torch on a second thread); a streamed one uses `Service.stream` (Scheduler.stream's chunks as
 they complete, turned into PCM by the loop thread, behind the same envelope and errors).
 
 Errors: an `HTTPError` is answered as JSON {"error", "field"} by an exception handler; anything else is a 500
 whose body carries only a request id and a generic message, the traceback going to the log under that id. The
-API key is checked by an HTTPBearer dependency; the OpenAPI request schema is a pydantic model generated from
-GenerationConfig's fields (`request_model`), documentation only: the engine does the checking (engine.request).
+API key is checked by an HTTPBearer dependency, declared (a security scheme, 401 answers) only when a key is
+configured. Every operation documents the statuses, headers and JSON bodies it answers (`responses`).
 """
 from __future__ import annotations
 
@@ -39,14 +41,16 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from magnet_engine.engine.config import MAX_DURATION, MAX_SEED, GenerationConfig, SettingError, SettingTypeError
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from magnet_engine.engine.config import MAX_DURATION, MAX_SEED, GenerationConfig, Rule, SettingError, whole
+from magnet_engine.engine.request import check_prompts
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, create_model
 from starlette.responses import JSONResponse, Response
 
 from .config import HTTP_NAMES, ServiceConfig, scheduler_limits
 
 if TYPE_CHECKING:
     from magnet_engine.engine.api import Engine, Generation
+    from magnet_engine.engine.config import ModelConfig
 
 MEDIA_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg"}
 log = logging.getLogger("ray.serve")
@@ -85,42 +89,81 @@ class Job:
     stream: bool = False  # send the audio as windows complete (a WAV of unstated length, chunked)
 
 
-def parse_job(raw: bytes, config: ServiceConfig, received: float) -> Job:
-    """The request body -> a Job: size, JSON object, the HTTP keys; GenerationConfig fields are passed on as sent."""
-    from magnet_engine.engine.audio import check_format
+class RequestSchema:
+    """The body of POST /v1/generate for one served model: a pydantic model generated from the engine's rules
+    (engine.request.request_rules: GenerationConfig's fields tightened by the request checks, for this model) and
+    the HTTP keys' rules, so that its JSON Schema, in the OpenAPI document, states exactly what the server takes.
+    `parse` reads a body into a Job through that model; a refusal is the documented JSON 422 (400: not JSON) with
+    the engine's message for the key at fault. The scheduler still checks the request as a whole (Scheduler.submit)."""
 
-    if len(raw) > config.max_body:
-        raise HTTPError(413, f"the request body is {len(raw)} bytes; the limit is {config.max_body}")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise HTTPError(400, f"the request body is not valid JSON ({e}); send a JSON object") from None
-    if not isinstance(body, dict):
-        raise HTTPError(400, f"the request body must be a JSON object, got a JSON {type(body).__name__}")
-    if "prompt" not in body:
-        raise HTTPError.setting(SettingError("no <prompts> given: send the text to generate (or null for a sample "
-                                             "without text)"))
-    prompt = body.pop("prompt")
-    if isinstance(prompt, str) and len(prompt) > config.max_prompt_chars:
-        raise HTTPError.setting(SettingError(f"<prompts> is {len(prompt)} characters long; this server takes at "
-                                             f"most {config.max_prompt_chars}"))
-    fmt = body.pop("format", "wav")
-    if not isinstance(fmt, str):
-        raise HTTPError.setting(SettingTypeError(f"<format> must be a text (wav, flac or ogg), got {fmt!r}"))
-    try:
-        check_format("." + fmt)
-    except SettingError as e:
-        raise HTTPError.setting(e) from None
-    timeout = body.pop("timeout", None)
-    stream = body.pop("stream", False)
-    if not isinstance(stream, bool):
-        raise HTTPError.setting(SettingTypeError(f"<stream> must be true or false, got {stream!r}"))
-    if stream and fmt.lower() != "wav":
-        raise HTTPError.setting(SettingError(f"<stream> sends WAV (PCM that plays as it arrives), not {fmt}: drop "
-                                             "\"format\" or turn streaming off"))
-    if body.get("seed") is None:  # drawn here, so the response can say which seed reproduces it
-        body["seed"] = secrets.randbelow(MAX_SEED + 1)
-    return Job(prompt, body, "." + fmt.lower(), config.timeout if timeout is None else timeout, received, stream)
+    def __init__(self, config: ServiceConfig, model: ModelConfig, defaults: GenerationConfig) -> None:
+        from magnet_engine.engine.audio import FORMATS
+        from magnet_engine.engine.request import request_rules
+
+        self.config = config
+        # the HTTP keys beside the generation settings, as rules too (one check, one message)
+        self.rules: dict[str, Rule] = {
+            "format": Rule("choice", choices=tuple(s.lstrip(".") for s in FORMATS)),
+            "timeout": Rule("real", low=0.0, above=True, hint=" (seconds from arrival)"),
+            "stream": Rule("bool"),
+            **request_rules(model)}
+        self.defaults = {"format": "wav", "timeout": config.timeout, "stream": False,
+                         **_json_ready(dataclasses.asdict(defaults))}
+        self.model = request_model(config, self.rules, self.defaults)
+
+    def json_schema(self) -> dict[str, Any]:
+        return self.model.model_json_schema()
+
+    def parse(self, raw: bytes, received: float) -> Job:
+        """The request body -> a Job (HTTPError 413, 400 or 422)."""
+        from pydantic import ValidationError
+
+        if len(raw) > self.config.max_body:
+            raise HTTPError(413, f"the request body is {len(raw)} bytes; the limit is {self.config.max_body}")
+        try:
+            body = self.model.model_validate_json(raw)
+        except ValidationError as e:
+            raise self.refusal(raw, e) from None
+        sent = body.model_fields_set
+        fmt, stream = body.format, body.stream  # type: ignore[attr-defined]
+        if stream and fmt != "wav":  # stated in the schema by STREAMS_WAV
+            raise HTTPError.setting(SettingError(f"<stream> sends WAV (PCM that plays as it arrives), not {fmt}: drop "
+                                                 "\"format\" or turn streaming off"))
+        fields = {k: getattr(body, k) for k in sent if k not in ("prompt", *HTTP_KEYS)}
+        if fields.get("seed") is None:  # drawn here, so the response can say which seed reproduces it
+            fields["seed"] = secrets.randbelow(MAX_SEED + 1)
+        return Job(body.prompt, fields, "." + fmt, body.timeout, received, stream)  # type: ignore[attr-defined]
+
+    def refusal(self, raw: bytes, e: Any) -> HTTPError:
+        """A pydantic ValidationError -> the HTTPError to answer: 400 for a body that is not a JSON object, else 422
+        naming the first key at fault, with its rule's message (the engine's, as the CLI shows it)."""
+        err = e.errors(include_url=False)[0]
+        if err["type"] == "json_invalid":
+            return HTTPError(400, f"the request body is not valid JSON ({err['msg']}); send a JSON object")
+        if not err["loc"]:
+            return HTTPError(400, f"the request body must be a JSON object, got {err['input']!r:.80}")
+        key = str(err["loc"][0])
+        if err["type"] == "extra_forbidden":
+            return HTTPError(422, f"unknown key {key!r}: this endpoint takes {', '.join(self.model.model_fields)}")
+        if key == "prompt" and err["type"] == "missing":
+            return HTTPError.setting(SettingError("no <prompts> given: send the text to generate (or null for a "
+                                                  "sample without text)"))
+        try:
+            value = json.loads(raw)[key]  # a JSON object that pydantic parsed, so the key is there
+            if key == "prompt":
+                check_prompts([value])
+                if len(value) > self.config.max_prompt_chars:
+                    raise SettingError(f"<prompts> is {len(value)} characters long; this server takes at most "
+                                       f"{self.config.max_prompt_chars}")
+            else:
+                self.rules[key].check(key, value)
+        except SettingError as refused:
+            return HTTPError.setting(refused)
+        except (ValueError, KeyError):  # a body json reads otherwise than pydantic: pydantic's message
+            pass
+        # the rule took what pydantic refused: a gap between them, still answered as a 422
+        log.warning("magnet: pydantic refused %s where its rule took it: %s", key, err["msg"])
+        return HTTPError(422, f"{'.'.join(map(str, err['loc']))}: {err['msg']}", key)
 
 
 class Service:
@@ -255,37 +298,140 @@ def _json_ready(d: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def request_model(config: ServiceConfig, defaults: GenerationConfig) -> type[BaseModel]:
-    """The body of POST /v1/generate as a pydantic model, for the OpenAPI document: the HTTP keys, then every
-    GenerationConfig field with its type and this model's default (generated, so it cannot drift from the
-    dataclass). Bodies are not validated with it: the engine checks them once, with its own messages."""
-    from magnet_engine.engine.audio import FORMATS
+HTTP_KEYS = ("format", "timeout", "stream")  # the body's keys beside the prompt and the generation settings
+# the cross-key rule the parser enforces (RequestSchema.parse), in JSON Schema: a stream is a WAV
+STREAMS_WAV = {"anyOf": [{"properties": {"stream": {"const": False}}}, {"properties": {"format": {"const": "wav"}}}]}
+DESCRIPTIONS = {
+    "prompt": "what to generate; null: a sample without text",
+    "format": "the audio format of the answer",
+    "timeout": "seconds from arrival; past it the request fails with 504",
+    "stream": "send a WAV as windows complete (chunked; not normalised)",
+    "duration": "seconds; past the model's segment the piece is generated window by window",
+    "seed": "the same seed and settings give the same audio; drawn when absent, and answered in X-Seed",
+}
 
-    hints = typing.get_type_hints(GenerationConfig)
-    settings: dict[str, Any] = {f.name: (hints[f.name], Field(default=getattr(defaults, f.name)))
-                                for f in dataclasses.fields(GenerationConfig)}
-    formats = Literal[tuple(s.lstrip(".") for s in FORMATS)]  # type: ignore[valid-type]
-    prompt = Annotated[str, StringConstraints(max_length=config.max_prompt_chars)] | None
-    return create_model(
-        "GenerateRequest", __config__=ConfigDict(extra="forbid"),
-        prompt=(prompt, Field(description="what to generate; null: a sample without text")),
-        format=(formats, Field(default="wav")),
-        timeout=(float, Field(default=config.timeout, gt=0,
-                              description="seconds from arrival; past it the request fails with 504")),
-        stream=(bool, Field(default=False, description="send a WAV as windows complete (chunked; not normalised)")),
-        **settings)
+
+def _annotation(rule: Rule) -> Any:
+    """A Rule as a pydantic type: the same type, range, choices and lengths (the model is strict: no coercion)."""
+    t: Any
+    if rule.kind == "int":  # JSON's 3.0 is the integer 3 (JSON Schema, and the engine's check_int)
+        # (the constraints before the validator: after it, pydantic writes them into the schema as "ge"/"le")
+        t = Annotated[int, Field(ge=int(rule.low or 0), le=rule.high),
+                      BeforeValidator(lambda v: int(v) if isinstance(v, float) and whole(v) else v)]
+    elif rule.kind == "real":
+        bound = {"gt": rule.low} if rule.above else {"ge": rule.low}
+        t = Annotated[float, Field(le=rule.high, allow_inf_nan=False, **bound)]
+    elif rule.kind == "bool":
+        t = bool
+    elif rule.kind == "choice":
+        t = Literal[rule.choices]  # type: ignore[valid-type]
+    else:
+        assert rule.kind == "list" and rule.item is not None
+        sizes = rule.sizes or (1,)
+        assert list(sizes) == list(range(min(sizes), max(sizes) + 1)), "JSON Schema states a range of lengths"
+        t = Annotated[list[_annotation(rule.item)], Field(min_length=min(sizes),
+                                                          max_length=max(sizes) if rule.sizes else None)]
+    return t | None if rule.nullable else t
+
+
+def request_model(config: ServiceConfig, rules: dict[str, Rule], defaults: dict[str, Any]) -> type[BaseModel]:
+    """The body of POST /v1/generate as a strict pydantic model: the prompt, then each key's rule as its type, with
+    its default (generated, so it cannot drift from the engine's checks)."""
+    from magnet_engine.engine.request import PROMPT_PATTERN
+
+    # `re`'s whitespace is str.isspace, which the engine's prompt check uses (pydantic's default engine differs)
+    model_config = ConfigDict(extra="forbid", strict=True, regex_engine="python-re", json_schema_extra=STREAMS_WAV)
+    prompt = Annotated[str, StringConstraints(max_length=config.max_prompt_chars, pattern=PROMPT_PATTERN)] | None
+    keys: dict[str, Any] = {
+        name: (_annotation(rule), Field(default=defaults[name], description=DESCRIPTIONS.get(name)))
+        for name, rule in rules.items()}
+    return create_model("GenerateRequest", __config__=model_config,
+                        prompt=(prompt, Field(description=DESCRIPTIONS["prompt"])), **keys)
+
+
+def _json(schema: dict[str, Any], description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An OpenAPI response with a JSON body (and headers)."""
+    return {"description": description, "content": {"application/json": {"schema": schema}}} | (
+        {"headers": headers} if headers else {})
+
+
+_STRING = {"type": "string"}
+_COUNT = {"type": "integer", "minimum": 0}
+ERROR = {"type": "object", "required": ["error"], "additionalProperties": False,
+         "properties": {"error": {**_STRING, "description": "what went wrong and what to send instead"},
+                        "field": {**_STRING, "description": "the JSON key at fault, when one is"}}}
+FAULT = {"type": "object", "required": ["error", "request_id"], "additionalProperties": False,
+         "properties": {"error": _STRING, "request_id": {**_STRING, "description": "the id the server logged the "
+                                                                                   "fault under (X-Request-Id)"}}}
+HEALTH = {"type": "object", "required": ["status", "waiting", "decoding"], "additionalProperties": False,
+          "properties": {"status": {"enum": ["ok", "down"]}, "waiting": _COUNT, "decoding": _COUNT}}
+_NUMBER = {"type": "number"}
+MODEL = {"type": "object", "additionalProperties": False,
+         "required": ["model", "kind", "config", "sample_rate", "segment", "max_duration", "defaults", "limits"],
+         "properties": {"model": _STRING, "kind": {"enum": ["magnet", "musicgen"]},
+                        "config": {"type": "object", "description": "the language model's shape (ModelConfig)"},
+                        "sample_rate": _COUNT, "segment": _NUMBER, "max_duration": _NUMBER,
+                        "defaults": {"type": "object", "description": "the model's generation defaults "
+                                                                      "(GenerationConfig)"},
+                        "limits": {"type": "object", "additionalProperties": _NUMBER,
+                                   "required": ["max_batch", "max_queue", "max_streams", "max_frames", "timeout",
+                                                "max_body", "max_prompt_chars"]}}}
+GENERATED = {"type": "object", "additionalProperties": False,
+             "required": ["seed", "sample_rate", "duration", "latency_s", "format", "tokens", "audio"],
+             "properties": {"seed": _COUNT, "sample_rate": _COUNT, "duration": _NUMBER, "latency_s": _NUMBER,
+                            "format": {"enum": [s.lstrip(".") for s in MEDIA_TYPES]},
+                            "tokens": {"type": "array", "description": "[K, T] EnCodec tokens",
+                                       "items": {"type": "array", "items": _COUNT}},
+                            "audio": {**_STRING, "contentEncoding": "base64"}}}
+_HEADER_NUMBER = {"schema": _NUMBER}
+RETRY_AFTER = {"Retry-After": {"required": True, "description": "seconds to wait before retrying",
+                               "schema": {"type": "integer", "minimum": 1}}}
+
+
+def responses(*, generate: bool, auth: bool) -> dict[int | str, dict[str, Any]]:
+    """What an operation can answer, for the OpenAPI document: 401 only where a key is configured; the body's
+    statuses (400, 413, 422) and the queue's (503, 504) for POST /v1/generate only."""
+    out: dict[int | str, dict[str, Any]] = {}
+    if generate:
+        audio = {media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES.values()}
+        out[200] = {"description": "the audio (a WAV of open length, chunked, with \"stream\": true); JSON with the "
+                                   "tokens and base64 audio for Accept: application/json",
+                    "content": {**audio, "application/json": {"schema": GENERATED}},
+                    "headers": {"X-Seed": {"required": True, "schema": {"type": "integer", "minimum": 0},
+                                           "description": "the seed that reproduces this audio"},
+                                "X-Audio-Duration": _HEADER_NUMBER, "X-Latency": _HEADER_NUMBER,
+                                "X-Queue-Time": _HEADER_NUMBER, "X-Replica": {"schema": _STRING}}}
+        out[400] = _json(ERROR, "the body is not a JSON object")
+    if auth:
+        out[401] = _json(ERROR, "missing or wrong API key", {"WWW-Authenticate": {"required": True,
+                                                                                    "schema": _STRING}})
+    if generate:
+        out[413] = _json(ERROR, "the body is larger than the server takes")
+        out[422] = _json(ERROR, "a bad key or value, named in \"field\"")
+    out[500] = _json(FAULT, "a server fault: a request id, the details are in the server's log")
+    if generate:
+        out[503] = _json(ERROR, "the replica's queue is full or it is shutting down: retry after Retry-After "
+                                "seconds", RETRY_AFTER)
+        out[504] = _json(ERROR, "past the request's timeout")
+    return out
 
 
 def build_app(service: Service) -> FastAPI:
-    """The FastAPI app of one replica (routes in module docstring)."""
+    """The FastAPI app of one replica (routes in module docstring); its OpenAPI document states what each route
+    takes and answers (tests/test_serve_openapi.py checks it with Schemathesis)."""
     app = FastAPI(title="magnet-engine", description="Text to music and sound with MAGNeT.", version="1")
     config = service.config
-    bearer = HTTPBearer(auto_error=False, description="the key of --api-key-file (when the server has one)")
+    auth = config.api_key_sha256 is not None
+    guarded: list[Any] = []
+    if auth:  # declared (a security scheme, 401 answers) only when a key is configured
+        bearer = HTTPBearer(auto_error=False, description="the key of --api-key-file")
 
-    def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
-        if not config.key_matches(None if credentials is None else credentials.credentials):
-            raise HTTPError(401, "missing or wrong API key: send the header Authorization: Bearer KEY",
-                            headers={"WWW-Authenticate": "Bearer"})
+        def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+            if not config.key_matches(None if credentials is None else credentials.credentials):
+                raise HTTPError(401, "missing or wrong API key: send the header Authorization: Bearer KEY",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+        guarded = [Depends(authorized)]
 
     @app.exception_handler(HTTPError)
     async def http_error(request: Request, e: HTTPError) -> Response:
@@ -315,22 +461,13 @@ def build_app(service: Service) -> FastAPI:
             metrics.request(response.status_code, time.monotonic() - t0)
             return response
 
-    model = request_model(config, service.engine.defaults)
-    audio_types = {media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES.values()}
-    # the model's own schema, inlined (no nested models: no $defs)
-    body_schema = model.model_json_schema()
+    schema = RequestSchema(config, service.engine.config, service.engine.defaults)
+    body_schema = schema.json_schema()  # inlined: the model has no nested models, so no $defs
 
-    @app.post("/v1/generate", summary="Generate audio from text", dependencies=[Depends(authorized)],
+    @app.post("/v1/generate", summary="Generate audio from text", dependencies=guarded,
               openapi_extra={"requestBody": {"required": True,
                                              "content": {"application/json": {"schema": body_schema}}}},
-              responses={200: {"content": {**audio_types, "application/json": {}},
-                               "description": "the audio; JSON with tokens and base64 audio for Accept: "
-                                              "application/json"},
-                         401: {"description": "missing or wrong API key"}, 413: {"description": "body too large"},
-                         422: {"description": "a bad field, named in the error"},
-                         500: {"description": "a server fault: a request id, the details are in the log"},
-                         503: {"description": "queue full: retry after Retry-After seconds"},
-                         504: {"description": "past the request's timeout"}})
+              responses=responses(generate=True, auth=auth))
     async def generate(request: Request) -> Response:
         received = time.monotonic()
         declared = request.headers.get("content-length")
@@ -341,12 +478,14 @@ def build_app(service: Service) -> FastAPI:
             raw += chunk
             if len(raw) > config.max_body:
                 raise HTTPError(413, f"the request body is over the limit of {config.max_body} bytes")
-        job = parse_job(bytes(raw), config, received)
+        job = schema.parse(bytes(raw), received)
         if job.stream:
             return service.stream(job)
         return await service.generate(job, "application/json" in request.headers.get("accept", ""))
 
-    @app.get("/v1/health", summary="200 once the replica's model is loaded and its scheduler runs")
+    @app.get("/v1/health", summary="200 once the replica's model is loaded and its scheduler runs",
+             responses={200: _json(HEALTH, "the scheduler runs"), 503: _json(HEALTH, "the scheduler stopped"),
+                        **responses(generate=False, auth=False)})
     async def health() -> Response:
         waiting, active = service.scheduler.counts()
         ok = service.scheduler.alive
@@ -354,7 +493,8 @@ def build_app(service: Service) -> FastAPI:
                             status_code=200 if ok else 503)
 
     @app.get("/v1/model", summary="the model's config, generation defaults and the service's limits",
-             dependencies=[Depends(authorized)])
+             dependencies=guarded, responses={200: _json(MODEL, "what the replica serves"),
+                                              **responses(generate=False, auth=auth)})
     async def describe() -> Response:
         return JSONResponse(service.describe())
 

@@ -99,6 +99,47 @@ def test_cli_and_api_refuse_alike(fixture_dir, tiny, tmp_path, capsys, fields, f
     assert flags[-2] in err
 
 
+def test_request_rules_state_what_build_request_takes(tiny) -> None:
+    """engine.request.request_rules, which the HTTP service's schema is built from, states build_request's checks
+    exactly for a request without AR models: at each bound of each field, the bound is taken (or not, when
+    excluded) and its nearest neighbour outside is refused, by both."""
+    from magnet_engine.engine.request import request_rules
+
+    def edges(rule) -> list:
+        if rule.kind == "int":
+            return [v for v in (rule.low or 0, (rule.low or 0) - 1, rule.high, None if rule.high is None
+                                else rule.high + 1, float(rule.low or 0)) if v is not None]
+        out = []
+        for bound, outward in ((rule.low, -math.inf), (rule.high, math.inf)):
+            if bound is not None:
+                out += [bound, math.nextafter(bound, outward), math.nextafter(bound, -outward)]
+        return out
+
+    seen = 0
+    for name, rule in request_rules(tiny.config).items():
+        item = rule.item if rule.kind == "list" else rule
+        if item.kind not in ("int", "real"):
+            continue
+        for v in edges(item):
+            value = [v] * len(tiny.defaults.steps) if name == "steps" else [v, 1.0] if name == "cfg" else v
+            try:
+                rule.check(name, value)
+                takes = True
+            except SettingError:
+                takes = False
+            try:
+                tiny.request(["x"], **{name: value})
+                assert takes, f"{name}={value!r}: build_request takes it, the rule does not"
+            except SettingError as e:
+                assert not takes, f"{name}={value!r}: the rule takes it, build_request refuses it ({e})"
+            seen += 1
+    assert seen > 30
+    refused = set(GenerationConfig.__dataclass_fields__) - set(request_rules(tiny.config))
+    for name in refused:  # the levers' settings need an AR model
+        with pytest.raises(SettingError, match=name):
+            tiny.request(["x"], **{name: 0.5})
+
+
 @pytest.mark.parametrize("fields, match", [
     ({"temperature": "hot"}, "temperature must be a number"),
     ({"greedy": 1}, "greedy must be true or false"),

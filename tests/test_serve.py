@@ -82,7 +82,8 @@ def test_ready_health_model_and_schema(cluster):
 
     _, _, body = call(cluster["main"] + "/openapi.json")
     schema = json.loads(body)["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    keys = {f.name for f in fields(GenerationConfig)} | {"prompt", "format", "timeout", "stream"}
+    levers = {"rescore_weight", "ar_cfg"}  # need an AR model, which no HTTP request has
+    keys = {f.name for f in fields(GenerationConfig)} - levers | {"prompt", "format", "timeout", "stream"}
     assert keys == set(schema["properties"])
     assert schema["properties"]["steps"]["default"] == [20, 10, 10, 10] and schema["required"] == ["prompt"]
 
@@ -379,15 +380,16 @@ def test_rendering_runs_off_the_event_loop(local_service, monkeypatch):
 
 
 def test_openapi_request_schema_is_generated_from_generation_config(local_service):
-    """The body schema is the pydantic model generated from GenerationConfig: every field typed, with the model's
-    default, unknown keys refused, and the bearer scheme declared."""
+    """The body schema is the pydantic model generated from GenerationConfig's rules: every field an HTTP request can
+    use typed, with the model's default, unknown keys refused, and the bearer scheme declared (the service has a
+    key). tests/test_serve_openapi.py checks the document against the server with Schemathesis."""
     from magnet_engine.engine.config import GenerationConfig
 
     service, app, _ = local_service
     doc = app.openapi()
     schema = doc["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert set(schema["properties"]) == {f.name for f in fields(GenerationConfig)} | {"prompt", "format", "timeout",
-                                                                                       "stream"}
+    assert set(schema["properties"]) == {f.name for f in fields(GenerationConfig)} - {"rescore_weight", "ar_cfg"} | {
+        "prompt", "format", "timeout", "stream"}
     assert schema["required"] == ["prompt"] and schema["additionalProperties"] is False
     assert schema["properties"]["steps"]["default"] == list(service.engine.defaults.steps)
     assert schema["properties"]["steps"]["type"] == "array" and schema["properties"]["greedy"]["type"] == "boolean"
