@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import shlex
 import statistics
 import sys
@@ -38,6 +37,8 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from .schema import emit
 
 SYNC_OPS = frozenset({"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.item.default"})
 GRAPH_MARK = "bench.overhead::compiled_graph"
@@ -347,9 +348,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as e:
             print(f"bench overhead: error: {e}", file=sys.stderr)
             return 2
-        line = json.dumps(row)
-        print(line, flush=True)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(line + "\n")
+        emit([row], args.json)
     return 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from magnet_engine.engine.sampling import sample_ref
 
 from .common import cpu_model, versions
 from .presets import get_preset, random_lm
+from .schema import emit
 
 
 def half_residual(lm: LM, dtype: torch.dtype) -> LM:
@@ -94,11 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "tokens_equal": round(float(same.float().mean()), 4),
             "tokens_equal_per_codebook": [round(float(x), 4) for x in same.float().mean(dim=(0, 2))],
             "seconds": round(seconds, 2), "cpu": cpu_model(), "versions": versions()}
-        line = json.dumps(row)
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        emit([row], args.out)
     return 0
 
 

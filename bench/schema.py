@@ -123,3 +123,14 @@ def read_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{n}: " + "; ".join(errors))
             rows.append(row)
     return rows
+
+
+def emit(rows: Iterable[dict[str, Any]], path: str | Path | None) -> None:
+    """Print each row as a JSON line (flushed: a long run shows its rows as they come) and append it to `path` too
+    when one is given. For the benchmarks whose rows are their own (not ROW_SCHEMA's)."""
+    for row in rows:
+        line = json.dumps(row)
+        print(line, flush=True)
+        if path:
+            with open(path, "a") as f:
+                f.write(line + "\n")

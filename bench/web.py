@@ -20,6 +20,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from magnet_engine.bench.schema import emit
 from magnet_engine.export import web
 
 NODE_DIR = Path(web.__file__).resolve().parent / "node"
@@ -122,12 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows += [{**r, **machine} for r in page_rows(d, args.threads, args.repeats, args.chromium)]
         rows += [{**r, **machine} for r in node_rows(d, args.threads, args.repeats)]
         rows += [{**r, **machine} for r in python_rows(d, args.threads, args.repeats)]
-    for r in rows:
-        line = json.dumps(r)
-        print(line, flush=True)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(line + "\n")
+    emit(rows, args.json)
     return 0
 
 
