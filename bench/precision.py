@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from magnet_engine.engine import magnet
 from magnet_engine.engine.api import DTYPES, TorchStep
+from magnet_engine.engine.cli import SPELLING
 from magnet_engine.engine.config import GenerationConfig, default_generation
 from magnet_engine.engine.model import LM
 from magnet_engine.engine.sampling import sample_ref
@@ -55,14 +56,14 @@ def measure(lm: LM, cond: torch.Tensor, gen: GenerationConfig, batch: int) -> tu
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m magnet_engine.bench precision", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="magnet-small-10secs", help="a MAGNeT preset of bench.presets")
+    ap.add_argument(*SPELLING["model"], default="magnet-small-10secs", help="a MAGNeT preset of bench.presets")
     ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     ap.add_argument("--duration", type=float, default=1.0)
     ap.add_argument("--steps", default="3,1,1,1", help="decoding steps per codebook")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--text-len", type=int, default=12)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="append the JSON lines here too")
+    ap.add_argument(*SPELLING["seed"], type=int, default=0)
+    ap.add_argument(*SPELLING["output"], dest="out", default=None, help="append the JSON lines here too")
     args = ap.parse_args(argv)
     preset = get_preset(args.model)
     if preset.kind != "magnet":

@@ -54,12 +54,12 @@ def test_cli_engine_flags_take_effect(fixture_dir, tmp_path, monkeypatch):
     """--deterministic, --dtype and --batch-size reach what they set: the engine `magnet generate` loads is
     deterministic with a bf16 LM, 3 prompts run as batches of 2 and 1, and the tokens are that engine's for the whole
     request (prompt b draws from seed + b either way)."""
-    from magnet_engine.engine import api
+    from magnet_engine.engine import api, backends
 
     loaded: list[api.Engine] = []
     batches: list[int] = []
-    load, stream = api.load, api.Engine.generate_stream
-    monkeypatch.setattr(api, "load", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    load, stream = backends.load, api.Engine.generate_stream
+    monkeypatch.setattr(backends, "load", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
     monkeypatch.setattr(api.Engine, "generate_stream",
                         lambda self, req, **k: batches.append(req.batch) or stream(self, req, **k))
     tokens = tmp_path / "t.npy"

@@ -429,10 +429,16 @@ def test_limit_thread_and_metrics_flags_take_effect(fixture_dir: Path, monkeypat
                                            "--max-prompt-chars", "12", "--threads", "1", "--metrics-port", str(port)])
     started: list[list[str]] = []
 
-    class Exited:  # a `ray start` that stops at once: what is checked is its command line
-        returncode, stderr = 1, io.BytesIO(b"stopped by the test")
+    class Exited:  # a `ray start` (and its watchdog) that stops at once: what is checked is its command line
+        returncode, pid = 1, -1
+
+        def __init__(self) -> None:
+            self.stderr, self.stdin = io.BytesIO(b"stopped by the test"), io.BytesIO()
 
         def poll(self) -> int:
+            return 1
+
+        def wait(self, timeout: float | None = None) -> int:
             return 1
 
     monkeypatch.setattr(serve_cli.subprocess, "Popen", lambda cmd, **kw: started.append(cmd) or Exited())
