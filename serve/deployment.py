@@ -24,7 +24,7 @@ from typing import Any
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from .config import LaunchConfig, ServiceConfig, scheduler_limits
+from .config import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, LaunchConfig, ServiceConfig, scheduler_limits
 from .http import Answer, HTTPError, Job, Service, build_app
 
 APP_NAME = "magnet"
@@ -83,7 +83,8 @@ def _pin_internal_grpc() -> None:
     """Ray Serve 2.60 binds each replica's inter-deployment gRPC server to [::] (ray/serve/_private/replica.py,
     `add_port_to_grpc_server(self._server, "[::]:0")`, no setting): bind the node's own address instead (loopback
     on a local Ray, see serve.cli.ray_environment). The ingress reaches the model through a handle, whose calls are Ray
-    actor calls unless Serve's gRPC transport is switched on, which magnet serve does not do. Called in the replica before Serve starts that server; raises if Ray renamed it."""
+    actor calls unless Serve's gRPC transport is switched on, which magnet serve does not do. Called in the replica
+    before Serve starts that server; raises if Ray renamed it."""
     import ray
     from ray.serve._private import replica
 
@@ -198,7 +199,7 @@ def application(service: ServiceConfig, launch: LaunchConfig) -> Any:
     limits = scheduler_limits(service)
     per_replica = limits["max_batch"] + limits["max_queue"] + limits["max_streams"] + OVERFLOW
     options: dict[str, Any] = {
-        "name": "Model",
+        "name": MODEL_DEPLOYMENT,
         "ray_actor_options": {"num_cpus": launch.replica_cpus, "num_gpus": launch.replica_gpus},
         # room beyond what the scheduler holds, so that overflow reaches the replica and gets its JSON 503 with
         # Retry-After at once (the router's count of a replica's requests lags); the handle queues at most as many
@@ -222,7 +223,7 @@ def application(service: ServiceConfig, launch: LaunchConfig) -> Any:
     # the ingress only parses and waits: no CPU reserved; it holds what every model replica and the handle's queue
     # can, and the proxy's queue before it is bounded as much again (Serve's plain 503 past it)
     ingress = serve.deployment(Gateway).options(
-        name="Magnet", num_replicas=1, ray_actor_options={"num_cpus": 0},
+        name=INGRESS_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=2 * per_replica * most, max_queued_requests=2 * per_replica * most,
         graceful_shutdown_timeout_s=service.timeout + GATEWAY_GRACE_S)
     return ingress.bind(service, model)
