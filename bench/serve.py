@@ -139,15 +139,22 @@ def stream_beside(args: argparse.Namespace, key: str | None, t0: float, box: dic
     box["stream"] = out
 
 
-def replica_pids(deployment: str | None = None) -> list[int]:
-    """This machine's Serve replica processes (titled `ray::ServeReplica:APP:DEPLOYMENT`), of one deployment or all."""
+REPLICA_TITLE = "ray::ServeReplica:"  # then APP:DEPLOYMENT
+
+
+def replica_pids(deployment: str | None = None, app: str | None = None) -> list[int]:
+    """This machine's Serve replica processes (titled `ray::ServeReplica:APP:DEPLOYMENT`): all, or those of one
+    deployment (of one application)."""
     pids = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             title = (proc / "cmdline").read_bytes().split(b"\0")[0].split(b" ")[0].decode(errors="replace")
         except OSError:
             continue
-        if title.startswith("ray::ServeReplica:") and (deployment is None or title.rsplit(":", 1)[1] == deployment):
+        if not title.startswith(REPLICA_TITLE):
+            continue
+        app_name, _, name = title[len(REPLICA_TITLE):].partition(":")
+        if deployment in (None, name) and app in (None, app_name):
             pids.append(int(proc.name))
     return sorted(pids)
 
