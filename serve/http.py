@@ -1,5 +1,6 @@
-"""The HTTP API of one replica, without Ray: a `Service` (an Engine behind the request scheduler) and `build_app`, the
-FastAPI app around it. serve.deployment wraps both in a Ray Serve deployment.
+"""The HTTP API without Ray: `build_app`, the FastAPI app over a `Front`, and `Service` (an Engine behind the request
+scheduler), the front that serves in this process. serve.deployment runs the app in the ingress deployment over
+serve.ingress.Ingress (which calls the model replicas' `Service` through a handle, and retries on a replica's death).
 
     POST /v1/generate  JSON {prompt, GenerationConfig fields, format, timeout, stream} -> audio (or JSON with
                        Accept); "stream": true sends a WAV with chunked transfer, a window at a time
@@ -460,7 +461,9 @@ def responses(*, generate: bool, auth: bool) -> dict[int | str, dict[str, Any]]:
                     "headers": {"X-Seed": {"required": True, "schema": {"type": "integer", "minimum": 0},
                                            "description": "the seed that reproduces this audio"},
                                 "X-Audio-Duration": _HEADER_NUMBER, "X-Latency": _HEADER_NUMBER,
-                                "X-Queue-Time": _HEADER_NUMBER, "X-Replica": {"schema": _STRING}}}
+                                "X-Queue-Time": _HEADER_NUMBER, "X-Replica": {"schema": _STRING},
+                                "X-Retries": {"schema": _COUNT, "description": "times the request was sent again "
+                                                                               "after its model replica died"}}}
         out[400] = _json(ERROR, "the body is not a JSON object")
     if auth:
         out[401] = _json(ERROR, "missing or wrong API key", {"WWW-Authenticate": {"required": True,
