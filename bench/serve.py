@@ -139,7 +139,7 @@ def stream_beside(args: argparse.Namespace, key: str | None, t0: float, box: dic
     box["stream"] = out
 
 
-REPLICA_TITLE = "ray::ServeReplica:"  # then APP:DEPLOYMENT
+REPLICA_TITLE = "ray::ServeReplica:"  # then APP:DEPLOYMENT[.METHOD]
 
 
 def replica_pids(deployment: str | None = None, app: str | None = None) -> list[int]:
@@ -154,6 +154,7 @@ def replica_pids(deployment: str | None = None, app: str | None = None) -> list[
         if not title.startswith(REPLICA_TITLE):
             continue
         app_name, _, name = title[len(REPLICA_TITLE):].partition(":")
+        name = name.partition(".")[0]  # while it runs a call the title names the method: ...:Model.handle_request
         if deployment in (None, name) and app in (None, app_name):
             pids.append(int(proc.name))
     return sorted(pids)
