@@ -115,6 +115,7 @@ def _loopback(addr: str) -> bool:
 
 
 def test_sigterm_to_the_group_finishes_in_flight_and_leaves_nothing_running(fixture_dir, tmp_path):
+    import secrets
     from concurrent.futures import ThreadPoolExecutor
 
     from magnet_engine.serve.client import Client
@@ -122,11 +123,16 @@ def test_sigterm_to_the_group_finishes_in_flight_and_leaves_nothing_running(fixt
     (tmp_path / "key").write_text("k3y\n")
     port = free_port()
     out, err = (tmp_path / "out.log").open("w"), (tmp_path / "err.log").open("w")
+    # a user who has a Ray token (ray.init() leaves one in ~/.ray): the head turns token auth on, and magnet serve's
+    # own connection to it must too
+    (tmp_path / "ray_token").write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")} | {
+        "RAY_AUTH_TOKEN_PATH": str(tmp_path / "ray_token")}
     # a session of its own, as a supervisor starts a service: the group's SIGTERM below does not reach this test
     proc = subprocess.Popen([sys.executable, "-m", "magnet_engine.serve", "--model", str(fixture_dir),
                              "--device", "cpu", "--port", str(port), "--api-key-file", str(tmp_path / "key"),
                              "--max-batch", "4", "--max-queue", "0", "--timeout", "60"],
-                            stdout=out, stderr=err, cwd=REPO, start_new_session=True)
+                            stdout=out, stderr=err, cwd=REPO, start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + 150
         while "ready at" not in (tmp_path / "out.log").read_text():
