@@ -7,13 +7,14 @@
 Every request is answered (audio, or an error status) or fails to connect ("conn"); after --seconds no new request
 is sent and those in flight get up to --drain s. Output: one JSON line (throughput, latency percentiles of the
 answered-with-audio requests, errors by status, per-second series), a Markdown table, and with --plot a PNG of
-latency over time by status and answers per second. --kill-at T kills one replica's actor at T s (ray.kill
-through --ray-address) and measures the recovery: from the kill to the first audio answer to a request sent after
-it. Once a second a sampler reads the replicas' queue (`GET /v1/health`: waiting, decoding) and the resident memory
-of this machine's Serve replica processes (/proc), reported as their ranges ("nothing lost, memory flat" under
-overload). --beside-stream S sends one streamed request of S s of audio ("stream": true) at the start, beside the
-load, and reports its time to the first audio and to its end (the load's latencies with and without it: two runs).
-Loopback only: the URL must name 127.0.0.1, ::1 or localhost.
+latency over time by status and answers per second. --kill-at T SIGKILLs one model replica's process on this machine
+at T s (by its pid, as an OOM killer or a crash would) and reports the statuses answered before and after it, the
+answers the ingress retried on a survivor (X-Retries), and the recovery: from the kill to the first audio answer to
+a request sent after it. Once a second a sampler reads the replicas' queue (`GET /v1/health`: waiting, decoding)
+and the resident memory of this machine's Serve replica processes (/proc), reported as their ranges ("nothing lost,
+memory flat" under overload). --beside-stream S sends one streamed request of S s of audio ("stream": true) at the
+start, beside the load, and reports its time to the first audio and to its end (the load's latencies with and
+without it: two runs). Loopback only: the URL must name 127.0.0.1, ::1 or localhost.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from magnet_engine.engine.cli import SPELLING
+from magnet_engine.serve.config import MODEL_DEPLOYMENT
 
 TEXTS = ["upbeat electronic dance track with a heavy bass line", "slow sad piano", "a calm ambient pad",
          "rock drums and distorted guitar", "jazz trio, walking bass, brushes", "lofi hip hop beat"]
@@ -46,6 +48,7 @@ class Shot:
     status: int | str  # HTTP status, or "conn" when no answer came
     latency: float  # seconds until answered (or failed)
     bytes: int = 0
+    retries: int = 0  # X-Retries: calls the ingress sent again after a model replica died
 
 
 def send(url: str, body: dict[str, Any], key: str | None, timeout: float, t0: float) -> Shot:
@@ -55,7 +58,7 @@ def send(url: str, body: dict[str, Any], key: str | None, timeout: float, t0: fl
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             n = len(r.read())
-            return Shot(sent - t0, r.status, time.perf_counter() - sent, n)
+            return Shot(sent - t0, r.status, time.perf_counter() - sent, n, int(r.headers.get("X-Retries", 0)))
     except urllib.error.HTTPError as e:
         e.read()
         return Shot(sent - t0, e.code, time.perf_counter() - sent)
@@ -136,32 +139,47 @@ def stream_beside(args: argparse.Namespace, key: str | None, t0: float, box: dic
     box["stream"] = out
 
 
-def kill_replica(address: str, after: float, t0: float, box: dict[str, Any]) -> None:
-    """At `after` s: ray.kill one replica actor of the magnet app (Serve's controller then starts a new one)."""
-    from magnet_engine.serve.cli import ray_environment
+REPLICA_TITLE = "ray::ServeReplica:"  # then APP:DEPLOYMENT[.METHOD]
 
-    ray_environment()  # this driver's node address must be the loopback one the local cluster uses
-    import ray
 
-    ray.init(address=address, log_to_driver=False)
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith("SERVE_REPLICA::")]
-    if not names:
-        raise SystemExit("bench serve: no Serve replica found on the cluster at --ray-address")
-    actor = ray.get_actor(names[0], namespace="serve")
+def replica_pids(deployment: str | None = None, app: str | None = None) -> list[int]:
+    """This machine's Serve replica processes (titled `ray::ServeReplica:APP:DEPLOYMENT`): all, or those of one
+    deployment (of one application)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            title = (proc / "cmdline").read_bytes().split(b"\0")[0].split(b" ")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if not title.startswith(REPLICA_TITLE):
+            continue
+        app_name, _, name = title[len(REPLICA_TITLE):].partition(":")
+        name = name.partition(".")[0]  # while it runs a call the title names the method: ...:Model.handle_request
+        if deployment in (None, name) and app in (None, app_name):
+            pids.append(int(proc.name))
+    return sorted(pids)
+
+
+def kill_replica(after: float, t0: float, box: dict[str, Any]) -> None:
+    """At `after` s: SIGKILL one model replica's process (Serve's controller then starts a new one)."""
+    import os
+    import signal
+
     time.sleep(max(0.0, t0 + after - time.perf_counter()))
+    pids = replica_pids(MODEL_DEPLOYMENT)
+    if not pids:
+        box["kill_error"] = f"no {MODEL_DEPLOYMENT} replica process on this machine"
+        return
+    os.kill(pids[0], signal.SIGKILL)
     box["killed_at"] = time.perf_counter() - t0
-    ray.kill(actor)
 
 
 def replica_rss_mb() -> float:
     """Resident memory of this machine's Serve replica processes (`ray::ServeReplica...`), MB."""
     total = 0
-    for proc in Path("/proc").glob("[0-9]*"):
+    for pid in replica_pids():
         try:
-            if not (proc / "cmdline").read_bytes().startswith(b"ray::ServeReplica"):
-                continue
-            status = (proc / "status").read_text()
+            status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             continue
         total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
@@ -213,6 +231,11 @@ def summarize(args: argparse.Namespace, shots: list[Shot], killed_at: float | No
         after = [s for s in ok if s.sent >= killed_at]
         row["recovery_s"] = round(min(s.sent + s.latency for s in after) - killed_at, 2) if after else None
         row["failed_after_kill"] = sum(1 for s in shots if s.status != 200 and s.sent + s.latency >= killed_at)
+        for name, side in (("before", lambda s: s.sent + s.latency < killed_at),
+                           ("after", lambda s: s.sent + s.latency >= killed_at)):  # by when they were answered
+            row[f"statuses_{name}_kill"] = dict(sorted(collections.Counter(str(s.status) for s in shots
+                                                                          if side(s)).items()))
+        row["retried"] = sum(1 for s in shots if s.retries)
     if stream is not None:  # did the stream run beside the whole load, or end before the last request was sent
         last = max((s.sent for s in shots), default=0.0)
         row["beside_stream"] = stream | {"covered_load": stream["sent_s"] + stream["total_s"] >= last}
@@ -235,7 +258,9 @@ def table(row: dict[str, Any]) -> str:
                      f"{st['covered_load']})")
     if "recovery_s" in row:
         lines.append(f"\nreplica killed at {row['killed_at_s']} s: recovered in {row['recovery_s']} s, "
-                     f"{row['failed_after_kill']} requests failed after the kill")
+                     f"{row['failed_after_kill']} requests failed after the kill; by status before "
+                     f"{row['statuses_before_kill']}, after {row['statuses_after_kill']}; {row['retried']} answered "
+                     "after a retry on a survivor")
     return "\n".join(lines)
 
 
@@ -277,8 +302,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--api-key-file", type=Path, default=None)
     ap.add_argument("--max-clients", type=int, default=256, help="open loop: most requests in flight")
     ap.add_argument("--trace-seed", type=int, default=0)
-    ap.add_argument("--kill-at", type=float, default=None, help="kill a replica this many seconds in")
-    ap.add_argument("--ray-address", default="auto", help="the cluster of the service, for --kill-at")
+    ap.add_argument("--kill-at", type=float, default=None,
+                    help="SIGKILL a model replica's process (on this machine) this many seconds in")
     ap.add_argument("--beside-stream", type=float, default=None, metavar="SECONDS",
                     help="also send one streamed request of this many seconds of audio at the start")
     ap.add_argument("--label", default="")
@@ -303,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     box: dict[str, Any] = {}
     killer = None
     if args.kill_at is not None:
-        killer = threading.Thread(target=kill_replica, args=(args.ray_address, args.kill_at, t0, box), daemon=True)
+        killer = threading.Thread(target=kill_replica, args=(args.kill_at, t0, box), daemon=True)
         killer.start()
     samples: list[dict[str, Any]] = []
     stop = threading.Event()
@@ -322,6 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         killer.join(timeout=5)
     if streamer is not None:
         streamer.join(timeout=args.drain)
+    if "kill_error" in box:
+        print(f"bench serve: --kill-at: {box['kill_error']}", file=sys.stderr)
+        return 1
     row = summarize(args, shots, box.get("killed_at"), samples, box.get("stream"))
     line = json.dumps(row)
     print(line, flush=True)

@@ -263,7 +263,13 @@ def ray_environment() -> None:
       127.0.0.1 to the machine's routable address; this switch is the one it uses on macOS and Windows);
     - the proxy spreads requests over all replicas instead of preferring those on its own node: a replica's CPUs
       are what a request waits for, so an idle replica on another node beats a busy local one.
+    - token authentication on when a Ray token exists (~/.ray/auth_token, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH) and
+      RAY_AUTH_MODE says nothing: `ray start --head` turns it on then, but Ray 2.60's client does not for an address
+      given to it, so without this the head refuses magnet serve's own connection ("Failed to connect").
     A cluster joined with --address keeps its own settings."""
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "0")

@@ -10,6 +10,8 @@ from magnet_engine.engine.config import SettingError, check_int, check_real
 # How the names in a SettingError are spelled for an HTTP client: JSON keys. GenerationConfig fields are their own
 # keys; the request parts of engine.request get the HTTP key that carries them.
 HTTP_NAMES = {"prompts": "prompt", "unconditional": "prompt (null)"}
+# The application's two deployments (serve.deployment): the HTTP ingress, and the model it calls through a handle.
+INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT = "Magnet", "Model"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""The HTTP API of one replica, without Ray: a `Service` (an Engine behind the request scheduler) and `build_app`, the
-FastAPI app around it. serve.deployment wraps both in a Ray Serve deployment.
+"""The HTTP API without Ray: `build_app`, the FastAPI app over a `Front`, and `Service` (an Engine behind the request
+scheduler), the front that serves in this process. serve.deployment runs the app in the ingress deployment over
+serve.ingress.Ingress (which calls the model replicas' `Service` through a handle, and retries on a replica's death).
 
     POST /v1/generate  JSON {prompt, GenerationConfig fields, format, timeout, stream} -> audio (or JSON with
                        Accept); "stream": true sends a WAV with chunked transfer, a window at a time
@@ -70,6 +71,10 @@ class HTTPError(Exception):
         super().__init__(message)
         self.status, self.message, self.field, self.headers = status, message, field, headers or {}
 
+    def response(self) -> JSONResponse:
+        body = {"error": self.message} | ({"field": self.field} if self.field else {})
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
     @classmethod
     def setting(cls, e: SettingError) -> HTTPError:
         """A bad setting: 422 with the message in JSON keys (the engine's template, spelled for HTTP)."""
@@ -87,6 +92,47 @@ class Job:
     timeout: Any  # seconds (checked by the scheduler)
     received: float  # time.monotonic()
     stream: bool = False  # send the audio as windows complete (a WAV of unstated length, chunked)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A generate request's answer as plain data: what crosses from a model replica to the ingress (pickled by
+    Ray), and the Response it becomes there."""
+
+    status: int
+    body: bytes
+    media_type: str
+    headers: dict[str, str]
+
+    @classmethod
+    def of(cls, response: Response) -> Answer:
+        headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+        return cls(response.status_code, bytes(response.body), response.media_type or "", headers)
+
+    @classmethod
+    def error(cls, e: HTTPError) -> Answer:
+        return cls.of(e.response())
+
+    def response(self, **headers: str) -> Response:
+        return Response(self.body, status_code=self.status, media_type=self.media_type,
+                        headers=self.headers | headers)
+
+
+class Front(Protocol):
+    """What the HTTP app serves from (`build_app`): a `Service` in this process, or the ingress deployment's
+    `serve.ingress.Ingress`, which calls model replicas through Ray and retries on a survivor when one dies."""
+
+    config: ServiceConfig
+    metrics: Metrics | None
+    schema: RequestSchema
+
+    async def generate(self, job: Job, as_json: bool) -> Response: ...
+
+    async def stream(self, job: Job) -> Response: ...
+
+    async def health(self) -> tuple[bool, int, int]: ...  # (alive, waiting, decoding)
+
+    async def describe(self) -> dict[str, Any]: ...
 
 
 class RequestSchema:
@@ -179,6 +225,7 @@ class Service:
         self.output = OutputConfig()  # what `magnet generate` writes by default: the same bytes for the same seed
         self.scheduler = Scheduler(self._load, **scheduler_limits(config))
         self.engine: Engine = self.scheduler.engine
+        self.schema = RequestSchema(config, self.engine.config, self.engine.defaults)
         self.latency_ewma = 0.0  # seconds, for Retry-After
 
     def _load(self) -> Engine:
@@ -215,12 +262,14 @@ class Service:
                                 headers={"Retry-After": "1"}) from None
             raise
 
-    def stream(self, job: Job) -> Response:
-        """The audio as windows complete: a 16-bit PCM WAV whose header leaves the length open (0xFFFFFFFF, as
-        streamed WAVs do), then each chunk's samples. Not normalised (the piece's peak is not known until its end):
-        the model's own level, clipped to [-1, 1]; the samples are those of `generate`'s audio."""
+    def open_stream(self, job: Job) -> tuple[dict[str, str], typing.AsyncIterator[bytes]]:
+        """A streamed request, queued at once (HTTPError if refused): its headers, and its bytes as windows complete:
+        a 16-bit PCM WAV header that leaves the length open (0xFFFFFFFF, as streamed WAVs do), then each window's
+        samples, one item per window (the same items for the same request: the ingress resumes a stream by
+        position). Not normalised (the piece's peak is not known until its end): the model's own level, clipped to
+        [-1, 1]; the samples are those of `generate`'s audio. A fault mid-way raises out of the iterator, so the
+        connection ends without the chunked terminator: a client sees a broken transfer, never a short clean WAV."""
         from magnet_engine.engine.audio import pcm16_bytes, wav_stream_header
-        from starlette.responses import StreamingResponse
 
         with self._queueing():
             try:  # the loop thread turns each chunk into PCM: no tensor work on the event loop
@@ -236,13 +285,25 @@ class Service:
                 while (pcm := await asyncio.to_thread(stream.next_chunk)) is not None:
                     if pcm:
                         yield pcm
-            except Exception:  # noqa: BLE001 - the status is sent: the answer ends short, the fault is logged
+            except Exception:
                 log.exception("magnet: a streamed request failed mid-way")
+                raise
             finally:
                 stream.cancel()  # a client that hung up frees the loop at the next window
 
         headers = {"X-Seed": str(job.fields["seed"])} | ({"X-Replica": self.replica} if self.replica else {})
-        return StreamingResponse(body(), media_type=MEDIA_TYPES[".wav"], headers=headers)
+        return headers, body()
+
+    async def stream(self, job: Job) -> Response:
+        """The audio as windows complete (`open_stream`), chunked."""
+        from starlette.responses import StreamingResponse
+
+        headers, body = self.open_stream(job)
+        return StreamingResponse(body, media_type=MEDIA_TYPES[".wav"], headers=headers)
+
+    async def health(self) -> tuple[bool, int, int]:
+        waiting, active = self.scheduler.counts()
+        return self.scheduler.alive, waiting, active
 
     @contextlib.contextmanager
     def _queueing(self) -> typing.Iterator[None]:
@@ -283,7 +344,7 @@ class Service:
             return JSONResponse(body, headers=headers)
         return Response(data, media_type=MEDIA_TYPES[job.suffix], headers=headers)
 
-    def describe(self) -> dict[str, Any]:
+    async def describe(self) -> dict[str, Any]:
         """GET /v1/model: what the replica serves and with which limits."""
         eng = self.engine
         return {"model": self.config.model or "default", "kind": eng.config.kind, "config": eng.config.to_dict(),
@@ -400,7 +461,9 @@ def responses(*, generate: bool, auth: bool) -> dict[int | str, dict[str, Any]]:
                     "headers": {"X-Seed": {"required": True, "schema": {"type": "integer", "minimum": 0},
                                            "description": "the seed that reproduces this audio"},
                                 "X-Audio-Duration": _HEADER_NUMBER, "X-Latency": _HEADER_NUMBER,
-                                "X-Queue-Time": _HEADER_NUMBER, "X-Replica": {"schema": _STRING}}}
+                                "X-Queue-Time": _HEADER_NUMBER, "X-Replica": {"schema": _STRING},
+                                "X-Retries": {"schema": _COUNT, "description": "times the request was sent again "
+                                                                               "after its model replica died"}}}
         out[400] = _json(ERROR, "the body is not a JSON object")
     if auth:
         out[401] = _json(ERROR, "missing or wrong API key", {"WWW-Authenticate": {"required": True,
@@ -416,11 +479,11 @@ def responses(*, generate: bool, auth: bool) -> dict[int | str, dict[str, Any]]:
     return out
 
 
-def build_app(service: Service) -> FastAPI:
-    """The FastAPI app of one replica (routes in module docstring); its OpenAPI document states what each route
+def build_app(front: Front) -> FastAPI:
+    """The FastAPI app over a `Front` (routes in module docstring); its OpenAPI document states what each route
     takes and answers (tests/test_serve_openapi.py checks it with Schemathesis)."""
     app = FastAPI(title="magnet-engine", description="Text to music and sound with MAGNeT.", version="1")
-    config = service.config
+    config = front.config
     auth = config.api_key_sha256 is not None
     guarded: list[Any] = []
     if auth:  # declared (a security scheme, 401 answers) only when a key is configured
@@ -435,8 +498,7 @@ def build_app(service: Service) -> FastAPI:
 
     @app.exception_handler(HTTPError)
     async def http_error(request: Request, e: HTTPError) -> Response:
-        body = {"error": e.message} | ({"field": e.field} if e.field else {})
-        return JSONResponse(body, status_code=e.status, headers=e.headers)
+        return e.response()
 
     @app.exception_handler(Exception)
     async def server_fault(request: Request, e: Exception) -> Response:
@@ -447,8 +509,8 @@ def build_app(service: Service) -> FastAPI:
         return JSONResponse({"error": f"internal error (request id {rid}); the server logged it",
                              "request_id": rid}, status_code=500)
 
-    if service.metrics is not None:
-        metrics = service.metrics
+    if front.metrics is not None:
+        metrics = front.metrics
 
         @app.middleware("http")
         async def timed(request: Request, call_next: Any) -> Response:
@@ -461,7 +523,7 @@ def build_app(service: Service) -> FastAPI:
             metrics.request(response.status_code, time.monotonic() - t0)
             return response
 
-    schema = RequestSchema(config, service.engine.config, service.engine.defaults)
+    schema = front.schema
     body_schema = schema.json_schema()  # inlined: the model has no nested models, so no $defs
 
     @app.post("/v1/generate", summary="Generate audio from text", dependencies=guarded,
@@ -480,15 +542,14 @@ def build_app(service: Service) -> FastAPI:
                 raise HTTPError(413, f"the request body is over the limit of {config.max_body} bytes")
         job = schema.parse(bytes(raw), received)
         if job.stream:
-            return service.stream(job)
-        return await service.generate(job, "application/json" in request.headers.get("accept", ""))
+            return await front.stream(job)
+        return await front.generate(job, "application/json" in request.headers.get("accept", ""))
 
     @app.get("/v1/health", summary="200 once the replica's model is loaded and its scheduler runs",
              responses={200: _json(HEALTH, "the scheduler runs"), 503: _json(HEALTH, "the scheduler stopped"),
                         **responses(generate=False, auth=False)})
     async def health() -> Response:
-        waiting, active = service.scheduler.counts()
-        ok = service.scheduler.alive
+        ok, waiting, active = await front.health()
         return JSONResponse({"status": "ok" if ok else "down", "waiting": waiting, "decoding": active},
                             status_code=200 if ok else 503)
 
@@ -496,7 +557,7 @@ def build_app(service: Service) -> FastAPI:
              dependencies=guarded, responses={200: _json(MODEL, "what the replica serves"),
                                               **responses(generate=False, auth=auth)})
     async def describe() -> Response:
-        return JSONResponse(service.describe())
+        return JSONResponse(await front.describe())
 
     @app.get("/", include_in_schema=False)
     async def page() -> Response:  # static: the key, when there is one, is asked for by the page's own calls

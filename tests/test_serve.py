@@ -247,6 +247,49 @@ def test_two_nodes_one_replica_each(cluster):
     assert seen == nodes
 
 
+def test_a_replica_sigkilled_under_load_loses_nothing(cluster):
+    """12 slow requests over the two model replicas (each holds 4 decoding and 2 waiting), then one replica's process
+    is SIGKILLed by its pid. Every request ends 200, 503 or 504, never 500, and none hangs: what the dead replica held
+    comes back from the survivor, retried by the ingress (X-Retries), and a retried request's audio equals the same
+    request sent again with its X-Seed (the app is deterministic). Serve then starts a replica in its place."""
+    import os
+    import signal
+
+    from magnet_engine.bench.serve import replica_pids
+    from magnet_engine.serve.config import MODEL_DEPLOYMENT
+
+    pids = replica_pids(MODEL_DEPLOYMENT, app="main")
+    assert len(pids) == 2, pids
+
+    def one(i: int) -> tuple[int, dict, bytes]:
+        return call(cluster["main"] + "/v1/generate", {"prompt": f"storm {i}", "seed": i, "steps": SLOW}, timeout=90)
+
+    with ThreadPoolExecutor(12) as pool:
+        pending = [pool.submit(one, i) for i in range(12)]
+        time.sleep(1.0)  # all 12 placed, the first batches decoding
+        assert not any(p.done() for p in pending)
+        os.kill(pids[0], signal.SIGKILL)
+        answers = [p.result(timeout=120) for p in pending]
+    statuses = [status for status, _, _ in answers]
+    assert set(statuses) <= {200, 503, 504}, statuses
+    retried = [(headers, wav) for status, headers, wav in answers if status == 200 and int(headers["x-retries"])]
+    assert retried, [(s, h.get("x-retries")) for s, h, _ in answers]
+    headers, wav = retried[0]
+    i = int(headers["x-seed"])
+    status, again, wav_again = call(cluster["main"] + "/v1/generate",
+                                    {"prompt": f"storm {i}", "seed": i, "steps": SLOW}, timeout=90)
+    assert status == 200 and again["x-retries"] == "0" and wav_again == wav
+    deadline = time.monotonic() + 90  # the replacement starts (on the freed node) before the next test
+    while len(replica_pids(MODEL_DEPLOYMENT, app="main")) < 2 or call(cluster["main"] + "/v1/health")[0] != 200:
+        assert time.monotonic() < deadline, "Serve did not replace the killed replica"
+        time.sleep(0.5)
+    from ray import serve
+
+    while serve.status().applications["main"].status != "RUNNING":
+        assert time.monotonic() < deadline, serve.status().applications["main"]
+        time.sleep(0.5)
+
+
 def test_bench_serve_closed_loop(cluster, capsys):
     """python -m magnet_engine.bench serve against the running service: every request counted, by status."""
     from magnet_engine.bench.serve import main

@@ -115,6 +115,7 @@ def _loopback(addr: str) -> bool:
 
 
 def test_sigterm_to_the_group_finishes_in_flight_and_leaves_nothing_running(fixture_dir, tmp_path):
+    import secrets
     from concurrent.futures import ThreadPoolExecutor
 
     from magnet_engine.serve.client import Client
@@ -122,11 +123,16 @@ def test_sigterm_to_the_group_finishes_in_flight_and_leaves_nothing_running(fixt
     (tmp_path / "key").write_text("k3y\n")
     port = free_port()
     out, err = (tmp_path / "out.log").open("w"), (tmp_path / "err.log").open("w")
+    # a user who has a Ray token (ray.init() leaves one in ~/.ray): the head turns token auth on, and magnet serve's
+    # own connection to it must too
+    (tmp_path / "ray_token").write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")} | {
+        "RAY_AUTH_TOKEN_PATH": str(tmp_path / "ray_token")}
     # a session of its own, as a supervisor starts a service: the group's SIGTERM below does not reach this test
     proc = subprocess.Popen([sys.executable, "-m", "magnet_engine.serve", "--model", str(fixture_dir),
                              "--device", "cpu", "--port", str(port), "--api-key-file", str(tmp_path / "key"),
                              "--max-batch", "4", "--max-queue", "0", "--timeout", "60"],
-                            stdout=out, stderr=err, cwd=REPO, start_new_session=True)
+                            stdout=out, stderr=err, cwd=REPO, start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + 150
         while "ready at" not in (tmp_path / "out.log").read_text():
@@ -181,21 +187,28 @@ def test_sigterm_to_the_group_finishes_in_flight_and_leaves_nothing_running(fixt
 
 
 def test_deployment_options_replicas_and_autoscaling():
-    """--replicas N: a fixed count; --autoscale MIN,MAX: Serve's autoscaler aiming at max_batch ongoing requests per
-    replica (a replica is full at max_batch decoding together); replicas hold their scheduler's queue plus room to
-    answer overflow with 503, and the router's queue is bounded."""
+    """Two deployments: the ingress (one replica, no CPU, bounded) holding a handle to the model; the model with
+    --replicas N (a fixed count) or --autoscale MIN,MAX (Serve's autoscaler aiming at max_batch ongoing requests per
+    replica: a replica is full at max_batch decoding together); model replicas hold their scheduler's queue plus room
+    to answer overflow with 503, and the handle's queue is bounded."""
     from magnet_engine.serve.cli import parse
     from magnet_engine.serve.config import scheduler_limits
-    from magnet_engine.serve.deployment import OVERFLOW, application
+    from magnet_engine.serve.deployment import OVERFLOW, Gateway, Model, application
 
     service, launch = parse(["--max-batch", "4", "--max-queue", "10", "--autoscale", "1,3", "--replica-cpus", "2"])
-    opts = application(service, launch)._bound_deployment._deployment_config
+    ingress = application(service, launch)
+    model = ingress._bound_deployment.init_args[1]
+    assert ingress._bound_deployment.func_or_class is Gateway and model._bound_deployment.func_or_class is Model
+    opts = model._bound_deployment._deployment_config
     auto = opts.autoscaling_config
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 3, 4)
-    streams = scheduler_limits(service)["max_streams"]  # the scheduler's default
-    assert opts.max_ongoing_requests == opts.max_queued_requests == 4 + 10 + streams + OVERFLOW
+    per_replica = 4 + 10 + scheduler_limits(service)["max_streams"] + OVERFLOW  # the scheduler's default streams
+    assert opts.max_ongoing_requests == opts.max_queued_requests == per_replica
+    front = ingress._bound_deployment
+    assert front.ray_actor_options["num_cpus"] == 0 and front._deployment_config.num_replicas == 1
+    assert front._deployment_config.max_queued_requests == 2 * per_replica * 3  # what 3 model replicas hold, twice
     service, launch = parse(["--replicas", "3"])
-    bound = application(service, launch)._bound_deployment
+    bound = application(service, launch)._bound_deployment.init_args[1]._bound_deployment
     assert bound._deployment_config.num_replicas == 3 and bound._deployment_config.autoscaling_config is None
     assert bound.ray_actor_options["num_cpus"] == 1.0 and bound.init_args[0].threads == 1
 

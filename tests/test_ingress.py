@@ -1,0 +1,244 @@
+"""The ingress' retry rules without a cluster: `serve.ingress.Ingress` over a stand-in DeploymentHandle whose calls
+fail the way Ray's do when a replica dies (ActorDiedError, ActorUnavailableError, an actor error inside a task), or
+answer the replica's refusals. tests/test_serve.py SIGKILLs a real replica under load."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+FAST = {"steps": [2, 1, 1, 1]}
+
+
+def died() -> Exception:
+    from ray.exceptions import ActorDiedError
+
+    return ActorDiedError()
+
+
+def unavailable() -> Exception:
+    from ray.exceptions import ActorUnavailableError
+
+    return ActorUnavailableError("the replica's node is gone", None)
+
+
+def task_error(cause: Exception) -> Exception:
+    from ray.exceptions import RayTaskError
+
+    return RayTaskError("generate", "Traceback: ...", cause)
+
+
+class Call:
+    """A handle call: awaitable, cancellable; `outcome` is returned, raised, or (a float) slept before 'never'."""
+
+    def __init__(self, outcome: Any) -> None:
+        self.outcome, self.cancelled = outcome, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __await__(self):  # noqa: ANN204
+        return self._run().__await__()
+
+    async def _run(self) -> Any:
+        if isinstance(self.outcome, float):
+            await asyncio.sleep(self.outcome)
+            raise AssertionError("a call the ingress should have given up on")
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+class Stream:
+    """A streaming handle call: its items, then (optionally) an error raised in place of the next one."""
+
+    def __init__(self, items: list[Any], then: Exception | None = None) -> None:
+        self.items, self.then, self.cancelled = list(items), then, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self.items:
+            return self.items.pop(0)
+        if self.then is not None:
+            raise self.then
+        raise StopAsyncIteration
+
+
+class Handle:
+    """A stand-in DeploymentHandle: each method answers from its script of outcomes, in order; records the calls."""
+
+    def __init__(self, **scripts: list[Any]) -> None:
+        self.scripts, self.calls = scripts, []
+        self._stream = False
+
+    def options(self, stream: bool = False) -> Handle:
+        clone = Handle.__new__(Handle)
+        clone.scripts, clone.calls, clone._stream = self.scripts, self.calls, stream
+        return clone
+
+    def __getattr__(self, method: str) -> Any:
+        scripts, calls, streaming = self.__dict__["scripts"], self.__dict__["calls"], self.__dict__["_stream"]
+
+        class Method:
+            @staticmethod
+            def remote(*args: Any) -> Any:
+                calls.append((method, args))
+                outcome = scripts[method].pop(0)
+                assert streaming == isinstance(outcome, Stream), "stream calls go through options(stream=True)"
+                return outcome if streaming else Call(outcome)
+
+        return Method
+
+
+@pytest.fixture(scope="module")
+def model(fixture_dir: Path) -> tuple[Any, Any]:
+    """The fixture model's config and defaults: what the ingress builds its schema from."""
+    import magnet_engine as me
+
+    eng = me.load(str(fixture_dir), device="cpu")
+    return eng.config, eng.defaults
+
+
+def ingress(model: tuple[Any, Any], handle: Handle, **config: Any) -> Any:
+    from magnet_engine.serve.config import ServiceConfig
+    from magnet_engine.serve.ingress import Ingress
+
+    retried: list[int] = []
+    metrics = type("M", (), {"request": lambda self, status, latency: None,
+                             "retried": lambda self: retried.append(1)})()
+    front = Ingress(ServiceConfig(**config), handle, *model, metrics)
+    front.retried = retried
+    return front
+
+
+def answer(status: int = 200, body: bytes = b"RIFF-audio", **headers: str) -> Any:
+    from magnet_engine.serve.http import Answer
+
+    return Answer(status, body, "audio/wav" if status == 200 else "application/json", {"x-seed": "7", **headers})
+
+
+def job(front: Any, **body: Any) -> Any:
+    return front.schema.parse(json.dumps({"prompt": "rain", **FAST, **body}).encode(), time.monotonic())
+
+
+@pytest.mark.parametrize("death", [died, unavailable, lambda: task_error(died())])
+def test_a_replica_death_is_retried_with_the_same_job(model, death):
+    """Each way a replica's death surfaces: the same Job (same seed, drawn once) goes again; X-Retries counts."""
+    handle = Handle(generate=[death(), death(), answer()])
+    front = ingress(model, handle)
+    j = job(front)
+    response = asyncio.run(front.generate(j, False))
+    assert response.status_code == 200 and response.body == b"RIFF-audio"
+    assert response.headers["x-retries"] == "2" and front.retried == [1, 1]
+    jobs = [args[0] for _, args in handle.calls]
+    assert len(jobs) == 3 and all(sent is j for sent in jobs) and "seed" in j.fields
+    spent = [args[1] for _, args in handle.calls]
+    assert spent == sorted(spent) and spent[0] >= 0  # the time already spent travels with it
+
+
+@pytest.mark.parametrize("outcome", [answer(422, b'{"error": "bad", "field": "cfg"}'),
+                                     answer(503, b'{"error": "full"}', **{"retry-after": "3"}),
+                                     answer(504, b'{"error": "late", "field": "timeout"}')])
+def test_a_replicas_own_answer_is_never_retried(model, outcome):
+    """A refusal, a full queue or a deadline answered by a live replica: passed on as it is, once."""
+    handle = Handle(generate=[outcome])
+    response = asyncio.run(ingress(model, handle).generate(job(ingress(model, handle)), False))
+    assert (response.status_code, response.body) == (outcome.status, outcome.body)
+    assert response.headers["x-retries"] == "0" and len(handle.calls) == 1
+    assert response.headers.get("retry-after") == outcome.headers.get("retry-after")
+
+
+def test_an_engine_error_is_not_retried(model):
+    """A fault inside the replica's code (a task error that is not an actor's death) is raised once: the app's 500."""
+    handle = Handle(generate=[task_error(RuntimeError("engine bug")), answer()])
+    front = ingress(model, handle)
+    from ray.exceptions import RayTaskError
+
+    with pytest.raises(RayTaskError) as e:
+        asyncio.run(front.generate(job(front), False))
+    assert "engine bug" in str(e.value.cause) and len(handle.calls) == 1 and front.retried == []
+
+
+def test_the_deadline_passing_while_retrying_is_a_504(model):
+    from magnet_engine.serve.http import HTTPError
+
+    handle = Handle(generate=[died()] * 1000)
+    front = ingress(model, handle)
+    t0 = time.monotonic()
+    with pytest.raises(HTTPError) as e:
+        asyncio.run(front.generate(job(front, timeout=0.3), False))
+    assert e.value.status == 504 and e.value.field == "timeout" and "retries" in e.value.message
+    assert 0.3 <= time.monotonic() - t0 < 2 and len(handle.calls) > 1
+
+
+def test_a_call_that_never_answers_is_cancelled_at_the_deadline(model, monkeypatch):
+    from magnet_engine.serve import ingress as ingress_module
+    from magnet_engine.serve.http import HTTPError
+
+    monkeypatch.setattr(ingress_module, "GRACE_S", 0.1)
+    handle = Handle(generate=[30.0])  # no replica ever picks it up
+    front = ingress(model, handle)
+    with pytest.raises(HTTPError, match="timeout") as e:
+        asyncio.run(front.generate(job(front, timeout=0.2), False))
+    assert e.value.status == 504
+
+
+def test_serves_own_refusals_are_503_at_once(model):
+    from magnet_engine.serve.http import HTTPError
+    from ray.serve.exceptions import BackPressureError, DeploymentID, DeploymentUnavailableError
+
+    for refusal in (BackPressureError(num_queued_requests=8, max_queued_requests=8),
+                    DeploymentUnavailableError(DeploymentID("Model", "magnet"))):
+        handle = Handle(generate=[refusal])
+        front = ingress(model, handle)
+        with pytest.raises(HTTPError) as e:
+            asyncio.run(front.generate(job(front), False))
+        assert e.value.status == 503 and int(e.value.headers["Retry-After"]) >= 1 and len(handle.calls) == 1
+
+
+async def _body(response: Any) -> bytes:
+    return b"".join([chunk async for chunk in response.body_iterator])
+
+
+def test_a_stream_resumes_at_the_first_item_its_client_lacks(model):
+    """The replica dies after two of four items: the survivor is asked from item 2 on; the client's bytes are the
+    whole stream, once each."""
+    items = [b"HDR", b"w0", b"w1", b"w2"]
+    handle = Handle(stream=[Stream([{"x-seed": "7"}, *items[:2]], then=died()),
+                            Stream([{"x-seed": "7"}, *items[2:]])])
+    front = ingress(model, handle)
+    j = job(front, stream=True)
+    response = asyncio.run(front.stream(j))
+    assert response.status_code == 200 and response.headers["x-seed"] == "7"
+    assert asyncio.run(_body(response)) == b"".join(items)
+    assert [args[2] for _, args in handle.calls] == [0, 2] and all(args[0] is j for _, args in handle.calls)
+    assert front.retried == [1]
+
+
+def test_a_stream_that_cannot_resume_breaks_instead_of_ending_clean(model):
+    """Past the deadline no survivor is asked: the body raises, so the connection ends without the chunked
+    terminator (a short WAV that looked complete would be a lie)."""
+    from magnet_engine.serve.ingress import StreamCut
+
+    handle = Handle(stream=[Stream([{"x-seed": "7"}, b"HDR"], then=died())] + [Stream([], then=died())] * 100)
+    front = ingress(model, handle)
+    response = asyncio.run(front.stream(job(front, stream=True, timeout=0.3)))
+    with pytest.raises(StreamCut, match="could not resume"):
+        asyncio.run(_body(response))
+
+
+def test_a_refused_stream_is_the_replicas_answer(model):
+    refused = answer(503, b'{"error": "full"}', **{"retry-after": "2"})
+    handle = Handle(stream=[Stream([refused])])
+    front = ingress(model, handle)
+    response = asyncio.run(front.stream(job(front, stream=True)))
+    assert response.status_code == 503 and response.headers["retry-after"] == "2" and len(handle.calls) == 1
