@@ -13,15 +13,17 @@ Shapes: B prompts, K codebooks, T frames, L text tokens, V vocabulary, C span ch
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-Noise = Callable[[int, int], np.ndarray]  # (B, T) -> one step's uniforms [B, T] float32 in [0, 1)
+
+class Noise(Protocol):
+    def __call__(self, b: int, t: int) -> np.ndarray:
+        """-> one step's uniforms [B, T] float32 in [0, 1)."""
 
 
 class Client:
@@ -92,7 +94,8 @@ class Client:
                   top_k=d["top_k"] if top_k is None else top_k, top_p=d["top_p"] if top_p is None else top_p)
         codes = self._generate(prompts, duration, context, prompt_codes, trace, kw)
         if isinstance(noise, GivenNoise) and noise.left:
-            raise ValueError(f"{noise.left} steps of uniforms were not used: give one [B][T] per decoding step")
+            raise ValueError(f"uniforms hold {noise.left} more step{'s' if noise.left > 1 else ''} than the run "
+                             "decoded: give one [B][T] per decoding step")
         return codes
 
     def _generate(self, prompts: list[str | None], duration: float | None, context: float | None,

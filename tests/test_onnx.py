@@ -22,6 +22,7 @@ import pytest
 import torch
 from conftest import run_settings
 from magnet_engine.engine.config import ModelConfig, default_generation
+from magnet_engine.engine.magnet import draw_noise, row_generators
 from magnet_engine.engine.masking import stage_schedule
 from magnet_engine.engine.model import LM
 from magnet_engine.engine.ops import attention
@@ -747,7 +748,8 @@ def test_conformance_vectors_are_the_fixtures(exported: tuple[Path, dict], expec
     vectors = exported[0] / conformance.FOLDER
     index = json.loads((vectors / "index.json").read_text())
     assert index["cases"] == ["nonoverlap_max", "nonoverlap_prod", "stride1", "unguided", "continuation",
-                              "long_piece", "cfg_float32", "ties"]
+                              "long_piece", "cfg_float32", "ties", "sampled_top_p", "sampled_top_k"]
+    assert index["sampled"] == ["sampled_top_p", "sampled_top_k"]
     cases = {n: json.loads((vectors / f"{n}.json").read_text()) for n in index["cases"]}
     assert cases["nonoverlap_max"]["prompts"] == settings["prompts"]
     for name, run in (("nonoverlap_max", "gen_nonoverlap_max"), ("nonoverlap_prod", "gen_nonoverlap_prod"),
@@ -758,6 +760,44 @@ def test_conformance_vectors_are_the_fixtures(exported: tuple[Path, dict], expec
     assert np.array(cases["long_piece"]["expected"]["codes"]).shape == (1, 4, 75)
     assert {s["window"] for s in cases["long_piece"]["expected"]["trace"]} == {0, 1, 2}
     assert json.dumps(cases).count("Infinity") == 0  # plain JSON for any language
+    for name, case in cases.items():  # every case states greedy; only the sampled ones carry uniforms
+        assert case["settings"]["greedy"] is (name not in index["sampled"]) and ("uniforms" in case) is (
+            name in index["sampled"]), name
+
+
+def test_conformance_sampled_cases_are_the_engines_draws(exported: tuple[Path, dict], ort_engine) -> None:
+    """A sampled case's uniforms ([S][B][T] in [0, 1), one [B][T] per step) are the engine's noise for the seed whose
+    engine run gives its codes (found here by trying seeds, apart from the writer); another seed and greedy decoding
+    give other codes. Short: 4 spans, 5 steps, two prompts. The reference client refuses uniforms of the wrong count
+    or shape with one line."""
+    vectors = exported[0] / conformance.FOLDER
+    cpu = torch.device("cpu")
+    for name in ("sampled_top_p", "sampled_top_k"):
+        case = json.loads((vectors / f"{name}.json").read_text())
+        s, u, want = case["settings"], np.array(case["uniforms"]), np.array(case["expected"]["codes"])
+        b, t = len(case["prompts"]), want.shape[-1]
+        assert u.shape == (sum(s["steps"]), b, t) == (5, 2, 12) and 0 <= u.min() and u.max() < 1, name
+
+        def engine(seed: int | None, s: dict = s, case: dict = case) -> np.ndarray:
+            return ort_engine.generate(case["prompts"], greedy=seed is None, top_k=s["top_k"], top_p=s["top_p"],
+                                       seed=seed, **_run_kwargs_of(s)).codes.numpy()
+
+        seed = next(seed for seed in range(16) if np.array_equal(engine(seed), want))
+        np.testing.assert_array_equal(u, draw_noise(5, b, t, cpu, row_generators(seed, b, cpu)).numpy())
+        assert not np.array_equal(engine(seed + 1), want) and not np.array_equal(engine(None), want), name
+    client = Client(exported[0])
+    for uniforms, match in ((u[:-1], "the uniforms ran out"),
+                            (np.concatenate([u, u[:1]]), "uniforms hold 1 more step than the run decoded"),
+                            (u[:, :1], r"uniforms of step 0 are \[1, 12\]; that step samples \[2, 12\]")):
+        with pytest.raises(ValueError, match=match):
+            client.generate(case["prompts"], uniforms=uniforms, **s)
+
+
+def _run_kwargs_of(s: dict) -> dict:
+    """A conformance case's settings as Engine.generate keywords (no audio)."""
+    return dict(steps=tuple(s["steps"]), cfg=tuple(s["cfg"]), temperature=s["temperature"],
+                anneal_temp=s["anneal_temp"], span_arrangement=s["span_arrangement"], span_scoring=s["span_scoring"],
+                duration=s["duration"], decode=False)
 
 
 def test_conformance_python_runner(exported: tuple[Path, dict], tmp_path: Path) -> None:
@@ -774,10 +814,16 @@ def test_conformance_python_runner(exported: tuple[Path, dict], tmp_path: Path) 
 
 
 # A client that skips one rule, written here apart from conformance.BROKEN (the writer's own): the reference
-# client with one line changed. guidance: the step's cfg kept in float64; rank: equal scores, higher index first.
+# client with one line changed. guidance: the step's cfg kept in float64; rank: equal scores, higher index first;
+# uniforms: its own noise; draw: the argmax of the kept weights (greedy); top_p, top_k: nothing cut.
 SKIPS = {"decoding.guidance": ("guidance", lambda cond, uncond, coef: uncond + (cond - uncond) * np.float64(coef)),
          "spans.ties": ("rank", lambda scores: np.lexsort(
-             (-np.broadcast_to(np.arange(scores.shape[-1]), scores.shape), -scores), axis=-1))}
+             (-np.broadcast_to(np.arange(scores.shape[-1]), scores.shape), -scores), axis=-1)),
+         "decoding.sampling uniforms": ("draw", lambda w, u: np.minimum((np.cumsum(w, -1) <= (np.random.default_rng(
+             1).random(u.shape) * w.sum(-1))[..., None]).sum(-1), w.shape[-1] - 1)),
+         "decoding.sampling draw": ("draw", lambda w, u: np.argmax(w, -1)),
+         "decoding.sampling top_p": ("nucleus", lambda probs, top_p: probs >= 0),
+         "decoding.sampling top_k": ("top_k_keep", lambda probs, k: probs >= 0)}
 
 
 @pytest.mark.parametrize("rule", sorted(SKIPS))
@@ -810,6 +856,55 @@ def test_conformance_node_runner(exported: tuple[Path, dict], tmp_path: Path) ->
     done = subprocess.run(["node", str(runner), str(exported[0]), str(broken)], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 1 and json.loads(done.stdout)["failures"] == ["long_piece: codes differ"]
+
+
+# The Node client on each sampled case, decoded as a client breaking a sampling rule would: its own generator (no
+# uniforms), greedy, or with top_p / top_k off; and given uniforms of the wrong shape or count.
+SAMPLED_MUTANTS_JS = """
+import { MagnetClient, nested } from %(client)s;
+import { compare } from %(runner)s;
+const vectors = %(vectors)s, index = JSON.parse((await import("node:fs")).readFileSync(`${vectors}/index.json`));
+const c = await MagnetClient.load(%(dir)s);
+const out = {};
+for (const name of index.sampled) {
+  const v = JSON.parse((await import("node:fs")).readFileSync(`${vectors}/${name}.json`));
+  const run = async (settings, uniforms) => {
+    const trace = [];
+    try {
+      const { codes, dims } = await c.generate(v.prompts, { ...v.settings, ...settings }, { trace, uniforms });
+      return compare(v, nested(codes, dims), trace, index.tolerance).filter((e) => e.endsWith("codes differ"));
+    } catch (e) { return [`refused: ${e.message}`]; }
+  };
+  const u = v.uniforms;
+  out[name] = { as_given: await run({}, u), own_noise: await run({ seed: 1 }, null),
+                greedy: await run({ greedy: true }, u), top_p_off: await run({ top_p: 0 }, u),
+                top_k_off: await run({ top_k: 0 }, u), short: await run({}, u.slice(1)),
+                long: await run({}, [...u, u[0]]), rows: await run({}, u.map((s) => s.slice(1))) };
+}
+console.log(JSON.stringify(out));
+"""
+
+
+def test_node_client_sampled_vectors_catch_broken_sampling(exported: tuple[Path, dict], tmp_path: Path) -> None:
+    """The sampled cases through the Node client: with their uniforms the codes are the expected ones; its own
+    noise or greedy decoding fails both, and top_p (top_k) off fails the case that sets it. Uniforms of another
+    count or shape are refused with one line."""
+    vectors = exported[0] / conformance.FOLDER
+    script = SAMPLED_MUTANTS_JS % dict(client=json.dumps(NODE_CLIENT.as_uri()), dir=json.dumps(str(exported[0])),
+                                       runner=json.dumps((NODE_CLIENT.parent / "conformance.mjs").as_uri()),
+                                       vectors=json.dumps(str(vectors)))
+    done = _node(["--input-type=module", "-e", script], tmp_path, script=True)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert sorted(got) == ["sampled_top_k", "sampled_top_p"]
+    for name, runs in got.items():
+        differ = [f"{name}: codes differ"]
+        assert runs["as_given"] == [] and runs["own_noise"] == differ and runs["greedy"] == differ, (name, runs)
+        assert runs["top_p_off" if name == "sampled_top_p" else "top_k_off"] == differ, (name, runs)
+        assert runs["short"] == ["refused: the uniforms ran out: give one [B][T] per decoding step"], runs
+        assert runs["long"] == ["refused: uniforms hold 1 more step than the run decoded: give one [B][T] per "
+                                "decoding step"], runs
+        assert runs["rows"] == ["refused: uniforms of step 0 must be [2][12], the positions that step samples"], runs
 
 
 def test_node_client_long_piece_is_the_engines(exported: tuple[Path, dict], tiny, settings: dict,

@@ -311,7 +311,9 @@ export class MagnetClient {
       piece = next;
       T += keep;
     }
-    if (given?.left()) throw new UsageError(`${given.left()} steps of uniforms were not used: give one [B][T] per step`);
+    const left = given?.left();
+    if (left) throw new UsageError(`uniforms hold ${left} more step${left > 1 ? "s" : ""} than the run decoded: give ` +
+      "one [B][T] per decoding step");
     return { codes: piece, dims: [B, K, T] };
   }
 
