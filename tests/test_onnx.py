@@ -11,10 +11,12 @@ client. The conformance vectors (`magnet export --conformance`) pass both runner
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -585,6 +587,76 @@ def test_int8_export_loads_generates_and_is_recorded(exported: tuple[Path, dict]
     assert torch.isfinite(gen.audio).all()
     with pytest.raises(ValueError, match="not a plain float32 export"):
         quantize_export(out, manifest)
+
+
+# --------------------------------------------------------------------------------------------------- float16
+
+
+def _float16_elements(path: Path) -> int:
+    """-> how many float16 numbers the tensor initializers of an ONNX graph hold (weights; scalar constants aside)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer
+               if t.data_type == onnx.TensorProto.FLOAT16 and len(t.dims) >= 1)
+
+
+def test_float16_export(exported: tuple[Path, dict], fixture_dir: Path, tiny, settings: dict, expected: dict,
+                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`magnet export --dtype float16` of the fixture: the manifest states float16 (cross_kv and lm_step; the text
+    encoder and codec float32); lm_step's float16 initializers are exactly the layers' matmul weights that
+    `LM.to_dtype` casts (as many numbers), cross_kv holds only float16 weights, and the float32 export none. On the
+    fixture's prompts and its greedy tokens half re-masked, lm_step's logits lie within the export's own fp16
+    criterion (twice torch's fp16 error against fp32 on the same input, plus 4 fp16 ulps of the scale) of torch
+    fp32's; a greedy run gives tokens in range, of the right shape. Greedy tokens are not asserted equal to fp32's:
+    fp16 rounding may flip near-ties. The text encoder and codec graphs, whose export reads no dtype, are copied
+    from the float32 export (the same code would write the same files) to keep the test short."""
+    import onnx
+
+    def reuse(*names: str) -> Callable[[onnx_export._Exporter], None]:
+        def export(self: onnx_export._Exporter) -> None:
+            for name in names:
+                record = exported[1]["graphs"][name]
+                for f in record["files"]:
+                    shutil.copy(exported[0] / f["name"], self.out / f["name"])
+                self.graphs[name] = copy.deepcopy(record)
+        return export
+
+    monkeypatch.setattr(onnx_export._Exporter, "export_text_encoder", reuse("text_encoder"))
+    monkeypatch.setattr(onnx_export._Exporter, "export_codec", reuse("codec_decode", "codec_encode"))
+    out = tmp_path / "fp16"
+    assert export_main(["--model", str(fixture_dir), "--out", str(out), "--dtype", "float16"]) == 0
+    manifest = read_manifest(out)
+    _validate(manifest)
+    assert manifest["dtype"] == "float16"
+    assert {n: g["dtype"] for n, g in manifest["graphs"].items()} == {
+        "text_encoder": "float32", "cross_kv": "float16", "lm_step": "float16", "codec_decode": "float32",
+        "codec_encode": "float32"}
+    lm16 = copy.deepcopy(tiny.lm).to_dtype(torch.float16)
+    cast = sum(p.numel() for p in lm16.parameters() if p.dtype == torch.float16)
+    assert cast > 0 and _float16_elements(out / "lm_step.onnx") == cast
+    assert _float16_elements(out / "cross_kv.onnx") > 0
+    assert all(_float16_elements(exported[0] / f"{n}.onnx") == 0 for n in ("cross_kv", "lm_step"))
+    weights = onnx.load(str(out / "cross_kv.onnx")).graph.initializer
+    assert {t.data_type for t in weights if len(t.dims) >= 2} == {onnx.TensorProto.FLOAT16}
+
+    eng = load_engine(out)
+    prompts = settings["prompts"]
+    cond = eng.text(prompts)  # fp32 text encoder: the torch engine's embeddings
+    codes = torch.from_numpy(expected["gen_nonoverlap_max"]).clone()  # [B, K, T] real tokens
+    codes[torch.rand(codes.shape, generator=torch.Generator().manual_seed(0)) < 0.5] = 2048
+    step = eng.make_step(cond)
+    with torch.no_grad():
+        cross, cross16 = tiny.lm.cross_kv(cond), lm16.cross_kv(cond)
+        for stage in range(4):
+            got = torch.cat(step(codes, stage, True)).double()  # [cond; uncond] [2B, T, V]
+            want = tiny.lm(torch.cat([codes, codes]), stage, cross).double()
+            half = lm16(torch.cat([codes, codes]), stage, cross16).double()
+            tol = onnx_export._tolerance(float(want.abs().max()), float((half - want).abs().max()))
+            assert float((got - want).abs().max()) <= tol, stage
+    gen = eng.generate(prompts, **{**run_settings(settings, "gen_nonoverlap_max"), "greedy": True})
+    assert gen.codes.shape == expected["gen_nonoverlap_max"].shape
+    assert 0 <= int(gen.codes.min()) and int(gen.codes.max()) < 2048 and torch.isfinite(gen.audio).all()
 
 
 def test_cli_quantize_usage(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
