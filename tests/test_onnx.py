@@ -6,7 +6,9 @@ The manifest's client contract: it validates against export/manifest.schema.json
 engine's, and two clients that read only the export folder are token-exact on the fixture: export/client.py
 (numpy + onnxruntime + tokenizers) and export/node/magnet.mjs (Node.js; `npm ci --prefix export/node` first).
 The boundary: every bad input of export/README.md's table is refused by the graph, the Python backend and the Node
-client. The conformance vectors (`magnet export --conformance`) pass both runners.
+client. The conformance vectors (`magnet export --conformance`) pass both runners, their sampled cases decoded with
+the engine's uniforms, and catch clients that break a rule (sampling included). `--dtype float16` and
+`--quantize int8` are exported through the command and checked against torch.
 """
 from __future__ import annotations
 
