@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: onnxruntime dynamic int8 quantization of the text encoder, cross k/v and LM step "
                    "(the codec stays float32) for CPU; measured against float32 and recorded in the manifest")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's; >= 18)")
-    p.add_argument("--conformance", action="store_true", help="also write OUT/conformance/: greedy runs' inputs, "
-                   "tokens, per-step span scores and logits, for a client in any language to prove itself against "
+    p.add_argument("--conformance", action="store_true", help="also write OUT/conformance/: greedy and sampled runs' "
+                   "inputs (a sampled run's uniforms), tokens, per-step span scores and logits, for a client in any "
+                   "language to prove itself against "
                    "(runners: export/conformance.py, export/node/conformance.mjs)")
     p.add_argument("--web", action="store_true", help="also write the web page (OUT/index.html, OUT/web/): the "
                    "model runs in the browser with onnxruntime-web; try it with `python -m magnet_engine.export.web "

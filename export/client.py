@@ -3,8 +3,10 @@ reads only the folder (manifest.json's "client" section, the graphs, tokenizer/t
 onnxruntime, numpy and `tokenizers`. Nothing of the engine or of the rest of `export` is imported (a test checks
 this), so a test that it is token-exact on the fixture tests the manifest's contract, not the engine against itself.
 
-Greedy decoding only (the manifest's sampling rule is the Node client's, export/node/magnet.mjs). `trace` collects
-what the conformance vectors state per step (export/conformance.py): re-masked units, span scores, a few logits.
+Greedy by default; `greedy=False` samples by the manifest's rule (decoding.sampling: one uniform per position,
+nucleus or top-k, inverse CDF) from `uniforms` given per step (the conformance vectors' sampled cases carry the
+engine's) or else from a numpy generator seeded `seed`. `trace` collects what the conformance vectors state per step
+(export/conformance.py): re-masked units, span scores, a few logits.
 
 Shapes: B prompts, K codebooks, T frames, L text tokens, V vocabulary, C span chunks.
 """
@@ -12,11 +14,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
+
+
+class Noise(Protocol):
+    def __call__(self, b: int, t: int) -> np.ndarray:
+        """-> one step's uniforms [B, T] float32 in [0, 1)."""
 
 
 class Client:
@@ -72,15 +79,30 @@ class Client:
                  temperature: float | None = None, anneal_temp: bool | None = None,
                  span_arrangement: str | None = None, span_scoring: str | None = None,
                  duration: float | None = None, context: float | None = None, prompt_codes: np.ndarray | None = None,
-                 trace: list[dict] | None = None) -> np.ndarray:
-        """Greedy decoding -> codes [B, K, T] int64; past the segment, window by window (manifest longform)."""
-        c, d = self.c, self.c["defaults"]
-        span, max_t = c["span_len"], c["limits"]["frames"][1]
+                 greedy: bool = True, top_k: int | None = None, top_p: float | None = None,
+                 uniforms: Any = None, seed: int | None = None, trace: list[dict] | None = None) -> np.ndarray:
+        """-> codes [B, K, T] int64; past the segment, window by window (manifest longform). Greedy unless
+        `greedy` is False: then each step draws one uniform per position from `uniforms` ([S][B][T], one [B][T] per
+        decoding step in order, every window's; all must be used) or, without them, from numpy seeded `seed`."""
+        d = self.c["defaults"]
         arrangement = span_arrangement or d["span_arrangement"]
+        noise = None if greedy else GivenNoise(uniforms) if uniforms is not None else seeded_noise(seed)
         kw = dict(steps=steps or d["steps"], cfg=cfg or d["cfg"],
                   temperature=d["temperature"] if temperature is None else temperature,
                   anneal=d["anneal_temp"] if anneal_temp is None else anneal_temp, arrangement=arrangement,
-                  scoring=span_scoring or d["span_scoring"])
+                  scoring=span_scoring or d["span_scoring"], noise=noise,
+                  top_k=d["top_k"] if top_k is None else top_k, top_p=d["top_p"] if top_p is None else top_p)
+        codes = self._generate(prompts, duration, context, prompt_codes, trace, kw)
+        if isinstance(noise, GivenNoise) and noise.left:
+            raise ValueError(f"uniforms hold {noise.left} more step{'s' if noise.left > 1 else ''} than the run "
+                             "decoded: give one [B][T] per decoding step")
+        return codes
+
+    def _generate(self, prompts: list[str | None], duration: float | None, context: float | None,
+                  prompt_codes: np.ndarray | None, trace: list[dict] | None, kw: dict[str, Any]) -> np.ndarray:
+        c, d = self.c, self.c["defaults"]
+        span, max_t = c["span_len"], c["limits"]["frames"][1]
+        arrangement = kw["arrangement"]
         n = round((duration or d["duration"]) * c["frame_rate"])  # Python's round: half to even, as the rule says
         s = span if arrangement == "nonoverlap" else 1
         w = max_t - max_t % s
@@ -100,7 +122,8 @@ class Client:
 
     def _segment(self, kv: list[np.ndarray], b: int, t: int, prompt_codes: np.ndarray | None,
                  trace: list[dict] | None, window: int, steps: list[int], cfg: list[float], temperature: float,
-                 anneal: bool, arrangement: str, scoring: str) -> np.ndarray:
+                 anneal: bool, arrangement: str, scoring: str, noise: Noise | None, top_k: int, top_p: float
+                 ) -> np.ndarray:
         """One segment of T frames (the prompt's included) -> codes [B, K, T]."""
         c = self.c
         span, mask_id, k, dont = c["span_len"], c["mask_id"], c["codebooks"], c["spans"]["dont_remask"]
@@ -134,11 +157,7 @@ class Client:
                 logits = self.sessions["lm_step"].run(["logits"], feeds)[0]  # [N, T, V]
                 cond, uncond = (logits[:b], logits[b:]) if guided else (logits, logits)
                 g = self.guidance(cond, uncond, coef)
-                z = g / np.float32(temp)
-                e = np.exp(z - z.max(-1, keepdims=True))
-                probs = e / e.sum(-1, keepdims=True)
-                sampled = g.argmax(-1)
-                chosen = np.take_along_axis(probs, sampled[..., None], -1)[..., 0]  # [B, T] float32
+                sampled, chosen = self.choose(g, temp, None if noise is None else noise(b, t), top_k, top_p)
                 masked = row == mask_id
                 row = np.where(masked, sampled, row)
                 codes[:, stage] = row
@@ -153,6 +172,48 @@ class Client:
                                   "remasked": [np.flatnonzero(u).tolist() for u in units],
                                   "scores": scores.tolist(), "logits": probes(logits)})
         return codes
+
+    def choose(self, g: np.ndarray, temp: float, u: np.ndarray | None, top_k: int, top_p: float
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """manifest decoding.probs, greedy (u None) and sampling: guided logits g [B, T, V] float32, uniforms u [B, T]
+        -> (tokens [B, T], their probabilities [B, T] float32: what scores the spans; top-k's renormalised)."""
+        z = g / np.float32(temp)
+        e = np.exp(z - z.max(-1, keepdims=True))
+        probs = e / e.sum(-1, keepdims=True)
+        if u is None:
+            tokens = g.argmax(-1)
+        elif top_p > 0:
+            tokens = self.draw(np.where(self.nucleus(probs, top_p), probs, 0), u)
+        elif top_k > 0:
+            kept = np.where(self.top_k_keep(probs, top_k), probs, 0)
+            probs = (kept / kept.sum(-1, keepdims=True)).astype(np.float32)
+            tokens = self.draw(probs, u)
+        else:
+            tokens = self.draw(probs, u)
+        return tokens, np.take_along_axis(probs, tokens[..., None], -1)[..., 0]
+
+    @staticmethod
+    def nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+        """[.., V] -> bool [.., V]: probs >= p*, the last probability kept by the sorted exclusive cumsum <= top_p
+        (at least one)."""
+        ordered = -np.sort(-probs, axis=-1)
+        exclusive = np.cumsum(ordered.astype(np.float64), axis=-1) - ordered
+        n_keep = np.maximum((exclusive <= top_p).sum(-1, keepdims=True), 1)
+        return probs >= np.take_along_axis(ordered, n_keep - 1, -1)
+
+    @staticmethod
+    def top_k_keep(probs: np.ndarray, k: int) -> np.ndarray:
+        """[.., V] -> bool [.., V]: probs >= the k-th largest."""
+        v = probs.shape[-1]
+        return probs >= np.partition(probs, v - k, axis=-1)[..., v - k:v - k + 1]
+
+    @staticmethod
+    def draw(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """Inverse CDF: weights [.., V] >= 0, u [..] in [0, 1) -> [..] the first index whose cumulative weight
+        exceeds u * total weight."""
+        cdf = np.cumsum(weights.astype(np.float64), axis=-1)
+        index = (cdf <= (u * cdf[..., -1])[..., None]).sum(-1)
+        return np.minimum(index, weights.shape[-1] - 1)
 
     @staticmethod
     def guidance(cond: np.ndarray, uncond: np.ndarray, coef: float) -> np.ndarray:
@@ -211,3 +272,30 @@ def least_probable_spans(scores: np.ndarray, n_target: int, span: int, rank: Any
             mid = round((lo + hi) / 2)
         out[j] = mask
     return out
+
+
+class GivenNoise:
+    """Uniforms [S][B][T] as a noise source: one [B, T] per call, in order. Raises ValueError when a step's shape
+    differs or none is left; `left` counts the steps not yet used."""
+
+    def __init__(self, uniforms: Any) -> None:
+        self.steps = [np.asarray(u, dtype=np.float32) for u in uniforms]
+        self.used = 0
+
+    @property
+    def left(self) -> int:
+        return len(self.steps) - self.used
+
+    def __call__(self, b: int, t: int) -> np.ndarray:
+        if not self.left:
+            raise ValueError("the uniforms ran out: give one [B][T] per decoding step (every window's)")
+        u = self.steps[self.used]
+        if u.shape != (b, t):
+            raise ValueError(f"uniforms of step {self.used} are {list(u.shape)}; that step samples [{b}, {t}]")
+        self.used += 1
+        return u
+
+
+def seeded_noise(seed: int | None) -> Noise:
+    rng = np.random.default_rng(seed)
+    return lambda b, t: rng.random((b, t), dtype=np.float32)

@@ -141,7 +141,8 @@ def client_contract(cfg: ModelConfig, gen: GenerationConfig, codec: dict[str, An
                         "<= top_p (at least one); else top_k > 0: keep probs >= the k-th largest, renormalise (the "
                         "renormalised probability then scores the spans); pick the first index whose cumulative "
                         "weight exceeds u * total weight. Noise source differs per client: sampled runs agree in "
-                        "distribution, greedy runs token for token",
+                        "distribution, greedy runs token for token, and sampled runs given the same u (a conformance "
+                        "vector's uniforms: one [B][T] per step, position (b, t) row-major) token for token",
         },
         "spans": {
             "dont_remask": DONT_REMASK,

@@ -6,15 +6,19 @@ The manifest's client contract: it validates against export/manifest.schema.json
 engine's, and two clients that read only the export folder are token-exact on the fixture: export/client.py
 (numpy + onnxruntime + tokenizers) and export/node/magnet.mjs (Node.js; `npm ci --prefix export/node` first).
 The boundary: every bad input of export/README.md's table is refused by the graph, the Python backend and the Node
-client. The conformance vectors (`magnet export --conformance`) pass both runners.
+client. The conformance vectors (`magnet export --conformance`) pass both runners, their sampled cases decoded with
+the engine's uniforms, and catch clients that break a rule (sampling included). `--dtype float16` and
+`--quantize int8` are exported through the command and checked against torch.
 """
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,7 @@ import pytest
 import torch
 from conftest import run_settings
 from magnet_engine.engine.config import ModelConfig, default_generation
+from magnet_engine.engine.magnet import draw_noise, row_generators
 from magnet_engine.engine.masking import stage_schedule
 from magnet_engine.engine.model import LM
 from magnet_engine.engine.ops import attention
@@ -586,6 +591,76 @@ def test_int8_export_loads_generates_and_is_recorded(exported: tuple[Path, dict]
         quantize_export(out, manifest)
 
 
+# --------------------------------------------------------------------------------------------------- float16
+
+
+def _float16_elements(path: Path) -> int:
+    """-> how many float16 numbers the tensor initializers of an ONNX graph hold (weights; scalar constants aside)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer
+               if t.data_type == onnx.TensorProto.FLOAT16 and len(t.dims) >= 1)
+
+
+def test_float16_export(exported: tuple[Path, dict], fixture_dir: Path, tiny, settings: dict, expected: dict,
+                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`magnet export --dtype float16` of the fixture: the manifest states float16 (cross_kv and lm_step; the text
+    encoder and codec float32); lm_step's float16 initializers are exactly the layers' matmul weights that
+    `LM.to_dtype` casts (as many numbers), cross_kv holds only float16 weights, and the float32 export none. On the
+    fixture's prompts and its greedy tokens half re-masked, lm_step's logits lie within the export's own fp16
+    criterion (twice torch's fp16 error against fp32 on the same input, plus 4 fp16 ulps of the scale) of torch
+    fp32's; a greedy run gives tokens in range, of the right shape. Greedy tokens are not asserted equal to fp32's:
+    fp16 rounding may flip near-ties. The text encoder and codec graphs, whose export reads no dtype, are copied
+    from the float32 export (the same code would write the same files) to keep the test short."""
+    import onnx
+
+    def reuse(*names: str) -> Callable[[onnx_export._Exporter], None]:
+        def export(self: onnx_export._Exporter) -> None:
+            for name in names:
+                record = exported[1]["graphs"][name]
+                for f in record["files"]:
+                    shutil.copy(exported[0] / f["name"], self.out / f["name"])
+                self.graphs[name] = copy.deepcopy(record)
+        return export
+
+    monkeypatch.setattr(onnx_export._Exporter, "export_text_encoder", reuse("text_encoder"))
+    monkeypatch.setattr(onnx_export._Exporter, "export_codec", reuse("codec_decode", "codec_encode"))
+    out = tmp_path / "fp16"
+    assert export_main(["--model", str(fixture_dir), "--out", str(out), "--dtype", "float16"]) == 0
+    manifest = read_manifest(out)
+    _validate(manifest)
+    assert manifest["dtype"] == "float16"
+    assert {n: g["dtype"] for n, g in manifest["graphs"].items()} == {
+        "text_encoder": "float32", "cross_kv": "float16", "lm_step": "float16", "codec_decode": "float32",
+        "codec_encode": "float32"}
+    lm16 = copy.deepcopy(tiny.lm).to_dtype(torch.float16)
+    cast = sum(p.numel() for p in lm16.parameters() if p.dtype == torch.float16)
+    assert cast > 0 and _float16_elements(out / "lm_step.onnx") == cast
+    assert _float16_elements(out / "cross_kv.onnx") > 0
+    assert all(_float16_elements(exported[0] / f"{n}.onnx") == 0 for n in ("cross_kv", "lm_step"))
+    weights = onnx.load(str(out / "cross_kv.onnx")).graph.initializer
+    assert {t.data_type for t in weights if len(t.dims) >= 2} == {onnx.TensorProto.FLOAT16}
+
+    eng = load_engine(out)
+    prompts = settings["prompts"]
+    cond = eng.text(prompts)  # fp32 text encoder: the torch engine's embeddings
+    codes = torch.from_numpy(expected["gen_nonoverlap_max"]).clone()  # [B, K, T] real tokens
+    codes[torch.rand(codes.shape, generator=torch.Generator().manual_seed(0)) < 0.5] = 2048
+    step = eng.make_step(cond)
+    with torch.no_grad():
+        cross, cross16 = tiny.lm.cross_kv(cond), lm16.cross_kv(cond)
+        for stage in range(4):
+            got = torch.cat(step(codes, stage, True)).double()  # [cond; uncond] [2B, T, V]
+            want = tiny.lm(torch.cat([codes, codes]), stage, cross).double()
+            half = lm16(torch.cat([codes, codes]), stage, cross16).double()
+            tol = onnx_export._tolerance(float(want.abs().max()), float((half - want).abs().max()))
+            assert float((got - want).abs().max()) <= tol, stage
+    gen = eng.generate(prompts, **{**run_settings(settings, "gen_nonoverlap_max"), "greedy": True})
+    assert gen.codes.shape == expected["gen_nonoverlap_max"].shape
+    assert 0 <= int(gen.codes.min()) and int(gen.codes.max()) < 2048 and torch.isfinite(gen.audio).all()
+
+
 def test_cli_quantize_usage(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert export_main(["--model", "x", "--out", str(tmp_path), "--quantize", "int4"]) == 2
     assert export_main(["--model", "x", "--out", str(tmp_path / "o"), "--quantize", "int8",
@@ -747,7 +822,8 @@ def test_conformance_vectors_are_the_fixtures(exported: tuple[Path, dict], expec
     vectors = exported[0] / conformance.FOLDER
     index = json.loads((vectors / "index.json").read_text())
     assert index["cases"] == ["nonoverlap_max", "nonoverlap_prod", "stride1", "unguided", "continuation",
-                              "long_piece", "cfg_float32", "ties"]
+                              "long_piece", "cfg_float32", "ties", "sampled_top_p", "sampled_top_k"]
+    assert index["sampled"] == ["sampled_top_p", "sampled_top_k"]
     cases = {n: json.loads((vectors / f"{n}.json").read_text()) for n in index["cases"]}
     assert cases["nonoverlap_max"]["prompts"] == settings["prompts"]
     for name, run in (("nonoverlap_max", "gen_nonoverlap_max"), ("nonoverlap_prod", "gen_nonoverlap_prod"),
@@ -758,6 +834,44 @@ def test_conformance_vectors_are_the_fixtures(exported: tuple[Path, dict], expec
     assert np.array(cases["long_piece"]["expected"]["codes"]).shape == (1, 4, 75)
     assert {s["window"] for s in cases["long_piece"]["expected"]["trace"]} == {0, 1, 2}
     assert json.dumps(cases).count("Infinity") == 0  # plain JSON for any language
+    for name, case in cases.items():  # every case states greedy; only the sampled ones carry uniforms
+        assert case["settings"]["greedy"] is (name not in index["sampled"]) and ("uniforms" in case) is (
+            name in index["sampled"]), name
+
+
+def test_conformance_sampled_cases_are_the_engines_draws(exported: tuple[Path, dict], ort_engine) -> None:
+    """A sampled case's uniforms ([S][B][T] in [0, 1), one [B][T] per step) are the engine's noise for the seed whose
+    engine run gives its codes (found here by trying seeds, apart from the writer); another seed and greedy decoding
+    give other codes. Short: 4 spans, 5 steps, two prompts. The reference client refuses uniforms of the wrong count
+    or shape with one line."""
+    vectors = exported[0] / conformance.FOLDER
+    cpu = torch.device("cpu")
+    for name in ("sampled_top_p", "sampled_top_k"):
+        case = json.loads((vectors / f"{name}.json").read_text())
+        s, u, want = case["settings"], np.array(case["uniforms"]), np.array(case["expected"]["codes"])
+        b, t = len(case["prompts"]), want.shape[-1]
+        assert u.shape == (sum(s["steps"]), b, t) == (5, 2, 12) and 0 <= u.min() and u.max() < 1, name
+
+        def engine(seed: int | None, s: dict = s, case: dict = case) -> np.ndarray:
+            return ort_engine.generate(case["prompts"], greedy=seed is None, top_k=s["top_k"], top_p=s["top_p"],
+                                       seed=seed, **_run_kwargs_of(s)).codes.numpy()
+
+        seed = next(seed for seed in range(16) if np.array_equal(engine(seed), want))
+        np.testing.assert_array_equal(u, draw_noise(5, b, t, cpu, row_generators(seed, b, cpu)).numpy())
+        assert not np.array_equal(engine(seed + 1), want) and not np.array_equal(engine(None), want), name
+    client = Client(exported[0])
+    for uniforms, match in ((u[:-1], "the uniforms ran out"),
+                            (np.concatenate([u, u[:1]]), "uniforms hold 1 more step than the run decoded"),
+                            (u[:, :1], r"uniforms of step 0 are \[1, 12\]; that step samples \[2, 12\]")):
+        with pytest.raises(ValueError, match=match):
+            client.generate(case["prompts"], uniforms=uniforms, **s)
+
+
+def _run_kwargs_of(s: dict) -> dict:
+    """A conformance case's settings as Engine.generate keywords (no audio)."""
+    return dict(steps=tuple(s["steps"]), cfg=tuple(s["cfg"]), temperature=s["temperature"],
+                anneal_temp=s["anneal_temp"], span_arrangement=s["span_arrangement"], span_scoring=s["span_scoring"],
+                duration=s["duration"], decode=False)
 
 
 def test_conformance_python_runner(exported: tuple[Path, dict], tmp_path: Path) -> None:
@@ -774,10 +888,16 @@ def test_conformance_python_runner(exported: tuple[Path, dict], tmp_path: Path) 
 
 
 # A client that skips one rule, written here apart from conformance.BROKEN (the writer's own): the reference
-# client with one line changed. guidance: the step's cfg kept in float64; rank: equal scores, higher index first.
+# client with one line changed. guidance: the step's cfg kept in float64; rank: equal scores, higher index first;
+# uniforms: its own noise; draw: the argmax of the kept weights (greedy); top_p, top_k: nothing cut.
 SKIPS = {"decoding.guidance": ("guidance", lambda cond, uncond, coef: uncond + (cond - uncond) * np.float64(coef)),
          "spans.ties": ("rank", lambda scores: np.lexsort(
-             (-np.broadcast_to(np.arange(scores.shape[-1]), scores.shape), -scores), axis=-1))}
+             (-np.broadcast_to(np.arange(scores.shape[-1]), scores.shape), -scores), axis=-1)),
+         "decoding.sampling uniforms": ("draw", lambda w, u: np.minimum((np.cumsum(w, -1) <= (np.random.default_rng(
+             1).random(u.shape) * w.sum(-1))[..., None]).sum(-1), w.shape[-1] - 1)),
+         "decoding.sampling draw": ("draw", lambda w, u: np.argmax(w, -1)),
+         "decoding.sampling top_p": ("nucleus", lambda probs, top_p: probs >= 0),
+         "decoding.sampling top_k": ("top_k_keep", lambda probs, k: probs >= 0)}
 
 
 @pytest.mark.parametrize("rule", sorted(SKIPS))
@@ -810,6 +930,55 @@ def test_conformance_node_runner(exported: tuple[Path, dict], tmp_path: Path) ->
     done = subprocess.run(["node", str(runner), str(exported[0]), str(broken)], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 1 and json.loads(done.stdout)["failures"] == ["long_piece: codes differ"]
+
+
+# The Node client on each sampled case, decoded as a client breaking a sampling rule would: its own generator (no
+# uniforms), greedy, or with top_p / top_k off; and given uniforms of the wrong shape or count.
+SAMPLED_MUTANTS_JS = """
+import { MagnetClient, nested } from %(client)s;
+import { compare } from %(runner)s;
+const vectors = %(vectors)s, index = JSON.parse((await import("node:fs")).readFileSync(`${vectors}/index.json`));
+const c = await MagnetClient.load(%(dir)s);
+const out = {};
+for (const name of index.sampled) {
+  const v = JSON.parse((await import("node:fs")).readFileSync(`${vectors}/${name}.json`));
+  const run = async (settings, uniforms) => {
+    const trace = [];
+    try {
+      const { codes, dims } = await c.generate(v.prompts, { ...v.settings, ...settings }, { trace, uniforms });
+      return compare(v, nested(codes, dims), trace, index.tolerance).filter((e) => e.endsWith("codes differ"));
+    } catch (e) { return [`refused: ${e.message}`]; }
+  };
+  const u = v.uniforms;
+  out[name] = { as_given: await run({}, u), own_noise: await run({ seed: 1 }, null),
+                greedy: await run({ greedy: true }, u), top_p_off: await run({ top_p: 0 }, u),
+                top_k_off: await run({ top_k: 0 }, u), short: await run({}, u.slice(1)),
+                long: await run({}, [...u, u[0]]), rows: await run({}, u.map((s) => s.slice(1))) };
+}
+console.log(JSON.stringify(out));
+"""
+
+
+def test_node_client_sampled_vectors_catch_broken_sampling(exported: tuple[Path, dict], tmp_path: Path) -> None:
+    """The sampled cases through the Node client: with their uniforms the codes are the expected ones; its own
+    noise or greedy decoding fails both, and top_p (top_k) off fails the case that sets it. Uniforms of another
+    count or shape are refused with one line."""
+    vectors = exported[0] / conformance.FOLDER
+    script = SAMPLED_MUTANTS_JS % dict(client=json.dumps(NODE_CLIENT.as_uri()), dir=json.dumps(str(exported[0])),
+                                       runner=json.dumps((NODE_CLIENT.parent / "conformance.mjs").as_uri()),
+                                       vectors=json.dumps(str(vectors)))
+    done = _node(["--input-type=module", "-e", script], tmp_path, script=True)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert sorted(got) == ["sampled_top_k", "sampled_top_p"]
+    for name, runs in got.items():
+        differ = [f"{name}: codes differ"]
+        assert runs["as_given"] == [] and runs["own_noise"] == differ and runs["greedy"] == differ, (name, runs)
+        assert runs["top_p_off" if name == "sampled_top_p" else "top_k_off"] == differ, (name, runs)
+        assert runs["short"] == ["refused: the uniforms ran out: give one [B][T] per decoding step"], runs
+        assert runs["long"] == ["refused: uniforms hold 1 more step than the run decoded: give one [B][T] per "
+                                "decoding step"], runs
+        assert runs["rows"] == ["refused: uniforms of step 0 must be [2][12], the positions that step samples"], runs
 
 
 def test_node_client_long_piece_is_the_engines(exported: tuple[Path, dict], tiny, settings: dict,

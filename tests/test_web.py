@@ -98,7 +98,8 @@ def test_page_passes_every_conformance_vector(site: tuple[Path, str], tmp_path: 
     assert auto["runtime"]["backend"] == "webgpu" or "WASM instead" in auto["runtime"]["note"], auto
     assert loaded["runtime"] == {"backend": "wasm", "threads": 2, "isolated": True, "note": ""}
     cases = json.loads((out / "conformance" / "index.json").read_text())["cases"]
-    assert {"cfg_float32", "ties"} <= set(cases) and len(cases) == 8  # the 6 runs and the 2 rule-guarding cases
+    # the 6 runs, the 2 rule-guarding cases and the 2 sampled ones (decoded with their uniforms)
+    assert {"cfg_float32", "ties", "sampled_top_p", "sampled_top_k"} <= set(cases) and len(cases) == 10
     assert result["ok"]["cases"] == cases
     # Known (note of stop 43): cfg_float32 sits on a guidance tie by construction, closer than onnxruntime-web's WASM
     # kernels reproduce native onnxruntime's logits, so its tokens flip in the page (the Node and Python runners,

@@ -31,15 +31,16 @@ export function compare(c, codes, trace, tol) {
 /** `client`: one already loaded from exportDir (a page reuses its own). */
 export async function run(exportDir, vectors = `${exportDir}/conformance`, client = null) {
   const index = await readJSON(vectors, "index.json");
-  if (index.format !== "magnet-onnx-conformance" || index.version !== 1)
-    throw new Error(`${vectors} holds no magnet-onnx-conformance version 1 vectors`);
+  if (index.format !== "magnet-onnx-conformance" || index.version !== 2)
+    throw new Error(`${vectors} holds no magnet-onnx-conformance version 2 vectors; write them with ` +
+      "`magnet export --conformance`");
   client ??= await MagnetClient.load(exportDir);
   const failures = [];
   for (const name of index.cases) {
     const c = await readJSON(vectors, `${name}.json`);
     const trace = [];
-    const { codes, dims } = await client.generate(c.prompts, { ...c.settings, greedy: true },
-      { promptCodes: c.prompt_codes ?? null, trace });
+    const { codes, dims } = await client.generate(c.prompts, c.settings,  // a sampled case draws with its uniforms
+      { promptCodes: c.prompt_codes ?? null, trace, uniforms: c.uniforms ?? null });
     failures.push(...compare(c, nested(codes, dims), trace, index.tolerance));
   }
   return { cases: index.cases, failures };

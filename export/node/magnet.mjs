@@ -282,24 +282,27 @@ export class MagnetClient {
 
   /** -> { codes: Int32Array [B, K, T], dims }. `promptCodes`: nested [B or 1][K][P] ints to continue. Past the
    *  segment, window by window (manifest client.longform). `trace`: an array that receives one entry per step, as
-   *  the conformance vectors state them (export/conformance.py). */
-  async generate(prompts, settings, { promptCodes = null, progress = null, trace = null } = {}) {
+   *  the conformance vectors state them (export/conformance.py). `uniforms`: nested [S][B][T] numbers in [0, 1),
+   *  one [B][T] per decoding step in order (every window's), read by a sampled run in place of its own generator
+   *  (a conformance vector's sampled case); all must be used. */
+  async generate(prompts, settings, { promptCodes = null, progress = null, trace = null, uniforms = null } = {}) {
     const s = resolveSettings(this, settings);
     const B = prompts.length, K = this.c.codebooks;
     if (B < 1) throw new UsageError("no prompt given: pass at least one text");
-    const rand = mulberry32(s.seed ?? Math.floor(Math.random() * 2 ** 32));
+    const given = uniforms && !s.greedy ? givenNoise(uniforms) : null;
+    const noise = given ?? seededNoise(mulberry32(s.seed ?? Math.floor(Math.random() * 2 ** 32)));
     const kv = await this.crossKV(await this.text(prompts));
     const later = s.long ? longformPlan(s) : [];
     const total = s.steps.reduce((a, x) => a + x, 0) * (1 + later.length);
     let done = 0;
     const tick = progress && (() => progress(++done, total));
     const first = s.long ? s.window : s.frames;
-    let piece = await this.segment(kv, B, first, promptCodes, s, rand, trace, 0, tick);
+    let piece = await this.segment(kv, B, first, promptCodes, s, noise, trace, 0, tick);
     let T = first;
     for (const [w, [length, keep]] of later.entries()) {  // each continues from the piece's last C frames
       const C = s.context;
       const prompt = nested(piece, [B, K, T]).map((item) => item.map((r) => r.slice(T - C)));
-      const out = await this.segment(kv, B, length, prompt, s, rand, trace, w + 1, tick);
+      const out = await this.segment(kv, B, length, prompt, s, noise, trace, w + 1, tick);
       const next = new Int32Array(B * K * (T + keep));
       for (let b = 0; b < B; b++) for (let k = 0; k < K; k++) {
         next.set(piece.subarray((b * K + k) * T, (b * K + k + 1) * T), (b * K + k) * (T + keep));
@@ -308,11 +311,14 @@ export class MagnetClient {
       piece = next;
       T += keep;
     }
+    const left = given?.left();
+    if (left) throw new UsageError(`uniforms hold ${left} more step${left > 1 ? "s" : ""} than the run decoded: give ` +
+      "one [B][T] per decoding step");
     return { codes: piece, dims: [B, K, T] };
   }
 
   /** One segment of T frames, the prompt's included -> Int32Array [B, K, T]. */
-  async segment(kv, B, T, promptCodes, s, rand, trace, window, tick) {
+  async segment(kv, B, T, promptCodes, s, noise, trace, window, tick) {
     const c = this.c;
     const K = c.codebooks, V = c.vocab, span = c.span_len, maskId = c.mask_id;
     const P = promptCodes ? checkPrompt(promptCodes, B, K, V, T) : 0;
@@ -352,10 +358,11 @@ export class MagnetClient {
         const masked = new Uint8Array(B * T);
         const cf = f32(coef), tf = f32(temp);
         const g = new Float32Array(V);
+        const u = s.greedy ? null : noise(B, T);  // this step's uniforms [B, T]
         for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) {
           const cond = (b * T + t) * V, unc = s.guided ? ((B + b) * T + t) * V : cond;
           for (let v = 0; v < V; v++) g[v] = f32(logits[unc + v] + f32(f32(logits[cond + v] - logits[unc + v]) * cf));
-          const [tok, p] = choose(g, tf, s, rand);
+          const [tok, p] = choose(g, tf, s, u && u[b * T + t]);
           probs[b * T + t] = p;
           if (row[b * T + t] === maskId) {
             masked[b * T + t] = 1;
@@ -419,8 +426,9 @@ function checkPrompt(pc, B, K, V, T) {
   return P;
 }
 
-/** Guided logits g [V] -> (token, its probability under softmax(g / temperature)); float32 as the engine. */
-function choose(g, temp, s, rand) {
+/** Guided logits g [V], the position's uniform u -> (token, its probability under softmax(g / temperature));
+ *  float32 as the engine. */
+function choose(g, temp, s, u) {
   const V = g.length;
   const z = new Float32Array(V);
   let max = -Infinity, arg = 0;
@@ -436,7 +444,6 @@ function choose(g, temp, s, rand) {
   const total = f32(sum);
   for (let v = 0; v < V; v++) probs[v] = f32(probs[v] / total);
   if (s.greedy) return [arg, probs[arg]];
-  const u = rand();
   if (s.top_p > 0) {  // nucleus as a threshold (engine.sampling.top_p_keep), found without sorting
     const threshold = nucleusThreshold(probs, s.top_p);
     const tok = inverseCdf(probs.map((p) => (p >= threshold ? p : 0)), u);
@@ -559,6 +566,29 @@ function leastProbableSpans(scores, B, T, nTarget, span) {
     out.set(mask, b * T);
   }
   return out;
+}
+
+/** Noise of a sampled run: (B, T) -> one step's uniforms, Float64Array [B, T]. From a generator, row by row: */
+function seededNoise(rand) {
+  return (B, T) => Float64Array.from({ length: B * T }, rand);
+}
+
+/** ... or given, nested [S][B][T] (a conformance vector's): one step per call, in order; `left()` counts the rest. */
+function givenNoise(uniforms) {
+  if (!Array.isArray(uniforms)) throw new UsageError("uniforms must be nested [S][B][T] numbers in [0, 1)");
+  let used = 0;
+  const next = (B, T) => {
+    if (used >= uniforms.length) throw new UsageError("the uniforms ran out: give one [B][T] per decoding step");
+    const step = uniforms[used];
+    if (!Array.isArray(step) || step.length !== B || step.some((r) => !Array.isArray(r) || r.length !== T))
+      throw new UsageError(`uniforms of step ${used} must be [${B}][${T}], the positions that step samples`);
+    const flat = Float64Array.from(step.flat());
+    if (flat.some((x) => !(x >= 0 && x < 1))) throw new UsageError(`uniforms of step ${used} must lie in [0, 1)`);
+    used++;
+    return flat;
+  };
+  next.left = () => uniforms.length - used;
+  return next;
 }
 
 /** A small seeded PRNG (uniform in [0, 1)); sampled runs match the engine in distribution, not token for token. */
