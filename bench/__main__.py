@@ -13,6 +13,7 @@
     long     long-form pieces: time to first audio, seams, prompt kept per window (bench.long)
     overhead host overhead per decoding step on CPU: ops, host syncs, ms, what compiles (bench.overhead)
     precision half precision vs fp32: logits error, greedy tokens; mixed rule vs half residual (bench.precision)
+    compile  torch.compile of the scheduler's LM pass on a CPU: speed, compile time cold / warm cache (bench.compile)
     web      the web page in headless Chromium (WASM, 1/2 threads) vs the Node client, one request (bench.web)
 
 Step-function micro-benchmarks run under pytest-benchmark: `python -m pytest bench/micro.py --benchmark-only`.
@@ -41,6 +42,8 @@ SUBCOMMANDS = {
     "overhead": ("magnet_engine.bench.overhead",
                  "host overhead per decoding step on CPU: aten ops, host syncs, ms, what compiles"),
     "precision": ("magnet_engine.bench.precision", "half precision vs fp32: logits error and greedy tokens"),
+    "compile": ("magnet_engine.bench.compile",
+                "torch.compile of the scheduler's LM pass: ms per pass, compile time with a cold / warm cache"),
     "web": ("magnet_engine.bench.web", "the web page in headless Chromium (WASM) vs the Node client"),
 }
 

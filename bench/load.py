@@ -3,7 +3,12 @@
     sequential  one request at a time, in arrival order (`Engine.generate([prompt])`)
     static      static batching: wait for `--max-batch` requests (or `--static-wait` s after the first waits), decode
                 that batch to its end, admit nobody meanwhile (same packed pass as the scheduler)
+    batch       static batching as a user writes it: the same batches, each one `Engine.generate` call per run of
+                equal settings (one text encoding, one LM pass of B rows, one codec call): the ceiling of batching
     scheduler   magnet_engine.Scheduler: iteration-level batching, requests join and leave at every step
+
+`--ratio` runs `batch` then `scheduler` on the same trace in one process (the scheduler on the engine the caller
+loaded) and adds a row with the scheduler's throughput over the static batch's (medians over the repeats).
 
 Traces: `burst` (N requests submitted at once) or `poisson` (open-loop arrivals at `--rate` per second: arrival times
 are drawn up front, so a slow server does not slow the arrivals). Request settings: duration uniform in
@@ -23,7 +28,7 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +38,7 @@ from magnet_engine.engine.cli import SPELLING
 TEXTS = ["upbeat electronic dance track with a heavy bass line at 128 bpm", "slow sad piano",
          "a calm ambient pad with soft strings", "rock drums and distorted guitar", "jazz trio, walking bass, brushes",
          "lofi hip hop beat", "orchestral film score with brass", "acoustic folk guitar and whistling"]
-POLICIES = ("sequential", "static", "scheduler")
+POLICIES = ("sequential", "static", "batch", "scheduler")
 
 
 @dataclass
@@ -80,11 +85,23 @@ def run_sequential(eng: Any, trace: list[Request]) -> collections.Counter[int]:
 def run_static(eng: Any, trace: list[Request], max_batch: int, wait: float) -> collections.Counter[int]:
     hist: collections.Counter[int] = collections.Counter()
     t0 = time.perf_counter()
+    for batch in batches(trace, max_batch, wait, t0):
+        decs = [eng.start(eng.request([r.prompt], **r.settings)) for r in batch]
+        for step in range(max(d.total for d in decs)):  # requests in each pass (those with steps left)
+            hist[sum(d.total > step for d in decs)] += 1
+        for r, codes in zip(batch, eng.decode_together(decs)):  # to the end of the longest (one program)
+            eng.decode(codes)
+            r.finish = time.perf_counter() - t0
+    return hist
+
+
+def batches(trace: list[Request], max_batch: int, wait: float, t0: float) -> Iterator[list[Request]]:
+    """The static batches of a trace as they close (full, or `wait` s after their first request arrived), waiting
+    for their arrivals in real time; each request's start is set when its batch closes."""
     pending = list(trace)
     while pending:
         first = pending[0].arrival
         wait_until(t0, first)
-        # the batch closes when it is full or `wait` s after its first request arrived
         now = time.perf_counter() - t0
         full_at = pending[min(max_batch, len(pending)) - 1].arrival
         wait_until(t0, max(now, min(full_at, first + wait)))
@@ -93,12 +110,27 @@ def run_static(eng: Any, trace: list[Request], max_batch: int, wait: float) -> c
         pending = pending[len(batch):]
         for r in batch:
             r.start = time.perf_counter() - t0
-        decs = [eng.start(eng.request([r.prompt], **r.settings)) for r in batch]
-        for step in range(max(d.total for d in decs)):  # requests in each pass (those with steps left)
-            hist[sum(d.total > step for d in decs)] += 1
-        for r, codes in zip(batch, eng.decode_together(decs)):  # to the end of the longest (one program)
-            eng.decode(codes)
-            r.finish = time.perf_counter() - t0
+        yield batch
+
+
+def run_batch(eng: Any, trace: list[Request], max_batch: int, wait: float) -> collections.Counter[int]:
+    """Static batches, each run of neighbours with equal settings (the seed aside) in one `Engine.generate` call: row
+    b of a call draws from seed + b (magnet.row_generators), so consecutive seeds give each request its own noise."""
+    hist: collections.Counter[int] = collections.Counter()
+    t0 = time.perf_counter()
+    for batch in batches(trace, max_batch, wait, t0):
+        calls: list[list[Request]] = []
+        for r in batch:
+            same = calls and {**calls[-1][0].settings, "seed": 0} == {**r.settings, "seed": 0}
+            if same and r.settings["seed"] == calls[-1][-1].settings["seed"] + 1:
+                calls[-1].append(r)
+            else:
+                calls.append([r])
+        for call in calls:
+            eng.generate([r.prompt for r in call], **call[0].settings)
+            hist[len(call)] += sum(eng.request([call[0].prompt], **call[0].settings).gen.steps)
+            for r in call:
+                r.finish = time.perf_counter() - t0
     return hist
 
 
@@ -145,20 +177,55 @@ def run_one(args: argparse.Namespace) -> list[dict[str, Any]]:
         eng = build(args.model, args.kind, torch.device(args.device), args.dtype, backend=args.backend).engine
         return eng.set_deterministic(args.deterministic).set_graph(args.cuda_graph)
 
-    eng = load if args.policy == "scheduler" and args.scheduler_load == "loop" else load()  # loop: in its thread
+    in_loop = args.policy == "scheduler" and args.scheduler_load == "loop" and not args.ratio
+    eng = load if in_loop else load()  # the scheduler's loop thread loads it: in its thread
+    if args.ratio:
+        return run_ratio(args, eng)
+    return run_policy(args, args.policy, eng)
+
+
+def run_policy(args: argparse.Namespace, policy: str, eng: Any) -> list[dict[str, Any]]:
+    """One policy over `--repeats` copies of the trace after its warm-up -> one row per repeat."""
     steps_mix = [tuple(int(x) for x in s.split(",")) for s in args.steps_mix or []]
     # warm-up (allocator, text encoder, kernels) with requests outside the trace, through the same policy
     warm = [Request(0.0, "warm up", dict(duration=1.0, seed=i)) for i in range(args.max_batch)]
     traces = [make_trace(args, steps_mix) for _ in range(args.repeats)]
-    if args.policy == "sequential":
+    if policy == "sequential":
         run_sequential(eng, warm[:2])
         hists = [run_sequential(eng, tr) for tr in traces]
-    elif args.policy == "static":
+    elif policy == "static":
         run_static(eng, warm, args.max_batch, 0.0)
         hists = [run_static(eng, tr, args.max_batch, args.static_wait) for tr in traces]
+    elif policy == "batch":
+        run_batch(eng, warm, args.max_batch, 0.0)
+        hists = [run_batch(eng, tr, args.max_batch, args.static_wait) for tr in traces]
     else:
         hists, eng = run_scheduler(eng, traces, args.max_batch, warm, args.max_frames)
-    return [summarize(args, tr, hist, i, eng) for i, (tr, hist) in enumerate(zip(traces, hists))]
+    return [summarize(args, tr, hist, i, eng, policy) for i, (tr, hist) in enumerate(zip(traces, hists))]
+
+
+def run_ratio(args: argparse.Namespace, eng: Any) -> list[dict[str, Any]]:
+    """`--ratio`: the static batch (`batch`) and the scheduler on the same trace, in this process, on one engine
+    loaded here (the scheduler hands this thread's OpenMP workers back: engine.scheduler) -> their rows and a
+    `load-ratio` row: the scheduler's median throughput over the static batch's."""
+    static = run_policy(args, "batch", eng)
+    sched = run_policy(args, "scheduler", eng)
+    return [*static, *sched, ratio_row(static, sched)]
+
+
+def ratio_row(static: Sequence[dict[str, Any]], sched: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The scheduler's throughput over the static batch's, from the medians of their rows (the same trace)."""
+    import statistics
+
+    a = statistics.median(r["throughput_rps"] for r in static)
+    b = statistics.median(r["throughput_rps"] for r in sched)
+    first = static[0]
+    keep = ("trace", "rate", "requests", "max_batch", "durations_s", "steps_mix", "model", "backend", "device",
+            "dtype", "deterministic", "host", "versions", "git")
+    return {"bench": "load-ratio", "ratio": "scheduler/batch", "value": round(b / a, 3),
+            "batch_throughput_rps": [r["throughput_rps"] for r in static],
+            "scheduler_throughput_rps": [r["throughput_rps"] for r in sched],
+            **{k: first[k] for k in keep}}
 
 
 def graph_counts(eng: Any) -> dict[str, Any]:
@@ -176,18 +243,18 @@ def graph_counts(eng: Any) -> dict[str, Any]:
 
 
 def summarize(args: argparse.Namespace, trace: list[Request], hist: collections.Counter[int], repeat: int,
-              eng: Any) -> dict[str, Any]:
+              eng: Any, policy: str) -> dict[str, Any]:
     from magnet_engine.bench.common import git_sha, host, versions
 
     first, last = min(r.arrival for r in trace), max(r.finish for r in trace)
     latency = [r.finish - r.arrival for r in trace]
     wait = [r.start - r.arrival for r in trace]
     audio = sum(r.settings["duration"] for r in trace)
-    return {"bench": "load", "policy": args.policy, "trace": args.trace, "repeat": repeat,
-            "loaded_in": args.scheduler_load if args.policy == "scheduler" else "main thread",
+    return {"bench": "load", "policy": policy, "trace": args.trace, "repeat": repeat,
+            "loaded_in": "caller" if args.ratio else args.scheduler_load if policy == "scheduler" else "main thread",
             "rate": args.rate if args.trace == "poisson" else None, "requests": len(trace),
-            "max_batch": None if args.policy == "sequential" else args.max_batch,
-            "max_frames": args.max_frames if args.policy == "scheduler" else None,
+            "max_batch": None if policy == "sequential" else args.max_batch,
+            "max_frames": args.max_frames if policy == "scheduler" else None,
             "durations_s": [args.min_duration, args.max_duration], "steps_mix": args.steps_mix,
             "makespan_s": round(last - first, 3), "throughput_rps": round(len(trace) / (last - first), 3),
             "audio_s_per_s": round(audio / (last - first), 3), "latency_s": percentiles(latency),
@@ -202,6 +269,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m magnet_engine.bench load", description=__doc__.split("\n\n")[0])
     ap.add_argument("--policy", choices=POLICIES, default="scheduler")
     ap.add_argument("--all", action="store_true", help="run every policy, each in a fresh process")
+    ap.add_argument("--ratio", action="store_true",
+                    help="run `batch` and `scheduler` on the same trace in this process and add a row with the "
+                         "scheduler's throughput over the static batch's")
     ap.add_argument("--trace", choices=("burst", "poisson"), default="burst")
     ap.add_argument("--rate", type=float, default=2.0, help="poisson arrivals per second")
     ap.add_argument("--requests", type=int, default=16)
@@ -316,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             with args.out.open("a") as f:
                 f.write(line + "\n")
         failed += row.get("capture_failures", [])
+        if row["bench"] == "load-ratio":
+            print(f"bench load: scheduler / static batch throughput = {row['value']}", file=sys.stderr)
     return report_capture_failures("load", failed)
 
 

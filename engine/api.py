@@ -381,6 +381,24 @@ class Engine:
         return self.codec.decode(codes.to(self.device)).float()
 
     @torch.no_grad()
+    def decode_many(self, codes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Several requests' codes [B, K, T] each -> their audio, as `decode` gives each. A plain engine decodes
+        codes of equal shape in one codec call, as a static batch does (the codec's kernels round a sample by ~1e-7
+        differently with the batch: within a plain engine's promise); a deterministic one decodes each alone, so
+        a request's audio is its solo run's bit for bit."""
+        if self.deterministic or len(codes) < 2:
+            return [self.decode(c) for c in codes]
+        out: list[torch.Tensor | None] = [None] * len(codes)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, c in enumerate(codes):
+            groups.setdefault(tuple(c.shape[1:]), []).append(i)
+        for idx in groups.values():
+            audio = self.decode(torch.cat([codes[i] for i in idx]))  # [ΣB, 1, samples]
+            for i, a in zip(idx, audio.split([codes[i].shape[0] for i in idx])):
+                out[i] = a
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
     def encode(self, audio: torch.Tensor) -> torch.Tensor:
         """audio [B, 1, samples] at the codec's rate -> codes [B, K, T]."""
         return self.codec.encode(audio.to(self.device, torch.float32))

@@ -23,6 +23,8 @@ from .policy import Plan
 from .results import Generation
 
 if TYPE_CHECKING:
+    import torch
+
     from .api import Engine
 
 log = logging.getLogger("magnet_engine.engine.scheduler")
@@ -46,8 +48,7 @@ class Core:
             st.end(error, status)
         for job in plan.start:
             self.start(job)
-        for job in plan.finish:
-            self.finish(job)
+        self.finish_all(plan.finish)
         for job in plan.expire:
             self.expire(job)
         # the running requests, then those that started now (in admission order)
@@ -108,10 +109,25 @@ class Core:
             except Exception as e:  # noqa: BLE001 - this request fails alone: it is the failing one
                 job.fail(e)
 
-    def finish(self, job: Job) -> None:
-        """DECODED -> FINISHED: codec decoding and the caller's render."""
+    def finish_all(self, jobs: Sequence[Job]) -> None:
+        """Several DECODED requests (a burst finishing together): their codec calls batched (`Engine.decode_many`);
+        when the batched call fails, each request decodes alone, so a codec failure stays its own request's."""
+        if len(jobs) < 2:
+            for job in jobs:
+                self.finish(job)
+            return
         try:
-            audio = self.engine.decode(job.dec.codes)
+            audios: Sequence[torch.Tensor | None] = self.engine.decode_many([j.dec.codes for j in jobs])
+        except Exception:  # noqa: BLE001 - retried request by request below, where a failure is its request's
+            audios = [None] * len(jobs)
+        for job, audio in zip(jobs, audios):
+            self.finish(job, audio)
+
+    def finish(self, job: Job, audio: torch.Tensor | None = None) -> None:
+        """DECODED -> FINISHED: codec decoding (unless `audio` is given: `finish_all`) and the caller's render."""
+        try:
+            if audio is None:
+                audio = self.engine.decode(job.dec.codes)
         except Exception as e:  # noqa: BLE001 - a codec failure is this request's
             job.fail(e)
             return

@@ -249,7 +249,9 @@ def decode_step(lm_pass: Pass, sample: Sampler, decs: Sequence[Decoding]) -> Non
     for idx in groups.values():
         group = [decs[i] for i in idx]
         cond = torch.cat([logits[i][0] for i in idx])  # [R, T, V]
-        uncond = torch.cat([logits[i][1] for i in idx])
+        # unguided requests' uncond is their cond (`Step`): one copy, not two, when the whole group is unguided
+        unguided = all(logits[i][1] is logits[i][0] for i in idx)
+        uncond = cond if unguided else torch.cat([logits[i][1] for i in idx])
         noise = [d.noise() for d in group]
         uniform = None
         if any(n is not None for n in noise):  # a greedy row's noise is never read: zeros

@@ -189,41 +189,69 @@ class Cached(Mixing):
 class Packed(Mixing):
     """Several requests in one pass (`LM.forward_packed`), each at its own stage, length and text: x [ΣN·T, dim].
     Linears run on the whole pack (each row's output its own pass's when the linear is row-invariant); attention
-    runs per request over its own rows, frames and text (no padded key, no other request's key)."""
+    runs per request over its own rows, frames and text (no padded key, no other request's key).
+
+    Neighbours in the pack with the same frames and attention window (and, for cross-attention, the same text
+    length) share one attention call, batched along N: attention computes each (row, head) alone, so a request's
+    output is its own call's bit for bit (tests/test_scheduler.py), and a batch of B one-request parts costs one
+    call per layer, as a static batch's pass does, not B."""
 
     def __init__(self, parts: Sequence[Rows], windows: Sequence[int | None], device: torch.device,
                  linear: Linear) -> None:
         super().__init__([], linear)
         self.parts, self.windows = parts, windows
         self.sizes = [p.n * p.t for p in parts]
+        self.starts = [sum(self.sizes[:i]) for i in range(len(parts) + 1)]
+        self.self_runs = runs([(p.t, w) for p, w in zip(parts, windows)])
         self.cond_parts = [p for p in parts if p.cond_rows]
         self.cond_sizes = [p.cond_rows * p.t for p in self.cond_parts]
-        starts = [sum(self.sizes[:i]) for i in range(len(parts))]
+        self.cond_starts = [sum(self.cond_sizes[:i]) for i in range(len(self.cond_parts) + 1)]
+        self.cross_runs = runs([(p.t, p.cross[0][0].shape[2:]) for p in self.cond_parts])
+        self.all_cond = all(p.cond_rows == p.n for p in parts)  # unguided: every row has text, no gather
         # the pack's row indices of every request's conditional rows, in order: made on the device (a host tensor
         # would be a copy and a sync per pass, and illegal inside a CUDA graph capture)
-        self.cond_index = torch.cat([torch.arange(s, s + p.cond_rows * p.t, device=device)
-                                     for s, p in zip(starts, parts)])
+        self.cond_index = None if self.all_cond else torch.cat(
+            [torch.arange(s, s + p.cond_rows * p.t, device=device) for s, p in zip(self.starts, parts)])
 
     def self_attention(self, layer: int, attn: SelfAttention, qkv: torch.Tensor) -> torch.Tensor:
         outs = []
-        for piece, p, window in zip(qkv.split(self.sizes), self.parts, self.windows):
-            q, k, v = split_qkv(piece.view(p.n, p.t, -1), attn.num_heads)  # [N, H, T, D] each
-            outs.append(merge_heads(attn.attend(q, k, v, window)).reshape(p.n * p.t, -1))
-        return torch.cat(outs)
+        for i, j in self.self_runs:
+            n, t = sum(p.n for p in self.parts[i:j]), self.parts[i].t
+            piece = qkv[self.starts[i]:self.starts[j]]
+            q, k, v = split_qkv(piece.view(n, t, -1), attn.num_heads)  # [N, H, T, D] each
+            outs.append(merge_heads(attn.attend(q, k, v, self.windows[i])).reshape(n * t, -1))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def cond_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.all_cond:
+            return x
         return x.index_select(0, self.cond_index) if self.cond_parts else None  # [ΣB·T, dim]
 
     def put_cond_rows(self, x: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
-        return x.index_copy(0, self.cond_index, xc)
+        return xc if self.all_cond else x.index_copy(0, self.cond_index, xc)
 
     def cross_attention(self, layer: int, attn: CrossAttention, q: torch.Tensor) -> torch.Tensor:
         outs = []
-        for piece, p in zip(q.split(self.cond_sizes), self.cond_parts):
-            k, v = p.cross[layer]
-            qh = piece.view(p.cond_rows, p.t, attn.num_heads, -1).transpose(1, 2)  # [B, H, T, D]
-            outs.append(merge_heads(attn.attend(qh, k, v, None)).reshape(p.cond_rows * p.t, -1))
-        return torch.cat(outs)
+        for i, j in self.cross_runs:
+            group = self.cond_parts[i:j]
+            b, t = sum(p.cond_rows for p in group), group[0].t
+            k, v = group[0].cross[layer]
+            if len(group) > 1:
+                k, v = (torch.cat([p.cross[layer][m] for p in group]) for m in (0, 1))
+            qh = q[self.cond_starts[i]:self.cond_starts[j]].view(b, t, attn.num_heads, -1).transpose(1, 2)
+            outs.append(merge_heads(attn.attend(qh, k, v, None)).reshape(b * t, -1))  # [B, H, T, D] -> [B·T, dim]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def runs(keys: Sequence[object]) -> list[tuple[int, int]]:
+    """[start, stop) index ranges of neighbours with equal keys, in order: [a, a, b, a] -> [(0, 2), (2, 3), (3, 4)]."""
+    out: list[tuple[int, int]] = []
+    for i, key in enumerate(keys):
+        if out and keys[out[-1][0]] == key:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
 
 
 class Layer(nn.Module):
@@ -368,13 +396,18 @@ class LM(nn.Module):
         """
         dim = self.cfg.dim
         mix = Packed(parts, [self.cfg.window(p.stage) for p in parts], self.out_norm.weight.device, self.linear)
-        x = torch.cat([self.embed(p.codes).reshape(-1, dim) for p in parts])  # [ΣN·T, dim] fp32
-        y = self.out_norm(self.hidden(x, mix).float()).split(mix.sizes)
+        # neighbours of equal frames embedded at once (the embedding is row-local)
+        xs = [self.embed(torch.cat([p.codes for p in parts[i:j]])).reshape(-1, dim)
+              for i, j in runs([p.t for p in parts])]
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)  # [ΣN·T, dim] fp32
+        h = self.out_norm(self.hidden(x, mix).float())
+        y = h.split(mix.sizes)
         logits: list[torch.Tensor | None] = [None] * len(parts)
         for stage in sorted({p.stage for p in parts}):  # one head GEMM per codebook among the requests
             idx = [i for i, p in enumerate(parts) if p.stage == stage]
             sizes = [mix.sizes[i] for i in idx]
-            out = self.linear(torch.cat([y[i] for i in idx]), self.linears[stage].weight)
+            rows = h if len(idx) == len(parts) else torch.cat([y[i] for i in idx])
+            out = self.linear(rows, self.linears[stage].weight)
             for i, o in zip(idx, out.split(sizes)):
                 logits[i] = o.view(parts[i].n, parts[i].t, -1)
         return logits  # type: ignore[return-value]

@@ -46,8 +46,14 @@ class PackedPass:
     def __call__(self, decs: Sequence[magnet.Decoding]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if len(decs) == 1:
             return magnet.each_alone(decs)
-        parts = [Rows(magnet.step_rows(d.codes, d.guided), d.stage, d.step.cross) for d in decs]
-        return [magnet.split_rows(lg, d.guided) for d, lg in zip(decs, self.lm.forward_packed(parts))]
+        # packed in layout order, so requests of equal frames, stage and text length are neighbours and share their
+        # attention calls (engine.model.Packed); each request's logits are its own whatever its place
+        order = sorted(range(len(decs)), key=lambda i: pass_layout(decs[i]))
+        parts = [Rows(magnet.step_rows(d.codes, d.guided), d.stage, d.step.cross) for d in (decs[i] for i in order)]
+        out: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(decs)  # type: ignore[list-item]
+        for i, lg in zip(order, self.lm.forward_packed(parts)):
+            out[i] = magnet.split_rows(lg, decs[i].guided)
+        return out
 
 
 @dataclass

@@ -113,7 +113,7 @@ def test_dispatcher_routes_lazily(monkeypatch: pytest.MonkeyPatch, capsys: pytes
     assert dispatcher.main([]) == 2 and dispatcher.main(["--help"]) == 0
 
 
-@pytest.mark.parametrize("policy", ["sequential", "static", "scheduler"])
+@pytest.mark.parametrize("policy", ["sequential", "static", "batch", "scheduler"])
 def test_load_rows_and_plot(fixture_dir: Path, tmp_path: Path, policy: str) -> None:
     """`bench load`: every request of the trace is served and counted once per step in the pass histogram, under
     each policy; the rows plot."""
@@ -216,3 +216,30 @@ def test_bench_serve_reports_p95_beside_a_stream(capsys):
     stream = row["beside_stream"]
     assert [j["duration"] for j in streamed] == [30.0] and stream["status"] == 200 and stream["bytes"] == 4044
     assert stream["sent_s"] < 0.5 and 0.2 < stream["first_audio_s"] < stream["total_s"] and stream["covered_load"]
+
+
+def test_load_ratio_row(fixture_dir: Path, tmp_path: Path) -> None:
+    """`bench load --ratio`: the static batch (one Engine.generate per batch) and the scheduler run the same trace in
+    one process, and the ratio row is the scheduler's median throughput over the static batch's, from their rows."""
+    import statistics
+
+    from magnet_engine.bench import load
+
+    rows, threads = tmp_path / "load.jsonl", torch.get_num_threads()
+    try:
+        assert load.main(["--model", str(fixture_dir), "--ratio", "--requests", "3", "--repeats", "2",
+                          "--max-batch", "3", "--min-duration", "0.3", "--max-duration", "0.3", "--steps-mix",
+                          "2,1,1,1", "--threads", "1", "--out", str(rows)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # --threads is process-wide
+    got = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert [r.get("policy") for r in got] == ["batch", "batch", "scheduler", "scheduler", None]
+    for r in got[:4]:  # 3 requests of 2+1+1+1 steps, each counted once per pass
+        assert r["requests"] == 3 and sum(int(k) * n for k, n in r["batch_hist"].items()) == 3 * 5
+    assert got[0]["batch_hist"] == {"3": 5}  # one generate call of the 3 (equal settings, consecutive seeds)
+    ratio = got[-1]
+    assert ratio["bench"] == "load-ratio" and ratio["requests"] == 3
+    assert ratio["batch_throughput_rps"] == [r["throughput_rps"] for r in got[:2]]
+    assert ratio["scheduler_throughput_rps"] == [r["throughput_rps"] for r in got[2:4]]
+    want = statistics.median(ratio["scheduler_throughput_rps"]) / statistics.median(ratio["batch_throughput_rps"])
+    assert ratio["value"] == round(want, 3)

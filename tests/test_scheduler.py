@@ -500,3 +500,73 @@ def test_a_stream_steps_beside_the_batch(tiny):
     want = list(tiny.generate_stream([LONG], **long_kw))
     assert len(chunks) == len(want) > 1
     assert all(torch.equal(a.codes, b.codes) and torch.equal(a.audio, b.audio) for a, b in zip(chunks, want))
+
+
+def test_forward_packed_neighbours_share_attention_calls(tiny):
+    """Neighbours in a pack with equal frames, window and text length share one attention call per layer (a burst
+    costs what a static batch's pass costs), and each request's logits are still its own pass's, bit for bit."""
+    from magnet_engine.engine.model import Rows, attention_ops
+    from magnet_engine.engine.ops import attention
+
+    g = torch.Generator().manual_seed(1)
+    cross = [tiny.lm.cross_kv(tiny.text([t])) for t in ("drums", "bass", "a")]
+    assert len({c[0][0].shape for c in cross}) == 1, "the texts must have one length for this test"
+    shapes = [(1, 6, 1, 0), (1, 6, 1, 1), (2, 6, 1, 2), (2, 6, 1, 0), (1, 9, 1, 1), (1, 9, 0, 2)]
+    parts = [Rows(torch.randint(0, 2049, (n, 4, t), generator=g), stage, cross[c]) for n, t, stage, c in shapes]
+    calls: list[int] = []
+
+    def counted(q, k, v, window):
+        calls.append(q.shape[0])
+        return attention(q, k, v, window)
+
+    with torch.no_grad():
+        with attention_ops(tiny.lm, counted, counted):
+            packed = tiny.lm.forward_packed(parts)
+        layers = len(tiny.lm.layers)
+        # self-attention: runs (t=6, w) of 6 rows, (t=9, w) and (t=9, full) of one; cross: (t=6) of 4 text rows,
+        # (t=9) of 2
+        assert sorted(calls) == sorted([6, 1, 1, 4, 2] * layers)
+        for p, out in zip(parts, packed):
+            assert torch.equal(out, tiny.lm(p.codes, p.stage, p.cross))
+
+
+def test_codec_of_a_burst_is_one_call_in_a_plain_engine(tiny, monkeypatch):
+    """`Engine.decode_many`: a plain engine decodes equal shapes in one codec call (audio within rounding of each
+    alone), a deterministic one each alone (bit for bit); the scheduler finishes a burst through it, and when the
+    batched call fails each request decodes alone."""
+    g = torch.Generator().manual_seed(2)
+    codes = [torch.randint(0, 2048, (1, 4, t), generator=g) for t in (15, 15, 9, 15)]
+    alone = [tiny.decode(c) for c in codes]
+    calls: list[int] = []
+    decode = tiny.codec.decode
+
+    def counted(c):
+        calls.append(c.shape[0])
+        return decode(c)
+
+    monkeypatch.setattr(tiny.codec, "decode", counted)
+    assert all(torch.equal(a, b) for a, b in zip(tiny.decode_many(codes), alone)) and calls == [1] * 4
+    calls.clear()
+    tiny.set_deterministic(False)
+    try:
+        many = tiny.decode_many(codes)
+    finally:
+        tiny.set_deterministic(True)
+    assert sorted(calls) == [1, 3]
+    for a, b in zip(many, alone):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+
+    sizes: list[int] = []
+
+    def failing(c):
+        sizes.append(len(c))
+        raise RuntimeError("batched codec failed")
+
+    monkeypatch.setattr(tiny, "decode_many", failing)
+    kw = dict(TINY, greedy=True, duration=0.3)
+    with Scheduler(tiny, max_batch=4) as sched:
+        outs = [f.result(timeout=60) for f in [sched.submit(p, **kw) for p in ("one", "two", "three")]]
+    assert sizes == [3]  # the three finished together: one batched call, then each alone
+    for p, out in zip(("one", "two", "three"), outs):
+        want = tiny.generate([p], **kw)
+        assert torch.equal(out.codes, want.codes) and torch.equal(out.audio, want.audio)
