@@ -89,9 +89,17 @@ class Job:
     prompt: str | None
     fields: dict[str, Any]  # GenerationConfig fields as sent, plus the seed drawn when none was sent
     suffix: str  # ".wav", ".flac", ".ogg"
-    timeout: Any  # seconds (checked by the scheduler)
-    received: float  # time.monotonic()
+    timeout: float  # seconds from `received` (> 0: RequestSchema checked it)
+    received: float  # time.monotonic() on this process's clock (a model replica re-bases it: serve.deployment)
     stream: bool = False  # send the audio as windows complete (a WAV of unstated length, chunked)
+
+    def left(self, why: str = "") -> float:
+        """Seconds left before the deadline; none left: HTTPError 504 (`why`: what the time went on)."""
+        left = self.received + self.timeout - time.monotonic()
+        if left <= 0:
+            raise HTTPError(504, f"the request's timeout of {self.timeout} s passed{why}; send a larger \"timeout\" "
+                                 "(seconds) or a shorter request", "timeout")
+        return left
 
 
 @dataclass(frozen=True)
@@ -248,7 +256,7 @@ class Service:
         from magnet_engine.engine.scheduler import RequestTimeout
 
         with self._queueing():
-            future = self.scheduler.submit(job.prompt, timeout=job.timeout,
+            future = self.scheduler.submit(job.prompt, timeout=job.left(),
                                            render=functools.partial(self.render, job, as_json=as_json), **job.fields)
         try:
             return await asyncio.wrap_future(future)
@@ -260,6 +268,7 @@ class Service:
             if future.cancelled():  # cancelled by the scheduler's shutdown, not by this handler's caller
                 raise HTTPError(503, "the server shut down before the request started; retry",
                                 headers={"Retry-After": "1"}) from None
+            future.cancel()  # its caller gave up (the ingress past the deadline): a queued job leaves the queue
             raise
 
     def open_stream(self, job: Job) -> tuple[dict[str, str], typing.AsyncIterator[bytes]]:
@@ -273,7 +282,7 @@ class Service:
 
         with self._queueing():
             try:  # the loop thread turns each chunk into PCM: no tensor work on the event loop
-                stream = self.scheduler.stream(job.prompt, timeout=job.timeout,
+                stream = self.scheduler.stream(job.prompt, timeout=job.left(),
                                                render=lambda chunk: pcm16_bytes(chunk.audio[0]), **job.fields)
             except SettingError as e:  # `stream` checks at once (submit fails its future instead)
                 raise HTTPError.setting(e) from None

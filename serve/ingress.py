@@ -84,12 +84,7 @@ class Attempts:
 
     def remaining(self) -> float:
         """Seconds left (HTTPError 504 when none)."""
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            retried = f" (after {self.retries} retries on a replica's death)" if self.retries else ""
-            raise HTTPError(504, f"the request's timeout of {self.job.timeout} s passed{retried}; send a larger "
-                                 "\"timeout\" (seconds) or a shorter request", "timeout")
-        return left
+        return self.job.left(f" (after {self.retries} retries on a replica's death)" if self.retries else "")
 
     def sent(self) -> tuple[Job, float]:
         """The job for the next call, and the seconds it has spent here so far (the replica re-bases its clock)."""

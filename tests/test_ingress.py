@@ -244,41 +244,64 @@ def test_a_refused_stream_is_the_replicas_answer(model):
     assert response.status_code == 503 and response.headers["retry-after"] == "2" and len(handle.calls) == 1
 
 
-def test_the_model_replica_streams_from_the_item_it_is_asked(fixture_dir: Path):
-    """The model side of a resumed stream (serve.deployment.Model.stream, without Ray): the headers first, then the
-    items from `skip` on (item 0: the WAV header), the same bytes as those items of a stream from the start (same
-    Job, same seed); a refusal comes back as an Answer, not an exception."""
+@pytest.fixture(scope="module")
+def replica(fixture_dir: Path) -> Any:
+    """A model replica's state (serve.deployment.Model) without Serve's replica context: one stream at a time."""
     import threading
 
-    from magnet_engine.engine.audio import wav_stream_header
     from magnet_engine.serve.config import ServiceConfig
     from magnet_engine.serve.deployment import Model
-    from magnet_engine.serve.http import Answer, Service
+    from magnet_engine.serve.http import Service
 
-    model = Model.__new__(Model)  # the replica's state without Serve's replica context
+    model = Model.__new__(Model)
     model._stop = threading.Event()
     model.service = Service(ServiceConfig(model=str(fixture_dir), device="cpu", max_streams=1))
     try:
-        j = model.service.schema.parse(json.dumps({"prompt": "rain", "seed": 3, "duration": 2.5, "stream": True,
-                                                   **FAST}).encode(), time.monotonic())
-
-        async def items(skip: int) -> list[Any]:
-            return [item async for item in model.stream(j, 0.0, skip)]
-
-        whole, resumed = asyncio.run(items(0)), asyncio.run(items(2))
-        assert whole[0] == resumed[0] and whole[0]["X-Seed"] == "3"  # the headers
-        assert len(whole) > 4  # headers, the WAV header, a window at a time (2.5 s past a 1 s segment)
-        assert whole[1] == wav_stream_header(model.service.engine.sample_rate)
-        assert resumed[1:] == whole[1 + 2:]
-
-        async def refused() -> Any:
-            first = model.service.open_stream(j)  # holds the one stream slot
-            try:
-                return [item async for item in model.stream(j, 0.0, 0)]
-            finally:
-                await first[1].aclose()
-
-        answer = asyncio.run(refused())
-        assert len(answer) == 1 and isinstance(answer[0], Answer) and answer[0].status == 503
+        yield model
     finally:
         model.service.close()
+
+
+def test_the_model_replica_streams_from_the_item_it_is_asked(replica):
+    """The model side of a resumed stream (Model.stream): the headers first, then the items from `skip` on (item 0:
+    the WAV header), the same bytes as those items of a stream from the start (same Job, same seed); a refusal comes
+    back as an Answer, not an exception."""
+    from magnet_engine.engine.audio import wav_stream_header
+    from magnet_engine.serve.http import Answer
+
+    j = replica.service.schema.parse(json.dumps({"prompt": "rain", "seed": 3, "duration": 2.5, "stream": True,
+                                                 **FAST}).encode(), time.monotonic())
+
+    async def items(skip: int) -> list[Any]:
+        return [item async for item in replica.stream(j, 0.0, skip)]
+
+    whole, resumed = asyncio.run(items(0)), asyncio.run(items(2))
+    assert whole[0] == resumed[0] and whole[0]["X-Seed"] == "3"  # the headers
+    assert len(whole) > 4  # headers, the WAV header, a window at a time (2.5 s past a 1 s segment)
+    assert whole[1] == wav_stream_header(replica.service.engine.sample_rate)
+    assert resumed[1:] == whole[1 + 2:]
+
+    async def refused() -> Any:
+        first = replica.service.open_stream(j)  # holds the one stream slot
+        try:
+            return [item async for item in replica.stream(j, 0.0, 0)]
+        finally:
+            await first[1].aclose()
+
+    answer = asyncio.run(refused())
+    assert len(answer) == 1 and isinstance(answer[0], Answer) and answer[0].status == 503
+
+
+def test_the_model_replica_counts_the_time_the_request_already_spent(replica, monkeypatch):
+    """A Job arrives with the seconds it spent at the ingress (parsing, earlier tries on a replica that died): the
+    replica's scheduler gets what is left of the timeout, and none left is a 504 without queueing."""
+    j = replica.service.schema.parse(json.dumps({"prompt": "rain", "timeout": 30, **FAST}).encode(),
+                                     time.monotonic())
+    given: list[float] = []
+    submit = replica.service.scheduler.submit
+    monkeypatch.setattr(replica.service.scheduler, "submit",
+                        lambda *a, timeout, **kw: given.append(timeout) or submit(*a, timeout=timeout, **kw))
+    assert asyncio.run(replica.generate(j, 12.0, False)).status == 200
+    assert 17.0 < given[0] <= 18.0
+    late = asyncio.run(replica.generate(j, 30.5, False))
+    assert late.status == 504 and json.loads(late.body)["field"] == "timeout" and len(given) == 1

@@ -565,7 +565,9 @@ def test_codec_of_a_burst_is_one_call_in_a_plain_engine(tiny, monkeypatch):
     monkeypatch.setattr(tiny, "decode_many", failing)
     kw = dict(TINY, greedy=True, duration=0.3)
     with Scheduler(tiny, max_batch=4) as sched:
-        outs = [f.result(timeout=60) for f in [sched.submit(p, **kw) for p in ("one", "two", "three")]]
+        with sched._cv:  # all three queued before the loop plans again, whatever the box's load: they start together
+            futures = [sched.submit(p, **kw) for p in ("one", "two", "three")]
+        outs = [f.result(timeout=60) for f in futures]
     assert sizes == [3]  # the three finished together: one batched call, then each alone
     for p, out in zip(("one", "two", "three"), outs):
         want = tiny.generate([p], **kw)
