@@ -119,13 +119,15 @@ class Ingress:
         self.config, self.handle, self.metrics = config, handle, metrics
         self.schema = RequestSchema(config, model, defaults)
 
-    async def _call(self, attempts: Attempts, method: str, *args: Any) -> Any:
-        """One handle call of a job (non-streaming), retried while its replica dies."""
+    @staticmethod
+    async def _retried(attempts: Attempts, send: typing.Callable[[], tuple[typing.Awaitable[Any], Any]]) -> Any:
+        """A handle call, `send()` -> (what to await, how to cancel it), sent again while its replica dies; Serve's
+        refusals as 503s, anything else raised once."""
         while True:
             attempts.remaining()
-            response = getattr(self.handle, method).remote(*attempts.sent(), *args)
+            call, cancel = send()
             try:
-                return await attempts.within(response, response.cancel)
+                return await attempts.within(call, cancel)
             except HTTPError:
                 raise
             except Exception as e:
@@ -134,6 +136,14 @@ class Ingress:
                 if not replica_died(e):
                     raise
                 await attempts.after_death(e)
+
+    async def _call(self, attempts: Attempts, method: str, *args: Any) -> Any:
+        """One handle call of a job (non-streaming), retried while its replica dies."""
+        def send() -> tuple[Any, Any]:
+            response = getattr(self.handle, method).remote(*attempts.sent(), *args)
+            return response, response.cancel
+
+        return await self._retried(attempts, send)
 
     async def generate(self, job: Job, as_json: bool) -> Response:
         attempts = Attempts(job, self.metrics)
@@ -144,19 +154,15 @@ class Ingress:
     async def _open(self, attempts: Attempts, skip: int) -> tuple[Any, Answer | dict[str, str]]:
         """Start a stream on a replica from window item `skip`: the generator and its first item (the headers, or
         the replica's refusal as an Answer); retried while replicas die."""
-        while True:
-            attempts.remaining()
+        def send() -> tuple[Any, Any]:
             gen = self.handle.options(stream=True).stream.remote(*attempts.sent(), skip)
-            try:
-                return gen, await attempts.within(gen.__anext__(), gen.cancel)
-            except HTTPError:
-                raise
-            except Exception as e:
-                if (answer := refusal(e)) is not None:
-                    raise answer from None
-                if not replica_died(e):
-                    raise
-                await attempts.after_death(e)
+
+            async def first() -> tuple[Any, Any]:
+                return gen, await gen.__anext__()
+
+            return first(), gen.cancel
+
+        return await self._retried(attempts, send)
 
     async def stream(self, job: Job) -> Response:
         attempts = Attempts(job, self.metrics)
