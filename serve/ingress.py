@@ -174,30 +174,37 @@ class Ingress:
 
     async def _resumed(self, attempts: Attempts, gen: Any) -> typing.AsyncIterator[bytes]:
         """The stream's items; when its replica dies, the rest from a survivor (same job, from the next item)."""
-        sent = 0
+        sent, finished = 0, False
+        try:
+            while True:
+                try:
+                    async for item in gen:
+                        yield item
+                        sent += 1
+                    finished = True
+                    return
+                except Exception as e:
+                    if not replica_died(e):
+                        raise
+                    await attempts.after_death(e)
+                gen = await self._reopen(attempts, sent)
+        finally:
+            if not finished:  # the client hung up (or the stream broke): the replica frees its stream slot
+                gen.cancel()
+
+    async def _reopen(self, attempts: Attempts, sent: int) -> Any:
+        """The stream resumed at item `sent` on a survivor, waiting for a slot while they are full; StreamCut when
+        the deadline passes first."""
         while True:
-            try:
-                async for item in gen:
-                    yield item
-                    sent += 1
-                return
-            except Exception as e:
-                if not replica_died(e):
-                    raise
-                await attempts.after_death(e)
             try:
                 gen, first = await self._open(attempts, sent)
             except HTTPError as e:
                 raise StreamCut(f"a streamed request could not resume at window item {sent} after its replica "
                                 f"died: {e.message}") from None
-            while isinstance(first, Answer):  # the survivors are full: wait for a slot, within the deadline
-                await asyncio.sleep(min(float(first.headers.get("retry-after", 1)), attempts.deadline -
-                                        time.monotonic()))
-                try:
-                    gen, first = await self._open(attempts, sent)
-                except HTTPError as e:
-                    raise StreamCut(f"a streamed request could not resume at window item {sent}: {e.message}") \
-                        from None
+            if not isinstance(first, Answer):
+                return gen
+            await asyncio.sleep(max(0.0, min(float(first.headers.get("retry-after", 1)),
+                                             attempts.deadline - time.monotonic())))
 
     async def health(self) -> tuple[bool, int, int]:
         """A model replica's health (one, as the router picks it)."""

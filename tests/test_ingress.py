@@ -224,6 +224,24 @@ def test_a_stream_resumes_at_the_first_item_its_client_lacks(model):
     assert front.retried == [1]
 
 
+def test_a_client_that_hangs_up_cancels_the_replicas_stream(model):
+    """The body closed after one item (the client went away): the handle's stream call is cancelled, so the replica
+    stops decoding it and frees its stream slot; a stream read to its end is not."""
+    streams = [Stream([{"x-seed": "7"}, b"HDR", b"w0", b"w1"]), Stream([{"x-seed": "7"}, b"HDR"])]
+    handle = Handle(stream=list(streams))
+    front = ingress(model, handle)
+
+    async def first_item_then_hang_up() -> bytes:
+        body = (await front.stream(job(front, stream=True))).body_iterator
+        item = await body.__anext__()
+        await body.aclose()
+        return item
+
+    assert asyncio.run(first_item_then_hang_up()) == b"HDR" and streams[0].cancelled
+    response = asyncio.run(front.stream(job(front, stream=True)))
+    assert asyncio.run(_body(response)) == b"HDR" and not streams[1].cancelled
+
+
 def test_a_stream_that_cannot_resume_breaks_instead_of_ending_clean(model):
     """Past the deadline no survivor is asked: the body raises, so the connection ends without the chunked
     terminator (a short WAV that looked complete would be a lie)."""
