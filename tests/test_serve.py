@@ -290,6 +290,34 @@ def test_a_replica_sigkilled_under_load_loses_nothing(cluster):
         time.sleep(0.5)
 
 
+def test_a_stream_whose_replica_is_sigkilled_resumes_on_the_survivor(cluster):
+    """A long piece streamed a window at a time; after its first windows arrived, its replica's process (named by
+    X-Replica) is SIGKILLed. The client still reads one whole WAV: the ingress resumed the stream on the other
+    replica from the first window it lacked, and the bytes equal the same request streamed again (deterministic)."""
+    import os
+    import signal
+
+    import ray
+    from magnet_engine.bench.serve import replica_pids
+    from magnet_engine.serve.config import MODEL_DEPLOYMENT
+
+    body = {"prompt": "drifting pad", "seed": 5, "duration": 3.5, "steps": [60, 20, 20, 20], "stream": True}
+    req = urllib.request.Request(cluster["main"] + "/v1/generate", json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=120) as r:
+        replica = r.headers["x-replica"].split("/")[1]
+        actor = ray.get_actor(f"SERVE_REPLICA::main#{MODEL_DEPLOYMENT}#{replica}", namespace="serve")
+        pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+        got = r.read1(1 << 16)  # the WAV header (and maybe a window): the stream is under way
+        os.kill(pid, signal.SIGKILL)
+        got += r.read()
+    status, _, again = call(cluster["main"] + "/v1/generate", body, timeout=120)
+    assert status == 200 and len(again) > 44 and got == again
+    deadline = time.monotonic() + 90  # the replacement starts before the next test
+    while len(replica_pids(MODEL_DEPLOYMENT, app="main")) < 2 or call(cluster["main"] + "/v1/health")[0] != 200:
+        assert time.monotonic() < deadline, "Serve did not replace the killed replica"
+        time.sleep(0.5)
+
+
 def test_bench_serve_closed_loop(cluster, capsys):
     """python -m magnet_engine.bench serve against the running service: every request counted, by status."""
     from magnet_engine.bench.serve import main
