@@ -60,6 +60,13 @@ def chunk_mask(scores: torch.Tensor, n_mask: torch.Tensor | int, span_len: int) 
     return chunks, chunks.repeat_interleave(span_len, dim=-1)
 
 
+def chunk_frames(chunks: torch.Tensor, n: int, span_len: int) -> torch.Tensor:
+    """chunks [B, C] bool with exactly n true per row -> [B, n·span_len] int64: their frames, in index order."""
+    picked = torch.argsort(chunks.to(torch.uint8), dim=-1, descending=True, stable=True)[:, :n]  # [B, n]
+    offsets = torch.arange(span_len, device=chunks.device)
+    return (picked.unsqueeze(-1) * span_len + offsets).flatten(1)
+
+
 def chunk_scores(probs: torch.Tensor, span_len: int, scoring: str) -> torch.Tensor:
     """probs [B, T] of the sampled tokens -> [B, T/span_len] re-mask priority (high = least confident)."""
     b = probs.shape[0]

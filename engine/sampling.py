@@ -166,7 +166,7 @@ def top_p_threshold_radix(probs: torch.Tensor, top_p: float | torch.Tensor) -> t
     r = p.shape[0]
     limit = torch.as_tensor(top_p, dtype=torch.float32, device=p.device).expand(*shape[:-1], 1).reshape(r, 1)
     limit = limit.contiguous()  # [R, 1]
-    bits = p.view(torch.int32)  # [R, V], ordered like p
+    bits = p.view(torch.int32).long()  # [R, V], ordered like p; widened once, not in each pass's shift
     nb = 1 << RADIX_BITS
     index = torch.empty(r, v, dtype=torch.long, device=p.device)  # [R, V] bucket of each token, reused per pass
     hist = torch.empty(r, nb + 2, device=p.device)  # [R, nb + 2]: 0 above, 1..nb candidates, nb + 1 below
@@ -174,9 +174,10 @@ def top_p_threshold_radix(probs: torch.Tensor, top_p: float | torch.Tensor) -> t
     for level in range(RADIX_PASSES):
         shift = RADIX_BITS * (RADIX_PASSES - 1 - level)
         torch.bitwise_right_shift(bits, shift, out=index)
-        # this pass's digit relative to the prefix: above the candidates -> nb, below -> -1; then reversed so that
-        # bucket 0 holds the more probable tokens and bucket 1 + j the candidates with digit nb - 1 - j
-        index.sub_(prefix << RADIX_BITS).clamp_(-1, nb).neg_().add_(nb)
+        # this pass's digit relative to the prefix, reversed: nb - (digit - prefix·nb), clamped to [0, nb + 1], so
+        # bucket 0 holds the tokens above the candidates, nb + 1 those below, 1 + j the candidates with digit
+        # nb - 1 - j (the same integers as clamping the digit to [-1, nb] first, in fewer passes over [R, V])
+        index.neg_().add_((prefix << RADIX_BITS) + nb).clamp_(0, nb + 1)
         hist.zero_().scatter_add_(1, index, p)
         above = hist.cumsum(1)  # [R, nb + 2]: above[:, j < nb] = mass more probable than digit nb - 1 - j
         # the least probable digit whose strictly-more-probable mass is <= top_p (above[:, 0] is, or an earlier

@@ -89,7 +89,7 @@ def test_rescore_mix_is_the_weighted_sum(tiny, mg, settings, kw):
 
     def sample(*args):  # noqa: ANN002, ANN202 - magnet.Sampler's arguments, passed through
         tokens, probs = tiny.sample(*args)
-        p_magnet.append(probs)
+        p_magnet.append(dec.spread(tokens, probs)[1])  # [B, T]: on a CPU the step samples the re-masked frames only
         return tokens, probs
 
     batch = len(prompts)

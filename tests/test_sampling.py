@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from magnet_engine.engine.sampling import top_p_keep, top_p_threshold_radix, top_p_threshold_sorted
+from magnet_engine.engine.sampling import (
+    StepSampling,
+    sample_ref,
+    top_p_keep,
+    top_p_threshold_radix,
+    top_p_threshold_sorted,
+)
 
 
 def _rule64(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,3 +78,37 @@ def test_radix_keep_per_row_top_p_and_shape() -> None:
     for b in range(3):
         assert torch.equal(keep[b], top_p_keep(probs[b], float(top_p[b])))
         assert torch.equal(keep[b:b + 1], top_p_keep(probs[b:b + 1], top_p[b:b + 1]))
+
+
+@pytest.mark.parametrize("params", [
+    StepSampling(3.0, 1.0, 0, 0.9, False), StepSampling(1.0, 0.7, 0, 0.0, False),
+    StepSampling(2.0, 1.0, 5, 0.0, False), StepSampling(1.0, 1.0, 0, 0.0, True),
+    StepSampling((1.0, 4.0), (1.0, 0.5), (0, 3), (1.0, 0.0), (False, False)),
+    StepSampling(1.0, (1.0, 2.0), (0, 0), (0.5, 0.0), (False, True))],
+    ids=["top_p", "multinomial", "top_k", "greedy", "per-row-top_p1-top_k", "per-row-greedy"])
+def test_sampler_at_some_positions_equals_all_positions(params: StepSampling) -> None:
+    """`sample_ref` over a subset of the positions (what a CPU decoding step passes: the re-masked chunks' frames)
+    gives, at those positions, the very tokens and probabilities of the call over every position: random rows from
+    flat to peaked and adversarial ones (one-hot, flat, tied levels, a huge logit), masked and unmasked."""
+    g = torch.Generator().manual_seed(2)
+    b, t, v = 2, 40, 300
+    scale = torch.tensor([0.1, 1.0, 3.0, 10.0, 40.0]).repeat(t // 5).view(1, t, 1)
+    cond = torch.randn(b, t, v, generator=g) * scale
+    uncond = torch.randn(b, t, v, generator=g) * scale
+    for logits in (cond, uncond):
+        logits[:, 0] = 0.0  # flat
+        logits[:, 1] = -1e4
+        logits[:, 1, 7] = 1e4  # one-hot
+        logits[:, 2] = torch.randint(0, 3, (v,), generator=g).float()  # three tied levels
+        logits[:, 3, ::2] = 88.0  # huge, tied
+    current = torch.where(torch.rand(b, t, generator=g) < 0.7, v, torch.randint(0, v, (b, t), generator=g))
+    uniform = torch.rand(b, t, generator=g)
+    index = torch.stack([torch.randperm(t, generator=g)[:17].sort().values for _ in range(b)])  # [B, 17]
+    for guided in (True, False):
+        un = uncond if guided else cond
+        tokens, probs = sample_ref(cond, un, current, v, params, uniform)
+        pick = index.unsqueeze(-1).expand(-1, -1, v)
+        c = cond.gather(1, pick)
+        sub_t, sub_p = sample_ref(c, uncond.gather(1, pick) if guided else c, current.gather(1, index), v, params,
+                                  uniform.gather(1, index))
+        assert torch.equal(sub_t, tokens.gather(1, index)) and torch.equal(sub_p, probs.gather(1, index))

@@ -12,6 +12,7 @@ from conftest import run_settings
 from magnet_engine.engine import magnet
 from magnet_engine.engine.api import GraphedPass
 from magnet_engine.engine.graph import ProgramCache
+from magnet_engine.engine.masking import chunk_frames
 from magnet_engine.engine.sampling import sample_ref
 from magnet_engine.engine.scheduler import start_request
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -256,3 +257,73 @@ def test_cuda_pass_graphs_token_equal(fixture_dir, dtype):  # pragma: no cover -
         for got, want in zip(eng.decode_together(decs), solo):
             assert torch.equal(got, want)
     assert eng.lm_pass.passes["graph"] > eng.lm_pass.graphs.captures > 0
+
+
+def test_chunk_frames_lists_the_chunks_frames_in_order():
+    """chunk_frames: exactly n chunks per row -> their frames, in index order (as nonzero would list them)."""
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 5, 17):
+        chunks = torch.rand(3, 17, generator=g).argsort(-1) < n  # [3, 17], n true per row
+        got = chunk_frames(chunks, n, 3)
+        want = chunks.repeat_interleave(3, dim=-1).nonzero()[:, 1].view(3, -1)
+        assert torch.equal(got, want)
+
+
+def _full_width(dec: magnet.Decoding) -> magnet.Decoding:
+    dec.sampled_chunks = None  # every step samples all T frames, as on a GPU
+    return dec
+
+
+@pytest.mark.parametrize("kw", [dict(TINY, greedy=False, seed=3),
+                                dict(TINY, greedy=False, seed=4, top_p=0.0, top_k=5, span_scoring="prod"),
+                                dict(TINY, greedy=False, seed=5, top_p=0.0, cfg=(1.0, 1.0)),
+                                dict(TINY, greedy=True, prompt_codes=True)],
+                         ids=["top_p", "top_k-prod", "multinomial-unguided", "greedy-prompt"])
+def test_sampling_the_remasked_frames_only_is_exact(tiny, kw):
+    """On a CPU a nonoverlap step samples only the frames of the chunks it re-masks (Decoding.index): every step's
+    codes and span scores are those of the same program sampling all T frames, bit for bit (a prompt of 7 frames
+    leaves a chunk half prompt, whose prompt frames' probabilities the scores read); later steps sample fewer."""
+    kw = dict(kw)
+    prompt = torch.randint(0, 2048, (2, 4, 7)) if kw.pop("prompt_codes", False) else None
+    req = tiny.request(["a piano", "a drums"], **kw)
+    step = tiny.make_step(tiny.text(list(req.prompts)))
+
+    def program() -> magnet.Decoding:
+        return magnet.Decoding(tiny.config, req.gen, 2, tiny.device, prompt,
+                               magnet.row_generators(req.gen.seed, 2, tiny.device), step=step)
+
+    subset, full = program(), _full_width(program())
+    widths = []
+    with torch.no_grad():
+        while not subset.finished:
+            magnet.decode_step(tiny.lm_pass, tiny.sample, [subset])
+            magnet.decode_step(tiny.lm_pass, tiny.sample, [full])
+            widths.append(subset.width)
+            assert torch.equal(subset.codes, full.codes) and torch.equal(subset.scores, full.scores)
+    assert full.width == full.frames and min(widths) < subset.frames
+    assert not (subset.codes == subset.mask_id).any()
+
+
+def test_grouped_requests_of_unequal_widths_sample_their_own_frames(tiny):
+    """decode_step over requests at different steps groups them by how many frames each samples: each request's
+    codes are its solo program's sampling all T frames."""
+    requests = [("a piano", dict(LONGER, greedy=False, seed=1)),
+                ("a cello", dict(LONGER, greedy=False, seed=2, temperature=1.5, cfg=(3.0, 1.0))),
+                ("drums", dict(LONGER, greedy=True, steps=(2, 1, 3, 2)))]
+    with torch.no_grad():
+        solo = []
+        for p, kw in requests:
+            dec = _full_width(start_request(tiny, p, tiny.settings(**kw)))
+            while not dec.finished:
+                magnet.decode_step(tiny.lm_pass, tiny.sample, [dec])
+            solo.append(dec.codes)
+        decs = [start_request(tiny, p, tiny.settings(**kw)) for p, kw in requests]
+        live, passes, mixed = decs[:1], 0, False
+        while live or passes <= 2:
+            live += decs[1:] if passes == 2 else []  # the others join two steps late
+            magnet.decode_step(tiny.lm_pass, tiny.sample, live)
+            mixed |= len({d.width for d in live}) > 1
+            live, passes = [d for d in live if not d.finished], passes + 1
+    assert mixed
+    for got, want in zip([d.codes for d in decs], solo):
+        assert torch.equal(got, want)
