@@ -30,6 +30,7 @@ class Result:
     tokens: list[list[int]]
     seed: int
     latency_s: float
+    retries: int = 0  # X-Retries: times the service sent the request again after its model replica died
 
 
 class Client:
@@ -75,10 +76,12 @@ class Client:
         """As `generate`, with the tokens and the seed (the JSON answer)."""
         import soundfile as sf
 
-        data, _ = self._call("POST", "/v1/generate", {"prompt": prompt, **fields}, accept="application/json")
+        data, headers = self._call("POST", "/v1/generate", {"prompt": prompt, **fields}, accept="application/json")
         body = json.loads(data)
         audio, sr = sf.read(io.BytesIO(base64.b64decode(body["audio"])), dtype="float32", always_2d=True)
-        return Result(audio.mean(axis=1), int(sr), body["tokens"], int(body["seed"]), float(body["latency_s"]))
+        retries = {k.lower(): v for k, v in headers.items()}.get("x-retries", "0")  # absent: an in-process front
+        return Result(audio.mean(axis=1), int(sr), body["tokens"], int(body["seed"]), float(body["latency_s"]),
+                      int(retries))
 
     def health(self) -> dict[str, Any]:
         return json.loads(self._call("GET", "/v1/health")[0])

@@ -323,3 +323,45 @@ def test_the_model_replica_counts_the_time_the_request_already_spent(replica, mo
     assert 17.0 < given[0] <= 18.0
     late = asyncio.run(replica.generate(j, 30.5, False))
     assert late.status == 504 and json.loads(late.body)["field"] == "timeout" and len(given) == 1
+
+
+def test_the_python_client_reports_the_retries():
+    """`Client.generate_result` carries X-Retries (0 when a front does not send it), beside the JSON answer."""
+    import base64
+    import http.server
+    import io
+    import threading
+
+    import numpy as np
+    import soundfile as sf
+    from magnet_engine.serve.client import Client
+
+    wav = io.BytesIO()
+    sf.write(wav, np.zeros(320, dtype=np.float32), 32000, format="WAV")
+    answer = json.dumps({"seed": 7, "sample_rate": 32000, "duration": 0.01, "latency_s": 0.5, "format": "wav",
+                         "tokens": [[1]], "audio": base64.b64encode(wav.getvalue()).decode()}).encode()
+    sent: list[dict[str, str]] = [{"X-Retries": "2"}, {}]
+
+    class Front(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            for k, v in {"Content-Type": "application/json", **sent.pop(0)}.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Front)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = Client(f"http://127.0.0.1:{server.server_address[1]}", timeout=10)
+        first, second = client.generate_result("rain"), client.generate_result("rain")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (first.retries, first.seed, first.sample_rate) == (2, 7, 32000) and second.retries == 0
