@@ -76,6 +76,11 @@ class HTTPError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
     @classmethod
+    def timed_out(cls, reason: str) -> HTTPError:
+        """A request past its deadline: 504, naming the "timeout" key."""
+        return cls(504, f"{reason}; send a larger \"timeout\" (seconds) or a shorter request", "timeout")
+
+    @classmethod
     def setting(cls, e: SettingError) -> HTTPError:
         """A bad setting: 422 with the message in JSON keys (the engine's template, spelled for HTTP)."""
         field = None if e.field is None else HTTP_NAMES.get(e.field, e.field)
@@ -97,8 +102,7 @@ class Job:
         """Seconds left before the deadline; none left: HTTPError 504 (`why`: what the time went on)."""
         left = self.received + self.timeout - time.monotonic()
         if left <= 0:
-            raise HTTPError(504, f"the request's timeout of {self.timeout} s passed{why}; send a larger \"timeout\" "
-                                 "(seconds) or a shorter request", "timeout")
+            raise HTTPError.timed_out(f"the request's timeout of {self.timeout} s passed{why}")
         return left
 
 
@@ -263,7 +267,7 @@ class Service:
         except SettingError as e:
             raise HTTPError.setting(e) from None
         except RequestTimeout as e:
-            raise HTTPError(504, f"{e}; send a larger \"timeout\" (seconds) or a shorter request", "timeout") from None
+            raise HTTPError.timed_out(str(e)) from None
         except asyncio.CancelledError:
             if future.cancelled():  # cancelled by the scheduler's shutdown, not by this handler's caller
                 raise HTTPError(503, "the server shut down before the request started; retry",

@@ -247,6 +247,22 @@ def test_two_nodes_one_replica_each(cluster):
     assert seen == nodes
 
 
+def wait_replaced(cluster: dict) -> None:
+    """After a model replica of `main` was killed: Serve has started one in its place (on the freed node) and the
+    application runs again, before the next test."""
+    from magnet_engine.bench.serve import replica_pids
+    from magnet_engine.serve.config import MODEL_DEPLOYMENT
+    from ray import serve
+
+    deadline = time.monotonic() + 90
+    while len(replica_pids(MODEL_DEPLOYMENT, app="main")) < 2 or call(cluster["main"] + "/v1/health")[0] != 200:
+        assert time.monotonic() < deadline, "Serve did not replace the killed replica"
+        time.sleep(0.5)
+    while serve.status().applications["main"].status != "RUNNING":
+        assert time.monotonic() < deadline, serve.status().applications["main"]
+        time.sleep(0.5)
+
+
 def test_a_replica_sigkilled_under_load_loses_nothing(cluster):
     """12 slow requests over the two model replicas (each holds 4 decoding and 2 waiting), then one replica's process
     is SIGKILLed by its pid. Every request ends 200, 503 or 504, never 500, and none hangs: what the dead replica held
@@ -279,15 +295,7 @@ def test_a_replica_sigkilled_under_load_loses_nothing(cluster):
     status, again, wav_again = call(cluster["main"] + "/v1/generate",
                                     {"prompt": f"storm {i}", "seed": i, "steps": SLOW}, timeout=90)
     assert status == 200 and again["x-retries"] == "0" and wav_again == wav
-    deadline = time.monotonic() + 90  # the replacement starts (on the freed node) before the next test
-    while len(replica_pids(MODEL_DEPLOYMENT, app="main")) < 2 or call(cluster["main"] + "/v1/health")[0] != 200:
-        assert time.monotonic() < deadline, "Serve did not replace the killed replica"
-        time.sleep(0.5)
-    from ray import serve
-
-    while serve.status().applications["main"].status != "RUNNING":
-        assert time.monotonic() < deadline, serve.status().applications["main"]
-        time.sleep(0.5)
+    wait_replaced(cluster)
 
 
 def test_a_stream_whose_replica_is_sigkilled_resumes_on_the_survivor(cluster):
@@ -298,7 +306,6 @@ def test_a_stream_whose_replica_is_sigkilled_resumes_on_the_survivor(cluster):
     import signal
 
     import ray
-    from magnet_engine.bench.serve import replica_pids
     from magnet_engine.serve.config import MODEL_DEPLOYMENT
 
     body = {"prompt": "drifting pad", "seed": 5, "duration": 3.5, "steps": [60, 20, 20, 20], "stream": True}
@@ -312,10 +319,7 @@ def test_a_stream_whose_replica_is_sigkilled_resumes_on_the_survivor(cluster):
         got += r.read()
     status, _, again = call(cluster["main"] + "/v1/generate", body, timeout=120)
     assert status == 200 and len(again) > 44 and got == again
-    deadline = time.monotonic() + 90  # the replacement starts before the next test
-    while len(replica_pids(MODEL_DEPLOYMENT, app="main")) < 2 or call(cluster["main"] + "/v1/health")[0] != 200:
-        assert time.monotonic() < deadline, "Serve did not replace the killed replica"
-        time.sleep(0.5)
+    wait_replaced(cluster)
 
 
 def test_bench_serve_closed_loop(cluster, capsys):
