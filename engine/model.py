@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,29 @@ from torch import nn
 from . import ops
 from .config import ModelConfig
 
-CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [B, H, L, D]
+
+class TextKV(NamedTuple):
+    """One layer's text keys and values (`CrossAttention.kv`), each [B, H, L, D]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class FoldedText(NamedTuple):
+    """One layer's cross-attention with the text folded into its projections (`fold_text`), per text row b:
+
+        scores[b] [H·L, dim]: row (h, l) = W_q,hᵀ k_h,l / √D, so a frame's scores are norm(x) @ scores[b]ᵀ
+        values[b] [dim, H·L]: column (h, l) = W_o,h v_h,l, so the branch is softmax_h(scores) @ values[b]ᵀ
+
+    Cheaper than q projection + attention + out projection when L·(H-1) < dim (`folding_pays`): 2·dim·H·L
+    multiply-adds a frame instead of 2·dim² + 2·L·dim. The same maths; only the rounding differs."""
+
+    scores: torch.Tensor
+    values: torch.Tensor
+
+
+TextEntry = TextKV | FoldedText
+CrossKV = list[TextEntry]  # per layer: the text's k/v [B, H, L, D] (or, on the CPU path, folded: `fold_text`)
 # q [N, H, Tq, D], k/v [N, H, Tk, D], band half-width or None (full) -> [N, H, Tq, D]; engine.ops.attention's signature
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "int | None"], torch.Tensor]
 
@@ -110,14 +133,27 @@ def merge_heads(o: torch.Tensor) -> torch.Tensor:
 class CrossAttention(SelfAttention):
     """Same packed weight, split in thirds: q from the frames, k/v from the text (computed once per request)."""
 
-    def kv(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def kv(self, cond: torch.Tensor) -> TextKV:
         """cond [B, L, dim] -> k, v [B, H, L, D]."""
         b, length, dim = cond.shape
         w = self.in_proj_weight
         shape = (b, length, self.num_heads, dim // self.num_heads)  # explicit D: B may be 0 (all rows null in training)
         k = F.linear(cond, w[dim:2 * dim]).view(shape).transpose(1, 2)
         v = F.linear(cond, w[2 * dim:]).view(shape).transpose(1, 2)
-        return k, v
+        return TextKV(k, v)
+
+    def fold(self, kv: TextKV) -> FoldedText:
+        """k, v [B, H, L, D] -> the same attention folded into the projections (`FoldedText`), computed in fp32 and
+        stored in the weights' dtype. Once per request."""
+        k, v = (t.float() for t in kv)
+        b, h, length, d = k.shape
+        dim = h * d
+        wq = self.in_proj_weight[:dim].float().view(h, d, dim)  # [H, D, dim]: q_h = x @ wq[h]ᵀ
+        wo = self.out_proj.weight.float().view(dim, h, d)  # [dim, H, D]: out = Σ_h o_h @ wo[:, h]ᵀ
+        scores = torch.einsum("hdi,bhld->bhli", wq, k * d ** -0.5).reshape(b, h * length, dim)
+        values = torch.einsum("ohd,bhld->bohl", wo, v).reshape(b, dim, h * length)
+        dtype = self.in_proj_weight.dtype
+        return FoldedText(scores.to(dtype).contiguous(), values.to(dtype).contiguous())
 
 
 class Mixing:
@@ -147,12 +183,51 @@ class Mixing:
         b = xc.shape[0]
         return xc if b == x.shape[0] else torch.cat([xc, x[b:]], dim=0)
 
+    def text_attention(self, layer: int, attn: CrossAttention, h: torch.Tensor, lin: Linear) -> torch.Tensor:
+        """The cross-attention branch: h [B, T, dim] (the conditional rows, normed) -> [B, T, dim] after out_proj.
+        `lin` is the layer's linear (mixed precision: `Layer.forward`)."""
+        text = self.cross[layer]
+        if isinstance(text, FoldedText):
+            outs = [folded_attention(h[b], text.scores[b], text.values[b], attn.num_heads, lin)
+                    for b in range(h.shape[0])]
+            return outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
+        q = lin(h, attn.in_proj_weight[:h.shape[-1]])
+        return lin(self.cross_attention(layer, attn, q), attn.out_proj.weight)
+
     def cross_attention(self, layer: int, attn: CrossAttention, q: torch.Tensor) -> torch.Tensor:
         """q [B, T, dim] of the conditional rows -> [B, T, dim] before out_proj."""
         k, v = self.cross[layer]
         qh = q.view(q.shape[0], q.shape[1], attn.num_heads, -1).transpose(1, 2)  # [B, H, T, D]
         # no key mask: padded text positions are zero keys that still take softmax weight, as in training
         return merge_heads(attn.attend(qh, k, v, None))
+
+
+def folded_attention(h: torch.Tensor, scores: torch.Tensor, values: torch.Tensor, heads: int,
+                     lin: Linear) -> torch.Tensor:
+    """One text row's folded cross-attention (`FoldedText`): h [T, dim] -> [T, dim] after out_proj. Two linears of
+    that row's frames only, so a row gets the same bits alone or in a pack (with a row-invariant `lin`, whatever
+    its frame count's neighbours)."""
+    s = lin(h, scores)  # [T, H·L]
+    p = torch.softmax(s.float().view(s.shape[0], heads, -1), dim=-1).view(s.shape)  # per head over L, fp32
+    return lin(p, values)
+
+
+def folding_pays(length: int, heads: int, dim: int) -> bool:
+    """Whether a text of `length` tokens is cheaper folded (`FoldedText`): dim·H·L < dim² + L·dim multiply-adds a
+    frame, i.e. L·(H-1) < dim (the default model, dim 256 and 4 heads: under 86 tokens)."""
+    return length * (heads - 1) < dim
+
+
+def fold_text(lm: LM, cross: CrossKV) -> CrossKV:
+    """Every layer's text k/v folded into its projections (`FoldedText`), where that pays (`folding_pays`) and the
+    layers run the built-in attention op (a swapped op, e.g. a Triton kernel, is used as given); else `cross`."""
+    if not cross or isinstance(cross[0], FoldedText):
+        return cross
+    _, heads, length, d = cross[0].k.shape
+    if not folding_pays(length, heads, heads * d) or any(
+            layer.cross_attention.attend is not ops.attention for layer in lm.layers):
+        return cross
+    return [layer.cross_attention.fold(kv) for layer, kv in zip(lm.layers, cross)]
 
 
 class Dense(Mixing):
@@ -206,7 +281,7 @@ class Packed(Mixing):
         self.cond_parts = [p for p in parts if p.cond_rows]
         self.cond_sizes = [p.cond_rows * p.t for p in self.cond_parts]
         self.cond_starts = [sum(self.cond_sizes[:i]) for i in range(len(self.cond_parts) + 1)]
-        self.cross_runs = runs([(p.t, p.cross[0][0].shape[2:]) for p in self.cond_parts])
+        self.cross_runs = runs([(p.t, type(p.cross[0]), p.cross[0][0].shape[1:]) for p in self.cond_parts])
         self.all_cond = all(p.cond_rows == p.n for p in parts)  # unguided: every row has text, no gather
         # the pack's row indices of every request's conditional rows, in order: made on the device (a host tensor
         # would be a copy and a sync per pass, and illegal inside a CUDA graph capture)
@@ -230,16 +305,25 @@ class Packed(Mixing):
     def put_cond_rows(self, x: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
         return xc if self.all_cond else x.index_copy(0, self.cond_index, xc)
 
-    def cross_attention(self, layer: int, attn: CrossAttention, q: torch.Tensor) -> torch.Tensor:
+    def text_attention(self, layer: int, attn: CrossAttention, h: torch.Tensor, lin: Linear) -> torch.Tensor:
+        """h [ΣB·T, dim] (every request's conditional rows, normed) -> [ΣB·T, dim], per run of neighbours: folded
+        texts row by row (`folded_attention`), others by q projection, one attention call and out projection."""
         outs = []
         for i, j in self.cross_runs:
             group = self.cond_parts[i:j]
             b, t = sum(p.cond_rows for p in group), group[0].t
+            hg = h[self.cond_starts[i]:self.cond_starts[j]]
+            if isinstance(group[0].cross[layer], FoldedText):
+                texts = [(p.cross[layer], r) for p in group for r in range(p.cond_rows)]
+                outs += [folded_attention(hr, text.scores[r], text.values[r], attn.num_heads, lin)
+                         for hr, (text, r) in zip(hg.split(t), texts)]
+                continue
             k, v = group[0].cross[layer]
             if len(group) > 1:
                 k, v = (torch.cat([p.cross[layer][m] for p in group]) for m in (0, 1))
-            qh = q[self.cond_starts[i]:self.cond_starts[j]].view(b, t, attn.num_heads, -1).transpose(1, 2)
-            outs.append(merge_heads(attn.attend(qh, k, v, None)).reshape(b * t, -1))  # [B, H, T, D] -> [B·T, dim]
+            qh = lin(hg, attn.in_proj_weight[:hg.shape[-1]]).view(b, t, attn.num_heads, -1).transpose(1, 2)
+            o = merge_heads(attn.attend(qh, k, v, None)).reshape(b * t, -1)  # [B, H, T, D] -> [B·T, dim]
+            outs.append(lin(o, attn.out_proj.weight))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -280,9 +364,7 @@ class Layer(nn.Module):
         x = x + lin(mix.self_attention(index, sa, lin(self.norm1(x), sa.in_proj_weight)), sa.out_proj.weight)
         xc = mix.cond_rows(x)
         if xc is not None:
-            q = lin(self.norm_cross(xc), ca.in_proj_weight[:x.shape[-1]])
-            xc = xc + lin(mix.cross_attention(index, ca, q), ca.out_proj.weight)
-            x = mix.put_cond_rows(x, xc)
+            x = mix.put_cond_rows(x, xc + mix.text_attention(index, ca, self.norm_cross(xc), lin))
         return x + lin(F.gelu(lin(self.norm2(x), self.linear1.weight)), self.linear2.weight)
 
 

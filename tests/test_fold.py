@@ -1,0 +1,71 @@
+"""The text folded into the cross-attention's projections (`engine.model.fold_text`, the CPU path): the same maths as
+q projection + attention + out projection, only rounded differently; used where it saves work and the built-in
+attention runs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_settings
+from magnet_engine.engine import model as model_mod
+from magnet_engine.engine.model import FoldedText, Rows, TextKV, fold_text, folding_pays
+from magnet_engine.engine.passes import TorchStep
+from test_magnet import RUNS
+
+PROMPTS = ["upbeat electronic dance track with a heavy bass line at 128 bpm", "slow sad piano"]
+
+
+def folded(lm, cross):
+    return [layer.cross_attention.fold(kv) for layer, kv in zip(lm.layers, cross)]
+
+
+@pytest.mark.parametrize("stage", range(4))
+def test_folded_stage_logits_match_the_reference(tiny, settings, expected, stage):
+    """The reference implementation's logits, as tests/test_magnet.py checks the unfolded pass against them: two
+    prompts of unequal length (zero keys at the padding), conditional and unconditional rows."""
+    codes = torch.from_numpy(expected["forward_codes"])
+    cross = folded(tiny.lm, tiny.lm.cross_kv(tiny.text(settings["prompts"])))
+    with torch.no_grad():
+        logits = tiny.lm(torch.cat([codes, codes]), stage, cross)
+    np.testing.assert_allclose(logits.numpy(), expected[f"forward_logits_stage{stage}"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_folded_generation_is_token_exact(tiny, settings, expected, run, monkeypatch):
+    """The fixture's texts are too long for folding to pay on the tiny model (L·(H-1) >= dim); folded anyway, every
+    generation run gives the reference implementation's tokens exactly."""
+    monkeypatch.setattr(model_mod, "folding_pays", lambda length, heads, dim: True)
+    assert isinstance(tiny.make_step(tiny.text(settings["prompts"])).cross[0], FoldedText)
+    prompt = torch.from_numpy(expected["prompt_codes"]) if run == "gen_continuation" else None
+    out = tiny.generate(settings["prompts"], prompt_codes=prompt, **run_settings(settings, run))
+    np.testing.assert_array_equal(out.codes.numpy(), expected[run])
+
+
+def test_folding_where_it_pays_and_the_built_in_attention_runs(tiny):
+    lm, step = tiny.lm, TorchStep(tiny.lm)
+    dim, heads = lm.cfg.dim, lm.cfg.num_heads
+    short = torch.randn(1, dim // (heads - 1) - 1, dim)  # L·(H-1) < dim
+    long = torch.randn(1, dim // (heads - 1) + 1, dim)
+    assert folding_pays(short.shape[1], heads, dim) and not folding_pays(long.shape[1], heads, dim)
+    assert all(isinstance(e, FoldedText) for e in step(short).cross)
+    assert all(isinstance(e, TextKV) for e in step(long).cross)
+    with model_mod.attention_ops(lm, cross_op=lambda q, k, v, w: model_mod.ops.attention(q, k, v, w)):
+        assert all(isinstance(e, TextKV) for e in step(short).cross), "a swapped attention op is used as given"
+    folded_once = step(short).cross
+    assert fold_text(lm, folded_once) is folded_once
+
+
+def test_a_pack_of_folded_and_unfolded_texts_equals_each_own_pass(tiny):
+    """Deterministic mode (the `tiny` engine's): requests with folded and unfolded texts in one packed pass, some
+    neighbours with equal layouts, each get their own pass's logits bit for bit."""
+    lm = tiny.lm
+    g = torch.Generator().manual_seed(3)
+    texts = [lm.cross_kv(tiny.text([t])) for t in ("drums", "bass", PROMPTS[0])]
+    both = folded(lm, lm.cross_kv(tiny.text(PROMPTS)))
+    crosses = [folded(lm, texts[0]), folded(lm, texts[1]), texts[2], texts[0], both]
+    shapes = [(1, 6, 1), (1, 6, 1), (2, 6, 1), (1, 9, 0), (4, 9, 2)]
+    parts = [Rows(torch.randint(0, lm.cfg.card + 1, (n, lm.cfg.n_q, t), generator=g), stage, cross)
+             for (n, t, stage), cross in zip(shapes, crosses)]
+    with torch.no_grad():
+        for p, out in zip(parts, lm.forward_packed(parts)):
+            assert torch.equal(out, lm(p.codes, p.stage, p.cross))
