@@ -31,22 +31,34 @@ Progress = Callable[[int, int], None]
 
 
 class Step(Protocol):
-    def __call__(self, codes: torch.Tensor, stage: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """codes [B, K, T] -> (cond, uncond) logits of codebook `stage`, each [B, T, V]. guided=False: only the
-        conditional rows run and cond is returned twice (the sampler's guidance then gives cond exactly)."""
+    def __call__(self, codes: torch.Tensor, stage: int, guided: bool, frames: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """codes [B, K, T] -> (cond, uncond) logits of codebook `stage`, each [B, T, V], or [B, n, V] at `frames`
+        [B, n] (int64, in index order: the frames the step samples; `pick_frames` gives them from all T).
+        guided=False: only the conditional rows run and cond is returned twice (the sampler's guidance then gives
+        cond exactly)."""
         ...
 
 
 class Pass(Protocol):
     def __call__(self, decs: Sequence[Decoding]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """One LM pass of several requests, each at its own stage (`prepare()` done): their (cond, uncond) logits,
-        each request's as its own `step` gives them."""
+        """One LM pass of several requests, each at its own stage (`prepare()` done): their (cond, uncond) logits
+        at the frames each samples (`Decoding.sampled_logits`), each request's as its own `step` gives them."""
         ...
 
 
 def each_alone(decs: Sequence[Decoding]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The `Pass` of a backend that cannot batch requests (onnxruntime: one text length per call): each its own."""
-    return [d.step(d.codes, d.stage, d.guided) for d in decs]
+    return [d.step(d.codes, d.stage, d.guided, d.index) for d in decs]
+
+
+def pick_frames(x: torch.Tensor, frames: torch.Tensor | None) -> torch.Tensor:
+    """x [B, T, ..] -> [B, n, ..] at frames [B, n] (None: x itself): for a `Step` that computes every frame."""
+    if frames is None:
+        return x
+    b, t = x.shape[:2]
+    flat = (frames + torch.arange(0, b * t, t, device=x.device)[:, None]).flatten()  # [B·n] rows of [B·T]
+    return x.flatten(0, 1).index_select(0, flat).view(*frames.shape, *x.shape[2:])
 
 
 def step_rows(codes: torch.Tensor, guided: bool) -> torch.Tensor:
@@ -235,6 +247,12 @@ class Decoding:
             return x
         return x.flatten(0, 1).index_select(0, self.flat_index).view(*self.index.shape, *x.shape[2:])
 
+    def sampled_logits(self, cond: torch.Tensor, uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pass's (cond, uncond) logits of every frame [B, T, V] -> at the frames this step samples (unguided: cond
+        twice, one gather)."""
+        cond_s = self.sampled(cond)
+        return cond_s, cond_s if uncond is cond else self.sampled(uncond)
+
     def spread(self, tokens: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The sampler's tokens and probabilities [B, width] -> [B, T] for `advance`: the frames not sampled keep
         their tokens, and their probability (never read: their scores are DONT_REMASK) is 1."""
@@ -269,13 +287,11 @@ def decode_step(lm_pass: Pass, sample: Sampler, decs: Sequence[Decoding]) -> Non
     position by position), and noise and parameters are its own."""
     for d in decs:
         d.prepare()
-    logits = lm_pass(decs)
+    logits = lm_pass(decs)  # each request's at the frames it samples
     if len(decs) == 1:
         (d,), ((cond, uncond),) = decs, logits
-        cond_s = d.sampled(cond)
-        uncond_s = cond_s if uncond is cond else d.sampled(uncond)  # unguided: cond twice (`Step`)
         noise = d.noise()
-        tokens, probs = sample(cond_s, uncond_s, d.sampled(d.row), d.mask_id, d.params(),
+        tokens, probs = sample(cond, uncond, d.sampled(d.row), d.mask_id, d.params(),
                                None if noise is None else d.sampled(noise))
         d.advance(*d.spread(tokens, probs))
         return
@@ -284,10 +300,10 @@ def decode_step(lm_pass: Pass, sample: Sampler, decs: Sequence[Decoding]) -> Non
         groups.setdefault(d.width, []).append(i)
     for idx in groups.values():
         group = [decs[i] for i in idx]
-        cond = torch.cat([d.sampled(logits[i][0]) for i, d in zip(idx, group)])  # [R, width, V]
+        cond = torch.cat([logits[i][0] for i in idx])  # [R, width, V]
         # unguided requests' uncond is their cond (`Step`): one copy, not two, when the whole group is unguided
         unguided = all(logits[i][1] is logits[i][0] for i in idx)
-        uncond = cond if unguided else torch.cat([d.sampled(logits[i][1]) for i, d in zip(idx, group)])
+        uncond = cond if unguided else torch.cat([logits[i][1] for i in idx])
         noise = [d.noise() for d in group]
         uniform = None
         if any(n is not None for n in noise):  # a greedy row's noise is never read: zeros

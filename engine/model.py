@@ -174,6 +174,10 @@ class Mixing:
         """qkv [.., 3·dim] -> attention output [.., dim] before out_proj."""
         raise NotImplementedError
 
+    def at_frames(self, x: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """x [N, T, dim] -> [N, n, dim] at frames [N, n] (the last layer's rows after self-attention, `LM.forward`)."""
+        raise NotImplementedError(f"{type(self).__name__} passes every frame")
+
     def cond_rows(self, x: torch.Tensor) -> torch.Tensor | None:
         """x -> its rows with text (None: there are none)."""
         b = self.cross[0][0].shape[0] if self.cross else 0
@@ -240,6 +244,11 @@ class Dense(Mixing):
     def self_attention(self, layer: int, attn: SelfAttention, qkv: torch.Tensor) -> torch.Tensor:
         q, k, v = split_qkv(qkv, attn.num_heads)
         return merge_heads(attn.attend(q, k, v, self.window))
+
+    def at_frames(self, x: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        n, t, dim = x.shape
+        flat = (frames + torch.arange(0, n * t, t, device=x.device)[:, None]).flatten()  # [N·n] rows of [N·T]
+        return x.reshape(n * t, dim).index_select(0, flat).view(*frames.shape, dim)
 
 
 class Cached(Mixing):
@@ -350,9 +359,10 @@ class Layer(nn.Module):
         self.norm_cross = nn.LayerNorm(d, eps=1e-5)
         self.norm2 = nn.LayerNorm(d, eps=1e-5)
 
-    def forward(self, x: torch.Tensor, mix: Mixing, index: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mix: Mixing, index: int, frames: torch.Tensor | None = None) -> torch.Tensor:
         """Pre-LN self-attention, cross-attention to the text (rows with text only), GELU MLP. x [.., dim] fp32, laid
-        out as `mix` says; `index`: this layer's place in the stack (its text k/v, its KV cache).
+        out as `mix` says; `index`: this layer's place in the stack (its text k/v, its KV cache). `frames` [N, n]:
+        after self-attention only those frames go on (`Mixing.at_frames`; the rest is row-local).
 
         Mixed precision as the reference's autocast: the matmuls and attention in the weights' dtype, the residual
         stream and the norms in fp32 (a half-precision branch added to it promotes to fp32)."""
@@ -362,6 +372,8 @@ class Layer(nn.Module):
             return mix.linear(h.to(w.dtype), w)
 
         x = x + lin(mix.self_attention(index, sa, lin(self.norm1(x), sa.in_proj_weight)), sa.out_proj.weight)
+        if frames is not None:
+            x = mix.at_frames(x, frames)
         xc = mix.cond_rows(x)
         if xc is not None:
             x = mix.put_cond_rows(x, xc + mix.text_attention(index, ca, self.norm_cross(xc), lin))
@@ -444,19 +456,25 @@ class LM(nn.Module):
         """[N, T, dim] -> logits [N, T, V] fp32 of one codebook: generation never needs the others."""
         return self.linear(self.out_norm(x.float()), self.linears[stage].weight)
 
-    def hidden(self, x: torch.Tensor, mix: Mixing) -> torch.Tensor:
-        """Embedded rows x (laid out as `mix` says) through every layer."""
+    def hidden(self, x: torch.Tensor, mix: Mixing, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Embedded rows x (laid out as `mix` says) through every layer; `frames` [N, n]: only those frames out of
+        the last layer (`Layer.forward`)."""
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, mix, i)
+            x = layer(x, mix, i, frames if i == last else None)
         return x
 
-    def forward(self, codes: torch.Tensor, stage: int, cross: CrossKV) -> torch.Tensor:
-        """MAGNeT pass: codes [N, K, T] (mask token = card), stage s -> logits of codebook s [N, T, V] fp32.
+    def forward(self, codes: torch.Tensor, stage: int, cross: CrossKV, frames: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """MAGNeT pass: codes [N, K, T] (mask token = card), stage s -> logits of codebook s [N, T, V] fp32, or
+        [N, n, V] at `frames` [N, n] (int64, per row).
 
         Self-attention is full for s = 0 and banded |Δt| <= subcodes_context for s >= 1. `cross` holds k/v for
-        the first B rows; rows past B are the unconditional half.
+        the first B rows; rows past B are the unconditional half. With `frames`, the last layer's cross-attention,
+        MLP and the head run on those frames only (all of it is row-local: a frame's logits are the full pass's, up
+        to the GEMMs' rounding of fewer rows; bit for bit with a row-invariant linear).
         """
-        x = self.hidden(self.embed(codes), Dense(cross, self.cfg.window(stage), self.linear))
+        x = self.hidden(self.embed(codes), Dense(cross, self.cfg.window(stage), self.linear), frames)
         return self.head(x, stage)
 
     def forward_cached(self, tokens: torch.Tensor, index: torch.Tensor, cross: CrossKV,

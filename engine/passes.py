@@ -29,14 +29,17 @@ class TorchStep:
 
 
 class TorchRequestStep:
-    """One request's `magnet.Step` on the torch LM: codes [B, K, T] -> (cond, uncond) logits [B, T, V]."""
+    """One request's `magnet.Step` on the torch LM: codes [B, K, T] -> (cond, uncond) logits [B, T, V], or [B, n, V]
+    at `frames` [B, n] (the LM's last layer then runs on those frames only)."""
 
     def __init__(self, lm: LM, cross: CrossKV) -> None:
         self.lm, self.cross = lm, cross
 
-    def __call__(self, codes: torch.Tensor, stage: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        # rows past the text's B are unconditional (LM.forward): none when unguided
-        return magnet.split_rows(self.lm(magnet.step_rows(codes, guided), stage, self.cross), guided)
+    def __call__(self, codes: torch.Tensor, stage: int, guided: bool, frames: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        # rows past the text's B are unconditional (LM.forward): none when unguided; they sample the same frames
+        rows_frames = None if frames is None else magnet.step_rows(frames, guided)
+        return magnet.split_rows(self.lm(magnet.step_rows(codes, guided), stage, self.cross, rows_frames), guided)
 
 
 class PackedPass:
@@ -48,7 +51,13 @@ class PackedPass:
 
     def __call__(self, decs: Sequence[magnet.Decoding]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if len(decs) == 1:
-            return magnet.each_alone(decs)
+            return magnet.each_alone(decs)  # its own step, at the frames it samples
+        return [d.sampled_logits(*lg) for d, lg in zip(decs, self.every_frame(decs))]
+
+    def every_frame(self, decs: Sequence[magnet.Decoding | _Slot]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The pass's (cond, uncond) logits of every frame [B, T, V], per request (what a captured pass records)."""
+        if len(decs) == 1:
+            return [decs[0].step(decs[0].codes, decs[0].stage, decs[0].guided)]
         # packed in layout order, so requests of equal frames, stage and text length are neighbours and share their
         # attention calls (engine.model.Packed); each request's logits are its own whatever its place
         order = sorted(range(len(decs)), key=lambda i: pass_layout(decs[i]))
@@ -122,7 +131,7 @@ class GraphedPass:
         if key in self.graphs or key == self.last:
             graph = self.graphs.get(key, lambda: self._capture(key, ordered))
         if graph is None:
-            logits = self.eager(ordered)
+            logits = self.eager.every_frame(ordered)
             self.passes["eager"] += 1
         else:
             self._fill(key, ordered)
@@ -131,7 +140,7 @@ class GraphedPass:
         self.last = key
         out: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(decs)  # type: ignore[list-item]
         for i, lg in zip(order, logits):
-            out[i] = lg
+            out[i] = decs[i].sampled_logits(*lg)
         return out
 
     def _fill(self, key: tuple, decs: Sequence[magnet.Decoding]) -> None:
@@ -149,7 +158,7 @@ class GraphedPass:
                  ) -> Captured[list[tuple[torch.Tensor, torch.Tensor]]]:
         slots = [_Slot(d.codes.clone(), d.stage, d.guided, static_step(self.lm, d.step)) for d in decs]
         inputs = [t for s in slots for t in [s.codes, *text_kv(s.step)]]
-        graph = Captured(lambda: self.eager(slots), inputs, self.device, pool=self.pool)
+        graph = Captured(lambda: self.eager.every_frame(slots), inputs, self.device, pool=self.pool)
         for gone in [k for k in self.slots if k not in self.graphs.entries]:  # evicted from the cache
             del self.slots[gone]
         self.slots[key] = (slots, [d.step for d in decs])

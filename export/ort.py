@@ -21,7 +21,7 @@ import torch
 from magnet_engine.engine.api import Engine, parse_device
 from magnet_engine.engine.codec import check_codes, check_wav
 from magnet_engine.engine.config import GenerationConfig, ModelConfig, SettingError, default_generation
-from magnet_engine.engine.magnet import Step, split_rows, step_rows
+from magnet_engine.engine.magnet import Step, pick_frames, split_rows, step_rows
 from magnet_engine.engine.text import CACHE_SIZE, TextConditioner
 from torch import nn
 
@@ -283,6 +283,14 @@ class _Projected(nn.Module):
         return x
 
 
+def picked(logits: tuple[torch.Tensor, torch.Tensor], frames: torch.Tensor | None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """lm_step computes every frame: (cond, uncond) [B, T, V] -> at `frames` [B, n] (the `Step` contract)."""
+    cond, uncond = logits
+    cond_s = pick_frames(cond, frames)
+    return cond_s, cond_s if uncond is cond else pick_frames(uncond, frames)
+
+
 class OrtStep:
     """Text embeddings [B, L, dim] -> step(codes [B, K, T], stage, guided) -> (cond, uncond) logits [B, T, V] each,
     like `engine.api.TorchStep`: `cross_kv` runs once per request, each step is one `lm_step` run on [codes; codes]
@@ -307,10 +315,11 @@ class OrtStep:
         kv = self.graphs.cross_kv(cond.detach().cpu().float().numpy())
         batch = cond.shape[0]
 
-        def step(codes: torch.Tensor, stage: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        def step(codes: torch.Tensor, stage: int, guided: bool, frames: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
             check_step_inputs(codes, stage, batch, self.limits)
             logits = self.graphs.lm_step(step_rows(codes, guided).numpy(), stage, kv, guided)  # [2B or B, T, V]
-            return split_rows(torch.from_numpy(logits), guided)
+            return picked(split_rows(torch.from_numpy(logits), guided), frames)
 
         return step
 
@@ -333,7 +342,8 @@ class OrtStep:
 
         batch = cond.shape[0]
 
-        def step(codes: torch.Tensor, stage: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        def step(codes: torch.Tensor, stage: int, guided: bool, frames: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
             check_step_inputs(codes, stage, batch, self.limits)
             both = step_rows(codes, guided).contiguous()  # [2B or B, K, T] int64 on the GPU
             logits = torch.empty(both.shape[0], both.shape[-1], self.vocab, device=self.device)
@@ -344,7 +354,7 @@ class OrtStep:
             bind.synchronize_inputs()
             self.lm_step.run_with_iobinding(bind)
             bind.synchronize_outputs()
-            return split_rows(logits, guided)
+            return picked(split_rows(logits, guided), frames)
 
         return step
 

@@ -40,9 +40,9 @@ def test_guidance_one_runs_the_conditional_rows_only(tiny, settings, monkeypatch
     batch, rows = len(settings["prompts"]), []
     forward = tiny.lm.forward
 
-    def counted(codes, stage, cross):
+    def counted(codes, stage, cross, frames=None):
         rows.append(codes.shape[0])
-        return forward(codes, stage, cross)
+        return forward(codes, stage, cross, frames)
 
     monkeypatch.setattr(tiny.lm, "forward", counted)
     fast = tiny.generate(settings["prompts"], **kw).codes
@@ -51,7 +51,7 @@ def test_guidance_one_runs_the_conditional_rows_only(tiny, settings, monkeypatch
 
     def always_guided(cond):
         step = make_step(cond)
-        return lambda codes, stage, guided: step(codes, stage, True)
+        return lambda codes, stage, guided, frames=None: step(codes, stage, True, frames)
 
     monkeypatch.setattr(tiny, "make_step", always_guided)
     rows.clear()

@@ -304,6 +304,22 @@ def test_sampling_the_remasked_frames_only_is_exact(tiny, kw):
     assert not (subset.codes == subset.mask_id).any()
 
 
+def test_a_cpu_step_runs_the_last_layer_on_its_sampled_frames_only(tiny, monkeypatch):
+    """The step above is bit for bit the full-width one; here, that its LM pass did compute fewer frames: the head
+    (after the last layer's cross-attention and MLP) sees every frame at a stage's first step, fewer later."""
+    widths: list[int] = []
+    head = tiny.lm.head
+
+    def counted(x: torch.Tensor, stage: int) -> torch.Tensor:
+        widths.append(x.shape[1])  # [N, n, dim]
+        return head(x, stage)
+
+    monkeypatch.setattr(tiny.lm, "head", counted)
+    out = tiny.generate(["a piano"], **dict(TINY, greedy=False, seed=1))
+    frames = out.codes.shape[-1]
+    assert widths[0] == frames and min(widths) < frames and len(widths) == sum(TINY["steps"])
+
+
 def test_grouped_requests_of_unequal_widths_sample_their_own_frames(tiny):
     """decode_step over requests at different steps groups them by how many frames each samples: each request's
     codes are its solo program's sampling all T frames."""
