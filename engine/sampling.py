@@ -177,7 +177,10 @@ def top_p_threshold_radix(probs: torch.Tensor, top_p: float | torch.Tensor) -> t
         # this pass's digit relative to the prefix, reversed: nb - (digit - prefix·nb), clamped to [0, nb + 1], so
         # bucket 0 holds the tokens above the candidates, nb + 1 those below, 1 + j the candidates with digit
         # nb - 1 - j (the same integers as clamping the digit to [-1, nb] first, in fewer passes over [R, V])
-        index.neg_().add_((prefix << RADIX_BITS) + nb).clamp_(0, nb + 1)
+        if level == 0:
+            index.neg_().add_(nb)  # the first digit is <= 0x3F8 (p <= 1.0): in [0, nb) already, no clamp
+        else:
+            torch.sub((prefix << RADIX_BITS) + nb, index, out=index).clamp_(0, nb + 1)
         hist.zero_().scatter_add_(1, index, p)
         above = hist.cumsum(1)  # [R, nb + 2]: above[:, j < nb] = mass more probable than digit nb - 1 - j
         # the least probable digit whose strictly-more-probable mass is <= top_p (above[:, 0] is, or an earlier
