@@ -24,3 +24,17 @@ def test_the_band_blocks_are_made_once_per_shape():
     assert a is band_blocks(498, 5, cpu) and band_blocks(500, 5, cpu) is not a
     assert a.shape == (-(-498 // BAND_BLOCK), BAND_BLOCK, BAND_BLOCK + 10)
     assert a.any(-1).all(), "every query row, padded ones included, attends to some key"
+
+
+@pytest.mark.parametrize("n,h,t", [(1, 4, 498), (2, 4, 7), (16, 4, 50), (1, 2, 1)])
+def test_band_attention_in_fp32_is_sdpa_on_the_blocks_bit_for_bit(n, h, t):
+    """The fp32 path writes SDPA's math path out (minus its per-call mask conversion and all-masked-row guard): the
+    same bits as SDPA given the same blocks and boolean mask, so the tokens are those of the SDPA formulation."""
+    g = torch.Generator().manual_seed(t)
+    q, k, v = (torch.randn(n, h, t, 64, generator=g) for _ in range(3))
+    w, bq = 5, BAND_BLOCK
+    nb = -(-t // bq)
+    qb = F.pad(q, (0, 0, 0, nb * bq - t)).view(n, h, nb, bq, 64)
+    kb, vb = (F.pad(x, (0, 0, w, nb * bq - t + w)).unfold(2, bq + 2 * w, bq).transpose(-1, -2) for x in (k, v))
+    sdpa = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=band_blocks(t, w, torch.device("cpu")))
+    assert torch.equal(band_attention(q, k, v, w), sdpa.reshape(n, h, nb * bq, 64)[:, :, :t])
