@@ -1,8 +1,10 @@
 """EnCodec port vs audiocraft 1.3.0 reference outputs on the tiny fixture codec, plus loading/validation errors."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
+import json
 import os
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import FIXTURE
+from magnet_engine.engine import codec as codec_module
 from magnet_engine.engine.codec import CodecConfig, Encodec, load_codec
 
 CODEC_PATH = FIXTURE / "compression_state_dict.bin"  # conftest stops the run when the fixture is missing
@@ -258,3 +261,97 @@ def test_from_package_rejects_pointer_package() -> None:
         Encodec.from_package({"pretrained": "facebook/encodec_32khz", "exported": True, "version": "1.3.0"})
     with pytest.raises(ValueError, match="lacks"):
         Encodec.from_package({"best_state": {}})
+
+
+# ------------------------------------------------------------------------------------ the CPU inference path
+
+DEFAULT_ASSETS = Path(codec_module.__file__).resolve().parent / "assets" / "magnet-default"
+
+
+def _default_codec() -> Encodec:
+    from safetensors.torch import load_file
+
+    cfg = json.loads((DEFAULT_ASSETS / "config.json").read_text())["codec"]
+    model = Encodec(CodecConfig.from_dict(cfg))
+    model.load_state_dict(load_file(DEFAULT_ASSETS / "codec.safetensors"), strict=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["default-constant", "default-reflect", "fixture-constant", "fixture-reflect"])
+def any_codec(request: pytest.FixtureRequest, codec: Encodec) -> Encodec:
+    """The shipped default codec (16 kHz, ratios 8,5,4,2, no LSTM) and the fixture's (32 kHz, ratios 8,5,4,4, LSTM,
+    weight norm), each with its own padding and with reflect padding (audiocraft checkpoints', e.g. magnet-small)."""
+    which, pad = request.param.split("-")
+    base = _default_codec() if which == "default" else codec
+    model = Encodec(dataclasses.replace(base.config, pad_mode=pad))
+    model.load_state_dict(base.state_dict(), strict=True)
+    return model.eval()
+
+
+def _three_ways(module: torch.nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fast path, plain modules, plain modules in float64) outputs of `module` on x, all in float64."""
+    with torch.no_grad():
+        assert codec_module._fast(x)  # fp32 on CPU without autograd: the path under test is taken
+        fast = module(x).double()
+        with monkeypatch.context() as m:
+            m.setattr(codec_module, "_fast", lambda t: False)
+            plain = module(x).double()
+        exact = copy.deepcopy(module).double()(x.double())  # float64 never takes the fast path
+    return fast, plain, exact
+
+
+def _assert_within_fp32_rounding(fast: torch.Tensor, plain: torch.Tensor, exact: torch.Tensor) -> None:
+    """The fast path's error against the float64 computation of the same modules is at most a small multiple of
+    the plain fp32 modules' own error (floored at one fp32 ulp of the output's scale): different summation orders
+    and a 1-ulp exp are fine, a wrong tap, pad or trim (errors at the signal's scale) is not."""
+    assert fast.shape == plain.shape == exact.shape
+    eps = torch.finfo(torch.float32).eps
+    floor = eps * exact.abs().max().item()
+    err_plain = (plain - exact).abs().max().item()
+    err_fast = (fast - exact).abs().max().item()
+    assert err_fast <= 4 * max(err_plain, floor), (err_fast, err_plain, floor)
+
+
+@pytest.mark.parametrize("frames, batch", [(1, 1), (1, 3), (7, 1), (7, 3), (498, 1), (500, 1), (500, 3)])
+def test_fast_decoder_matches_plain_modules(any_codec: Encodec, frames: int, batch: int,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(frames * 10 + batch)
+    codes = torch.randint(0, any_codec.config.bins, (batch, any_codec.config.n_q, frames), generator=g)
+    z = any_codec.quantizer.decode(codes)  # [B, D, T], as decode feeds the decoder
+    fast, plain, exact = _three_ways(any_codec.decoder, z, monkeypatch)
+    assert fast.shape == (batch, 1, frames * any_codec.hop_length)
+    _assert_within_fp32_rounding(fast, plain, exact)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("samples", [1, 7, 641, 6400])
+def test_fast_encoder_matches_plain_modules(any_codec: Encodec, samples: int, batch: int,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # the encoder's strided convs pad unevenly (extra right padding): the F.pad-the-excess branch
+    wav = 0.1 * torch.randn(batch, 1, samples, generator=torch.Generator().manual_seed(samples))
+    fast, plain, exact = _three_ways(any_codec.encoder, wav, monkeypatch)
+    _assert_within_fp32_rounding(fast, plain, exact)
+
+
+def test_fast_path_is_taken_and_left_for_autograd(codec: Encodec) -> None:
+    z = codec.quantizer.decode(torch.zeros(2, codec.config.n_q, 5, dtype=torch.long))  # [2, D, 5]
+    first = codec.decoder.model[0]
+    with torch.no_grad():
+        assert first(z).stride(1) == 1  # channels-last: oneDNN's kernels ran
+        assert not codec_module._fast(z.double()) and not codec_module._fast(z.bfloat16())
+    y = first(z.requires_grad_())  # training (train/codec.py) keeps the plain modules' graph
+    assert y.is_contiguous() and y.requires_grad
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 0.1])
+def test_elu_exp_within_one_ulp(alpha: float) -> None:
+    # positive values pass through exactly; the exponential branch is exp's rounding plus exp - 1's cancellation,
+    # at most ~1 ulp(1) in absolute terms, however small the input
+    x = torch.cat([torch.linspace(-20, 20, 100_001), torch.tensor([0.0, -0.0, -1e-30, -1e-8, 1e-8, 80.0, -80.0]),
+                   -torch.logspace(-12, 0, 1000)])
+    y = codec_module._elu_exp(x, alpha)
+    ref = torch.nn.functional.elu(x.double(), alpha)
+    assert torch.equal(y[x > 0], x[x > 0])
+    assert (y.double() - ref).abs().max().item() <= torch.finfo(torch.float32).eps
+    assert codec_module.ELU(alpha)(x.clone().requires_grad_()).grad_fn is not None  # autograd: F.elu
