@@ -55,6 +55,18 @@ def test_folding_where_it_pays_and_the_built_in_attention_runs(tiny):
     assert fold_text(lm, folded_once) is folded_once
 
 
+def test_folding_stays_within_its_memory_budget(tiny, monkeypatch):
+    """Folded text is H times the k/v it replaces, held for the whole request: past FOLD_MAX_BYTES it stays k/v."""
+    lm, step = tiny.lm, TorchStep(tiny.lm)
+    dim = lm.cfg.dim
+    text = torch.randn(2, 3, dim)
+    folded_bytes = sum(e.scores.nbytes + e.values.nbytes for e in step(text).cross)
+    monkeypatch.setattr(model_mod, "FOLD_MAX_BYTES", folded_bytes)
+    assert all(isinstance(e, FoldedText) for e in step(text).cross)
+    monkeypatch.setattr(model_mod, "FOLD_MAX_BYTES", folded_bytes - 1)
+    assert all(isinstance(e, TextKV) for e in step(text).cross)
+
+
 def test_a_pack_of_folded_and_unfolded_texts_equals_each_own_pass(tiny):
     """Deterministic mode (the `tiny` engine's): requests with folded and unfolded texts in one packed pass, some
     neighbours with equal layouts, each get their own pass's logits bit for bit."""
