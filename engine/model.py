@@ -49,6 +49,9 @@ CrossKV = list[TextEntry]  # per layer: the text's k/v [B, H, L, D] (or, on the 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "int | None"], torch.Tensor]
 
 Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # x [.., in], weight [out, in] -> [.., out]
+# The frames a pass's last layer keeps after self-attention (`Mixing.at_frames`): [N, n] int64 for one request's
+# rows (`Dense`), or one such tensor per part of a pack (`Packed`)
+Frames = torch.Tensor | Sequence[torch.Tensor]
 
 # Rows of every GEMM of the deterministic linear (`invariant_linear`): a multiple of every microkernel's row tile.
 INVARIANT_ROWS = 64
@@ -174,8 +177,9 @@ class Mixing:
         """qkv [.., 3·dim] -> attention output [.., dim] before out_proj."""
         raise NotImplementedError
 
-    def at_frames(self, x: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        """x [N, T, dim] -> [N, n, dim] at frames [N, n] (the last layer's rows after self-attention, `LM.forward`)."""
+    def at_frames(self, x: torch.Tensor, frames: Frames) -> tuple[torch.Tensor, Mixing]:
+        """x's rows at `frames` only, and how those are laid out (the last layer's rows after self-attention:
+        `LM.forward`, `LM.forward_packed`)."""
         raise NotImplementedError(f"{type(self).__name__} passes every frame")
 
     def cond_rows(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -254,10 +258,12 @@ class Dense(Mixing):
         q, k, v = split_qkv(qkv, attn.num_heads)
         return merge_heads(attn.attend(q, k, v, self.window))
 
-    def at_frames(self, x: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    def at_frames(self, x: torch.Tensor, frames: Frames) -> tuple[torch.Tensor, Mixing]:
+        """x [N, T, dim] -> [N, n, dim] at frames [N, n]; the layout is the same."""
+        assert isinstance(frames, torch.Tensor)
         n, t, dim = x.shape
         flat = (frames + torch.arange(0, n * t, t, device=x.device)[:, None]).flatten()  # [N·n] rows of [N·T]
-        return x.reshape(n * t, dim).index_select(0, flat).view(*frames.shape, dim)
+        return x.reshape(n * t, dim).index_select(0, flat).view(*frames.shape, dim), self
 
 
 class Cached(Mixing):
@@ -290,26 +296,39 @@ class Packed(Mixing):
     call per layer, as a static batch's pass does, not B."""
 
     def __init__(self, parts: Sequence[Rows], windows: Sequence[int | None], device: torch.device,
-                 linear: Linear) -> None:
+                 linear: Linear, widths: Sequence[int] | None = None) -> None:
         super().__init__([], linear)
-        self.parts, self.windows = parts, windows
-        self.sizes = [p.n * p.t for p in parts]
+        self.parts, self.windows, self.device = parts, windows, device
+        self.widths = [p.t for p in parts] if widths is None else list(widths)  # frames of each part's rows
+        self.sizes = [p.n * t for p, t in zip(parts, self.widths)]
         self.starts = [sum(self.sizes[:i]) for i in range(len(parts) + 1)]
-        self.self_runs = runs([(p.t, w) for p, w in zip(parts, windows)])
-        self.cond_parts = [p for p in parts if p.cond_rows]
-        self.cond_sizes = [p.cond_rows * p.t for p in self.cond_parts]
+        self.self_runs = runs([(t, w) for t, w in zip(self.widths, windows)])
+        cond = [i for i, p in enumerate(parts) if p.cond_rows]
+        self.cond_parts = [parts[i] for i in cond]
+        self.cond_widths = [self.widths[i] for i in cond]
+        self.cond_sizes = [p.cond_rows * t for p, t in zip(self.cond_parts, self.cond_widths)]
         self.cond_starts = [sum(self.cond_sizes[:i]) for i in range(len(self.cond_parts) + 1)]
-        self.cross_runs = runs([(p.t, type(p.cross[0]), p.cross[0][0].shape[1:]) for p in self.cond_parts])
+        self.cross_runs = runs([(t, type(p.cross[0]), p.cross[0][0].shape[1:])
+                                for p, t in zip(self.cond_parts, self.cond_widths)])
         self.all_cond = all(p.cond_rows == p.n for p in parts)  # unguided: every row has text, no gather
         # the pack's row indices of every request's conditional rows, in order: made on the device (a host tensor
         # would be a copy and a sync per pass, and illegal inside a CUDA graph capture)
         self.cond_index = None if self.all_cond else torch.cat(
-            [torch.arange(s, s + p.cond_rows * p.t, device=device) for s, p in zip(self.starts, parts)])
+            [torch.arange(s, s + p.cond_rows * t, device=device) for s, p, t in zip(self.starts, parts, self.widths)])
+
+    def at_frames(self, x: torch.Tensor, frames: Frames) -> tuple[torch.Tensor, Mixing]:
+        """x [ΣN·T, dim] -> [ΣN·n, dim]: each part's rows at its frames [N, n] (one per part, in order), laid out
+        as a pack of those widths."""
+        assert not isinstance(frames, torch.Tensor) and len(frames) == len(self.parts)
+        flat = torch.cat([(f + torch.arange(s, s + p.n * t, t, device=self.device)[:, None]).flatten()
+                          for f, s, p, t in zip(frames, self.starts, self.parts, self.widths)])
+        narrowed = Packed(self.parts, self.windows, self.device, self.linear, [f.shape[1] for f in frames])
+        return x.index_select(0, flat), narrowed
 
     def self_attention(self, layer: int, attn: SelfAttention, qkv: torch.Tensor) -> torch.Tensor:
         outs = []
         for i, j in self.self_runs:
-            n, t = sum(p.n for p in self.parts[i:j]), self.parts[i].t
+            n, t = sum(p.n for p in self.parts[i:j]), self.widths[i]
             piece = qkv[self.starts[i]:self.starts[j]]
             q, k, v = split_qkv(piece.view(n, t, -1), attn.num_heads)  # [N, H, T, D] each
             outs.append(merge_heads(attn.attend(q, k, v, self.windows[i])).reshape(n * t, -1))
@@ -329,7 +348,7 @@ class Packed(Mixing):
         outs = []
         for i, j in self.cross_runs:
             group = self.cond_parts[i:j]
-            b, t = sum(p.cond_rows for p in group), group[0].t
+            b, t = sum(p.cond_rows for p in group), self.cond_widths[i]
             hg = h[self.cond_starts[i]:self.cond_starts[j]]
             if isinstance(group[0].cross[layer], FoldedText):
                 texts = [(p.cross[layer], r) for p in group for r in range(p.cond_rows)]
@@ -368,10 +387,10 @@ class Layer(nn.Module):
         self.norm_cross = nn.LayerNorm(d, eps=1e-5)
         self.norm2 = nn.LayerNorm(d, eps=1e-5)
 
-    def forward(self, x: torch.Tensor, mix: Mixing, index: int, frames: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mix: Mixing, index: int, frames: Frames | None = None) -> torch.Tensor:
         """Pre-LN self-attention, cross-attention to the text (rows with text only), GELU MLP. x [.., dim] fp32, laid
-        out as `mix` says; `index`: this layer's place in the stack (its text k/v, its KV cache). `frames` [N, n]:
-        after self-attention only those frames go on (`Mixing.at_frames`; the rest is row-local).
+        out as `mix` says; `index`: this layer's place in the stack (its text k/v, its KV cache). `frames`: after
+        self-attention only those frames go on (`Mixing.at_frames`; the rest is row-local).
 
         Mixed precision as the reference's autocast: the matmuls and attention in the weights' dtype, the residual
         stream and the norms in fp32 (a half-precision branch added to it promotes to fp32)."""
@@ -382,7 +401,7 @@ class Layer(nn.Module):
 
         x = x + lin(mix.self_attention(index, sa, lin(self.norm1(x), sa.in_proj_weight)), sa.out_proj.weight)
         if frames is not None:
-            x = mix.at_frames(x, frames)
+            x, mix = mix.at_frames(x, frames)  # `lin` reads `mix` when called: the narrowed layout's linear
         xc = mix.cond_rows(x)
         if xc is not None:
             x = mix.put_cond_rows(x, xc + mix.text_attention(index, ca, self.norm_cross(xc), lin))
@@ -465,9 +484,9 @@ class LM(nn.Module):
         """[N, T, dim] -> logits [N, T, V] fp32 of one codebook: generation never needs the others."""
         return self.linear(self.out_norm(x.float()), self.linears[stage].weight)
 
-    def hidden(self, x: torch.Tensor, mix: Mixing, frames: torch.Tensor | None = None) -> torch.Tensor:
-        """Embedded rows x (laid out as `mix` says) through every layer; `frames` [N, n]: only those frames out of
-        the last layer (`Layer.forward`)."""
+    def hidden(self, x: torch.Tensor, mix: Mixing, frames: Frames | None = None) -> torch.Tensor:
+        """Embedded rows x (laid out as `mix` says) through every layer; `frames`: only those frames out of the last
+        layer (`Layer.forward`)."""
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             x = layer(x, mix, i, frames if i == last else None)
@@ -494,9 +513,11 @@ class LM(nn.Module):
         x = self.embed_at(tokens, index)  # [B, n, dim] fp32
         return self.hidden(torch.cat([x, x]), Cached(cross, caches, index, mask, self.linear))
 
-    def forward_packed(self, parts: Sequence[Rows]) -> list[torch.Tensor]:
+    def forward_packed(self, parts: Sequence[Rows], frames: Sequence[torch.Tensor] | None = None
+                       ) -> list[torch.Tensor]:
         """One MAGNeT pass over several requests, each at its own stage, length and text: -> per request the
-        logits [N, T, V] fp32 that `forward(part.codes, part.stage, part.cross)` gives, bit for bit.
+        logits [N, T, V] fp32 that `forward(part.codes, part.stage, part.cross)` gives, bit for bit; with `frames`
+        (per part [N, n]) the logits [N, n, V] that `forward(..., frames=its frames)` gives.
 
         Batch invariance (with `set_deterministic`): the requests are packed along the rows of one [ΣN·T, dim]
         matrix, not padded to a common T or L, so row-invariant linears give each row its own pass's bits, and
@@ -509,16 +530,18 @@ class LM(nn.Module):
         xs = [self.embed(torch.cat([p.codes for p in parts[i:j]])).reshape(-1, dim)
               for i, j in runs([p.t for p in parts])]
         x = xs[0] if len(xs) == 1 else torch.cat(xs)  # [ΣN·T, dim] fp32
-        h = self.out_norm(self.hidden(x, mix).float())
-        y = h.split(mix.sizes)
+        h = self.out_norm(self.hidden(x, mix, frames).float())  # [ΣN·n, dim]
+        widths = [p.t for p in parts] if frames is None else [f.shape[1] for f in frames]
+        all_sizes = [p.n * t for p, t in zip(parts, widths)]
+        y = h.split(all_sizes)
         logits: list[torch.Tensor | None] = [None] * len(parts)
         for stage in sorted({p.stage for p in parts}):  # one head GEMM per codebook among the requests
             idx = [i for i, p in enumerate(parts) if p.stage == stage]
-            sizes = [mix.sizes[i] for i in idx]
+            sizes = [all_sizes[i] for i in idx]
             rows = h if len(idx) == len(parts) else torch.cat([y[i] for i in idx])
             out = self.linear(rows, self.linears[stage].weight)
             for i, o in zip(idx, out.split(sizes)):
-                logits[i] = o.view(parts[i].n, parts[i].t, -1)
+                logits[i] = o.view(parts[i].n, widths[i], -1)
         return logits  # type: ignore[return-value]
 
 

@@ -52,18 +52,30 @@ class PackedPass:
     def __call__(self, decs: Sequence[magnet.Decoding]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if len(decs) == 1:
             return magnet.each_alone(decs)  # its own step, at the frames it samples
-        return [d.sampled_logits(*lg) for d, lg in zip(decs, self.every_frame(decs))]
+        if all(d.index is None for d in decs):
+            return self.every_frame(decs)
+        # the pack's last layer runs at the frames each request samples, as its own step does (`LM.forward`)
+        frames = [torch.arange(d.codes.shape[-1], device=d.codes.device).expand(d.codes.shape[0], -1) if d.index is None
+                  else d.index for d in decs]
+        return self.packed(decs, frames)
 
     def every_frame(self, decs: Sequence[magnet.Decoding | _Slot]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The pass's (cond, uncond) logits of every frame [B, T, V], per request (what a captured pass records)."""
         if len(decs) == 1:
             return [decs[0].step(decs[0].codes, decs[0].stage, decs[0].guided)]
+        return self.packed(decs, None)
+
+    def packed(self, decs: Sequence[magnet.Decoding | _Slot], frames: Sequence[torch.Tensor] | None
+               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One packed pass (`LM.forward_packed`): per request its (cond, uncond) logits [B, T, V], or [B, n, V] at
+        its `frames` [B, n]."""
         # packed in layout order, so requests of equal frames, stage and text length are neighbours and share their
         # attention calls (engine.model.Packed); each request's logits are its own whatever its place
         order = sorted(range(len(decs)), key=lambda i: pass_layout(decs[i]))
         parts = [Rows(magnet.step_rows(d.codes, d.guided), d.stage, d.step.cross) for d in (decs[i] for i in order)]
+        part_frames = None if frames is None else [magnet.step_rows(frames[i], decs[i].guided) for i in order]
         out: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(decs)  # type: ignore[list-item]
-        for i, lg in zip(order, self.lm.forward_packed(parts)):
+        for i, lg in zip(order, self.lm.forward_packed(parts, part_frames)):
             out[i] = magnet.split_rows(lg, decs[i].guided)
         return out
 

@@ -53,6 +53,21 @@ def test_mixed_requests_token_identical_tiny(tiny, max_batch):
     assert max(sched.batch_sizes) == min(max_batch, 6), "requests must share passes"
 
 
+def test_a_packed_pass_runs_the_last_layer_at_the_frames_each_request_samples(tiny, monkeypatch):
+    """As a request's own CPU step does (tests/test_static.py), the pack's last layer keeps only the frames each
+    request samples: fewer than all at a stage's later steps, and still each request's solo tokens."""
+    narrowed: list[bool] = []
+    packed = tiny.lm.forward_packed
+
+    def recorded(parts, frames=None):
+        narrowed.append(frames is not None and sum(f.numel() for f in frames) < sum(p.n * p.t for p in parts))
+        return packed(parts, frames)
+
+    monkeypatch.setattr(tiny.lm, "forward_packed", recorded)
+    check_identical(tiny, mixed_requests(TINY), max_batch=16)
+    assert any(narrowed) and not all(narrowed)
+
+
 def test_mixed_requests_token_identical_default(default_engine):
     d = dict(default_engine.default_generation().overrides(me.GenerationConfig()))
     d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
@@ -74,6 +89,12 @@ def test_forward_packed_equals_each_own_pass(tiny):
     with torch.no_grad():
         for p, out in zip(parts, tiny.lm.forward_packed(parts)):
             assert torch.equal(out, tiny.lm(p.codes, p.stage, p.cross))
+        # the last layer at some frames of each row (the frames a CPU step samples), widths 1..T
+        frames = [torch.stack([torch.randperm(p.t, generator=g)[:w].sort().values for _ in range(p.n)])
+                  for p, w in zip(parts, (17, 1, 5, 300))]
+        for p, f, out in zip(parts, frames, tiny.lm.forward_packed(parts, frames)):
+            assert out.shape == (p.n, f.shape[1], tiny.lm.cfg.card)
+            assert torch.equal(out, tiny.lm(p.codes, p.stage, p.cross, f))
 
 
 def count_passes(eng, monkeypatch, hook=None) -> list[int]:
