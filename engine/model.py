@@ -70,7 +70,14 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     pad = -m % INVARIANT_ROWS
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad, width)])
-    out = torch.cat([F.linear(block, weight) for block in flat.split(INVARIANT_ROWS)])
+    if flat.device.type == "cpu" and flat.dtype == torch.float32:
+        # the blocks as the items of one batched GEMM, each the same [64, in] x [in, out] product: MKL gives the same
+        # bits as a GEMM call per block at ~1.1x one plain GEMM's time (500 rows), where a call per block is ~1.7x
+        blocks = flat.view(-1, INVARIANT_ROWS, width)
+        wt = weight.t()
+        out = torch.bmm(blocks, wt.expand(blocks.shape[0], *wt.shape)).view(-1, weight.shape[0])
+    else:  # cuBLAS picks a batched GEMM's kernel by the batch count too: one call per block
+        out = torch.cat([F.linear(block, weight) for block in flat.split(INVARIANT_ROWS)])
     return out[:m].reshape(*rows, weight.shape[0])
 
 
