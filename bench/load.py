@@ -293,7 +293,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--backend", default=None, help="torch | triton (default: torch; triton: its kernels, and on "
                     "CUDA its row-invariant GEMM for --deterministic)")
     ap.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the device's)")
-    ap.add_argument("--deterministic", action="store_true", help="row-invariant linears (Engine.set_deterministic)")
+    ap.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                    help="row-invariant linears (Engine.set_deterministic; default: the device's, as me.load)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="CUDA graphs (Engine.set_graph): sequential replays each request's program, static each "
                          "batch's, the scheduler its LM pass per layout")
@@ -301,7 +302,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument(*SPELLING["output"], dest="out", type=Path, default=None, help="append the JSON lines here too")
     ap.add_argument("--plot", nargs=2, type=Path, metavar=("ROWS", "PNG"), default=None,
                     help="run nothing: plot the load rows of ROWS (JSON lines) into PNG")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.deterministic is None:
+        from magnet_engine.engine.config import deterministic_by_default
+
+        args.deterministic = deterministic_by_default(args.device.split(":")[0])
+    return args
 
 
 def _label(r: dict[str, Any]) -> str:

@@ -112,8 +112,8 @@ class Engine:
     def set_deterministic(self, on: bool) -> Engine:
         """Row-invariant linears (`LM.invariant_linear`: engine.model.invariant_linear, or the Triton backend's
         fixed-tile GEMM on CUDA): a request's tokens are its solo run's whatever shares its LM pass (the
-        scheduler's batchmates, their number and order), on any thread count. Off by
-        default (DETERMINISTIC_BY_DEFAULT: what it costs). Tokens of a request alone are the same either way only
+        scheduler's batchmates, their number and order), on any thread count. `load` turns it on
+        where it is cheap (DETERMINISTIC_BY_DEFAULT: on CPU). Tokens of a request alone are the same either way only
         up to rounding: compare runs made in the same mode."""
         if not isinstance(on, bool):
             raise SettingTypeError(f"<deterministic> must be true or false, got {type(on).__name__}")

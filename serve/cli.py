@@ -68,9 +68,10 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "max_body": ("--max-body", {"type": int, "help": "bytes of a request body; past it: 413"}),
     "max_prompt_chars": ("--max-prompt-chars", {"type": int, "help": "longest prompt in characters"}),
     "threads": ("--threads", {"type": int, "help": "torch threads per replica (0 = its --replica-cpus)"}),
-    "deterministic": ("--deterministic", {"action": "store_const", "const": True,
+    "deterministic": ("--deterministic", {"action": argparse.BooleanOptionalAction,
                                           "help": "a request's tokens are its solo run's whatever its batchmates "
-                                                  "(costs speed: 27%% on the default model on CPU)"}),
+                                                  "(default: on on CPU, where it costs ~8%% of a request; off on "
+                                                  "CUDA)"}),
     "graph": ("--cuda-graph", {"action": "store_const", "const": True,
                                "help": "replay the LM pass as a CUDA graph per batch layout (CUDA devices only)"}),
     "host": ("--host", {"help": "HTTP address to bind; anything but loopback exposes the service"}),

@@ -28,7 +28,8 @@ class ServiceConfig:
     max_body: int = 64 * 1024  # bytes of a request body
     max_prompt_chars: int = 2000  # the text encoder truncates long prompts; longer ones are refused, not cut
     threads: int = 0  # torch threads in a replica; 0 = the CPUs Ray gave it
-    deterministic: bool = False  # tokens independent of batchmates (Engine.set_deterministic; what it costs: README)
+    deterministic: bool | None = None  # tokens independent of batchmates (Engine.set_deterministic); None: the
+    # device's default (engine.config.deterministic_by_default: on on CPU; what it costs: README)
     graph: bool = False  # CUDA graphs: the scheduler's LM pass captured per layout (Engine.set_graph; CUDA only)
     api_key_sha256: str | None = field(default=None, repr=False)
 

@@ -4,10 +4,10 @@ engine behind the scheduler) through a Ray Serve `DeploymentHandle`.
 
 A request's output is fixed by its validated settings and seed, so when the replica holding it dies (a handle call
 fails with `RayActorError`: ActorDiedError, ActorUnavailableError) the same Job goes again to a survivor, or to the
-replica Serve starts in place of the dead one, until the request's deadline: a replica's death costs latency, not
-the request. (The audio is the same bytes when the service is deterministic, `--deterministic`; otherwise a near-tie
-may flip with other batchmates, as for any request.) Answers say how often they were retried (X-Retries). Nothing
-else is retried: a refusal (4xx) or an engine error comes back as the replica's answer, once.
+replica Serve starts in place of the dead one, until the request's deadline: a replica's death costs latency, not the
+request. (The audio is the same bytes when the service is deterministic, the CPU's default or `--deterministic`;
+otherwise a near-tie may flip with other batchmates, as for any request.) Answers say how often they were retried
+(X-Retries). Nothing else is retried: a refusal (4xx) or an engine error comes back as the replica's answer, once.
 
 A stream resumes at the first window its client has not received: the replica decodes the piece again and sends
 from that window on. When it cannot (the deadline passed) the connection ends without the chunked terminator, so a

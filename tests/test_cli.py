@@ -51,9 +51,9 @@ def test_cli_token_exact(fixture_dir, settings, expected, tmp_path, run):
 
 
 def test_cli_engine_flags_take_effect(fixture_dir, tmp_path, monkeypatch):
-    """--deterministic, --dtype and --batch-size reach what they set: the engine `magnet generate` loads is
-    deterministic with a bf16 LM, 3 prompts run as batches of 2 and 1, and the tokens are that engine's for the whole
-    request (prompt b draws from seed + b either way)."""
+    """--no-deterministic, --dtype and --batch-size reach what they set: the engine `magnet generate` loads is
+    plain (deterministic is the CPU's default) with a bf16 LM, 3 prompts run as batches of 2 and 1, and the tokens
+    are that engine's for the whole request (prompt b draws from seed + b either way)."""
     from magnet_engine.engine import api, backends
 
     loaded: list[api.Engine] = []
@@ -63,12 +63,12 @@ def test_cli_engine_flags_take_effect(fixture_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(api.Engine, "generate_stream",
                         lambda self, req, **k: batches.append(req.batch) or stream(self, req, **k))
     tokens = tmp_path / "t.npy"
-    rc = main(["generate", *["a piano"] * 3, "--model", str(fixture_dir), "--device", "cpu", "--deterministic",
+    rc = main(["generate", *["a piano"] * 3, "--model", str(fixture_dir), "--device", "cpu", "--no-deterministic",
                "--dtype", "bfloat16", "--batch-size", "2", "--seed", "11", "--steps", "2,1,1,1", "--duration", "0.4",
                "-o", str(tmp_path / "out"), "--tokens-out", str(tokens), "--quiet"])
     assert rc == 0
     (eng,) = loaded
-    assert eng.deterministic and eng.lm.dtype == torch.bfloat16
+    assert not eng.deterministic and eng.lm.dtype == torch.bfloat16
     assert batches == [2, 1]
     want = eng.generate(["a piano"] * 3, seed=11, steps=(2, 1, 1, 1), duration=0.4, decode=False).codes
     np.testing.assert_array_equal(np.load(tokens), want.numpy())

@@ -140,3 +140,15 @@ def test_cuda_batched_equals_solo(fixture_dir, dtype: str) -> None:  # pragma: n
     with Scheduler(eng, max_batch=16) as sched:
         got = [f.result(timeout=300).codes for f in [sched.submit(p, **kw) for p, kw in reqs]]
     assert all(torch.equal(a, b) for a, b in zip(solo, got))
+
+
+def test_deterministic_is_the_cpu_default(fixture_dir) -> None:
+    """`me.load` is deterministic on CPU unless told otherwise (it costs ~8% of a request there: bench/RESULTS.md);
+    on CUDA it stays opt-in until measured."""
+    from magnet_engine.engine.config import deterministic_by_default
+
+    import magnet_engine as me
+
+    assert deterministic_by_default("cpu") and not deterministic_by_default("cuda")
+    assert me.load(fixture_dir, device="cpu").deterministic
+    assert not me.load(fixture_dir, device="cpu", deterministic=False).deterministic

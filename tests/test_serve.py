@@ -473,20 +473,21 @@ def test_openapi_request_schema_is_generated_from_generation_config(local_servic
 
 
 def test_deterministic_flag_reaches_the_replicas_engine(fixture_dir: Path, local_service) -> None:
-    """`magnet serve --deterministic` (ServiceConfig.deterministic): the replica's engine is batch-invariant; without
-    the flag it is not (the default: it costs speed)."""
+    """`magnet serve --deterministic / --no-deterministic` (ServiceConfig.deterministic) reach the replica's engine;
+    without either it has the device's default (on on CPU: `engine.config.deterministic_by_default`)."""
     from magnet_engine.serve.cli import parse
     from magnet_engine.serve.config import ServiceConfig
     from magnet_engine.serve.http import Service
 
-    assert parse(["--deterministic"])[0].deterministic is True and parse([])[0].deterministic is False
-    assert not local_service[0].engine.deterministic  # no flag
+    assert parse(["--deterministic"])[0].deterministic is True and parse([])[0].deterministic is None
+    assert parse(["--no-deterministic"])[0].deterministic is False
+    assert local_service[0].engine.deterministic  # no flag, on CPU
     metrics = type("M", (), {"request": lambda self, status, latency: None})()
-    on = Service(ServiceConfig(model=str(fixture_dir), device="cpu", deterministic=True), metrics)
+    off = Service(ServiceConfig(model=str(fixture_dir), device="cpu", deterministic=False), metrics)
     try:
-        assert on.engine.deterministic
+        assert not off.engine.deterministic
     finally:
-        on.close()
+        off.close()
 
 
 def test_limit_thread_and_metrics_flags_take_effect(fixture_dir: Path, monkeypatch) -> None:
