@@ -60,6 +60,19 @@ def test_invariant_linear_every_row_count(device: str, dtype: torch.dtype) -> No
     assert err <= 2 * plain + torch.finfo(dtype).eps * ref.abs().max(), (float(err), float(plain))
 
 
+def test_invariant_linear_of_strided_rows() -> None:
+    """Rows that are a view with gaps (a column slice) or past a whole number of blocks give the same bits as the
+    same rows laid out contiguously."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 80, generator=g)
+    wide = torch.randn(3 * INVARIANT_ROWS + 5, 100, generator=g)
+    x = wide[:, 10:90]  # [M, 80], row stride 100
+    assert not x.is_contiguous()
+    assert torch.equal(invariant_linear(x, w), invariant_linear(x.contiguous(), w))
+    three = x[: 3 * INVARIANT_ROWS].reshape(3, INVARIANT_ROWS, 80)
+    assert torch.equal(invariant_linear(three, w).reshape(-1, 48), invariant_linear(x, w)[: 3 * INVARIANT_ROWS])
+
+
 @pytest.fixture(scope="module")
 def solo_runs(tiny) -> list[torch.Tensor]:
     return [tiny.generate([p], **kw).codes for p, kw in requests(16)]
