@@ -358,8 +358,8 @@ class GenerationConfig:
 
 
 # Deterministic decoding (Engine.set_deterministic) is on by default on the device types where it costs at most 10%
-# of a request: on CPU, +6-17% on the shipped model's 10 s request (median of 4 runs ~8%; bench/RESULTS.md, "The 10 s
-# request under 0.5 s"). On CUDA it is unmeasured (bench/gpu.sh measures it): opt-in there.
+# of a request: on CPU, +6-17% on the shipped model's 10 s request (median of 6 runs +8.4%; bench/RESULTS.md, "The
+# 10 s request under 0.5 s"). On CUDA it is unmeasured (bench/gpu.sh measures it): opt-in there.
 DETERMINISTIC_BY_DEFAULT = frozenset({"cpu"})
 
 
