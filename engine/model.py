@@ -269,8 +269,13 @@ class Dense(Mixing):
         """x [N, T, dim] -> [N, n, dim] at frames [N, n]; the layout is the same."""
         assert isinstance(frames, torch.Tensor)
         n, t, dim = x.shape
-        flat = (frames + torch.arange(0, n * t, t, device=x.device)[:, None]).flatten()  # [N·n] rows of [N·T]
-        return x.reshape(n * t, dim).index_select(0, flat).view(*frames.shape, dim), self
+        return x.reshape(n * t, dim).index_select(0, frame_rows(frames, t)).view(*frames.shape, dim), self
+
+
+def frame_rows(frames: torch.Tensor, t: int, start: int = 0) -> torch.Tensor:
+    """frames [N, n] of N rows of t frames each, laid out from row `start` of a flat [.., dim] matrix -> their row
+    indices there [N·n]."""
+    return (frames + torch.arange(start, start + frames.shape[0] * t, t, device=frames.device)[:, None]).flatten()
 
 
 class Cached(Mixing):
@@ -327,8 +332,7 @@ class Packed(Mixing):
         """x [ΣN·T, dim] -> [ΣN·n, dim]: each part's rows at its frames [N, n] (one per part, in order), laid out
         as a pack of those widths."""
         assert not isinstance(frames, torch.Tensor) and len(frames) == len(self.parts)
-        flat = torch.cat([(f + torch.arange(s, s + p.n * t, t, device=self.device)[:, None]).flatten()
-                          for f, s, p, t in zip(frames, self.starts, self.parts, self.widths)])
+        flat = torch.cat([frame_rows(f, t, s) for f, s, t in zip(frames, self.starts, self.widths)])
         narrowed = Packed(self.parts, self.windows, self.device, self.linear, [f.shape[1] for f in frames])
         return x.index_select(0, flat), narrowed
 
