@@ -17,6 +17,7 @@ program can be captured once as a CUDA graph (engine.graph) and compiled whole b
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
@@ -180,6 +181,11 @@ class Decoding:
         self.row_starts = torch.arange(0, batch * t, t, device=device)[:, None]  # [B, 1] each row's start in [B·T]
         self.index: torch.Tensor | None = None  # [B, n] this step's sampled frames, in order (None: all T)
         self.flat_index: torch.Tensor | None = None  # [B·n] the same in [B·T] (index_select is ~10x gather's speed)
+        # lockstep (`join`): the joined program this request's state lives in (None: its own buffers), and for a
+        # joined one its members with their rows
+        self.cohort: Decoding | None = None
+        self.members: list[tuple[Decoding, slice]] = []
+        self.own = {name: getattr(self, name) for name in _STATE}  # the buffers a member returns to (`leave`)
 
     @property
     def finished(self) -> bool:
@@ -220,6 +226,8 @@ class Decoding:
             if self.sampled_chunks is not None:
                 self.index = chunk_frames(chunks, self.sampled_chunks[s], self.model.span_len)
                 self.flat_index = (self.index + self.row_starts).flatten()
+                for member, rows in self.members:  # (a joined program) each member's frames, for its LM pass
+                    member.index, member.flat_index = self.index[rows], None
         else:
             remask = least_probable_spans(self.scores, self.n_mask[s], self.model.span_len)
         self.row.masked_fill_(remask, self.mask_id)
@@ -245,6 +253,8 @@ class Decoding:
         """x [B, T] or [B, T, V] -> its frames this step samples: [B, width] or [B, width, V]."""
         if self.index is None:
             return x
+        if self.flat_index is None:  # a member of a joined program, sampled alone (its frames came from the join)
+            self.flat_index = (self.index + self.row_starts).flatten()
         return x.flatten(0, 1).index_select(0, self.flat_index).view(*self.index.shape, *x.shape[2:])
 
     def sampled_logits(self, cond: torch.Tensor, uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,16 +287,100 @@ class Decoding:
         else:
             self.scores.copy_((-torch.log(probs)).masked_fill(~masked, DONT_REMASK))
         self.done += 1
+        for member, _ in self.members:
+            member.done = self.done
+
+    @property
+    def joinable(self) -> bool:
+        """Whether this request's re-mask, sampler inputs and span scores may run joined with other requests'
+        (`join`), each row still getting its solo bits: true of the chunked 'max' scoring (ranks, fills, max and
+        1 - p are exact wherever a row sits). Not of −log p ('prod' scoring, stride1): on a CPU a vectorised log and
+        the scalar one of a loop's tail round differently, and which elements fall in the tail depends on the rows
+        before them. Nor with a rescorer (its own state per request)."""
+        return self.chunked and self.gen.span_scoring == "max" and self.rescore is None
+
+    @classmethod
+    def join(cls, members: Sequence[Decoding]) -> Decoding:
+        """Requests in lockstep (`joinable`, equal `shape_key` and step) as one program over all their rows, vLLM's
+        persistent batch: its prepare, sampler inputs and advance run once for all of them, not once each. Their
+        state is copied into its buffers and each member's state becomes a view of its rows, so a member still
+        reads its codes, frames and step, and can run alone (a retry); `leave` hands it back. The LM pass still
+        runs per member (each has its own text)."""
+        first = members[0]
+        key = (first.shape_key(), first.done)
+        assert len(members) > 1 and all(m.joinable and (m.shape_key(), m.done) == key for m in members), \
+            "join takes joinable requests of one shape at one step"
+        joined = copy.copy(first)  # the settings all share: schedule, counts, order, shape
+        joined.batch = sum(m.batch for m in members)
+        joined.step, joined.rescore, joined.cohort = None, None, None
+        for name in (*_STATE, "first_scores"):
+            setattr(joined, name, torch.cat([getattr(m, name) for m in members]))
+        joined.prompt_codes = None if first.prompt_codes is None else torch.cat([m.prompt_codes for m in members])
+        joined.cfg = torch.cat([m.cfg for m in members], dim=1)
+        joined.temperature = torch.cat([m.temperature for m in members], dim=1)
+        joined.step_params = [RowParams.concat([m.step_params[s] for m in members]) for s in range(first.total)]
+        joined.uniform = None if first.uniform is None else torch.cat([m.uniform for m in members], dim=1)
+        joined.row_starts = torch.arange(0, joined.batch * first.frames, first.frames, device=first.device)[:, None]
+        joined.own, joined.members, joined.index, joined.flat_index = {}, [], None, None
+        start = 0
+        for m in members:
+            rows = slice(start, start + m.batch)
+            for name in _STATE:
+                setattr(m, name, getattr(joined, name)[rows])
+            m.cohort = joined
+            joined.members.append((m, rows))
+            start += m.batch
+        return joined
+
+    def leave(self, carry: bool = True) -> None:
+        """A member of a joined program back on its own buffers, with the state it has reached (`carry`) or with
+        what they hold (a program about to start over from its inputs: `run_together`)."""
+        if self.cohort is None:
+            return
+        for name, own in self.own.items():
+            if carry:
+                own.copy_(getattr(self, name))
+            setattr(self, name, own)
+        self.cohort = None
+
+
+# A request's decoding state that a step changes (`Decoding.join` shares it)
+_STATE = ("codes", "row", "scores", "chunks")
+
+
+def lockstep(decs: Sequence[Decoding]) -> list[Decoding]:
+    """The programs a step prepares, samples and advances for `decs`: requests in lockstep (`Decoding.joinable`,
+    equal shape and step) as one joined program (`Decoding.join`, reused while they stay together), the others
+    each alone; in order of their first request."""
+    if len(decs) < 2:
+        return list(decs)
+    groups: dict[object, list[Decoding]] = {}
+    for d in decs:
+        groups.setdefault((d.shape_key(), d.done) if d.joinable else id(d), []).append(d)
+    units = []
+    for group in groups.values():
+        if len(group) == 1:
+            group[0].leave()
+            units.append(group[0])
+            continue
+        cohort = group[0].cohort
+        same = (cohort is not None and cohort.done == group[0].done and len(cohort.members) == len(group)
+                and all(m is d for (m, _), d in zip(cohort.members, group)))
+        units.append(cohort if same else Decoding.join(group))
+    return units
 
 
 def decode_step(lm_pass: Pass, sample: Sampler, decs: Sequence[Decoding]) -> None:
     """One decoding step of every request in `decs`, whatever stage and step each is at: re-mask, one LM pass
     (`lm_pass`), one sampler call per group of requests sampling equally many frames (no padded position: the
-    sampler costs as much as the LM on small models) with each row's own parameters and noise, span scores. Each
-    request's numbers are those of its solo run: the pass and the sampler are row-invariant (the sampler works
-    position by position), and noise and parameters are its own."""
-    for d in decs:
-        d.prepare()
+    sampler costs as much as the LM on small models) with each row's own parameters and noise, span scores.
+    Requests in lockstep are re-masked, gathered and scored as one joined program (`lockstep`), so that host work
+    does not grow with their number. Each request's numbers are those of its solo run: the pass and the sampler are
+    row-invariant (the sampler works position by position), the joined steps are exact (`Decoding.joinable`), and
+    noise and parameters are its own."""
+    units = lockstep(decs)
+    for u in units:
+        u.prepare()
     logits = lm_pass(decs)  # each request's at the frames it samples
     if len(decs) == 1:
         (d,), ((cond, uncond),) = decs, logits
@@ -295,27 +389,35 @@ def decode_step(lm_pass: Pass, sample: Sampler, decs: Sequence[Decoding]) -> Non
                                None if noise is None else d.sampled(noise))
         d.advance(*d.spread(tokens, probs))
         return
-    groups: dict[int, list[int]] = {}
-    for i, d in enumerate(decs):
-        groups.setdefault(d.width, []).append(i)
-    for idx in groups.values():
-        group = [decs[i] for i in idx]
-        cond = torch.cat([logits[i][0] for i in idx])  # [R, width, V]
+    place = {id(d): i for i, d in enumerate(decs)}
+    groups: dict[int, list[Decoding]] = {}
+    for u in units:
+        groups.setdefault(u.width, []).append(u)
+    for group in groups.values():
+        own = [logits[place[id(m)]] for u in group for m in ([m for m, _ in u.members] or [u])]
+        cond = _cat([lg[0] for lg in own])  # [R, width, V]
         # unguided requests' uncond is their cond (`Step`): one copy, not two, when the whole group is unguided
-        unguided = all(logits[i][1] is logits[i][0] for i in idx)
-        uncond = cond if unguided else torch.cat([logits[i][1] for i in idx])
-        noise = [d.noise() for d in group]
+        uncond = cond if all(lg[1] is lg[0] for lg in own) else _cat([lg[1] for lg in own])
+        noise = [u.noise() for u in group]
         uniform = None
         if any(n is not None for n in noise):  # a greedy row's noise is never read: zeros
-            uniform = torch.cat([d.sampled(n) if n is not None else torch.zeros(d.batch, d.width, device=d.device)
-                                 for n, d in zip(noise, group)])
-        params = RowParams.concat([d.params() for d in group])
-        current = torch.cat([d.sampled(d.row) for d in group])
+            uniform = _cat([u.sampled(n) if n is not None else torch.zeros(u.batch, u.width, device=u.device)
+                            for n, u in zip(noise, group)])
+        params = RowParams.concat([u.params() for u in group])
+        current = _cat([u.sampled(u.row) for u in group])
         tokens, probs = sample(cond, uncond, current, group[0].mask_id, params, uniform)
         start = 0
-        for d in group:
-            d.advance(*d.spread(tokens[start:start + d.batch], probs[start:start + d.batch]))
-            start += d.batch
+        for u in group:
+            u.advance(*u.spread(tokens[start:start + u.batch], probs[start:start + u.batch]))
+            start += u.batch
+    for u in units:
+        if u.finished:  # its members' codes back in their own buffers (a captured program returns those)
+            for m, _ in u.members:
+                m.leave()
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def stepping(dec: Decoding, sample: Sampler, progress: Progress | None = None) -> Iterator[None]:
@@ -334,6 +436,9 @@ def run_together(lm_pass: Pass, sample: Sampler, decs: Sequence[Decoding]) -> No
     `each_alone` is a request's whole program; either way the unit a CUDA graph captures (engine.graph): the host
     only counts steps."""
     for d in decs:
+        d.leave(carry=False)  # from its first step: its own buffers hold its inputs
         d.done = 0
     while live := [d for d in decs if not d.finished]:
         decode_step(lm_pass, sample, live)
+    for d in decs:
+        d.leave()

@@ -343,3 +343,33 @@ def test_grouped_requests_of_unequal_widths_sample_their_own_frames(tiny):
     assert mixed
     for got, want in zip([d.codes for d in decs], solo):
         assert torch.equal(got, want)
+
+
+def test_requests_in_lockstep_share_one_program_and_keep_their_solo_tokens(tiny):
+    """Requests of one shape at one step run joined (`magnet.lockstep`: one re-mask, one set of sampler inputs and one
+    advance for all of them, vLLM's persistent batch), each with its own text, settings and noise: each request's
+    codes are its solo run's, also after one runs a step alone (a retry) and when one leaves mid-way (a timeout:
+    the others are joined anew). Span scores whose rounding could move with a row's place (−log p) are never
+    joined."""
+    base = dict(LONGER, greedy=False)
+    requests = [("a piano", dict(base, seed=1)), ("a cello", dict(base, seed=2, temperature=1.5, cfg=(3.0, 1.0))),
+                ("drums and a walking bass line", dict(base, seed=3, top_p=0.5)), ("a choir", dict(base, seed=4))]
+    with torch.no_grad():
+        solo = [tiny.generate([p], **kw).codes for p, kw in requests]
+        decs = [start_request(tiny, p, tiny.settings(**kw)) for p, kw in requests]
+        units = magnet.lockstep(decs)
+        assert len(units) == 1 and [m for m, _ in units[0].members] == decs
+        magnet.decode_step(tiny.lm_pass, tiny.sample, decs)
+        assert magnet.lockstep(decs) == units  # the same joined program while they stay together
+        magnet.decode_step(tiny.lm_pass, tiny.sample, decs[2:3])  # a retry: alone, on its rows of the joined state
+        magnet.decode_step(tiny.lm_pass, tiny.sample, [d for d in decs if d is not decs[2]])
+        live = decs[1:]  # the first leaves
+        while live:
+            magnet.decode_step(tiny.lm_pass, tiny.sample, live)
+            live = [d for d in live if not d.finished]
+    for got, want in zip(decs[1:], solo[1:]):
+        assert torch.equal(got.codes, want)
+        assert got.cohort is None and got.codes.data_ptr() == got.own["codes"].data_ptr()  # its own buffers again
+    for scoring in (dict(span_arrangement="stride1"), dict(span_scoring="prod")):
+        apart = [start_request(tiny, p, tiny.settings(**dict(base, **scoring, seed=1))) for p in ("a piano", "a cello")]
+        assert magnet.lockstep(apart) == apart
