@@ -18,7 +18,6 @@ program can be captured once as a CUDA graph (engine.graph) and compiled whole b
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
@@ -170,8 +169,8 @@ class Decoding:
         base = row_tensors(StepSampling(0.0, 1.0, gen.top_k, gen.top_p, gen.greedy), batch, device)
         # [S, B], materialised: a sampler reads row b's value at offset b (kernels take contiguous [B] rows)
         self.cfg, self.temperature = cfg[:, None].repeat(1, batch), temp[:, None].repeat(1, batch)
-        self.step_params = [dataclasses.replace(base, cfg_coef=self.cfg[s], temperature=self.temperature[s])
-                            for s in range(self.total)]
+        self.step_params = [RowParams(c, tp, base.top_k, base.top_p, base.mode, base.modes, base.k_max)
+                            for c, tp in zip(self.cfg.unbind(0), self.temperature.unbind(0))]
         self.uniform = None if gen.greedy else draw_noise(self.total, batch, t, device, generators)  # [S, B, T]
         # On a CPU a nonoverlap step samples only the frames of the chunks it re-masks: every masked frame is in
         # one, and the rest keep their tokens and have their scores overwritten (`advance`). Their count, n_mask

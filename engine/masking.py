@@ -7,6 +7,7 @@ Spans, stride1: every window of L frames is a candidate; pick the top windows wh
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -25,8 +26,9 @@ class StepPlan:
     temperature: float  # floored at 0.01
 
 
+@functools.lru_cache(maxsize=256)  # every request of a shape asks the same: built once (a scheduler's burst)
 def stage_schedule(steps: int, n_gen: int, cfg_max: float, cfg_min: float, temperature: float, anneal: bool
-                   ) -> list[StepPlan]:
+                   ) -> tuple[StepPlan, ...]:
     """The reference's per-step numbers, computed in float32 exactly as it does (τ = linspace(0, 1, S))."""
     taus = torch.linspace(0, 1, steps, dtype=torch.float32)
     mask_p = torch.cos(taus * math.pi * 0.5)  # float32, as the reference: cos(π/2) ≈ -4e-8, so n_mask floors at 1
@@ -37,7 +39,7 @@ def stage_schedule(steps: int, n_gen: int, cfg_max: float, cfg_min: float, tempe
         t = temperature * (steps_left / steps) if anneal else temperature
         plans.append(StepPlan(n_mask=max(int(n), 1), mask_p=p, cfg_coef=p * cfg_max + (1 - p) * cfg_min,
                               temperature=max(t, 1e-2)))
-    return plans
+    return tuple(plans)
 
 
 def descending_rank(scores: torch.Tensor, stable: bool = True) -> torch.Tensor:
