@@ -7,8 +7,9 @@
                 equal settings (one text encoding, one LM pass of B rows, one codec call): the ceiling of batching
     scheduler   magnet_engine.Scheduler: iteration-level batching, requests join and leave at every step
 
-`--ratio` runs `batch` then `scheduler` on the same trace in one process (the scheduler on the engine the caller
-loaded) and adds a row with the scheduler's throughput over the static batch's (medians over the repeats).
+`--ratio` runs `batch` and `scheduler` in turns on the same trace in one process (the scheduler on the engine the
+caller loaded) and adds a row with the scheduler's throughput over the static batch's (the median of the turns'
+ratios: the machine's drift between minutes falls on both alike).
 
 Traces: `burst` (N requests submitted at once) or `poisson` (open-loop arrivals at `--rate` per second: arrival times
 are drawn up front, so a slow server does not slow the arrivals). Request settings: duration uniform in
@@ -138,26 +139,32 @@ def run_scheduler(eng: Any, traces: list[list[Request]], max_batch: int, warm: l
                   max_frames: int | None) -> tuple[list[collections.Counter[int]], Any]:
     """`eng`: an Engine, or a loader that the scheduler's loop thread calls (all torch work in that thread). The
     warm-up requests run through the same scheduler (a second loop thread would not be the one that loaded)."""
+    with open_scheduler(eng, max_batch, max(len(warm), *map(len, traces)), max_frames) as sched:
+        run_trace(sched, warm)
+        hists = [run_trace(sched, trace) for trace in traces]
+    return hists, sched.engine
+
+
+def open_scheduler(eng: Any, max_batch: int, queue: int, max_frames: int | None) -> Any:
     from magnet_engine.engine.scheduler import Scheduler
 
-    hists = []
-    queue = max(len(warm), *map(len, traces))
-    with Scheduler(eng, max_batch=max_batch, max_queue=queue, max_frames=max_frames) as sched:
-        for f in [sched.submit(r.prompt, **r.settings) for r in warm]:
-            f.result()
-        for trace in traces:
-            sched.batch_sizes.clear()  # the loop is idle: nothing is active
-            t0 = time.perf_counter()
-            futures = []
-            for req in trace:
-                wait_until(t0, req.arrival)
-                futures.append(sched.submit(req.prompt, **req.settings))
-            for req, f in zip(trace, futures):
-                stats = f.result().stats
-                req.finish = req.arrival + stats["latency_s"]
-                req.start = req.arrival + stats["queue_s"]
-            hists.append(collections.Counter(sched.batch_sizes))
-    return hists, sched.engine
+    return Scheduler(eng, max_batch=max_batch, max_queue=queue, max_frames=max_frames)
+
+
+def run_trace(sched: Any, trace: list[Request]) -> collections.Counter[int]:
+    """One trace through a running, idle scheduler: submitted at its arrival times, each request's start and finish
+    from its stats -> the histogram of requests per LM pass."""
+    sched.batch_sizes.clear()  # the loop is idle: nothing is active
+    t0 = time.perf_counter()
+    futures = []
+    for req in trace:
+        wait_until(t0, req.arrival)
+        futures.append(sched.submit(req.prompt, **req.settings))
+    for req, f in zip(trace, futures):
+        stats = f.result().stats
+        req.finish = req.arrival + stats["latency_s"]
+        req.start = req.arrival + stats["queue_s"]
+    return collections.Counter(sched.batch_sizes)
 
 
 def percentiles(xs: Sequence[float]) -> dict[str, float]:
@@ -205,24 +212,43 @@ def run_policy(args: argparse.Namespace, policy: str, eng: Any) -> list[dict[str
 
 
 def run_ratio(args: argparse.Namespace, eng: Any) -> list[dict[str, Any]]:
-    """`--ratio`: the static batch (`batch`) and the scheduler on the same trace, in this process, on one engine
-    loaded here (the scheduler hands this thread's OpenMP workers back: engine.scheduler) -> their rows and a
-    `load-ratio` row: the scheduler's median throughput over the static batch's."""
-    static = run_policy(args, "batch", eng)
-    sched = run_policy(args, "scheduler", eng)
-    return [*static, *sched, ratio_row(static, sched)]
+    """`--ratio`: the static batch (`batch`) and the scheduler on the same trace, in this process, on one engine loaded
+    here, in turns (static, scheduler, static, ...), so that the machine's drift between minutes falls on both alike.
+    The static batch runs in this thread while the scheduler idles (its loop thread has handed its OpenMP workers
+    back), and this thread hands its own back before each scheduler turn (engine.scheduler: two threads' pools
+    throttle each other) -> their rows and a `load-ratio` row: the median of the turns' throughput ratios."""
+    from magnet_engine.engine.scheduler import release_openmp_threads
+
+    steps_mix = [tuple(int(x) for x in s.split(",")) for s in args.steps_mix or []]
+    warm = [Request(0.0, "warm up", dict(duration=1.0, seed=i)) for i in range(args.max_batch)]
+    turns = [(make_trace(args, steps_mix), make_trace(args, steps_mix)) for _ in range(args.repeats)]
+    run_batch(eng, warm, args.max_batch, 0.0)
+    static_hists, sched_hists = [], []
+    with open_scheduler(eng, args.max_batch, max(len(warm), args.requests), args.max_frames) as sched:
+        run_trace(sched, warm)
+        for static_trace, sched_trace in turns:
+            static_hists.append(run_batch(eng, static_trace, args.max_batch, args.static_wait))
+            release_openmp_threads()
+            sched_hists.append(run_trace(sched, sched_trace))
+    static = [summarize(args, tr, h, i, eng, "batch") for i, ((tr, _), h) in enumerate(zip(turns, static_hists))]
+    sched_rows = [summarize(args, tr, h, i, eng, "scheduler")
+                  for i, ((_, tr), h) in enumerate(zip(turns, sched_hists))]
+    return [*static, *sched_rows, ratio_row(static, sched_rows)]
 
 
 def ratio_row(static: Sequence[dict[str, Any]], sched: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The scheduler's throughput over the static batch's, from the medians of their rows (the same trace)."""
+    """The scheduler's throughput over the static batch's: the median of the turns' ratios (each pair ran back to
+    back on the same trace), and the ratio of the two medians."""
     import statistics
 
+    pairs = [b["throughput_rps"] / a["throughput_rps"] for a, b in zip(static, sched)]
     a = statistics.median(r["throughput_rps"] for r in static)
     b = statistics.median(r["throughput_rps"] for r in sched)
     first = static[0]
     keep = ("trace", "rate", "requests", "max_batch", "durations_s", "steps_mix", "model", "backend", "device",
             "dtype", "deterministic", "host", "versions", "git")
-    return {"bench": "load-ratio", "ratio": "scheduler/batch", "value": round(b / a, 3),
+    return {"bench": "load-ratio", "ratio": "scheduler/batch", "value": round(statistics.median(pairs), 3),
+            "turn_ratios": [round(x, 3) for x in pairs], "ratio_of_medians": round(b / a, 3),
             "batch_throughput_rps": [r["throughput_rps"] for r in static],
             "scheduler_throughput_rps": [r["throughput_rps"] for r in sched],
             **{k: first[k] for k in keep}}

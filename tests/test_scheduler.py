@@ -507,6 +507,34 @@ def test_the_callers_openmp_workers_are_released():
     assert counts["released"] and counts["after"] == counts["before"] - 1
 
 
+def test_an_idle_loop_hands_its_openmp_workers_back(tiny):
+    """Once a burst is served and the loop waits, its thread's OpenMP workers are handed back too (they would throttle
+    torch in other threads: module docstring): the process has num_threads - 1 fewer threads than while the loop
+    worked (counted in a render, which the loop thread runs right after a request's codec)."""
+    import os
+
+    if "OpenMP" not in torch.__config__.parallel_info() or not hasattr(os, "RTLD_NOLOAD"):
+        pytest.skip("torch is not built with OpenMP here")
+
+    def count(_: object = None) -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with Scheduler(tiny) as sched:
+            busy = sched.submit("piano", render=count, **dict(TINY, greedy=True)).result()
+            idle = []
+            for _ in range(50):  # the loop goes idle right after it resolves the future
+                idle.append(count())
+                if idle[-1] < busy:
+                    break
+                threading.Event().wait(0.02)
+    finally:
+        torch.set_num_threads(threads)
+    assert idle[-1] == busy - 1, (busy, idle)
+
+
 def test_a_stream_steps_beside_the_batch(tiny):
     """A long piece's window is cut into decoding steps that interleave with the batch's: a 5-step request submitted
     with it finishes before the piece's first 10-step window does (a whole window per iteration would hold it)."""
