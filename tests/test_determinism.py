@@ -91,6 +91,30 @@ def test_batch_of_n_equals_solo_runs(tiny, solo_runs, n: int) -> None:
         assert torch.equal(a, b), f"{p!r} {kw}: tokens differ from the solo run"
 
 
+def test_requests_of_one_shape_run_joined_with_their_solo_tokens(tiny, monkeypatch) -> None:
+    """Requests of one shape submitted together run as one joined program each step (`magnet.lockstep`: one per
+    shape and sampling mode, built once and kept), with their own texts, seeds and settings: each token-identical
+    to its solo run."""
+    from magnet_engine.engine import magnet
+
+    joins: list[int] = []
+    join = magnet.Decoding.join
+    monkeypatch.setattr(magnet.Decoding, "join", classmethod(lambda cls, m: joins.append(len(m)) or join(m)))
+    base = dict(TINY, duration=0.5, steps=(3, 2, 2, 2))
+    reqs = [(LONG, dict(base, greedy=False, seed=1)), ("slow sad piano", dict(base, greedy=False, seed=2, top_p=0.5)),
+            ("drums", dict(base, greedy=False, seed=3, temperature=1.5, cfg=(3.0, 1.0))),
+            ("rain", dict(base, greedy=False, seed=4)), ("jazz trio", dict(base, greedy=True)),
+            ("a choir", dict(base, greedy=True, cfg=(5.0, 2.0)))]
+    solo = [tiny.generate([p], **kw).codes for p, kw in reqs]
+    with Scheduler(tiny, max_batch=8) as sched:
+        with sched._cv:  # all start in the same iteration
+            futures = [sched.submit(p, **kw) for p, kw in reqs]
+        got = [f.result(timeout=300).codes for f in futures]
+    assert sorted(joins) == [2, 4]
+    for (p, kw), a, b in zip(reqs, solo, got):
+        assert torch.equal(a, b), f"{p!r} {kw}: tokens differ from the solo run"
+
+
 def test_thread_count_does_not_change_tokens(tiny) -> None:
     threads = torch.get_num_threads()
     kw = dict(TINY, greedy=False, seed=3, duration=0.8)
