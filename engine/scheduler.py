@@ -25,9 +25,9 @@ What a request's tokens depend on, per device and dtype:
   noise, before its first step, from its own generator (`row_generators(seed, 1)`), in the solo run's order.
   tests/test_determinism.py and tests/test_scheduler.py hold it (bench/gpu.sh runs the former on CUDA in fp16 and
   bf16).
-- Otherwise (the default on CUDA; `deterministic=False` / `--no-deterministic` on CPU): the GEMMs' kernels depend on the pass's row count, so a logit moves by
-  ~1e-5 (CPU, fp32) to ~1e-4 (CUDA, fp16) with the batchmates and a near-tie can flip; the same seed alone still
-  gives the same tokens.
+- Otherwise (the default on CUDA; `deterministic=False` / `--no-deterministic` on CPU): the GEMMs' kernels depend
+  on the pass's row count, so a logit moves by ~1e-5 (CPU, fp32) to ~1e-4 (CUDA, fp16) with the batchmates and a
+  near-tie can flip; the same seed alone still gives the same tokens.
 
 Threads: the loop thread does all torch work (text encoding, LM, sampling, codec, and a caller's `render`);
 `submit` does none. With libgomp (torch's OpenMP on Linux), every OpenMP thread pool counts against the CPUs: once
