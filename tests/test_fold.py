@@ -81,3 +81,35 @@ def test_a_pack_of_folded_and_unfolded_texts_equals_each_own_pass(tiny):
     with torch.no_grad():
         for p, out in zip(parts, lm.forward_packed(parts)):
             assert torch.equal(out, lm(p.codes, p.stage, p.cross))
+
+
+@pytest.mark.parametrize("frames", [1, 7, 50, 64, 65])
+def test_folded_rows_batched_equal_each_row_alone(tiny, frames):
+    """R text rows' folded attention in one batched GEMM per projection (`folded_rows`, a static batch's or a pack's
+    run) gives each row the bits of its own row alone (`folded_attention`: what a solo request's pass computes),
+    with the row-invariant linear; with the plain one, as close to the fp64 result as the rows alone are."""
+    import torch.nn.functional as F
+    from magnet_engine.engine.model import folded_attention, folded_rows, invariant_linear
+
+    lm = tiny.lm
+    attn = lm.layers[0].cross_attention
+    g = torch.Generator().manual_seed(frames)
+    text = folded(lm, lm.cross_kv(tiny.text([PROMPTS[1]] * 3)))[0]  # [3, H·L, dim] each: one length
+    scores = text.scores + 0.1 * torch.randn(text.scores.shape, generator=g)  # three different texts
+    values = text.values + 0.1 * torch.randn(text.values.shape, generator=g)
+    h = torch.randn(3, frames, lm.cfg.dim, generator=g)
+    heads = attn.num_heads
+    with torch.no_grad():
+        for linear in (invariant_linear, F.linear):
+            got = folded_rows(h, scores, values, heads, linear, linear)
+            alone = torch.stack([folded_attention(h[r], scores[r], values[r], heads, linear) for r in range(3)])
+            if linear is invariant_linear:
+                assert torch.equal(got, alone)
+            else:
+                def lin64(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # the softmax comes out fp32
+                    return F.linear(x.double(), w)
+
+                ref = torch.stack([folded_attention(h[r].double(), scores[r].double(), values[r].double(), heads,
+                                                    lin64) for r in range(3)])
+                err, err_alone = ((x.double() - ref).abs().max() for x in (got, alone))
+                assert err <= 2 * err_alone + torch.finfo(torch.float32).eps * ref.abs().max(), (err, err_alone)
