@@ -191,11 +191,18 @@ def run_one(args: argparse.Namespace) -> list[dict[str, Any]]:
     return run_policy(args, args.policy, eng)
 
 
+def parse_steps_mix(args: argparse.Namespace) -> list[tuple[int, ...]]:
+    return [tuple(int(x) for x in s.split(",")) for s in args.steps_mix or []]
+
+
+def warm_up(args: argparse.Namespace) -> list[Request]:
+    """Requests outside the trace that warm a policy up (allocator, text encoder, kernels), through that policy."""
+    return [Request(0.0, "warm up", dict(duration=1.0, seed=i)) for i in range(args.max_batch)]
+
+
 def run_policy(args: argparse.Namespace, policy: str, eng: Any) -> list[dict[str, Any]]:
     """One policy over `--repeats` copies of the trace after its warm-up -> one row per repeat."""
-    steps_mix = [tuple(int(x) for x in s.split(",")) for s in args.steps_mix or []]
-    # warm-up (allocator, text encoder, kernels) with requests outside the trace, through the same policy
-    warm = [Request(0.0, "warm up", dict(duration=1.0, seed=i)) for i in range(args.max_batch)]
+    warm, steps_mix = warm_up(args), parse_steps_mix(args)
     traces = [make_trace(args, steps_mix) for _ in range(args.repeats)]
     if policy == "sequential":
         run_sequential(eng, warm[:2])
@@ -219,8 +226,7 @@ def run_ratio(args: argparse.Namespace, eng: Any) -> list[dict[str, Any]]:
     throttle each other) -> their rows and a `load-ratio` row: the median of the turns' throughput ratios."""
     from magnet_engine.engine.scheduler import release_openmp_threads
 
-    steps_mix = [tuple(int(x) for x in s.split(",")) for s in args.steps_mix or []]
-    warm = [Request(0.0, "warm up", dict(duration=1.0, seed=i)) for i in range(args.max_batch)]
+    warm, steps_mix = warm_up(args), parse_steps_mix(args)
     turns = [(make_trace(args, steps_mix), make_trace(args, steps_mix)) for _ in range(args.repeats)]
     run_batch(eng, warm, args.max_batch, 0.0)
     static_hists, sched_hists = [], []
