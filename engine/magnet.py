@@ -387,6 +387,8 @@ def decode_step(lm_pass: Pass, sample: Sampler, decs: Sequence[Decoding]) -> Non
         tokens, probs = sample(cond, uncond, d.sampled(d.row), d.mask_id, d.params(),
                                None if noise is None else d.sampled(noise))
         d.advance(*d.spread(tokens, probs))
+        if d.finished:  # a joined program's member that ran its last step alone (a retry): its own buffers back
+            d.leave()
         return
     place = {id(d): i for i, d in enumerate(decs)}
     groups: dict[int, list[Decoding]] = {}
@@ -438,6 +440,4 @@ def run_together(lm_pass: Pass, sample: Sampler, decs: Sequence[Decoding]) -> No
         d.leave(carry=False)  # from its first step: its own buffers hold its inputs
         d.done = 0
     while live := [d for d in decs if not d.finished]:
-        decode_step(lm_pass, sample, live)
-    for d in decs:
-        d.leave()
+        decode_step(lm_pass, sample, live)  # a request leaves its joined program as it finishes
