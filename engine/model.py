@@ -34,13 +34,15 @@ class FoldedText(NamedTuple):
     """One layer's cross-attention with the text folded into its projections (`fold_text`), per text row b:
 
         scores[b] [H·L, dim]: row (h, l) = W_q,hᵀ k_h,l / √D, so a frame's scores are norm(x) @ scores[b]ᵀ
-        values[b] [dim, H·L]: column (h, l) = W_o,h v_h,l, so the branch is softmax_h(scores) @ values[b]ᵀ
+        values[b] [dim, H·L]: column (h, l) = W_o,h v_h,l, so the branch is softmax_h(scores + mask[b]) @ values[b]ᵀ
+        mask[b] [1, H·L] fp32: 0 at the text's tokens, -inf where L pads the text to a quantum (`fold_text`)
 
     Cheaper than q projection + attention + out projection when L·(H-1) < dim (`folding_pays`): 2·dim·H·L
     multiply-adds a frame instead of 2·dim² + 2·L·dim. The same maths; only the rounding differs."""
 
     scores: torch.Tensor
     values: torch.Tensor
+    mask: torch.Tensor
 
 
 TextEntry = TextKV | FoldedText
@@ -152,18 +154,25 @@ class CrossAttention(SelfAttention):
         v = F.linear(cond, w[2 * dim:]).view(shape).transpose(1, 2)
         return TextKV(k, v)
 
-    def fold(self, kv: TextKV) -> FoldedText:
+    def fold(self, kv: TextKV, quantum: int = 1) -> FoldedText:
         """k, v [B, H, L, D] -> the same attention folded into the projections (`FoldedText`), computed in fp32 and
-        stored in the weights' dtype. Once per request."""
+        stored in the weights' dtype, the text zero-padded to a multiple of `quantum` tokens under a -inf mask (the
+        padding takes no softmax weight). Once per request."""
         k, v = (t.float() for t in kv)
         b, h, length, d = k.shape
+        pad = -length % quantum
+        if pad:
+            k, v = (F.pad(t, (0, 0, 0, pad)) for t in (k, v))
+        mask = k.new_zeros(b, h, length + pad)
+        mask[..., length:] = float("-inf")
+        length += pad
         dim = h * d
         wq = self.in_proj_weight[:dim].float().view(h, d, dim)  # [H, D, dim]: q_h = x @ wq[h]ᵀ
         wo = self.out_proj.weight.float().view(dim, h, d)  # [dim, H, D]: out = Σ_h o_h @ wo[:, h]ᵀ
         scores = torch.einsum("hdi,bhld->bhli", wq, k * d ** -0.5).reshape(b, h * length, dim)
         values = torch.einsum("ohd,bhld->bohl", wo, v).reshape(b, dim, h * length)
         dtype = self.in_proj_weight.dtype
-        return FoldedText(scores.to(dtype).contiguous(), values.to(dtype).contiguous())
+        return FoldedText(scores.to(dtype).contiguous(), values.to(dtype).contiguous(), mask.view(b, 1, h * length))
 
 
 class Mixing:
@@ -203,7 +212,7 @@ class Mixing:
         `lin` is the layer's linear (mixed precision: `Layer.forward`)."""
         text = self.cross[layer]
         if isinstance(text, FoldedText):
-            return folded_rows(h, text.scores, text.values, attn.num_heads, lin, self.linear)
+            return folded_rows(h, text, attn.num_heads, lin, self.linear)
         q = lin(h, attn.in_proj_weight[:h.shape[-1]])
         return lin(self.cross_attention(layer, attn, q), attn.out_proj.weight)
 
@@ -215,20 +224,19 @@ class Mixing:
         return merge_heads(attn.attend(qh, k, v, None))
 
 
-def folded_attention(h: torch.Tensor, scores: torch.Tensor, values: torch.Tensor, heads: int,
-                     lin: Linear) -> torch.Tensor:
-    """One text row's folded cross-attention (`FoldedText`): h [T, dim] -> [T, dim] after out_proj. Two linears of
-    that row's frames only, so a row gets the same bits alone or in a pack (with a row-invariant `lin`, whatever
-    its frame count's neighbours)."""
-    s = lin(h, scores)  # [T, H·L]
-    p = torch.softmax(s.float().view(s.shape[0], heads, -1), dim=-1).view(s.shape)  # per head over L, fp32
-    return lin(p, values)
+def folded_attention(h: torch.Tensor, text: FoldedText, heads: int, lin: Linear) -> torch.Tensor:
+    """One text row's folded cross-attention (`FoldedText` of one row: scores [H·L, dim], values [dim, H·L], mask
+    [1, H·L]): h [T, dim] -> [T, dim] after out_proj. Two linears of that row's frames only, so a row gets the same
+    bits alone or in a pack (with a row-invariant `lin`, whatever its frame count's neighbours)."""
+    s = lin(h, text.scores).float() + text.mask  # [T, H·L] fp32
+    p = torch.softmax(s.view(s.shape[0], heads, -1), dim=-1).view(s.shape)  # per head over L
+    return lin(p, text.values)
 
 
-def folded_rows(h: torch.Tensor, scores: torch.Tensor, values: torch.Tensor, heads: int, lin: Linear,
-                linear: Linear) -> torch.Tensor:
-    """R text rows' folded cross-attention, each with its own text: h [R, T, dim], scores [R, H·L, dim], values
-    [R, dim, H·L] -> [R, T, dim], each row's `folded_attention` (`lin`: the layer's, over the pass's `linear`).
+def folded_rows(h: torch.Tensor, text: FoldedText, heads: int, lin: Linear, linear: Linear) -> torch.Tensor:
+    """R text rows' folded cross-attention, each with its own text: h [R, T, dim], text [R, ..] (scores [R, H·L, dim],
+    values [R, dim, H·L], mask [R, 1, H·L]) -> [R, T, dim], each row's `folded_attention` (`lin`: the layer's, over
+    the pass's `linear`).
 
     On a CPU in fp32 the R rows go through one batched GEMM per projection instead of R GEMMs each (a row's
     per-row calls cost ~150 µs a layer on the default model: ~14% of a static batch of 16 one-second requests).
@@ -238,9 +246,9 @@ def folded_rows(h: torch.Tensor, scores: torch.Tensor, values: torch.Tensor, hea
     other dtypes and other linears take the per-row path."""
     r, t, dim = h.shape
     plain = linear is F.linear
-    if r == 1 or h.device.type != "cpu" or scores.dtype != torch.float32 or not (
+    if r == 1 or h.device.type != "cpu" or text.scores.dtype != torch.float32 or not (
             plain or (linear is invariant_linear and t <= INVARIANT_ROWS)):
-        outs = [folded_attention(h[b], scores[b], values[b], heads, lin) for b in range(r)]
+        outs = [folded_attention(h[b], FoldedText(*(x[b] for x in text)), heads, lin) for b in range(r)]
         return outs[0].unsqueeze(0) if r == 1 else torch.stack(outs)
 
     def rows_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # [R, T, in] x [R, out, in] -> [R, T, out]
@@ -250,9 +258,9 @@ def folded_rows(h: torch.Tensor, scores: torch.Tensor, values: torch.Tensor, hea
         padded[:, :t] = x
         return torch.bmm(padded, w.transpose(1, 2))[:, :t]
 
-    s = rows_linear(h.float(), scores)  # [R, T, H·L]
+    s = rows_linear(h.float(), text.scores) + text.mask  # [R, T, H·L]
     p = torch.softmax(s.view(r, t, heads, -1), dim=-1).view(s.shape)  # per head over L
-    return rows_linear(p, values)
+    return rows_linear(p, text.values)
 
 
 def folding_pays(length: int, heads: int, dim: int) -> bool:
@@ -267,19 +275,27 @@ def folding_pays(length: int, heads: int, dim: int) -> bool:
 FOLD_MAX_BYTES = 16 << 20
 
 
+# Deterministic mode folds each text padded to a multiple of TEXT_QUANTUM tokens (masked: `FoldedText`), so requests
+# whose texts differ by a few tokens have one shape and share one batched product in a pack, as a static batch's
+# texts padded to its longest do; each row's shape, hence its bits, is still the one it computes alone.
+TEXT_QUANTUM = 8
+
+
 def fold_text(lm: LM, cross: CrossKV) -> CrossKV:
-    """Every layer's text k/v folded into its projections (`FoldedText`), where that pays (`folding_pays`), stays
-    within FOLD_MAX_BYTES and the layers run the built-in attention op (a swapped op, e.g. a Triton kernel, is used
-    as given); else `cross`."""
+    """Every layer's text k/v folded into its projections (`FoldedText`; in deterministic mode padded to a multiple of
+    TEXT_QUANTUM tokens), where that pays (`folding_pays`), stays within FOLD_MAX_BYTES and the layers run the
+    built-in attention op (a swapped op, e.g. a Triton kernel, is used as given); else `cross`."""
     if not cross or isinstance(cross[0], FoldedText):
         return cross
     rows, heads, length, d = cross[0].k.shape
+    quantum = TEXT_QUANTUM if lm.deterministic else 1
+    length += -length % quantum
     itemsize = lm.layers[0].cross_attention.in_proj_weight.element_size()
     folded_bytes = len(cross) * 2 * rows * heads * length * heads * d * itemsize  # scores and values, every layer
     if not folding_pays(length, heads, heads * d) or folded_bytes > FOLD_MAX_BYTES or any(
             layer.cross_attention.attend is not ops.attention for layer in lm.layers):
         return cross
-    return [layer.cross_attention.fold(kv) for layer, kv in zip(lm.layers, cross)]
+    return [layer.cross_attention.fold(kv, quantum) for layer, kv in zip(lm.layers, cross)]
 
 
 class Dense(Mixing):
@@ -336,9 +352,10 @@ class Packed(Mixing):
     call per layer, as a static batch's pass does, not B."""
 
     def __init__(self, parts: Sequence[Rows], windows: Sequence[int | None], device: torch.device,
-                 linear: Linear, widths: Sequence[int] | None = None) -> None:
+                 linear: Linear, widths: Sequence[int] | None = None, joined: JoinedTexts | None = None) -> None:
         super().__init__([], linear)
         self.parts, self.windows, self.device = parts, windows, device
+        self.joined = JoinedTexts() if joined is None else joined
         self.widths = [p.t for p in parts] if widths is None else list(widths)  # frames of each part's rows
         self.sizes = [p.n * t for p, t in zip(parts, self.widths)]
         self.starts = [sum(self.sizes[:i]) for i in range(len(parts) + 1)]
@@ -361,7 +378,8 @@ class Packed(Mixing):
         as a pack of those widths."""
         assert not isinstance(frames, torch.Tensor) and len(frames) == len(self.parts)
         flat = torch.cat([frame_rows(f, t, s) for f, s, t in zip(frames, self.starts, self.widths)])
-        narrowed = Packed(self.parts, self.windows, self.device, self.linear, [f.shape[1] for f in frames])
+        narrowed = Packed(self.parts, self.windows, self.device, self.linear, [f.shape[1] for f in frames],
+                          self.joined)
         return x.index_select(0, flat), narrowed
 
     def self_attention(self, layer: int, attn: SelfAttention, qkv: torch.Tensor) -> torch.Tensor:
@@ -390,10 +408,8 @@ class Packed(Mixing):
             b, t = sum(p.cond_rows for p in group), self.cond_widths[i]
             hg = h[self.cond_starts[i]:self.cond_starts[j]]
             if isinstance(group[0].cross[layer], FoldedText):
-                texts = [p.cross[layer] for p in group]
-                scores, values = ((x[0] if len(group) == 1 else torch.cat(x)) for x in zip(*texts))
-                outs.append(folded_rows(hg.view(b, t, -1), scores, values, attn.num_heads, lin,
-                                        self.linear).reshape(b * t, -1))
+                text = self.joined.join([p.cross[layer] for p in group])
+                outs.append(folded_rows(hg.view(b, t, -1), text, attn.num_heads, lin, self.linear).reshape(b * t, -1))
                 continue
             k, v = group[0].cross[layer]
             if len(group) > 1:
@@ -402,6 +418,33 @@ class Packed(Mixing):
             o = merge_heads(attn.attend(qh, k, v, None)).reshape(b * t, -1)  # [B, H, T, D] -> [B·T, dim]
             outs.append(lin(o, attn.out_proj.weight))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+class JoinedTexts:
+    """The folded texts of a pack's runs (`Packed.text_attention`), each run's concatenated along B once and kept
+    from pass to pass while the run keeps its requests, as a cohort in lockstep does for all its passes (a
+    concatenation per run, layer and pass was ~2% of a burst of 16 one-second requests). A request's text never
+    changes while it decodes."""
+
+    def __init__(self) -> None:
+        # run key -> (its texts, held so that no id in the key is reused while kept; their concatenation)
+        self.kept: dict[tuple[int, ...], tuple[list[FoldedText], FoldedText]] = {}
+        self.used: set[tuple[int, ...]] = set()
+
+    def join(self, texts: list[FoldedText]) -> FoldedText:
+        """Texts [1, ..] or [B_i, ..] each -> one FoldedText of all their rows, in order."""
+        if len(texts) == 1:
+            return texts[0]
+        key = tuple(id(t.scores) for t in texts)
+        if key not in self.kept:
+            self.kept[key] = (texts, FoldedText(*(torch.cat(x) for x in zip(*texts))))
+        self.used.add(key)
+        return self.kept[key][1]
+
+    def end_pass(self) -> None:
+        """Let go of the runs the last pass did not use (a request left or joined, a run split)."""
+        self.kept = {k: v for k, v in self.kept.items() if k in self.used}
+        self.used = set()
 
 
 def runs(keys: Sequence[object]) -> list[tuple[int, int]]:
@@ -553,8 +596,8 @@ class LM(nn.Module):
         x = self.embed_at(tokens, index)  # [B, n, dim] fp32
         return self.hidden(torch.cat([x, x]), Cached(cross, caches, index, mask, self.linear))
 
-    def forward_packed(self, parts: Sequence[Rows], frames: Sequence[torch.Tensor] | None = None
-                       ) -> list[torch.Tensor]:
+    def forward_packed(self, parts: Sequence[Rows], frames: Sequence[torch.Tensor] | None = None,
+                       joined: JoinedTexts | None = None) -> list[torch.Tensor]:
         """One MAGNeT pass over several requests, each at its own stage, length and text: -> per request the
         logits [N, T, V] fp32 that `forward(part.codes, part.stage, part.cross)` gives, bit for bit; with `frames`
         (per part [N, n]) the logits [N, n, V] that `forward(..., frames=its frames)` gives.
@@ -563,9 +606,11 @@ class LM(nn.Module):
         matrix, not padded to a common T or L, so row-invariant linears give each row its own pass's bits, and
         attention runs per request over exactly its own keys (padded keys, even masked, change softmax sums by
         ~1e-7). Without it the pack's GEMMs may round a row differently from its own pass's (by ~1e-5).
+        `joined`: the caller's folded texts kept across its passes (`JoinedTexts`).
         """
         dim = self.cfg.dim
-        mix = Packed(parts, [self.cfg.window(p.stage) for p in parts], self.out_norm.weight.device, self.linear)
+        mix = Packed(parts, [self.cfg.window(p.stage) for p in parts], self.out_norm.weight.device, self.linear,
+                     joined=joined)
         # neighbours of equal frames embedded at once (the embedding is row-local)
         xs = [self.embed(torch.cat([p.codes for p in parts[i:j]])).reshape(-1, dim)
               for i, j in runs([p.t for p in parts])]
@@ -582,6 +627,7 @@ class LM(nn.Module):
             out = self.linear(rows, self.linears[stage].weight)
             for i, o in zip(idx, out.split(sizes)):
                 logits[i] = o.view(parts[i].n, widths[i], -1)
+        mix.joined.end_pass()
         return logits  # type: ignore[return-value]
 
 

@@ -12,7 +12,7 @@ import torch
 
 from . import magnet
 from .graph import Captured, ProgramCache, copy_grouped
-from .model import LM, CrossKV, Rows, fold_text
+from .model import LM, CrossKV, JoinedTexts, Rows, fold_text
 
 
 class TorchStep:
@@ -48,6 +48,7 @@ class PackedPass:
 
     def __init__(self, lm: LM) -> None:
         self.lm = lm
+        self.joined = JoinedTexts()  # its runs' folded texts, concatenated once while a run keeps its requests
 
     def __call__(self, decs: Sequence[magnet.Decoding]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if len(decs) == 1:
@@ -75,7 +76,7 @@ class PackedPass:
         parts = [Rows(magnet.step_rows(d.codes, d.guided), d.stage, d.step.cross) for d in (decs[i] for i in order)]
         part_frames = None if frames is None else [magnet.step_rows(frames[i], decs[i].guided) for i in order]
         out: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(decs)  # type: ignore[list-item]
-        for i, lg in zip(order, self.lm.forward_packed(parts, part_frames)):
+        for i, lg in zip(order, self.lm.forward_packed(parts, part_frames, self.joined)):
             out[i] = magnet.split_rows(lg, decs[i].guided)
         return out
 

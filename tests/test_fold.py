@@ -15,8 +15,8 @@ from test_magnet import RUNS
 PROMPTS = ["upbeat electronic dance track with a heavy bass line at 128 bpm", "slow sad piano"]
 
 
-def folded(lm, cross):
-    return [layer.cross_attention.fold(kv) for layer, kv in zip(lm.layers, cross)]
+def folded(lm, cross, quantum=1):
+    return [layer.cross_attention.fold(kv, quantum) for layer, kv in zip(lm.layers, cross)]
 
 
 @pytest.mark.parametrize("stage", range(4))
@@ -42,11 +42,16 @@ def test_folded_generation_is_token_exact(tiny, settings, expected, run, monkeyp
 
 
 def test_folding_where_it_pays_and_the_built_in_attention_runs(tiny):
+    """Whether it pays is judged at the length folded: deterministic mode (the `tiny` engine's) pads a text to a
+    multiple of TEXT_QUANTUM tokens."""
     lm, step = tiny.lm, TorchStep(tiny.lm)
-    dim, heads = lm.cfg.dim, lm.cfg.num_heads
-    short = torch.randn(1, dim // (heads - 1) - 1, dim)  # L·(H-1) < dim
-    long = torch.randn(1, dim // (heads - 1) + 1, dim)
-    assert folding_pays(short.shape[1], heads, dim) and not folding_pays(long.shape[1], heads, dim)
+    dim, heads, quantum = lm.cfg.dim, lm.cfg.num_heads, model_mod.TEXT_QUANTUM
+    assert lm.deterministic
+    longest = (dim - 1) // (heads - 1) // quantum * quantum  # the longest multiple of the quantum that pays
+    short = torch.randn(1, longest, dim)
+    long = torch.randn(1, longest + 1, dim)  # pays unpadded, not padded
+    assert folding_pays(longest, heads, dim) and not folding_pays(longest + quantum, heads, dim)
+    assert folding_pays(longest + 1, heads, dim)
     assert all(isinstance(e, FoldedText) for e in step(short).cross)
     assert all(isinstance(e, TextKV) for e in step(long).cross)
     with model_mod.attention_ops(lm, cross_op=lambda q, k, v, w: model_mod.ops.attention(q, k, v, w)):
@@ -86,30 +91,94 @@ def test_a_pack_of_folded_and_unfolded_texts_equals_each_own_pass(tiny):
 @pytest.mark.parametrize("frames", [1, 7, 50, 64, 65])
 def test_folded_rows_batched_equal_each_row_alone(tiny, frames):
     """R text rows' folded attention in one batched GEMM per projection (`folded_rows`, a static batch's or a pack's
-    run) gives each row the bits of its own row alone (`folded_attention`: what a solo request's pass computes),
-    with the row-invariant linear; with the plain one, as close to the fp64 result as the rows alone are."""
+    run: here three texts of 3, 5 and 8 tokens padded to one quantum) gives each row the bits of its own row alone
+    (`folded_attention`: what a solo request's pass computes), with the row-invariant linear; with the plain one,
+    as close to the fp64 result as the rows alone are."""
     import torch.nn.functional as F
-    from magnet_engine.engine.model import folded_attention, folded_rows, invariant_linear
+    from magnet_engine.engine.model import FoldedText, folded_attention, folded_rows, invariant_linear
 
     lm = tiny.lm
     attn = lm.layers[0].cross_attention
+    heads, d = attn.num_heads, lm.cfg.dim // attn.num_heads
     g = torch.Generator().manual_seed(frames)
-    text = folded(lm, lm.cross_kv(tiny.text([PROMPTS[1]] * 3)))[0]  # [3, H·L, dim] each: one length
-    scores = text.scores + 0.1 * torch.randn(text.scores.shape, generator=g)  # three different texts
-    values = text.values + 0.1 * torch.randn(text.values.shape, generator=g)
+    texts = [attn.fold(TextKV(*torch.randn(2, 1, heads, length, d, generator=g)), 8) for length in (3, 5, 8)]
+    text = FoldedText(*(torch.cat(x) for x in zip(*texts)))  # [3, H·8, dim], [3, dim, H·8], [3, 1, H·8]
     h = torch.randn(3, frames, lm.cfg.dim, generator=g)
-    heads = attn.num_heads
     with torch.no_grad():
         for linear in (invariant_linear, F.linear):
-            got = folded_rows(h, scores, values, heads, linear, linear)
-            alone = torch.stack([folded_attention(h[r], scores[r], values[r], heads, linear) for r in range(3)])
+            got = folded_rows(h, text, heads, linear, linear)
+            alone = torch.stack([folded_attention(h[r], FoldedText(*(x[r] for x in text)), heads, linear)
+                                 for r in range(3)])
             if linear is invariant_linear:
                 assert torch.equal(got, alone)
             else:
                 def lin64(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # the softmax comes out fp32
                     return F.linear(x.double(), w)
 
-                ref = torch.stack([folded_attention(h[r].double(), scores[r].double(), values[r].double(), heads,
+                ref = torch.stack([folded_attention(h[r].double(), FoldedText(*(x[r].double() for x in text)), heads,
                                                     lin64) for r in range(3)])
                 err, err_alone = ((x.double() - ref).abs().max() for x in (got, alone))
                 assert err <= 2 * err_alone + torch.finfo(torch.float32).eps * ref.abs().max(), (err, err_alone)
+
+
+@pytest.mark.parametrize("quantum", [4, 8])
+def test_a_text_padded_to_a_quantum_attends_as_the_text_alone(tiny, quantum):
+    """`fold(kv, quantum)` pads the text with zero keys under a -inf mask: the padding takes no softmax weight, so the
+    folded branch is the unpadded text's attention (q projection, attention over its own L keys, out projection), as
+    close to it in fp64 as the unpadded fold is, for lengths around the quantum."""
+    import torch.nn.functional as F
+    from magnet_engine.engine.model import folded_attention
+
+    lm = tiny.lm
+    attn = lm.layers[0].cross_attention
+    heads, dim = attn.num_heads, lm.cfg.dim
+    d = dim // heads
+    g = torch.Generator().manual_seed(quantum)
+    h = torch.randn(5, dim, generator=g, dtype=torch.float64)
+
+    def lin64(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.double(), w.double())
+
+    for length in (1, 3, quantum - 1, quantum, quantum + 1):
+        kv = TextKV(*torch.randn(2, 1, heads, length, d, generator=g))
+        padded, unpadded = attn.fold(kv, quantum), attn.fold(kv, 1)
+        width = length + (-length % quantum)
+        assert padded.scores.shape == (1, heads * width, dim) and padded.values.shape == (1, dim, heads * width)
+        assert int(torch.isinf(padded.mask).sum()) == heads * (width - length)
+        assert not torch.isinf(unpadded.mask).any()
+        with torch.no_grad():
+            got, ungot = (folded_attention(h, FoldedText(*(x[0].double() for x in t)), heads, lin64)
+                          for t in (padded, unpadded))
+            q = lin64(h, attn.in_proj_weight[:dim]).view(5, heads, d).transpose(0, 1)  # [H, 5, D]
+            k, v = (t[0].double() for t in kv)  # [H, L, D]
+            o = torch.softmax(q @ k.transpose(1, 2) / d ** 0.5, dim=-1) @ v
+            ref = lin64(o.transpose(0, 1).reshape(5, dim), attn.out_proj.weight)
+        err, err_unpadded = (float((x - ref).abs().max()) for x in (got, ungot))
+        assert err <= 2 * err_unpadded + torch.finfo(torch.float32).eps * float(ref.abs().max()), (length, err)
+
+
+def test_a_runs_joined_texts_are_kept_while_it_keeps_its_requests(tiny):
+    """`JoinedTexts`: a run's folded texts are concatenated once and reused while the same requests share it, let go
+    after a pass that did not use them; passes through it give each request its own pass's logits, as without."""
+    from magnet_engine.engine.model import JoinedTexts
+
+    lm = tiny.lm
+    a, b, c = (folded(lm, lm.cross_kv(tiny.text([t])), 8) for t in ("drums", "bass", "flute"))
+    joined = JoinedTexts()
+    first = joined.join([a[0], b[0]])
+    assert joined.join([a[0], b[0]]) is first and joined.join([a[0]]) is a[0]
+    assert all(torch.equal(x, torch.cat([y, z])) for x, y, z in zip(first, a[0], b[0]))
+    joined.end_pass()
+    assert joined.join([a[0], b[0]]) is first
+    joined.end_pass()
+    joined.join([a[0], c[0]])  # b left the run
+    joined.end_pass()
+    assert len(joined.kept) == 1 and joined.join([a[0], b[0]]) is not first
+
+    g = torch.Generator().manual_seed(0)
+    joined = JoinedTexts()
+    for crosses in ([a, b], [a, b], [a, c], [a, b, c]):
+        parts = [Rows(torch.randint(0, lm.cfg.card + 1, (1, lm.cfg.n_q, 6), generator=g), 0, x) for x in crosses]
+        with torch.no_grad():
+            for p, out in zip(parts, lm.forward_packed(parts, None, joined)):
+                assert torch.equal(out, lm(p.codes, p.stage, p.cross))

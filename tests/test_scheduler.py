@@ -59,9 +59,9 @@ def test_a_packed_pass_runs_the_last_layer_at_the_frames_each_request_samples(ti
     narrowed: list[bool] = []
     packed = tiny.lm.forward_packed
 
-    def recorded(parts, frames=None):
+    def recorded(parts, frames=None, joined=None):
         narrowed.append(frames is not None and sum(f.numel() for f in frames) < sum(p.n * p.t for p in parts))
-        return packed(parts, frames)
+        return packed(parts, frames, joined)
 
     monkeypatch.setattr(tiny.lm, "forward_packed", recorded)
     check_identical(tiny, mixed_requests(TINY), max_batch=16)
