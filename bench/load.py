@@ -87,7 +87,7 @@ def run_static(eng: Any, trace: list[Request], max_batch: int, wait: float) -> c
     hist: collections.Counter[int] = collections.Counter()
     t0 = time.perf_counter()
     for batch in batches(trace, max_batch, wait, t0):
-        decs = [eng.start(eng.request([r.prompt], **r.settings)) for r in batch]
+        decs = eng.start_many([eng.request([r.prompt], **r.settings) for r in batch])
         for step in range(max(d.total for d in decs)):  # requests in each pass (those with steps left)
             hist[sum(d.total > step for d in decs)] += 1
         for r, codes in zip(batch, eng.decode_together(decs)):  # to the end of the longest (one program)

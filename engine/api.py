@@ -233,29 +233,51 @@ class Engine:
         """A MAGNeT request's decoding program (`magnet.Decoding`) with its step (its text's k/v), its prompt and
         noise generators, as `generate` builds it: what the scheduler and `decode_together` advance step by step.
         Long pieces (window by window: `stream_steps`) and the hybrid's AR prefix go through `generate`."""
+        return self.start_many([req])[0]
+
+    def start_many(self, reqs: Sequence[Request]) -> list[magnet.Decoding]:
+        """`start` of several requests at once (those the scheduler starts in one iteration), each program the one
+        `start` builds for it, bit for bit: their texts are conditioned together where the step factory can
+        (`TorchStep.many`: one batched product per folded text length). A request that cannot start raises here,
+        and none starts."""
         if self.config.kind != "magnet":
             raise SettingError(f"Engine.start builds MAGNeT decoding programs; this is a {self.config.kind} model: "
                                "use generate")
-        if req.ar_model is not None or longform.is_long(self.config, req.gen):
-            raise SettingError("a long piece or a hybrid request runs in several parts: use generate or "
-                               "generate_stream")
-        run = self._start(req)
-        rescore = None if req.rescorer is None else build_rescorer(self.config, req.rescorer, list(req.prompts),
-                                                                   req.gen)
-        return magnet.Decoding(self.config, req.gen, req.batch, self.device, run.prompt, run.generators, rescore,
-                               run.step)
+        for req in reqs:
+            if req.ar_model is not None or longform.is_long(self.config, req.gen):
+                raise SettingError("a long piece or a hybrid request runs in several parts: use generate or "
+                                   "generate_stream")
+        decs = []
+        for req, run in zip(reqs, self._start_many(reqs)):
+            rescore = None if req.rescorer is None else build_rescorer(self.config, req.rescorer, list(req.prompts),
+                                                                       req.gen)
+            decs.append(magnet.Decoding(self.config, req.gen, req.batch, self.device, run.prompt, run.generators,
+                                        rescore, run.step))
+        return decs
 
     def _start(self, req: Request) -> _Run:
         """What every window of a request shares: its encoded prompt, noise generators and text conditioning."""
-        prompt = None
-        if req.prompt_codes is not None:
-            prompt = req.prompt_codes.to(self.device)
-        elif req.prompt_audio is not None:
-            prompt = self.encode(req.prompt_audio)
-        generators = magnet.row_generators(req.gen.seed, req.batch, self.device)  # prompt b draws from seed + b
-        cond = self.text(list(req.prompts))
-        step = None if self.config.kind == "musicgen" else self.make_step(cond)
-        return _Run(prompt, generators, cond, step)
+        return self._start_many([req])[0]
+
+    def _start_many(self, reqs: Sequence[Request]) -> list[_Run]:
+        prompts, generators, conds = [], [], []
+        for req in reqs:
+            prompt = None
+            if req.prompt_codes is not None:
+                prompt = req.prompt_codes.to(self.device)
+            elif req.prompt_audio is not None:
+                prompt = self.encode(req.prompt_audio)
+            prompts.append(prompt)
+            generators.append(magnet.row_generators(req.gen.seed, req.batch, self.device))  # row b: seed + b
+            conds.append(self.text(list(req.prompts)))
+        steps = [None] * len(reqs) if self.config.kind == "musicgen" else self._make_steps(conds)
+        return [_Run(*run) for run in zip(prompts, generators, conds, steps)]
+
+    def _make_steps(self, conds: Sequence[torch.Tensor]) -> list[magnet.Step]:
+        """Text embeddings [B, L, dim] per request -> their steps: together where the step factory has a `many`
+        (TorchStep's), else one request at a time (e.g. the onnxruntime backend's factory)."""
+        many = getattr(self.make_step, "many", None)
+        return many(conds) if many is not None else [self.make_step(cond) for cond in conds]
 
     def _segment(self, req: Request, run: _Run, gen: GenerationConfig, prompt: torch.Tensor | None,
                  progress: magnet.Progress | None, first: bool

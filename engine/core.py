@@ -46,8 +46,7 @@ class Core:
         for st, status, why in plan.end_streams:
             error = RequestTimeout(why) if status is Status.TIMED_OUT else RuntimeError(why)
             st.end(error, status)
-        for job in plan.start:
-            self.start(job)
+        self.start(plan.start)
         self.finish_all(plan.finish)
         for job in plan.expire:
             self.expire(job)
@@ -58,17 +57,28 @@ class Core:
         for st in plan.advance:
             self.advance(st)
 
-    def start(self, job: Job) -> None:
-        """ADMITTED -> RUNNING: its text encoding and decoding state (its own errors fail only it)."""
-        if not job.begin():
-            return  # cancelled by its caller while queued
+    def start(self, jobs: Sequence[Job]) -> None:
+        """ADMITTED -> RUNNING: their text encoding and decoding state, together (`Engine.start_many`: one batched
+        product per folded text length, each request's program its own start's); when that fails, each alone, so
+        that a request's own error fails only it and the loop goes on."""
+        jobs = [job for job in jobs if job.begin()]  # the others were cancelled by their callers while queued
         now = time.monotonic()
-        try:
-            dec = self.engine.start(job.request)
-        except Exception as e:  # noqa: BLE001 - any failure belongs to this request's future, the loop goes on
-            job.fail(e)
-            return
-        job.run(dec, now)
+        if len(jobs) > 1:
+            try:
+                decs = self.engine.start_many([job.request for job in jobs])
+            except Exception:  # noqa: BLE001 - whose error it is shows when each starts alone, below
+                pass
+            else:
+                for job, dec in zip(jobs, decs):
+                    job.run(dec, now)
+                return
+        for job in jobs:
+            try:
+                dec = self.engine.start(job.request)
+            except Exception as e:  # noqa: BLE001 - any failure belongs to this request's future, the loop goes on
+                job.fail(e)
+                continue
+            job.run(dec, now)
 
     def expire(self, job: Job) -> None:
         """A request past its deadline leaves: queued or starting ones without starting, running ones mid-decoding."""

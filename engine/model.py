@@ -154,25 +154,37 @@ class CrossAttention(SelfAttention):
         v = F.linear(cond, w[2 * dim:]).view(shape).transpose(1, 2)
         return TextKV(k, v)
 
-    def fold(self, kv: TextKV, quantum: int = 1) -> FoldedText:
+    def kv_rows(self, cond: torch.Tensor) -> TextKV:
+        """`kv` with a product of its own per text row (the items of one batched GEMM, k and v together), so a row's
+        k/v do not depend on the rows beside it (`fold_texts`)."""
+        b, length, dim = cond.shape
+        w = self.in_proj_weight[dim:].t()  # [dim, 2·dim]: k | v
+        kv = torch.bmm(cond, w.expand(b, *w.shape)).view(b, length, 2, self.num_heads, dim // self.num_heads)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, D] each
+        return TextKV(k, v)
+
+    def fold(self, kv: TextKV, mask: torch.Tensor | None = None) -> FoldedText:
         """k, v [B, H, L, D] -> the same attention folded into the projections (`FoldedText`), computed in fp32 and
-        stored in the weights' dtype, the text zero-padded to a multiple of `quantum` tokens under a -inf mask (the
-        padding takes no softmax weight). Once per request."""
+        stored in the weights' dtype; `mask` [B, L] fp32: 0, or -inf at padding that takes no softmax weight (None:
+        nothing masked). A product of its own per (text row, head): a row's bits do not depend on the rows folded
+        beside it. Once per request."""
         k, v = (t.float() for t in kv)
         b, h, length, d = k.shape
-        pad = -length % quantum
-        if pad:
-            k, v = (F.pad(t, (0, 0, 0, pad)) for t in (k, v))
-        mask = k.new_zeros(b, h, length + pad)
-        mask[..., length:] = float("-inf")
-        length += pad
         dim = h * d
-        wq = self.in_proj_weight[:dim].float().view(h, d, dim)  # [H, D, dim]: q_h = x @ wq[h]ᵀ
-        wo = self.out_proj.weight.float().view(dim, h, d)  # [dim, H, D]: out = Σ_h o_h @ wo[:, h]ᵀ
-        scores = torch.einsum("hdi,bhld->bhli", wq, k * d ** -0.5).reshape(b, h * length, dim)
-        values = torch.einsum("ohd,bhld->bohl", wo, v).reshape(b, dim, h * length)
+        # every operand of the two batched products contiguous, whatever B: the items' layout, hence their GEMM, is
+        # the same alone and beside other rows
+        wq = self.in_proj_weight[:dim].float().reshape(h, d, dim)  # [H, D, dim]: q_h = x @ wq[h]ᵀ
+        wo = self.out_proj.weight.float().view(dim, h, d).transpose(0, 1).contiguous()  # [H, dim, D]: Σ_h o_h @ wo[h]ᵀ
+        scores = torch.bmm((k * d ** -0.5).contiguous().view(b * h, length, d),
+                           wq.expand(b, h, d, dim).reshape(b * h, d, dim))  # [B·H, L, dim]
+        values = torch.bmm(wo.expand(b, h, dim, d).reshape(b * h, dim, d),
+                           v.transpose(2, 3).contiguous().view(b * h, d, length))  # [B·H, dim, L]
+        scores = scores.view(b, h * length, dim)
+        values = values.view(b, h, dim, length).transpose(1, 2).reshape(b, dim, h * length)
+        mask = k.new_zeros(b, length) if mask is None else mask
         dtype = self.in_proj_weight.dtype
-        return FoldedText(scores.to(dtype).contiguous(), values.to(dtype).contiguous(), mask.view(b, 1, h * length))
+        return FoldedText(scores.to(dtype).contiguous(), values.to(dtype).contiguous(),
+                          mask[:, None].expand(b, h, length).reshape(b, 1, h * length))
 
 
 class Mixing:
@@ -281,21 +293,37 @@ FOLD_MAX_BYTES = 16 << 20
 TEXT_QUANTUM = 8
 
 
-def fold_text(lm: LM, cross: CrossKV) -> CrossKV:
-    """Every layer's text k/v folded into its projections (`FoldedText`; in deterministic mode padded to a multiple of
-    TEXT_QUANTUM tokens), where that pays (`folding_pays`), stays within FOLD_MAX_BYTES and the layers run the
-    built-in attention op (a swapped op, e.g. a Triton kernel, is used as given); else `cross`."""
-    if not cross or isinstance(cross[0], FoldedText):
-        return cross
-    rows, heads, length, d = cross[0].k.shape
-    quantum = TEXT_QUANTUM if lm.deterministic else 1
-    length += -length % quantum
+def folded_length(lm: LM, cond: torch.Tensor) -> int | None:
+    """The length text embeddings cond [B, L, dim] are folded at (`fold_texts`): L, in deterministic mode rounded up
+    to a multiple of TEXT_QUANTUM. None where the text stays k/v: off the CPU, where folding does not pay at that
+    length (`folding_pays`), would hold more than FOLD_MAX_BYTES, or a layer runs a swapped attention op (e.g. a
+    Triton kernel, used as given)."""
+    rows, length, dim = cond.shape
+    heads = lm.cfg.num_heads
+    length += -length % (TEXT_QUANTUM if lm.deterministic else 1)
     itemsize = lm.layers[0].cross_attention.in_proj_weight.element_size()
-    folded_bytes = len(cross) * 2 * rows * heads * length * heads * d * itemsize  # scores and values, every layer
-    if not folding_pays(length, heads, heads * d) or folded_bytes > FOLD_MAX_BYTES or any(
+    folded_bytes = len(lm.layers) * 2 * rows * heads * length * dim * itemsize  # scores and values, every layer
+    if cond.device.type != "cpu" or not folding_pays(length, heads, dim) or folded_bytes > FOLD_MAX_BYTES or any(
             layer.cross_attention.attend is not ops.attention for layer in lm.layers):
-        return cross
-    return [layer.cross_attention.fold(kv, quantum) for layer, kv in zip(lm.layers, cross)]
+        return None
+    return length
+
+
+def fold_texts(lm: LM, conds: Sequence[torch.Tensor], length: int) -> list[CrossKV]:
+    """Requests' text embeddings conds [B_i, L_i, dim] (L_i <= length) -> each one's every layer folded at `length`
+    tokens (`FoldedText`: zero-padded under a -inf mask), all of them in one batched product per projection with an
+    item of its own per text row (`CrossAttention.kv_rows`, `fold`), so each row's bits are those it gets folded
+    alone (a request's text at its start, in the scheduler's bursts or alone)."""
+    rows = [c.shape[0] for c in conds]
+    dim = lm.cfg.dim
+    cond = conds[0].new_zeros(sum(rows), length, dim, dtype=lm.dtype)  # [ΣB, L, dim]
+    mask = conds[0].new_zeros(sum(rows), length, dtype=torch.float32)  # [ΣB, L]
+    starts = [sum(rows[:i]) for i in range(len(rows) + 1)]
+    for c, r in zip(conds, starts):
+        cond[r:r + c.shape[0], :c.shape[1]] = c
+        mask[r:r + c.shape[0], c.shape[1]:] = float("-inf")
+    folded = [layer.cross_attention.fold(layer.cross_attention.kv_rows(cond), mask) for layer in lm.layers]
+    return [[FoldedText(*(x[a:b] for x in text)) for text in folded] for a, b in zip(starts, starts[1:])]
 
 
 class Dense(Mixing):

@@ -12,20 +12,33 @@ import torch
 
 from . import magnet
 from .graph import Captured, ProgramCache, copy_grouped
-from .model import LM, CrossKV, JoinedTexts, Rows, fold_text
+from .model import LM, CrossKV, JoinedTexts, Rows, fold_texts, folded_length
 
 
 class TorchStep:
     """Text embeddings [B, L, dim] -> the request's step (`TorchRequestStep`), its cross-attention k/v computed once.
-    On the CPU they are folded into the projections where that saves work (`engine.model.fold_text`: ~10% of a
+    On the CPU they are folded into the projections where that saves work (`engine.model.fold_texts`: ~10% of a
     default-model request); on CUDA they stay k/v (unmeasured there; the captured programs were measured so)."""
 
     def __init__(self, lm: LM) -> None:
         self.lm = lm
 
     def __call__(self, cond: torch.Tensor) -> TorchRequestStep:
-        cross = self.lm.cross_kv(cond)
-        return TorchRequestStep(self.lm, fold_text(self.lm, cross) if cond.device.type == "cpu" else cross)
+        return self.many([cond])[0]
+
+    def many(self, conds: Sequence[torch.Tensor]) -> list[TorchRequestStep]:
+        """Several requests' steps at once (the scheduler's requests that start together), each the one `self(cond)`
+        gives it bit for bit: texts folded at one length are folded in one batched product (`fold_texts`)."""
+        steps: list[TorchRequestStep] = [None] * len(conds)  # type: ignore[list-item]
+        groups: dict[int | None, list[int]] = {}
+        for i, cond in enumerate(conds):
+            groups.setdefault(folded_length(self.lm, cond), []).append(i)
+        for length, idx in groups.items():
+            crosses = ([self.lm.cross_kv(conds[i]) for i in idx] if length is None
+                       else fold_texts(self.lm, [conds[i] for i in idx], length))
+            for i, cross in zip(idx, crosses):
+                steps[i] = TorchRequestStep(self.lm, cross)
+        return steps
 
 
 class TorchRequestStep:

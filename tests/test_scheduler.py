@@ -395,6 +395,29 @@ def test_stream_refusals_timeout_and_cancel(tiny, monkeypatch):
         sched.stream("x", **TINY)
 
 
+def test_a_burst_starts_together_with_each_requests_solo_tokens(tiny, monkeypatch):
+    """Requests that start in one iteration start in one `Engine.start_many` (their texts folded in one batched
+    product per length), and each still gets its solo run's tokens and audio."""
+    started: list[int] = []
+    start_many = tiny.start_many
+
+    def recorded(reqs):
+        started.append(len(reqs))
+        return start_many(reqs)
+
+    monkeypatch.setattr(tiny, "start_many", recorded)
+    kw = dict(TINY, duration=0.3)
+    prompts = ["one", "two two two", "three three", "four"]
+    with Scheduler(tiny, max_batch=4) as sched:
+        with sched._cv:  # (reentrant) the loop admits nothing until all four are queued
+            futures = [sched.submit(p, seed=i, **kw) for i, p in enumerate(prompts)]
+        outs = [f.result(timeout=60) for f in futures]
+    assert started == [4]
+    for i, (p, out) in enumerate(zip(prompts, outs)):
+        alone = tiny.generate([p], seed=i, **kw)
+        assert torch.equal(out.codes, alone.codes) and torch.equal(out.audio, alone.audio)
+
+
 def test_admission_takes_a_burst_of_max_batch_whole(tiny, monkeypatch):
     """Refused only when the batch's free slots and max_queue are used up: max_batch requests into an idle
     scheduler are all taken with any max_queue >= 0, one more is refused, and each finishes."""
