@@ -171,16 +171,16 @@ class CrossAttention(SelfAttention):
         k, v = (t.float() for t in kv)
         b, h, length, d = k.shape
         dim = h * d
-        # every operand of the two batched products contiguous, whatever B: the items' layout, hence their GEMM, is
-        # the same alone and beside other rows
-        wq = self.in_proj_weight[:dim].float().reshape(h, d, dim)  # [H, D, dim]: q_h = x @ wq[h]ᵀ
-        wo = self.out_proj.weight.float().view(dim, h, d).transpose(0, 1).contiguous()  # [H, dim, D]: Σ_h o_h @ wo[h]ᵀ
-        scores = torch.bmm((k * d ** -0.5).contiguous().view(b * h, length, d),
-                           wq.expand(b, h, d, dim).reshape(b * h, d, dim))  # [B·H, L, dim]
-        values = torch.bmm(wo.expand(b, h, dim, d).reshape(b * h, dim, d),
-                           v.transpose(2, 3).contiguous().view(b * h, d, length))  # [B·H, dim, L]
+        # per head one batched product with an item per text row: the items' layout (contiguous rows of k and v, a
+        # contiguous weight read in place for every row), hence their GEMM, is the same alone and beside other rows
+        wq = self.in_proj_weight[:dim].float().view(h, d, dim)  # [H, D, dim]: q_h = x @ wq[h]ᵀ
+        wo = self.out_proj.weight.float().view(dim, h, d).permute(1, 2, 0).contiguous()  # [H, D, dim]: o_h @ wo[h]
+        k = (k * d ** -0.5).contiguous()
+        v = v.contiguous()
+        scores = torch.stack([torch.bmm(k[:, i], wq[i].expand(b, d, dim)) for i in range(h)], 1)  # [B, H, L, dim]
+        values = torch.stack([torch.bmm(v[:, i], wo[i].expand(b, d, dim)) for i in range(h)], 1)  # [B, H, L, dim]
         scores = scores.view(b, h * length, dim)
-        values = values.view(b, h, dim, length).transpose(1, 2).reshape(b, dim, h * length)
+        values = values.view(b, h * length, dim).transpose(1, 2)  # [B, dim, H·L]
         mask = k.new_zeros(b, length) if mask is None else mask
         dtype = self.in_proj_weight.dtype
         return FoldedText(scores.to(dtype).contiguous(), values.to(dtype).contiguous(),
