@@ -31,11 +31,11 @@ class TextKV(NamedTuple):
 
 
 class FoldedText(NamedTuple):
-    """One layer's cross-attention with the text folded into its projections (`fold_text`), per text row b:
+    """One layer's cross-attention with the text folded into its projections (`fold_texts`), per text row b:
 
         scores[b] [H·L, dim]: row (h, l) = W_q,hᵀ k_h,l / √D, so a frame's scores are norm(x) @ scores[b]ᵀ
         values[b] [dim, H·L]: column (h, l) = W_o,h v_h,l, so the branch is softmax_h(scores + mask[b]) @ values[b]ᵀ
-        mask[b] [1, H·L] fp32: 0 at the text's tokens, -inf where L pads the text to a quantum (`fold_text`)
+        mask[b] [1, H·L] fp32: 0 at the text's tokens, -inf where L pads the text to a quantum (`fold_texts`)
 
     Cheaper than q projection + attention + out projection when L·(H-1) < dim (`folding_pays`): 2·dim·H·L
     multiply-adds a frame instead of 2·dim² + 2·L·dim. The same maths; only the rounding differs."""
@@ -46,7 +46,7 @@ class FoldedText(NamedTuple):
 
 
 TextEntry = TextKV | FoldedText
-CrossKV = list[TextEntry]  # per layer: the text's k/v [B, H, L, D] (or, on the CPU path, folded: `fold_text`)
+CrossKV = list[TextEntry]  # per layer: the text's k/v [B, H, L, D] (or, on the CPU path, folded: `fold_texts`)
 # q [N, H, Tq, D], k/v [N, H, Tk, D], band half-width or None (full) -> [N, H, Tq, D]; engine.ops.attention's signature
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "int | None"], torch.Tensor]
 
@@ -372,12 +372,13 @@ class Cached(Mixing):
 class Packed(Mixing):
     """Several requests in one pass (`LM.forward_packed`), each at its own stage, length and text: x [ΣN·T, dim].
     Linears run on the whole pack (each row's output its own pass's when the linear is row-invariant); attention
-    runs per request over its own rows, frames and text (no padded key, no other request's key).
+    runs per request over its own rows, frames and text (no padded key but its own text's masked padding, no other
+    request's key).
 
     Neighbours in the pack with the same frames and attention window (and, for cross-attention, the same text
-    length) share one attention call, batched along N: attention computes each (row, head) alone, so a request's
-    output is its own call's bit for bit (tests/test_scheduler.py), and a batch of B one-request parts costs one
-    call per layer, as a static batch's pass does, not B."""
+    length; folded, the same padded length) share one attention call, batched along N: attention computes each
+    (row, head) alone, so a request's output is its own call's bit for bit (tests/test_scheduler.py), and a batch of
+    B one-request parts costs one call per layer, as a static batch's pass does, not B."""
 
     def __init__(self, parts: Sequence[Rows], windows: Sequence[int | None], device: torch.device,
                  linear: Linear, widths: Sequence[int] | None = None, joined: JoinedTexts | None = None) -> None:
@@ -633,7 +634,8 @@ class LM(nn.Module):
         Batch invariance (with `set_deterministic`): the requests are packed along the rows of one [ΣN·T, dim]
         matrix, not padded to a common T or L, so row-invariant linears give each row its own pass's bits, and
         attention runs per request over exactly its own keys (padded keys, even masked, change softmax sums by
-        ~1e-7). Without it the pack's GEMMs may round a row differently from its own pass's (by ~1e-5).
+        ~1e-7; a folded text's padding to the quantum, `fold_texts`, is its solo pass's too). Without it the pack's
+        GEMMs may round a row differently from its own pass's (by ~1e-5).
         `joined`: the caller's folded texts kept across its passes (`JoinedTexts`).
         """
         dim = self.cfg.dim
