@@ -204,3 +204,31 @@ def test_a_runs_joined_texts_are_kept_while_it_keeps_its_requests(tiny):
         with torch.no_grad():
             for p, out in zip(parts, lm.forward_packed(parts, None, joined)):
                 assert torch.equal(out, lm(p.codes, p.stage, p.cross))
+
+
+@pytest.mark.parametrize("frames", [65, 130, 498])
+def test_a_row_longer_than_a_block_gets_its_own_bits_in_a_pack_and_on_any_thread_count(tiny, frames):
+    """Deterministic mode: a text row of more frames than one block runs its folded attention as plain GEMMs of its
+    own shape (`folded_rows`), so beside rows of other lengths and texts, and on 1 or 2 threads, it gets the bits
+    it gets alone."""
+    from magnet_engine.engine.model import folded_rows, invariant_linear
+
+    lm = tiny.lm
+    attn = lm.layers[0].cross_attention
+    g = torch.Generator().manual_seed(frames)
+    conds = [torch.randn(1, length, lm.cfg.dim, generator=g) for length in (3, 8, 5)]
+    texts = [folded(lm, c, 8)[0] for c in conds]
+    h = torch.randn(3, frames, lm.cfg.dim, generator=g)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        alone = [folded_rows(h[i:i + 1], texts[i], attn.num_heads, invariant_linear, invariant_linear)
+                 for i in range(3)]
+        try:
+            for n_threads in (1, 2):
+                torch.set_num_threads(n_threads)
+                together = folded_rows(h, FoldedText(*(torch.cat(x) for x in zip(*texts))), attn.num_heads,
+                                       invariant_linear, invariant_linear)
+                for i in range(3):
+                    assert torch.equal(together[i:i + 1], alone[i]), (i, n_threads)
+        finally:
+            torch.set_num_threads(threads)
