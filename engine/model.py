@@ -83,6 +83,19 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out[:m].reshape(*rows, weight.shape[0])
 
 
+def invariant_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Deterministic mode's linear on CPU (`LM.invariant_linear`'s default), for x laid out as rows of frames [R, T,
+    in] (or flat [M, in]: `invariant_linear`). A row of at least INVARIANT_ROWS frames is one GEMM of its own shape
+    [T, in] x [in, out], the items of one batched GEMM; shorter rows, and flat ones, go through `invariant_linear`'s
+    blocks. Either way a row's arithmetic is fixed by its own frame count, whatever shares the call: a pass lays out
+    each row's frames the same alone or in a pack (`Mixing.project`). A long row's GEMM then costs what a plain one
+    does, where 64-row blocks re-pack the weight for each block (+20% at 498 frames)."""
+    if x.dim() != 3 or x.shape[1] < INVARIANT_ROWS or x.device.type != "cpu" or x.dtype != torch.float32:
+        return invariant_linear(x, weight)
+    wt = weight.t()
+    return torch.bmm(x.contiguous(), wt.expand(x.shape[0], *wt.shape))
+
+
 @dataclass
 class Rows:
     """One request's share of a packed LM pass (`LM.forward_packed`): its codes [N, K, T] (N = 2B rows [cond;
@@ -201,6 +214,10 @@ class Mixing:
         self.cross = cross  # per layer: k, v [B, H, L, D] of the conditional rows
         self.linear = linear  # the LM's: F.linear, or its row-invariant linear in deterministic mode
 
+    def project(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The pass's linear over all its rows, h laid out as this mixing says ([N, T, in] here: rows of frames)."""
+        return self.linear(h, weight)
+
     def self_attention(self, layer: int, attn: SelfAttention, qkv: torch.Tensor) -> torch.Tensor:
         """qkv [.., 3·dim] -> attention output [.., dim] before out_proj."""
         raise NotImplementedError
@@ -260,9 +277,10 @@ def folded_rows(h: torch.Tensor, text: FoldedText, heads: int, lin: Linear, line
     so they give it the same bits either way, without the blocks' cost (+56–100% on these thin GEMMs)."""
     r, t, dim = h.shape
     plain = linear is F.linear
+    blocks = linear in (invariant_linear, invariant_rows)  # the CPU's row-invariant construction
     if r == 1 or h.device.type != "cpu" or text.scores.dtype != torch.float32 or not (
-            plain or (linear is invariant_linear and t <= INVARIANT_ROWS)):
-        if linear is invariant_linear and t > INVARIANT_ROWS and h.device.type == "cpu":
+            plain or (blocks and t <= INVARIANT_ROWS)):
+        if blocks and t > INVARIANT_ROWS and h.device.type == "cpu":
             def lin(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
                 return F.linear(x.to(w.dtype), w)
         outs = [folded_attention(h[b], FoldedText(*(x[b] for x in text)), heads, lin) for b in range(r)]
@@ -416,6 +434,11 @@ class Packed(Mixing):
                           self.joined)
         return x.index_select(0, flat), narrowed
 
+    def project(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """h [ΣN·T, in] -> [ΣN·T, out]: with a row-invariant linear, each run of parts of equal frames as rows of
+        frames [n, T, in] (`invariant_rows`: the layout a request's own pass gives its rows)."""
+        return linear_rows(self.linear, h, weight, self.sizes, self.widths)
+
     def self_attention(self, layer: int, attn: SelfAttention, qkv: torch.Tensor) -> torch.Tensor:
         outs = []
         for i, j in self.self_runs:
@@ -448,9 +471,9 @@ class Packed(Mixing):
             k, v = group[0].cross[layer]
             if len(group) > 1:
                 k, v = (torch.cat([p.cross[layer][m] for p in group]) for m in (0, 1))
-            qh = lin(hg, attn.in_proj_weight[:hg.shape[-1]]).view(b, t, attn.num_heads, -1).transpose(1, 2)
-            o = merge_heads(attn.attend(qh, k, v, None)).reshape(b * t, -1)  # [B, H, T, D] -> [B·T, dim]
-            outs.append(lin(o, attn.out_proj.weight))
+            qh = lin(hg.view(b, t, -1), attn.in_proj_weight[:hg.shape[-1]]).view(b, t, attn.num_heads, -1)
+            o = merge_heads(attn.attend(qh.transpose(1, 2), k, v, None))  # [B, H, T, D] -> [B, T, dim]
+            outs.append(lin(o, attn.out_proj.weight).reshape(b * t, -1))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -479,6 +502,21 @@ class JoinedTexts:
         """Let go of the runs the last pass did not use (a request left or joined, a run split)."""
         self.kept = {k: v for k, v in self.kept.items() if k in self.used}
         self.used = set()
+
+
+def linear_rows(linear: Linear, x: torch.Tensor, weight: torch.Tensor, sizes: Sequence[int],
+                widths: Sequence[int]) -> torch.Tensor:
+    """x [ΣM, in], parts of sizes[i] = n_i·widths[i] rows (n_i rows of widths[i] frames), in order -> [ΣM, out]:
+    `invariant_rows` on each run of parts of equal widths as [n, T, in] (rows of frames: a long row gets a GEMM of
+    its own shape), any other linear on all of it."""
+    if linear is not invariant_rows:  # any other linear sees rows alike wherever their frames are
+        return linear(x, weight)
+    outs, start = [], 0
+    for i, j in runs(widths):
+        m, t = sum(sizes[i:j]), widths[i]
+        outs.append(linear(x[start:start + m].view(m // t, t, -1), weight).reshape(m, -1))
+        start += m
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def runs(keys: Sequence[object]) -> list[tuple[int, int]]:
@@ -513,16 +551,19 @@ class Layer(nn.Module):
         stream and the norms in fp32 (a half-precision branch added to it promotes to fp32)."""
         sa, ca = self.self_attn, self.cross_attention
 
-        def lin(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        def lin(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # h: rows of frames [R, T, in], or flat
             return mix.linear(h.to(w.dtype), w)
 
-        x = x + lin(mix.self_attention(index, sa, lin(self.norm1(x), sa.in_proj_weight)), sa.out_proj.weight)
+        def proj(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # h: all the pass's rows, laid out as `mix` says
+            return mix.project(h.to(w.dtype), w)
+
+        x = x + proj(mix.self_attention(index, sa, proj(self.norm1(x), sa.in_proj_weight)), sa.out_proj.weight)
         if frames is not None:
-            x, mix = mix.at_frames(x, frames)  # `lin` reads `mix` when called: the narrowed layout's linear
+            x, mix = mix.at_frames(x, frames)  # `lin` and `proj` read `mix` when called: the narrowed layout's
         xc = mix.cond_rows(x)
         if xc is not None:
             x = mix.put_cond_rows(x, xc + mix.text_attention(index, ca, self.norm_cross(xc), lin))
-        return x + lin(F.gelu(lin(self.norm2(x), self.linear1.weight)), self.linear2.weight)
+        return x + proj(F.gelu(proj(self.norm2(x), self.linear1.weight)), self.linear2.weight)
 
 
 class LM(nn.Module):
@@ -539,7 +580,7 @@ class LM(nn.Module):
         self.text_proj = nn.Linear(cfg.text_dim, cfg.dim, bias=True)
         self.linear: Linear = F.linear  # every projection of a pass and the heads (`set_deterministic`)
         # the row-invariant linear deterministic mode runs (`set_invariant_linear`: a backend's own, e.g. Triton's)
-        self.invariant_linear: Linear = invariant_linear
+        self.invariant_linear: Linear = invariant_rows
 
     def set_deterministic(self, on: bool) -> LM:
         """Row-invariant linears (`self.invariant_linear`): a row's logits do not depend on what else shares its
@@ -659,7 +700,7 @@ class LM(nn.Module):
             idx = [i for i, p in enumerate(parts) if p.stage == stage]
             sizes = [all_sizes[i] for i in idx]
             rows = h if len(idx) == len(parts) else torch.cat([y[i] for i in idx])
-            out = self.linear(rows, self.linears[stage].weight)
+            out = linear_rows(self.linear, rows, self.linears[stage].weight, sizes, [widths[i] for i in idx])
             for i, o in zip(idx, out.split(sizes)):
                 logits[i] = o.view(parts[i].n, widths[i], -1)
         mix.joined.end_pass()

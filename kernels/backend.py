@@ -29,14 +29,15 @@ def fastest_invariant_linear(x: Any, weight: Any) -> Any:
     """The deterministic mode's row-invariant linear (`LM.invariant_linear`): on CUDA our fixed-tile Triton GEMM
     (`kernels.matmul.invariant_matmul`: one launch, where `engine.model.invariant_linear` launches one cuBLAS GEMM
     per 64 rows, 250 per linear at B=16 on magnet-small). Under the interpreter (tests) CPU tensors run the kernel
-    too; otherwise CPU keeps `invariant_linear` (MKL on blocks of 64 rows: what measures best there)."""
+    too; otherwise CPU keeps `invariant_rows` (MKL: a long row's GEMM of its own shape, blocks of 64 rows for the
+    rest: what measures best there)."""
     from .matmul import INTERPRETED, invariant_matmul
 
     if x.is_cuda or INTERPRETED:
         return invariant_matmul(x, weight)
-    from magnet_engine.engine.model import invariant_linear
+    from magnet_engine.engine.model import invariant_rows
 
-    return invariant_linear(x, weight)
+    return invariant_rows(x, weight)
 
 
 def apply(engine: Any) -> Any:

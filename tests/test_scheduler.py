@@ -79,19 +79,21 @@ def test_mixed_requests_token_identical_default(default_engine):
 def test_forward_packed_equals_each_own_pass(tiny):
     """Deterministic mode (the `tiny` fixture's; off by default): a 3-frame unguided request's rows inside a pack of
     other requests' (which a plain GEMM would compute with another kernel than the 3 rows alone) equal its own pass,
-    bit for bit."""
+    bit for bit; so do rows longer than a block (a GEMM of their own shape: `invariant_rows`), alone in their
+    width or beside another request's."""
     assert tiny.lm.deterministic
     from magnet_engine.engine.model import Rows
 
     g = torch.Generator().manual_seed(0)
     parts = [Rows(torch.randint(0, 2049, (n, 4, t), generator=g), stage, tiny.lm.cross_kv(tiny.text([text])))
-             for n, t, stage, text in [(2, 50, 0, LONG), (1, 3, 1, "x"), (2, 5, 2, None), (1, 498, 3, "piano")]]
+             for n, t, stage, text in [(2, 50, 0, LONG), (1, 3, 1, "x"), (2, 5, 2, None), (1, 498, 3, "piano"),
+                                       (1, 130, 1, "drums"), (2, 130, 1, "bass")]]
     with torch.no_grad():
         for p, out in zip(parts, tiny.lm.forward_packed(parts)):
             assert torch.equal(out, tiny.lm(p.codes, p.stage, p.cross))
         # the last layer at some frames of each row (the frames a CPU step samples), widths 1..T
         frames = [torch.stack([torch.randperm(p.t, generator=g)[:w].sort().values for _ in range(p.n)])
-                  for p, w in zip(parts, (17, 1, 5, 300))]
+                  for p, w in zip(parts, (17, 1, 5, 300, 64, 70))]
         for p, f, out in zip(parts, frames, tiny.lm.forward_packed(parts, frames)):
             assert out.shape == (p.n, f.shape[1], tiny.lm.cfg.card)
             assert torch.equal(out, tiny.lm(p.codes, p.stage, p.cross, f))
