@@ -110,7 +110,7 @@ class Engine:
         return self.lm is None or self.lm.deterministic  # onnxruntime: every request runs alone (magnet.each_alone)
 
     def set_deterministic(self, on: bool) -> Engine:
-        """Row-invariant linears (`LM.invariant_linear`: engine.model.invariant_linear, or the Triton backend's
+        """Row-invariant linears (`LM.invariant_linear`: engine.model.invariant_rows on CPU, or the Triton backend's
         fixed-tile GEMM on CUDA): a request's tokens are its solo run's whatever shares its LM pass (the
         scheduler's batchmates, their number and order), on any thread count. `load` turns it on
         where it is cheap (DETERMINISTIC_BY_DEFAULT: on CPU). Tokens of a request alone are the same either way only
