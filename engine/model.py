@@ -514,7 +514,8 @@ def linear_rows(linear: Linear, x: torch.Tensor, weight: torch.Tensor, sizes: Se
     outs, start = [], 0
     for i, j in runs(widths):
         m, t = sum(sizes[i:j]), widths[i]
-        outs.append(linear(x[start:start + m].view(m // t, t, -1), weight).reshape(m, -1))
+        rows = x[start:start + m].reshape(m // t if t else 0, t, x.shape[-1])
+        outs.append(linear(rows, weight).reshape(m, weight.shape[0]))
         start += m
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 

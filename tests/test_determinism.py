@@ -1,16 +1,16 @@
 """Same seed, same sound: deterministic decoding (Engine.set_deterministic) is batch-invariant by construction.
 
 A request's tokens do not depend on its batchmates, their number, their arrival order or the thread count, because
-every linear of a pass is `invariant_linear` (GEMMs of one fixed row count) and everything else in a pass is
-row-local. The references are the requests' solo runs. Every request has a seed: drawn when none is given, reported,
-and re-running with it reproduces the request.
+every linear of a pass is `invariant_rows` (a long row's GEMM of its own shape, shorter rows in `invariant_linear`'s
+GEMMs of one fixed row count) and everything else in a pass is row-local. The references are the requests' solo
+runs. Every request has a seed: drawn when none is given, reported, and re-running with it reproduces the request.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from magnet_engine.engine.model import INVARIANT_ROWS, invariant_linear
+from magnet_engine.engine.model import INVARIANT_ROWS, invariant_linear, invariant_rows, linear_rows
 from magnet_engine.engine.scheduler import Scheduler
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -71,6 +71,31 @@ def test_invariant_linear_of_strided_rows() -> None:
     assert torch.equal(invariant_linear(x, w), invariant_linear(x.contiguous(), w))
     three = x[: 3 * INVARIANT_ROWS].reshape(3, INVARIANT_ROWS, 80)
     assert torch.equal(invariant_linear(three, w).reshape(-1, 48), invariant_linear(x, w)[: 3 * INVARIANT_ROWS])
+
+
+def test_invariant_rows_gives_a_row_its_own_bits_beside_any_rows() -> None:
+    """`invariant_rows` over rows of frames [R, T, in], as a pack lays them out (`linear_rows`: runs of equal frames,
+    empty parts included): a row of 1, 63, 64, 65 or 200 frames gets the bits it gets alone, beside rows of other
+    lengths, on 1 and 2 threads; and it is a linear, as exact as F.linear."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(96, 80, generator=g)
+    widths = [1, 63, 64, 0, 65, 65, 200, 3]
+    rows = [torch.randn(t, 80, generator=g) for t in widths]
+    alone = [invariant_rows(r[None], w)[0] for r in rows]
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            out = linear_rows(invariant_rows, torch.cat(rows), w, widths, widths).split(widths)
+            for t, got, ref in zip(widths, out, alone):
+                assert torch.equal(got, ref), (t, n_threads)
+    finally:
+        torch.set_num_threads(threads)
+    x = torch.cat(rows)
+    ref = F.linear(x.double(), w.double())
+    err = (torch.cat(alone).double() - ref).abs().max()
+    plain = (F.linear(x, w).double() - ref).abs().max()
+    assert err <= 2 * plain + torch.finfo(torch.float32).eps * ref.abs().max(), (float(err), float(plain))
 
 
 @pytest.fixture(scope="module")
