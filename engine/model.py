@@ -176,11 +176,11 @@ class CrossAttention(SelfAttention):
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, D] each
         return TextKV(k, v)
 
-    def fold(self, kv: TextKV, mask: torch.Tensor | None = None) -> FoldedText:
+    def fold(self, kv: TextKV, mask: torch.Tensor) -> FoldedText:
         """k, v [B, H, L, D] -> the same attention folded into the projections (`FoldedText`), computed in fp32 and
-        stored in the weights' dtype; `mask` [B, L] fp32: 0, or -inf at padding that takes no softmax weight (None:
-        nothing masked). A product of its own per (text row, head): a row's bits do not depend on the rows folded
-        beside it. Once per request."""
+        stored in the weights' dtype; `mask` [B, L] fp32: 0, or -inf at padding that takes no softmax weight. A
+        product of its own per (text row, head): a row's bits do not depend on the rows folded beside it. Once per
+        request."""
         k, v = (t.float() for t in kv)
         b, h, length, d = k.shape
         dim = h * d
@@ -194,7 +194,6 @@ class CrossAttention(SelfAttention):
         values = torch.stack([torch.bmm(v[:, i], wo[i].expand(b, d, dim)) for i in range(h)], 1)  # [B, H, L, dim]
         scores = scores.view(b, h * length, dim)
         values = values.view(b, h * length, dim).transpose(1, 2)  # [B, dim, H·L]
-        mask = k.new_zeros(b, length) if mask is None else mask
         dtype = self.in_proj_weight.dtype
         return FoldedText(scores.to(dtype).contiguous(), values.to(dtype).contiguous(),
                           mask[:, None].expand(b, h, length).reshape(b, 1, h * length))
@@ -257,7 +256,7 @@ def folded_attention(h: torch.Tensor, text: FoldedText, heads: int, lin: Linear)
     """One text row's folded cross-attention (`FoldedText` of one row: scores [H·L, dim], values [dim, H·L], mask
     [1, H·L]): h [T, dim] -> [T, dim] after out_proj. Two linears of that row's frames only, so a row gets the same
     bits alone or in a pack (with a row-invariant `lin`, whatever its frame count's neighbours)."""
-    s = lin(h, text.scores).float() + text.mask  # [T, H·L] fp32
+    s = lin(h, text.scores).float().add_(text.mask)  # [T, H·L] fp32 (a fresh product: masked in place)
     p = torch.softmax(s.view(s.shape[0], heads, -1), dim=-1).view(s.shape)  # per head over L
     return lin(p, text.values)
 
@@ -293,7 +292,7 @@ def folded_rows(h: torch.Tensor, text: FoldedText, heads: int, lin: Linear, line
         padded[:, :t] = x
         return torch.bmm(padded, w.transpose(1, 2))[:, :t]
 
-    s = rows_linear(h.float(), text.scores) + text.mask  # [R, T, H·L]
+    s = rows_linear(h.float(), text.scores).add_(text.mask)  # [R, T, H·L]
     p = torch.softmax(s.view(r, t, heads, -1), dim=-1).view(s.shape)  # per head over L
     return rows_linear(p, text.values)
 
@@ -411,6 +410,7 @@ class Packed(Mixing):
         self.widths = [p.t for p in parts] if widths is None else list(widths)  # frames of each part's rows
         self.sizes = [p.n * t for p, t in zip(parts, self.widths)]
         self.starts = [sum(self.sizes[:i]) for i in range(len(parts) + 1)]
+        self.spans = row_spans(self.sizes, self.widths)  # runs of equal frames, for `project`
         self.self_runs = runs([(t, w) for t, w in zip(self.widths, windows)])
         cond = [i for i, p in enumerate(parts) if p.cond_rows]
         self.cond_parts = [parts[i] for i in cond]
@@ -437,7 +437,7 @@ class Packed(Mixing):
     def project(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """h [ΣN·T, in] -> [ΣN·T, out]: with a row-invariant linear, each run of parts of equal frames as rows of
         frames [n, T, in] (`invariant_rows`: the layout a request's own pass gives its rows)."""
-        return linear_rows(self.linear, h, weight, self.sizes, self.widths)
+        return linear_rows(self.linear, h, weight, self.spans)
 
     def self_attention(self, layer: int, attn: SelfAttention, qkv: torch.Tensor) -> torch.Tensor:
         outs = []
@@ -504,19 +504,28 @@ class JoinedTexts:
         self.used = set()
 
 
-def linear_rows(linear: Linear, x: torch.Tensor, weight: torch.Tensor, sizes: Sequence[int],
-                widths: Sequence[int]) -> torch.Tensor:
-    """x [ΣM, in], parts of sizes[i] = n_i·widths[i] rows (n_i rows of widths[i] frames), in order -> [ΣM, out]:
-    `invariant_rows` on each run of parts of equal widths as [n, T, in] (rows of frames: a long row gets a GEMM of
-    its own shape), any other linear on all of it."""
+def row_spans(sizes: Sequence[int], widths: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Parts of sizes[i] = n_i·widths[i] rows (n_i rows of widths[i] frames), in order -> (start, stop, frames) of
+    each run of parts of equal widths (`linear_rows`)."""
+    spans, start = [], 0
+    for i, j in runs(widths):
+        stop = start + sum(sizes[i:j])
+        spans.append((start, stop, widths[i]))
+        start = stop
+    return spans
+
+
+def linear_rows(linear: Linear, x: torch.Tensor, weight: torch.Tensor,
+                spans: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+    """x [ΣM, in] laid out in `spans` (`row_spans`) -> [ΣM, out]: `invariant_rows` on each span as [n, T, in] (rows
+    of frames: a long row gets a GEMM of its own shape), any other linear on all of it."""
     if linear is not invariant_rows:  # any other linear sees rows alike wherever their frames are
         return linear(x, weight)
-    outs, start = [], 0
-    for i, j in runs(widths):
-        m, t = sum(sizes[i:j]), widths[i]
-        rows = x[start:start + m].reshape(m // t if t else 0, t, x.shape[-1])
+    outs = []
+    for start, stop, t in spans:
+        m = stop - start
+        rows = x[start:stop].reshape(m // t if t else 0, t, x.shape[-1])
         outs.append(linear(rows, weight).reshape(m, weight.shape[0]))
-        start += m
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -701,7 +710,8 @@ class LM(nn.Module):
             idx = [i for i, p in enumerate(parts) if p.stage == stage]
             sizes = [all_sizes[i] for i in idx]
             rows = h if len(idx) == len(parts) else torch.cat([y[i] for i in idx])
-            out = linear_rows(self.linear, rows, self.linears[stage].weight, sizes, [widths[i] for i in idx])
+            out = linear_rows(self.linear, rows, self.linears[stage].weight,
+                              row_spans(sizes, [widths[i] for i in idx]))
             for i, o in zip(idx, out.split(sizes)):
                 logits[i] = o.view(parts[i].n, widths[i], -1)
         mix.joined.end_pass()

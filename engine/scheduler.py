@@ -20,9 +20,10 @@ What a request's tokens depend on, per device and dtype:
   deterministic=True)`, `magnet serve --deterministic`): exactly its solo `engine.generate([prompt], **same settings)`
   tokens, whatever its batchmates, their number, their arrival order and (CPU) the thread count, in fp32, fp16 and bf16.
   Every linear is row-invariant by construction (`LM.invariant_linear`); attention runs per request over its own frames
-  and text (`LM.forward_packed`: no padding); the sampler reduces over V within a position; requests in lockstep share
-  one re-mask and span scoring whose ops are exact wherever a row sits (`magnet.lockstep`); each request draws its
-  noise, before its first step, from its own generator (`row_generators(seed, 1)`), in the solo run's order.
+  and text (`LM.forward_packed`: no padding but a folded text's own masked padding, the same alone); the sampler
+  reduces over V within a position; requests in lockstep share one re-mask and span scoring whose ops are exact
+  wherever a row sits (`magnet.lockstep`); each request draws its noise, before its first step, from its own
+  generator (`row_generators(seed, 1)`), in the solo run's order.
   tests/test_determinism.py and tests/test_scheduler.py hold it (bench/gpu.sh runs the former on CUDA in fp16 and
   bf16).
 - Otherwise (the default on CUDA; `deterministic=False` / `--no-deterministic` on CPU): the GEMMs' kernels depend

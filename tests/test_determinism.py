@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from magnet_engine.engine.model import INVARIANT_ROWS, invariant_linear, invariant_rows, linear_rows
+from magnet_engine.engine.model import INVARIANT_ROWS, invariant_linear, invariant_rows, linear_rows, row_spans
 from magnet_engine.engine.scheduler import Scheduler
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -86,7 +86,7 @@ def test_invariant_rows_gives_a_row_its_own_bits_beside_any_rows() -> None:
     try:
         for n_threads in (1, 2):
             torch.set_num_threads(n_threads)
-            out = linear_rows(invariant_rows, torch.cat(rows), w, widths, widths).split(widths)
+            out = linear_rows(invariant_rows, torch.cat(rows), w, row_spans(widths, widths)).split(widths)
             for t, got, ref in zip(widths, out, alone):
                 assert torch.equal(got, ref), (t, n_threads)
     finally:
