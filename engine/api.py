@@ -404,18 +404,24 @@ class Engine:
 
     @torch.no_grad()
     def decode_many(self, codes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Several requests' codes [B, K, T] each -> their audio, as `decode` gives each. A plain engine decodes
-        codes of equal shape in one codec call, as a static batch does (the codec's kernels round a sample by ~1e-7
-        differently with the batch: within a plain engine's promise); a deterministic one decodes each alone, so
-        a request's audio is its solo run's bit for bit."""
-        if self.deterministic or len(codes) < 2:
-            return [self.decode(c) for c in codes]
+        """Several requests' codes [B, K, T] each -> their audio, as `decode` gives each. Codes of equal shape go
+        through one codec call. A plain engine takes the codec's batched call, as a static batch does (its kernels
+        round a sample by ~1e-7 differently with the batch: within a plain engine's promise). A deterministic one
+        batches one-row requests with `decode_rows`, which gives each row bit for bit its own decode, so a request's
+        audio is its solo run's; a request of several rows, or a codec without `decode_rows`, decodes alone."""
+        rows = getattr(self.codec, "decode_rows", None) if self.deterministic else self.codec.decode
         out: list[torch.Tensor | None] = [None] * len(codes)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, c in enumerate(codes):
-            groups.setdefault(tuple(c.shape[1:]), []).append(i)
+            if rows is None or (self.deterministic and c.shape[0] != 1):
+                out[i] = self.decode(c)
+            else:
+                groups.setdefault(tuple(c.shape[1:]), []).append(i)
         for idx in groups.values():
-            audio = self.decode(torch.cat([codes[i] for i in idx]))  # [ΣB, 1, samples]
+            if len(idx) == 1:
+                out[idx[0]] = self.decode(codes[idx[0]])
+                continue
+            audio = rows(torch.cat([codes[i] for i in idx]).to(self.device)).float()  # [ΣB, 1, samples]
             for i, a in zip(idx, audio.split([codes[i].shape[0] for i in idx])):
                 out[i] = a
         return out  # type: ignore[return-value]

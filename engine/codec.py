@@ -12,15 +12,20 @@ Numerics follow audiocraft 1.3.0 exactly where it matters for bit-compatibility:
   near-ties break the same way.
 
 Inference on CPU (fp32, no autograd, not exporting) takes a faster path inside the same modules (`_fast`):
-channels-last oneDNN convolutions, zero padding inside the convolution, an exp2-based ELU. It equals the plain
-modules to fp32 rounding (tests/test_codec.py bounds it against a float64 run); training and export use the plain
-modules.
+channels-last oneDNN convolutions called directly (every shape on one backend: PyTorch's dispatch sends small
+single-row inputs to its slower native kernels), weights reordered once, transposed convolutions as polyphase
+convolutions, zero padding inside the convolution, an exp2-based ELU. It equals the plain modules to fp32 rounding
+(tests/test_codec.py bounds it against a float64 run); training and export use the plain modules.
+
+`Encodec.decode_rows` decodes a batch whose every row is bit for bit that row decoded alone: what the scheduler
+needs to batch requests' audio and keep each request's solo audio.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,6 +244,39 @@ def _nwc(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
 
 
+class _Derived:
+    """A tensor derived from a parameter (a reordered copy of a weight), made again when the parameter changes: in
+    place (its version counter) or swapped (`.data`, `_apply`: its storage). It keeps the source's storage alive, so
+    a new storage cannot reuse that address and pass for the old one."""
+
+    def __init__(self, make: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.make = make
+        self.src: torch.Tensor | None = None
+        self.version = -1  # the source's version when `value` was made (a detached view shares the counter)
+        self.value: torch.Tensor | None = None
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        src = self.src
+        if (src is None or src.data_ptr() != w.data_ptr() or self.version != w._version or src.shape != w.shape
+                or src.dtype != w.dtype or src.device != w.device):
+            self.value, self.src, self.version = self.make(w.detach()), w.detach(), w._version
+        return self.value  # type: ignore[return-value]
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int],
+          stride: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
+    """x [B, C_in, 1, T] channels-last, weight [C_out, C_in, 1, k] channels-last -> [B, C_out, 1, T_out]
+    channels-last, on oneDNN whatever the shape (F.conv2d takes PyTorch's native kernel for one short row)."""
+    if torch.backends.mkldnn.is_available():
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, padding, stride, dilation, 1)
+    return F.conv2d(x, weight, bias, stride, padding, dilation)
+
+
+def _channels_last_2d(w: torch.Tensor) -> torch.Tensor:
+    """A Conv1d weight [C_out, C_in, k] -> [C_out, C_in, 1, k] channels-last, as `_conv` takes it."""
+    return w.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+
+
 def _elu_exp(x: torch.Tensor, alpha: float) -> torch.Tensor:
     """ELU for 0 < alpha <= 1 as max(x, alpha * (2^(min(x, 0) * log2 e) - 1)): exact for x > 0 (there the second
     term is 0), and for x <= 0 alpha * (e^x - 1) >= x, so the max takes the exponential branch. F.elu evaluates
@@ -286,6 +324,9 @@ class PaddedConv1d(nn.Module):
         self.weight_norm = weight_norm  # how the checkpoint stores the weight (g/v or plain)
         self.k_eff = (kernel_size - 1) * dilation + 1
         self.stride = stride
+        self._weight_2d = _Derived(_channels_last_2d)
+        # `_conv` (oneDNN for every shape) on the fast path, or F.conv2d's own dispatch (SEANetEncoder: see there)
+        self.direct = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C_in, T] -> [B, C_out, ceil(T / stride)]
         k, s = self.k_eff, self.stride
@@ -303,7 +344,10 @@ class PaddedConv1d(nn.Module):
         if left > inner or right > inner:
             x = _pad1d(x, left - inner, right - inner, self.pad_mode)
         c = self.conv
-        y = F.conv2d(_nwc(x), c.weight.unsqueeze(2), c.bias, (1, s), (0, inner), (1, c.dilation[0]))
+        if self.direct:
+            y = _conv(_nwc(x), self._weight_2d(c.weight), c.bias, (0, inner), (1, s), (1, c.dilation[0]))
+        else:
+            y = F.conv2d(_nwc(x), self._weight_2d(c.weight), c.bias, (1, s), (0, inner), (1, c.dilation[0]))
         return y.squeeze(2)  # [B, C_out, T_out], channels-last
 
 
@@ -316,11 +360,31 @@ class PaddedConvTranspose1d(nn.Module):
         self.convtr = nn.ConvTranspose1d(c_in, c_out, kernel_size, stride=stride)
         self.weight_norm = weight_norm
         self.total = kernel_size - stride
+        self._phases = _Derived(self._polyphase)
+        self._phase_bias = _Derived(lambda b: b.repeat(stride))
+
+    def _polyphase(self, w: torch.Tensor) -> torch.Tensor:
+        """The transposed conv's weight [C_in, C_out, m·r] (kernel m·r, stride r) as a conv's [r·C_out, C_in, 1, m],
+        channels-last: output sample u·r + p is Σ_q w[:, :, q·r + p]ᵀ x[u − q], a conv of kernel m over x whose
+        output channel (p, o) is phase p's channel o (kernel flipped: conv is cross-correlation)."""
+        c = self.convtr
+        r = c.stride[0]
+        m = c.kernel_size[0] // r
+        w = w.view(c.in_channels, c.out_channels, m, r).permute(3, 1, 0, 2).flip(-1)  # [r, C_out, C_in, m]
+        return w.reshape(r * c.out_channels, c.in_channels, 1, m).contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C_in, T] -> [B, C_out, T * stride]
         c = self.convtr
-        if _fast(x):  # oneDNN's channels-last kernel (PyTorch's own, for 1-d, is several times slower)
-            y = F.conv_transpose2d(_nwc(x), c.weight.unsqueeze(2), c.bias, (1, c.stride[0])).squeeze(2)
+        k, r = c.kernel_size[0], c.stride[0]
+        if _fast(x) and k % r == 0:
+            # polyphase: one forward conv (kernel k / r) gives every output sample's r phases as channels; in
+            # channels-last memory [B, T + m - 1, r, C_out] is already the sample order, so the interleave is a view
+            m = k // r
+            B, _, T = x.shape
+            y = _conv(_nwc(x), self._phases(c.weight), self._phase_bias(c.bias), (0, m - 1), (1, 1), (1, 1))
+            y = y.permute(0, 2, 3, 1).reshape(B, (T + m - 1) * r, c.out_channels).transpose(1, 2)
+        elif _fast(x):  # oneDNN's channels-last kernel (PyTorch's own, for 1-d, is several times slower)
+            y = F.conv_transpose2d(_nwc(x), c.weight.unsqueeze(2), c.bias, (1, r)).squeeze(2)
         else:
             y = c(x)
         # y [B, C_out, (T - 1) * stride + k] (channels-last on the fast path; the trim below is a view either way)
@@ -397,6 +461,11 @@ class SEANetEncoder(nn.Module):
                    PaddedConv1d(ch, cfg.dimension, cfg.last_kernel_size, pad_mode=cfg.pad_mode,
                                 weight_norm=norm and dn != n_blocks)]
         self.model = nn.Sequential(*layers)
+        # Encoding picks each codeword by nearest distance, so its numerics stay PyTorch's dispatch: oneDNN's order
+        # rounds the deep last conv (C·k = 1792 terms on the default codec) ~8 ulps where the native GEMM rounds ~1.
+        for m in self.modules():
+            if isinstance(m, PaddedConv1d):
+                m.direct = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -426,9 +495,55 @@ class SEANetDecoder(nn.Module):
                    PaddedConv1d(ch, cfg.channels, cfg.last_kernel_size, pad_mode=cfg.pad_mode,
                                 weight_norm=norm and dn < 1)]
         self.model = nn.Sequential(*layers)
+        self._row_exact: dict[tuple[int, tuple[int, ...], tuple[int, ...], int], bool] = {}
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.model(z)
+
+    def forward_rows(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B, D, T] -> [B, C, T * hop] whose every row is bit for bit `forward` of that row alone ([1, D, T]).
+
+        On the CPU fast path a layer runs on the whole batch where a probe showed that its batched call computes
+        each row as the row alone, at this input shape and thread count, and row by row elsewhere. oneDNN picks its
+        kernel and blocking from the shape and the threads, not from the values, so one probe per (layer, shape,
+        threads), on random values (they expose any other summation order), decides for every later call;
+        `_row_exact` remembers it. On this repository's CPUs the transposed convolutions of the last two rates are
+        the row-variant ones (bench/RESULTS.md). Elsewhere (autograd, other dtypes, CUDA, whose kernels may be
+        picked by timing) every row runs alone."""
+        x = z
+        for i, layer in enumerate(self.model):
+            if x.shape[0] == 1:
+                x = layer(x)
+            elif _fast(x) and self._rows_exact_in_batch(i, layer, x):
+                x = layer(x)
+            else:
+                x = _stack_rows([layer(row) for row in x.split(1)])
+        return x
+
+    def _rows_exact_in_batch(self, i: int, layer: nn.Module, x: torch.Tensor) -> bool:
+        key = (i, tuple(x.shape), x.stride(), torch.get_num_threads())
+        exact = self._row_exact.get(key)
+        if exact is None:
+            probe = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype)
+            probe.normal_(generator=torch.Generator().manual_seed(i))
+            exact = torch.equal(layer(probe), _stack_rows([layer(row) for row in probe.split(1)]))
+            if len(self._row_exact) >= 4096:  # shapes a long-lived process has seen: bounded
+                self._row_exact.clear()
+            self._row_exact[key] = exact
+        return exact
+
+
+def _stack_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Rows [1, C, T] -> [N, C, T] in the rows' own memory layout (channels-last on the fast path), so that the next
+    layer reads the batch as each row alone would be read."""
+    first = rows[0]
+    if first.stride(1) == 1 and first.shape[1] > 1:  # channels-last
+        out = first.new_empty(len(rows), first.shape[2], first.shape[1]).transpose(1, 2)
+    else:
+        out = first.new_empty(len(rows), *first.shape[1:])
+    for row, r in zip(out.split(1), rows):
+        row.copy_(r)
+    return out
 
 
 class ResidualVQ(nn.Module):
@@ -489,6 +604,13 @@ class Encodec(nn.Module):
         """codes [B, K, T] integer in [0, bins) -> waveform [B, 1, T * hop] float32 (no scaling, no clipping)."""
         codes = self._check_codes(codes)
         return self.decoder(self.quantizer.decode(codes))
+
+    @torch.no_grad()
+    def decode_rows(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, K, T] -> waveform [B, 1, T * hop], each row bit for bit what `decode` gives it alone ([1, K, T]):
+        rows batched where the codec's kernels keep each row's arithmetic (`SEANetDecoder.forward_rows`)."""
+        codes = self._check_codes(codes)
+        return self.decoder.forward_rows(self.quantizer.decode(codes))
 
     @torch.no_grad()
     def encode(self, wav: torch.Tensor) -> torch.Tensor:

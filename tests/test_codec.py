@@ -344,6 +344,85 @@ def test_fast_path_is_taken_and_left_for_autograd(codec: Encodec) -> None:
     assert y.is_contiguous() and y.requires_grad
 
 
+@pytest.mark.parametrize("k, r", [(4, 2), (10, 5), (16, 8), (3, 2), (5, 2)])
+def test_transposed_conv_fast_path_matches_plain(k: int, r: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # kernel a multiple of the stride: the polyphase conv (SEANet's k = 2r); otherwise oneDNN's transposed conv
+    torch.manual_seed(k * 10 + r)
+    m = codec_module.PaddedConvTranspose1d(6, 5, k, r).eval()
+    for batch, frames in [(1, 1), (1, 7), (3, 11)]:
+        x = torch.randn(batch, 6, frames)
+        fast, plain, exact = _three_ways(m, x, monkeypatch)
+        assert fast.shape == (batch, 5, frames * r)
+        _assert_within_fp32_rounding(fast, plain, exact)
+
+
+def test_fast_path_follows_weight_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path's reordered weights are made again when a weight changes in place (load_state_dict, an
+    in-place op) or is swapped (`.data`), never served stale."""
+    torch.manual_seed(0)
+    conv, convtr = codec_module.PaddedConv1d(4, 3, 3).eval(), codec_module.PaddedConvTranspose1d(4, 3, 4, 2).eval()
+    x = torch.randn(2, 4, 9)
+
+    def check() -> None:
+        for m in (conv, convtr):
+            fast, plain, exact = _three_ways(m, x, monkeypatch)
+            _assert_within_fp32_rounding(fast, plain, exact)
+
+    check()  # the reordered weights are made here
+    with torch.no_grad():
+        conv.conv.weight.mul_(-2)
+        convtr.convtr.weight.add_(1)
+    check()
+    conv.load_state_dict({k: torch.randn_like(v) for k, v in conv.state_dict().items()})
+    convtr.load_state_dict({k: torch.randn_like(v) for k, v in convtr.state_dict().items()})
+    check()
+    conv.conv.weight.data = torch.randn_like(conv.conv.weight)
+    convtr.convtr.weight.data = torch.randn_like(convtr.convtr.weight)
+    check()
+
+
+@pytest.mark.parametrize("batch, frames", [(2, 1), (3, 7), (5, 50)])
+def test_decode_rows_gives_each_row_alone(any_codec: Encodec, batch: int, frames: int) -> None:
+    g = torch.Generator().manual_seed(batch * 100 + frames)
+    codes = torch.randint(0, any_codec.config.bins, (batch, any_codec.config.n_q, frames), generator=g)
+    got = any_codec.decode_rows(codes)
+    assert got.shape == (batch, 1, frames * any_codec.hop_length)
+    for i in range(batch):
+        assert torch.equal(got[i:i + 1], any_codec.decode(codes[i:i + 1])), i
+    exact = any_codec.decoder._row_exact
+    elu = [i for i, m in enumerate(any_codec.decoder.model) if isinstance(m, codec_module.ELU)]
+    assert all(exact[k] for k in exact if k[0] in elu)  # elementwise: batched wherever probed
+
+
+class _RowSkew(torch.nn.Module):
+    """A layer whose batched call rounds rows unlike each row alone (as a batch-variant kernel would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batched_calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1:
+            self.batched_calls += 1
+            return x + 1e-6 * x
+        return x.clone()
+
+
+def test_decode_rows_runs_a_row_variant_layer_row_by_row(codec: Encodec) -> None:
+    model = Encodec(codec.config)
+    model.load_state_dict(codec.state_dict())
+    skew = _RowSkew()
+    model.decoder.model.insert(1, skew)
+    codes = torch.randint(0, codec.config.bins, (3, codec.config.n_q, 6), generator=torch.Generator().manual_seed(5))
+    for _ in range(2):
+        got = model.decode_rows(codes)
+        for i in range(3):
+            assert torch.equal(got[i:i + 1], model.decode(codes[i:i + 1])), i
+    assert skew.batched_calls == 1  # the probe, once: the verdict is kept per (layer, shape, threads)
+    assert [v for k, v in model.decoder._row_exact.items() if k[0] == 1] == [False]
+    assert not torch.equal(model.decode(codes), got)  # the plain batched decode does take the skew
+
+
 @pytest.mark.parametrize("alpha", [1.0, 0.5, 0.1])
 def test_elu_exp_within_one_ulp(alpha: float) -> None:
     # positive values pass through exactly; the exponential branch is exp's rounding plus exp - 1's cancellation,

@@ -604,22 +604,33 @@ def test_forward_packed_neighbours_share_attention_calls(tiny):
             assert torch.equal(out, tiny.lm(p.codes, p.stage, p.cross))
 
 
-def test_codec_of_a_burst_is_one_call_in_a_plain_engine(tiny, monkeypatch):
-    """`Engine.decode_many`: a plain engine decodes equal shapes in one codec call (audio within rounding of each
-    alone), a deterministic one each alone (bit for bit); the scheduler finishes a burst through it, and when the
-    batched call fails each request decodes alone."""
+def test_codec_of_a_burst_is_one_call(tiny, monkeypatch):
+    """`Engine.decode_many`: equal shapes go through one codec call. A plain engine's is the batched decode (audio
+    within rounding of each alone); a deterministic one's is `decode_rows` (bit for bit each alone), and a request of
+    several rows decodes alone. The scheduler finishes a burst through it, and when the batched call fails each
+    request decodes alone."""
     g = torch.Generator().manual_seed(2)
     codes = [torch.randint(0, 2048, (1, 4, t), generator=g) for t in (15, 15, 9, 15)]
+    two_rows = torch.randint(0, 2048, (2, 4, 15), generator=g)
     alone = [tiny.decode(c) for c in codes]
     calls: list[int] = []
-    decode = tiny.codec.decode
+    rows_calls: list[int] = []
+    decode, decode_rows = tiny.codec.decode, tiny.codec.decode_rows
 
     def counted(c):
         calls.append(c.shape[0])
         return decode(c)
 
+    def rows_counted(c):
+        rows_calls.append(c.shape[0])
+        return decode_rows(c)
+
     monkeypatch.setattr(tiny.codec, "decode", counted)
-    assert all(torch.equal(a, b) for a, b in zip(tiny.decode_many(codes), alone)) and calls == [1] * 4
+    monkeypatch.setattr(tiny.codec, "decode_rows", rows_counted)
+    many = tiny.decode_many([*codes, two_rows])
+    assert all(torch.equal(a, b) for a, b in zip(many, alone))
+    assert torch.equal(many[-1], decode(two_rows))  # its own decode, its rows together
+    assert rows_calls == [3] and sorted(calls) == [1, 2]  # the three of 15 frames; the one of 9 and the 2-row alone
     calls.clear()
     tiny.set_deterministic(False)
     try:
