@@ -507,9 +507,9 @@ class SEANetDecoder(nn.Module):
         each row as the row alone, at this input shape and thread count, and row by row elsewhere. oneDNN picks its
         kernel and blocking from the shape and the threads, not from the values, so one probe per (layer, shape,
         threads), on random values (they expose any other summation order), decides for every later call;
-        `_row_exact` remembers it. On this repository's CPUs the transposed convolutions of the last two rates are
-        the row-variant ones (bench/RESULTS.md). Elsewhere (autograd, other dtypes, CUDA, whose kernels may be
-        picked by timing) every row runs alone."""
+        `_row_exact` remembers it. On the 2-core AMD EPYC of bench/RESULTS.md, for 16 rows of 1 s, the transposed
+        convolutions of the last two rates are the row-variant ones. Elsewhere (autograd, other dtypes, CUDA,
+        whose kernels may be picked by timing) every row runs alone."""
         x = z
         for i, layer in enumerate(self.model):
             if x.shape[0] == 1:
