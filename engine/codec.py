@@ -495,7 +495,9 @@ class SEANetDecoder(nn.Module):
                    PaddedConv1d(ch, cfg.channels, cfg.last_kernel_size, pad_mode=cfg.pad_mode,
                                 weight_norm=norm and dn < 1)]
         self.model = nn.Sequential(*layers)
-        self._row_exact: dict[tuple[int, tuple[int, ...], tuple[int, ...], int], bool] = {}
+        # (layer, shape, threads) -> whether its batched call is row-exact; None: seen once, not probed. Not the
+        # strides: the convs read channels-last whatever they are given (`_nwc`), the rest is elementwise.
+        self._row_exact: dict[tuple[int, tuple[int, ...], int], bool | None] = {}
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.model(z)
@@ -507,9 +509,11 @@ class SEANetDecoder(nn.Module):
         each row as the row alone, at this input shape and thread count, and row by row elsewhere. oneDNN picks its
         kernel and blocking from the shape and the threads, not from the values, so one probe per (layer, shape,
         threads), on random values (they expose any other summation order), decides for every later call;
-        `_row_exact` remembers it. On the 2-core AMD EPYC of bench/RESULTS.md, for 16 rows of 1 s, the transposed
-        convolutions of the last two rates are the row-variant ones. Elsewhere (autograd, other dtypes, CUDA,
-        whose kernels may be picked by timing) every row runs alone."""
+        `_row_exact` remembers it. A shape seen for the first time runs row by row unprobed, as a decode of each row
+        alone would: the probe costs about that plus the batched call, which only pays for shapes that recur. On the
+        2-core AMD EPYC of bench/RESULTS.md, for 16 rows of 1 s, the transposed convolutions of the last two rates
+        are the row-variant ones. Elsewhere (autograd, other dtypes, CUDA, whose kernels may be picked by timing)
+        every row runs alone."""
         x = z
         for i, layer in enumerate(self.model):
             if x.shape[0] == 1:
@@ -521,15 +525,17 @@ class SEANetDecoder(nn.Module):
         return x
 
     def _rows_exact_in_batch(self, i: int, layer: nn.Module, x: torch.Tensor) -> bool:
-        key = (i, tuple(x.shape), x.stride(), torch.get_num_threads())
-        exact = self._row_exact.get(key)
+        key = (i, tuple(x.shape), torch.get_num_threads())
+        if key not in self._row_exact:
+            if len(self._row_exact) >= 4096:  # shapes a long-lived process has seen: bounded
+                self._row_exact.clear()
+            self._row_exact[key] = None
+            return False
+        exact = self._row_exact[key]
         if exact is None:
             probe = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype)
             probe.normal_(generator=torch.Generator().manual_seed(i))
-            exact = torch.equal(layer(probe), _stack_rows([layer(row) for row in probe.split(1)]))
-            if len(self._row_exact) >= 4096:  # shapes a long-lived process has seen: bounded
-                self._row_exact.clear()
-            self._row_exact[key] = exact
+            exact = self._row_exact[key] = torch.equal(layer(probe), _stack_rows([layer(r) for r in probe.split(1)]))
         return exact
 
 
