@@ -196,8 +196,9 @@ def parse_steps_mix(args: argparse.Namespace) -> list[tuple[int, ...]]:
 
 
 def warm_up(args: argparse.Namespace) -> list[Request]:
-    """Requests outside the trace that warm a policy up (allocator, text encoder, kernels), through that policy."""
-    return [Request(0.0, "warm up", dict(duration=1.0, seed=i)) for i in range(args.max_batch)]
+    """Requests outside the trace that warm a policy up (allocator, text encoder, kernels), through that policy: two
+    full batches, since a deterministic codec probes a batch shape at its second sight (`Encodec.decode_rows`)."""
+    return [Request(0.0, "warm up", dict(duration=1.0, seed=i)) for i in range(2 * args.max_batch)]
 
 
 def run_policy(args: argparse.Namespace, policy: str, eng: Any) -> list[dict[str, Any]]:
