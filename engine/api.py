@@ -400,7 +400,10 @@ class Engine:
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, K, T] -> audio [B, 1, T·hop] fp32."""
-        return self.codec.decode(codes.to(self.device)).float()
+        return self._decode_with(self.codec.decode, codes)
+
+    def _decode_with(self, call: Callable[[torch.Tensor], torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
+        return call(codes.to(self.device)).float()
 
     @torch.no_grad()
     def decode_many(self, codes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -409,11 +412,11 @@ class Engine:
         round a sample by ~1e-7 differently with the batch: within a plain engine's promise). A deterministic one
         batches one-row requests with `decode_rows`, which gives each row bit for bit its own decode, so a request's
         audio is its solo run's; a request of several rows, or a codec without `decode_rows`, decodes alone."""
-        rows = getattr(self.codec, "decode_rows", None) if self.deterministic else self.codec.decode
+        together = getattr(self.codec, "decode_rows", None) if self.deterministic else self.codec.decode
         out: list[torch.Tensor | None] = [None] * len(codes)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, c in enumerate(codes):
-            if rows is None or (self.deterministic and c.shape[0] != 1):
+            if together is None or (self.deterministic and c.shape[0] != 1):
                 out[i] = self.decode(c)
             else:
                 groups.setdefault(tuple(c.shape[1:]), []).append(i)
@@ -421,7 +424,7 @@ class Engine:
             if len(idx) == 1:
                 out[idx[0]] = self.decode(codes[idx[0]])
                 continue
-            audio = rows(torch.cat([codes[i] for i in idx]).to(self.device)).float()  # [ΣB, 1, samples]
+            audio = self._decode_with(together, torch.cat([codes[i] for i in idx]))  # [ΣB, 1, samples]
             for i, a in zip(idx, audio.split([codes[i].shape[0] for i in idx])):
                 out[i] = a
         return out  # type: ignore[return-value]
